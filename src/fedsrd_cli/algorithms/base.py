@@ -1,0 +1,72 @@
+"""The algorithm interface: what every federated method does, in three pure steps.
+
+An algorithm turns artifacts into in-memory payloads (header + tensors); it never
+writes files. The CLI writes payloads with `artifacts.write_artifact`; `simulate`
+serializes them in memory. Progress reporting is passed in (`track`), not built in.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from fedsrd_cli.artifacts import Artifact, Header, LocalAdapter
+from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
+
+T = TypeVar("T")
+Track = Callable[[Iterable[T], int, str], Iterable[T]]
+
+
+def no_progress(items: Iterable[T], total: int, label: str) -> Iterable[T]:
+    """The default `track`: report nothing."""
+    return items
+
+
+@dataclass
+class Payload:
+    """An artifact in memory: its header (content hash not yet set) and its tensors."""
+
+    header: Header
+    tensors: dict[str, torch.Tensor]
+
+
+class Algorithm(ABC):
+    """One federated method: client upload, coordinator aggregate, coordinator broadcast."""
+
+    name: str
+
+    @abstractmethod
+    def upload(
+        self,
+        global_state: Artifact,
+        local: LocalAdapter,
+        client_id: str,
+        num_samples: int,
+        config: SparsifyConfig,
+        track: Track = no_progress,
+    ) -> Payload:
+        """A client's upload for round global_state.round + 1."""
+
+    @abstractmethod
+    def aggregate(
+        self,
+        global_state: Artifact,
+        uploads: Sequence[Artifact],
+        config: AggregateConfig,
+        track: Track = no_progress,
+    ) -> Payload:
+        """The coordinator's aggregate of the round's uploads."""
+
+    @abstractmethod
+    def broadcast(
+        self,
+        global_state: Artifact,
+        aggregate: Artifact,
+        config: BroadcastConfig,
+        track: Track = no_progress,
+    ) -> tuple[Payload, Payload]:
+        """(broadcast to send, next global state) computed from exactly what is sent."""

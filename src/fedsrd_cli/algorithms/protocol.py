@@ -1,0 +1,215 @@
+"""Protocol rules every algorithm shares: lineage checks, weights, applying a broadcast.
+
+Validation lives here, in functions that raise the domain errors of errors.py, so
+algorithms hold only their math.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from fedsrd_cli import naming
+from fedsrd_cli.algorithms.base import Payload
+from fedsrd_cli.artifacts import Artifact, Header, LocalAdapter, content_hash, short
+from fedsrd_cli.config import LoraSpec
+from fedsrd_cli.errors import MismatchError, StaleUploadError, UsageError
+from fedsrd_cli.math.masks import seeded_keep_mask
+
+
+def describe_state(state: Artifact) -> str:
+    return f"{state.path} (round {state.header.round}, {short(state.header.content_hash)})"
+
+
+def check_same_lora(expected: LoraSpec, found: LoraSpec, where: str, against: str) -> None:
+    """Same rank and alpha. Target lists are compared through the tensors themselves,
+    since PEFT records them in several forms (names, paths, a regex)."""
+    if (expected.rank, expected.alpha) != (found.rank, found.alpha):
+        raise MismatchError(
+            f"{where}: LoRA config {found.describe()} differs from {against}'s {expected.describe()}"
+        )
+
+
+def check_same_model(global_state: Artifact, header: Header, where: str) -> None:
+    if header.base_fingerprint and header.base_fingerprint != global_state.header.base_fingerprint:
+        raise MismatchError(
+            f"{where}: made for another base model (fingerprint {short(header.base_fingerprint)},"
+            f" {global_state.path} has {short(global_state.header.base_fingerprint)})"
+        )
+
+
+def check_local(global_state: Artifact, local: LocalAdapter) -> None:
+    """A client's trained adapter must come from this global state and match its layout."""
+    where = str(local.path)
+    check_same_lora(global_state.header.lora, local.lora, where, str(global_state.path))
+    if local.header is not None:
+        check_same_model(global_state, local.header, where)
+        if local.header.content_hash == global_state.header.content_hash:
+            raise MismatchError(f"{where}: is the global state itself; nothing was trained")
+        if local.header.parent_hash != global_state.header.content_hash:
+            raise StaleUploadError(
+                f"{where}: was trained from state {short(local.header.parent_hash)}, not from "
+                f"{describe_state(global_state)}; train again from the current global state"
+            )
+    check_same_tensors(global_state, local.artifact.shapes, where)
+
+
+def check_same_tensors(global_state: Artifact, shapes: dict, where: str) -> None:
+    expected = global_state.shapes
+    missing = sorted(set(expected) - set(shapes))
+    unknown = sorted(set(shapes) - set(expected))
+    if missing:
+        raise MismatchError(f"{where}: lacks {len(missing)} LoRA tensors, e.g. {missing[0]}")
+    if unknown:
+        raise MismatchError(
+            f"{where}: has {len(unknown)} tensors the global state does not, e.g. {unknown[0]}"
+        )
+    for name, shape in expected.items():
+        if tuple(shapes[name]) != tuple(shape):
+            raise MismatchError(
+                f"{where}: {name} has shape {list(shapes[name])}, the global state {list(shape)}"
+            )
+
+
+def check_uploads(global_state: Artifact, uploads: Sequence[Artifact], weighting: str) -> None:
+    """Every upload must answer this round of this run, once per client."""
+    if not uploads:
+        raise UsageError("no uploads given")
+    round_index = global_state.header.round + 1
+    seen_clients: dict[str, str] = {}
+    seen_hashes: dict[str, str] = {}
+    for upload in uploads:
+        head = upload.header
+        where = str(upload.path)
+        if head.parent_hash != global_state.header.content_hash:
+            raise StaleUploadError(
+                f"{where}: belongs to round {head.round} (made from state {short(head.parent_hash)}),"
+                f" but the global state is {describe_state(global_state)}, expecting round "
+                f"{round_index}"
+            )
+        check_same_lora(global_state.header.lora, head.lora, where, str(global_state.path))
+        check_same_model(global_state, head, where)
+        for name, shape in head.layout.items():
+            if name not in global_state.shapes:
+                raise MismatchError(f"{where}: unknown module tensor {name}")
+            if tuple(shape) != global_state.shapes[name]:
+                raise MismatchError(
+                    f"{where}: {name} has shape {shape}, the global state {list(global_state.shapes[name])}"
+                )
+        if head.client_id in seen_clients:
+            raise MismatchError(
+                f"{where}: client {head.client_id!r} already uploaded {seen_clients[head.client_id]}"
+                " for this aggregate"
+            )
+        if head.content_hash in seen_hashes:
+            raise MismatchError(f"{where}: the same upload as {seen_hashes[head.content_hash]}")
+        if weighting == "samples" and head.num_samples <= 0:
+            raise MismatchError(
+                f"{where}: records no sample count; use --weighting uniform or sparsify with --samples"
+            )
+        seen_clients[head.client_id] = where
+        seen_hashes[head.content_hash] = where
+
+
+def client_weights(uploads: Sequence[Artifact], weighting: str) -> list[float]:
+    """w_i = 1/m (uniform) or n_i / sum(n) (samples)."""
+    if weighting == "samples":
+        total = sum(u.header.num_samples for u in uploads)
+        return [u.header.num_samples / total for u in uploads]
+    return [1.0 / len(uploads)] * len(uploads)
+
+
+def check_aggregate(global_state: Artifact, aggregate: Artifact) -> None:
+    if aggregate.header.parent_hash != global_state.header.content_hash:
+        raise StaleUploadError(
+            f"{aggregate.path}: aggregates round {aggregate.header.round} from state "
+            f"{short(aggregate.header.parent_hash)}, not from {describe_state(global_state)}"
+        )
+    check_same_lora(global_state.header.lora, aggregate.header.lora, str(aggregate.path), "global")
+    missing = set(global_state.modules()) - set(aggregate.modules())
+    if missing or set(aggregate.modules()) - set(global_state.modules()):
+        raise MismatchError(f"{aggregate.path}: its modules differ from the global state's")
+
+
+def next_state_header(global_state: Artifact, method: str) -> Header:
+    head = global_state.header
+    return Header(
+        kind="state",
+        round=head.round + 1,
+        lora=head.lora,
+        base_fingerprint=head.base_fingerprint,
+        parent_hash=head.content_hash,
+        method=method,
+    )
+
+
+def apply_update(
+    global_state: Artifact,
+    broadcast: Header,
+    values: Callable[[str], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The next global state's tensors: G + the broadcast's sparse deltas.
+
+    For each tensor NAME in the broadcast layout:
+        next[NAME] = G[NAME] + scatter(mask(seed, NAME), values(NAME) as fp32)
+    Every other tensor is copied. The coordinator and every client run this same
+    function on the same bits, so they hold the same state.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name in global_state.names:
+        current = global_state.tensor(name)
+        if name not in broadcast.layout:
+            out[name] = current
+            continue
+        shape = tuple(broadcast.layout[name])
+        mask = seeded_keep_mask(broadcast.seed, name, shape, broadcast.download_sparsity)
+        update = torch.zeros(shape, dtype=current.dtype)
+        update[mask] = values(naming.values_key(name)).to(current.dtype)
+        out[name] = current + update
+    return out
+
+
+def apply_broadcast(global_state: Artifact, broadcast: Artifact) -> Payload:
+    """Client side: check the broadcast belongs to this state, apply it, check the result hash."""
+    head = broadcast.header
+    if head.parent_hash != global_state.header.content_hash:
+        raise StaleUploadError(
+            f"{broadcast.path}: is the round-{head.round} update of state {short(head.parent_hash)},"
+            f" not of {describe_state(global_state)}"
+        )
+    check_same_lora(global_state.header.lora, head.lora, str(broadcast.path), "global")
+    for name, shape in head.layout.items():
+        if tuple(shape) != global_state.shapes.get(name):
+            raise MismatchError(f"{broadcast.path}: {name} does not match the global state")
+    tensors = apply_update(global_state, head, broadcast.tensor)
+    result = content_hash(tensors)
+    if result != head.result_hash:
+        raise MismatchError(
+            f"{broadcast.path}: applying it gives state {short(result)}, but the"
+            f" coordinator's is {short(head.result_hash)}; a file is corrupt or from another run"
+        )
+    return Payload(next_state_header(global_state, head.method), tensors)
+
+
+def initial_state(
+    module_shapes: dict[str, tuple[int, int]], lora: LoraSpec, seed: int, base_fingerprint: str
+) -> Payload:
+    """Round 0: for every module, A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) and B = 0, as PEFT does.
+
+    module_shapes: {module: (d_out, d_in)}. PEFT draws A with kaiming_uniform_(a=sqrt(5)),
+    whose bound is sqrt(6 / ((1 + 5) d_in)) = 1/sqrt(d_in). Each module's draw is seeded from
+    sha256(f"{seed}:{module}"), so it does not depend on module order.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for module, (d_out, d_in) in module_shapes.items():
+        digest = hashlib.sha256(f"{seed}:{module}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        bound = 1.0 / math.sqrt(d_in)
+        a = (torch.rand(lora.rank, d_in, generator=generator) * 2.0 - 1.0) * bound  # (r, d_in)
+        tensors[naming.factor_key(module, "A")] = a
+        tensors[naming.factor_key(module, "B")] = torch.zeros(d_out, lora.rank)  # (d_out, r)
+    header = Header(kind="state", round=0, lora=lora, base_fingerprint=base_fingerprint, info={"seed": seed})
+    return Payload(header, tensors)

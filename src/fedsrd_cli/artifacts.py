@@ -1,0 +1,656 @@
+"""Artifacts: the one module that reads, validates, hashes and writes safetensors.
+
+Four kinds (docs/format.md): `state` (global or local LoRA factors), `upload`
+(one client's sparse deltas), `aggregate` (the coordinator's factored W_r) and
+`broadcast` (the sparse one-factor update). Every read validates the header,
+the tensor layout, the content hash and finiteness before anything uses the
+file; every write validates the same things first, then writes a temporary file
+and renames it, refusing to replace an existing file unless forced.
+
+A PEFT adapter trained elsewhere (adapter_config.json + adapter_model.safetensors)
+can be read as a local state with `read_local`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from fedsrd_cli import naming
+from fedsrd_cli.config import LoraSpec
+from fedsrd_cli.errors import ArtifactError, MismatchError, OutputExistsError
+from fedsrd_cli.math.masks import padding_is_clean, seeded_keep_mask, unpack_bits
+
+FORMAT_VERSION = 1
+KINDS = ("state", "upload", "aggregate", "broadcast")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+HASH_PREFIX = "sha256:"
+MAX_METADATA_CHARS = 16 * 2**20
+
+# safetensors dtype strings, used in the content hash (docs/format.md, "Content hash").
+_DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.uint8: "U8",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.bool: "BOOL",
+}
+
+
+@dataclass(frozen=True)
+class Header:
+    """An artifact's metadata. `content_hash` is filled in when it is written.
+
+    layout: logical shape of every sparse/dense-delta tensor (uploads, broadcasts).
+    info: descriptive JSON (ratios, sparsify settings, clients, ...) that no check relies on.
+    """
+
+    kind: str
+    round: int
+    lora: LoraSpec
+    base_fingerprint: str
+    parent_hash: str = ""
+    content_hash: str = ""
+    method: str = ""
+    client_id: str = ""
+    num_samples: int = 0
+    result_hash: str = ""
+    aggregate_hash: str = ""
+    seed: int = 0
+    download_sparsity: float = 0.0
+    layout: dict[str, list[int]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, str]:
+        meta = {
+            "format": "pt",
+            "fedsrd.format_version": str(FORMAT_VERSION),
+            "fedsrd.kind": self.kind,
+            "fedsrd.round": str(self.round),
+            "fedsrd.lora": self.lora.to_json(),
+            "fedsrd.base_fingerprint": self.base_fingerprint,
+            "fedsrd.parent_hash": self.parent_hash,
+            "fedsrd.content_hash": self.content_hash,
+        }
+        if self.method:
+            meta["fedsrd.method"] = self.method
+        if self.kind == "upload" or self.client_id:
+            meta["fedsrd.client_id"] = self.client_id
+        if self.kind == "upload" or self.num_samples:
+            meta["fedsrd.num_samples"] = str(self.num_samples)
+        if self.kind == "broadcast":
+            meta["fedsrd.result_hash"] = self.result_hash
+            meta["fedsrd.aggregate_hash"] = self.aggregate_hash
+            meta["fedsrd.seed"] = str(self.seed)
+            meta["fedsrd.download_sparsity"] = repr(float(self.download_sparsity))
+        if self.layout:
+            meta["fedsrd.layout"] = json.dumps(self.layout, sort_keys=True)
+        if self.info:
+            meta["fedsrd.info"] = json.dumps(self.info, sort_keys=True)
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str], where: str) -> Header:
+        """Parse and validate; `where` names the file in error messages."""
+        if "fedsrd.kind" not in meta:
+            raise ArtifactError(
+                f"{where}: not a fedsrd artifact (its safetensors header has no fedsrd metadata)"
+            )
+        total = sum(len(k) + len(v) for k, v in meta.items())
+        if total > MAX_METADATA_CHARS:
+            raise ArtifactError(f"{where}: metadata of {total} characters is too large")
+        try:
+            version = int(meta.get("fedsrd.format_version", ""))
+        except ValueError:
+            raise ArtifactError(f"{where}: unreadable fedsrd.format_version") from None
+        if version != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{where}: format version {version}, this fedsrd reads version {FORMAT_VERSION}"
+                " (upgrade fedsrd, or re-create the file with this version)"
+            )
+        try:
+            header = cls(
+                kind=meta["fedsrd.kind"],
+                round=int(meta["fedsrd.round"]),
+                lora=LoraSpec.from_dict(json.loads(meta["fedsrd.lora"])),
+                base_fingerprint=meta["fedsrd.base_fingerprint"],
+                parent_hash=meta.get("fedsrd.parent_hash", ""),
+                content_hash=meta["fedsrd.content_hash"],
+                method=meta.get("fedsrd.method", ""),
+                client_id=meta.get("fedsrd.client_id", ""),
+                num_samples=int(meta.get("fedsrd.num_samples", "0")),
+                result_hash=meta.get("fedsrd.result_hash", ""),
+                aggregate_hash=meta.get("fedsrd.aggregate_hash", ""),
+                seed=int(meta.get("fedsrd.seed", "0")),
+                download_sparsity=float(meta.get("fedsrd.download_sparsity", "0")),
+                layout={
+                    str(k): [int(d) for d in v]
+                    for k, v in json.loads(meta.get("fedsrd.layout", "{}")).items()
+                },
+                info=json.loads(meta.get("fedsrd.info", "{}")),
+            )
+        except Exception as err:  # any malformed field: KeyError, ValueError, TypeError, ...
+            raise ArtifactError(f"{where}: malformed fedsrd metadata ({type(err).__name__}: {err})") from None
+        header.check(where)
+        return header
+
+    def check(self, where: str) -> None:
+        """Header-level rules that hold for every artifact of its kind."""
+        if self.kind not in KINDS:
+            raise ArtifactError(f"{where}: unknown artifact kind {self.kind!r}")
+        if self.round < 0:
+            raise ArtifactError(f"{where}: negative round {self.round}")
+        if self.kind == "upload" and not self.client_id:
+            raise ArtifactError(f"{where}: upload without a client id")
+        if self.num_samples < 0:
+            raise ArtifactError(f"{where}: negative sample count")
+        if self.kind == "broadcast" and not 0.0 <= self.download_sparsity < 1.0:
+            raise ArtifactError(f"{where}: download sparsity {self.download_sparsity} outside [0, 1)")
+        for name, shape in self.layout.items():
+            if len(shape) != 2 or min(shape) < 1 or math.prod(shape) >= 2**32:
+                raise ArtifactError(f"{where}: layout of {name} has an invalid shape {shape}")
+
+
+def short(digest: str) -> str:
+    """A content hash as people read it: the first 12 hex digits."""
+    return digest.removeprefix(HASH_PREFIX)[:12] if digest else "-"
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def content_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the tensors in name order: name, dtype, shape, then raw little-endian bytes.
+
+    For each name (sorted by UTF-8 bytes):
+        name + b"\\0" + dtype + b"\\0" + json(shape) + b"\\0" + data
+    where dtype is the safetensors dtype string (F32, BF16, U8, ...) and
+    json(shape) is like "[3,4]" (no spaces).
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors, key=lambda n: n.encode("utf-8")):
+        _hash_one(digest, name, tensors[name])
+    return HASH_PREFIX + digest.hexdigest()
+
+
+def _hash_one(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    shape = json.dumps(list(tensor.shape), separators=(",", ":"))
+    digest.update(f"{name}\0{_DTYPE_NAMES[tensor.dtype]}\0{shape}\0".encode())
+    digest.update(_tensor_bytes(tensor))
+
+
+# --------------------------------------------------------------------------- layout rules
+
+
+def _shape(tensor_shapes: Mapping[str, tuple[int, ...]], name: str) -> tuple[int, ...]:
+    return tuple(tensor_shapes[name])
+
+
+def check_layout(
+    header: Header,
+    shapes: Mapping[str, tuple[int, ...]],
+    dtypes: Mapping[str, torch.dtype],
+    where: str,
+) -> None:
+    """The tensor names, shapes and dtypes a header's kind requires (no data read)."""
+    rank = header.lora.rank
+    if not shapes:
+        raise ArtifactError(f"{where}: the artifact holds no tensors")
+    if header.kind == "state":
+        modules: dict[str, set[str]] = {}
+        for name, shape in shapes.items():
+            parsed = naming.parse_factor_key(name)
+            if parsed is None:
+                raise ArtifactError(f"{where}: unexpected tensor {name!r} in a state")
+            if dtypes[name] not in FLOAT_DTYPES:
+                raise ArtifactError(f"{where}: {name} has non-float dtype {dtypes[name]}")
+            module, factor = parsed
+            modules.setdefault(module, set()).add(factor)
+            if (
+                len(shape) != 2
+                or (factor == "A" and shape[0] != rank)
+                or (factor == "B" and shape[1] != rank)
+            ):
+                raise ArtifactError(f"{where}: {name} has shape {list(shape)}, not rank {rank}")
+        for module, factors in modules.items():
+            if factors != {"A", "B"}:
+                raise ArtifactError(f"{where}: module {module} lacks lora_A or lora_B")
+            a_shape = shapes[naming.factor_key(module, "A")]
+            b_shape = shapes[naming.factor_key(module, "B")]
+            if a_shape[0] != b_shape[1]:
+                raise ArtifactError(f"{where}: {module} has A {list(a_shape)} and B {list(b_shape)}")
+    elif header.kind in ("upload", "broadcast"):
+        _check_delta_layout(header, shapes, dtypes, where)
+    elif header.kind == "aggregate":
+        for name, shape in shapes.items():
+            left = naming.strip_suffix(name, naming.AGG_LEFT)
+            right = naming.strip_suffix(name, naming.AGG_RIGHT)
+            module = left or right
+            if module is None:
+                raise ArtifactError(f"{where}: unexpected tensor {name!r} in an aggregate")
+            left_name, right_name = naming.aggregate_keys(module)
+            if left_name not in shapes or right_name not in shapes:
+                raise ArtifactError(f"{where}: {module} lacks its left or right factor")
+            if dtypes[name] not in FLOAT_DTYPES or len(shape) != 2:
+                raise ArtifactError(f"{where}: {name} is not a 2-D float tensor")
+            if shapes[left_name][1] != shapes[right_name][0]:
+                raise ArtifactError(f"{where}: {module}'s factors do not multiply")
+
+
+def _check_delta_layout(
+    header: Header,
+    shapes: Mapping[str, tuple[int, ...]],
+    dtypes: Mapping[str, torch.dtype],
+    where: str,
+) -> None:
+    expected: set[str] = set()
+    for name, logical in header.layout.items():
+        if naming.parse_factor_key(name) is None:
+            raise ArtifactError(f"{where}: layout names {name!r}, not a LoRA factor")
+        values_name = naming.values_key(name)
+        mask_name = naming.mask_key(name)
+        expected.add(values_name)
+        if values_name not in shapes:
+            raise ArtifactError(f"{where}: {values_name} is missing")
+        if dtypes[values_name] not in FLOAT_DTYPES:
+            raise ArtifactError(f"{where}: {values_name} has non-float dtype {dtypes[values_name]}")
+        numel = math.prod(logical)
+        values_shape = shapes[values_name]
+        if header.kind == "upload" and mask_name in shapes:
+            expected.add(mask_name)
+            if dtypes[mask_name] != torch.uint8 or shapes[mask_name] != (math.ceil(numel / 8),):
+                raise ArtifactError(
+                    f"{where}: {mask_name} should be {math.ceil(numel / 8)} bytes of uint8 for "
+                    f"shape {logical}"
+                )
+            if len(values_shape) != 1 or values_shape[0] > numel:
+                raise ArtifactError(f"{where}: {values_name} has shape {list(values_shape)}")
+        elif header.kind == "upload":
+            if list(values_shape) != list(logical):
+                raise ArtifactError(
+                    f"{where}: dense {values_name} has shape {list(values_shape)}, layout {logical}"
+                )
+        elif len(values_shape) != 1 or values_shape[0] > numel:
+            raise ArtifactError(f"{where}: {values_name} has shape {list(values_shape)}")
+    extra = set(shapes) - expected
+    if extra:
+        raise ArtifactError(f"{where}: tensors not in the layout: {sorted(extra)[:3]}")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class Artifact:
+    """A validated artifact on disk. Tensors are read one at a time, on demand."""
+
+    def __init__(self, path: Path, header: Header, handle: Any, shapes: dict, dtypes: dict):
+        self.path = path
+        self.header = header
+        self._handle = handle
+        self.shapes: dict[str, tuple[int, ...]] = shapes
+        self.dtypes: dict[str, torch.dtype] = dtypes
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.shapes)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._handle.get_tensor(name)
+
+    def numel(self) -> int:
+        """Total elements of all tensors (for a state: the LoRA parameter count)."""
+        return sum(math.prod(shape) for shape in self.shapes.values())
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.names:
+            yield name, self.tensor(name)
+
+    def modules(self) -> list[str]:
+        """Adapted modules, in natural order (states: from names; deltas: from the layout)."""
+        if self.header.kind == "state":
+            found = (naming.parse_factor_key(n) for n in self.shapes)
+        elif self.header.kind == "aggregate":
+            return naming.sorted_modules(
+                n.removesuffix(naming.AGG_LEFT) for n in self.shapes if n.endswith(naming.AGG_LEFT)
+            )
+        else:
+            found = (naming.parse_factor_key(n) for n in self.header.layout)
+        return naming.sorted_modules(p[0] for p in found if p)
+
+    def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A state's (A (r, d_in), B (d_out, r)) of one module."""
+        return (
+            self.tensor(naming.factor_key(module, "A")),
+            self.tensor(naming.factor_key(module, "B")),
+        )
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """A state's {module: (d_out, d_in)}."""
+        out = {}
+        for module in self.modules():
+            r_a, d_in = self.shapes[naming.factor_key(module, "A")]
+            d_out, _ = self.shapes[naming.factor_key(module, "B")]
+            out[module] = (d_out, d_in)
+        return out
+
+    def upload_delta(self, name: str) -> torch.Tensor | None:
+        """An upload's dense delta of PEFT tensor `name` (fp32), or None if not uploaded."""
+        if name not in self.header.layout:
+            return None
+        shape = tuple(self.header.layout[name])
+        values = self.tensor(naming.values_key(name)).float()
+        mask_name = naming.mask_key(name)
+        if mask_name not in self.shapes:
+            return values.reshape(shape)
+        keep = unpack_bits(self.tensor(mask_name), math.prod(shape))
+        dense = torch.zeros(math.prod(shape), dtype=torch.float32)
+        dense[keep] = values
+        return dense.reshape(shape)
+
+    def broadcast_mask(self, name: str) -> torch.Tensor:
+        """The seeded download mask of a broadcast tensor (bool, its layout shape)."""
+        shape = tuple(self.header.layout[name])
+        return seeded_keep_mask(self.header.seed, name, shape, self.header.download_sparsity)
+
+    def verify(self) -> None:
+        """Read every tensor once: check the content hash, finiteness and sparse-mask counts."""
+        digest = hashlib.sha256()
+        for name in sorted(self.shapes, key=lambda n: n.encode("utf-8")):
+            tensor = self.tensor(name)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ArtifactError(f"{self.where}: tensor {name} contains NaN or Inf")
+            _hash_one(digest, name, tensor)
+        actual = HASH_PREFIX + digest.hexdigest()
+        if actual != self.header.content_hash:
+            raise ArtifactError(
+                f"{self.where}: content hash mismatch (header {short(self.header.content_hash)}, "
+                f"data {short(actual)}): the file is corrupt or was modified; copy it again"
+            )
+        self._verify_masks()
+
+    def _verify_masks(self) -> None:
+        for name, shape in self.header.layout.items():
+            numel = math.prod(shape)
+            if self.header.kind == "upload":
+                if naming.mask_key(name) not in self.shapes:
+                    continue  # dense values: their shape was checked with the layout
+                packed = self.tensor(naming.mask_key(name))
+                if not padding_is_clean(packed, numel):
+                    raise ArtifactError(f"{self.where}: mask of {name} has bits set past its end")
+                kept = int(unpack_bits(packed, numel).sum())
+            else:
+                kept = int(self.broadcast_mask(name).sum())
+            stored = self.shapes[naming.values_key(name)][0]
+            if kept != stored:
+                raise ArtifactError(
+                    f"{self.where}: the mask of {name} keeps {kept} elements but {stored} values are stored"
+                )
+
+
+def read_artifact(path: str | os.PathLike, kind: str | None = None, verify: bool = True) -> Artifact:
+    """Open and validate an artifact; `kind` is the kind the caller needs.
+
+    Raises ArtifactError for a missing, unreadable, corrupt or malformed file and
+    MismatchError for a valid artifact of another kind.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: no such file")
+    if path.is_dir():
+        raise ArtifactError(f"{path}: is a directory, expected a .safetensors file")
+    handle = _open_safetensors(path)
+    header = Header.from_metadata(handle.metadata() or {}, str(path))
+    if kind is not None and header.kind != kind:
+        raise MismatchError(f"{path}: is a {header.kind} artifact, expected a {kind}")
+    shapes, dtypes = _describe(handle)
+    check_layout(header, shapes, dtypes, str(path))
+    artifact = Artifact(path, header, handle, shapes, dtypes)
+    if verify:
+        artifact.verify()
+    return artifact
+
+
+def _open_safetensors(path: Path) -> Any:
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as err:  # SafetensorError, OSError: anything here means an unusable file
+        detail = str(err).removeprefix("Error while deserializing header: ")
+        raise ArtifactError(
+            f"{path}: not a readable safetensors file ({detail}); truncated or corrupt copy?"
+        ) from None
+
+
+def _describe(handle: Any) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
+    shapes, dtypes = {}, {}
+    for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+        sl = handle.get_slice(name)
+        shapes[name] = tuple(sl.get_shape())
+        dtypes[name] = _dtype_from_name(sl.get_dtype(), name)
+    return shapes, dtypes
+
+
+def _dtype_from_name(dtype_name: str, name: str) -> torch.dtype:
+    for dtype, label in _DTYPE_NAMES.items():
+        if label == dtype_name:
+            return dtype
+    raise ArtifactError(f"tensor {name} has unsupported dtype {dtype_name}")
+
+
+# --------------------------------------------------------------------------- local adapters
+
+
+@dataclass
+class LocalAdapter:
+    """A client's trained factors: a fedsrd state, or a PEFT adapter saved elsewhere.
+
+    header is None for a PEFT adapter (it carries no lineage or fingerprint).
+    """
+
+    path: Path
+    lora: LoraSpec
+    header: Header | None
+    artifact: Artifact
+
+    def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.artifact.factors(module)
+
+
+def read_local(path: str | os.PathLike) -> LocalAdapter:
+    """Read a local adapter: a fedsrd state file, a PEFT adapter directory, or its weights file."""
+    path = Path(path)
+    if path.is_dir():
+        weights = path / "adapter_model.safetensors"
+        if not weights.exists():
+            raise ArtifactError(
+                f"{path}: directory without adapter_model.safetensors (expected a PEFT adapter"
+                " saved with save_pretrained, or a fedsrd state file)"
+            )
+        return _read_peft(weights, path / "adapter_config.json")
+    if not path.exists():
+        raise ArtifactError(f"{path}: no such file")
+    handle = _open_safetensors(path)
+    if "fedsrd.kind" in (handle.metadata() or {}):
+        artifact = read_artifact(path, kind="state")
+        return LocalAdapter(path, artifact.header.lora, artifact.header, artifact)
+    return _read_peft(path, path.parent / "adapter_config.json")
+
+
+def _read_peft(weights: Path, config_path: Path) -> LocalAdapter:
+    if not config_path.exists():
+        raise ArtifactError(
+            f"{weights}: no fedsrd metadata and no adapter_config.json beside it; cannot tell its"
+            " LoRA configuration"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ArtifactError(f"{config_path}: unreadable adapter config ({err})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise MismatchError(f"{config_path}: a {config.get('peft_type')} adapter, expected LoRA")
+    if config.get("use_dora"):
+        raise MismatchError(f"{config_path}: DoRA adapters are not supported, only plain LoRA")
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    try:
+        lora = LoraSpec(int(config["r"]), float(config["lora_alpha"]), tuple(targets))
+    except (KeyError, ValueError, TypeError) as err:
+        raise ArtifactError(f"{config_path}: incomplete LoRA config ({err})") from None
+    handle = _open_safetensors(weights)
+    shapes, dtypes = _describe(handle)
+    placeholder = Header(kind="state", round=0, lora=lora, base_fingerprint="")
+    check_layout(placeholder, shapes, dtypes, str(weights))
+    artifact = Artifact(weights, placeholder, handle, shapes, dtypes)
+    for name, tensor in artifact.iter_tensors():
+        if not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"{weights}: tensor {name} contains NaN or Inf")
+    return LocalAdapter(weights, lora, None, artifact)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def serialize(header: Header, tensors: Mapping[str, torch.Tensor]) -> tuple[Header, list[Any]]:
+    """Validate a complete artifact in memory: (header with its content hash, file parts).
+
+    Refuses (ArtifactError) anything `read_artifact` would refuse: wrong layout for
+    the kind, non-finite values, unsupported dtypes. The file is the concatenation
+    of the parts; `sum(len(p) for p in parts)` is its size.
+    """
+    where = f"refusing to write the {header.kind}"
+    header.check(where)
+    prepared: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise ArtifactError(f"{where}: tensor names must be non-empty strings")
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise ArtifactError(f"{where}: {name} has unsupported dtype {tensor.dtype}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"{where}: {name} contains NaN or Inf (check the inputs)")
+        prepared[name] = tensor.detach().to("cpu").contiguous()
+    shapes = {n: tuple(t.shape) for n, t in prepared.items()}
+    dtypes = {n: t.dtype for n, t in prepared.items()}
+    check_layout(header, shapes, dtypes, where)
+    header = replace(header, content_hash=content_hash(prepared))
+    return header, encode_safetensors(prepared, header.to_metadata())
+
+
+def encode_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> list[Any]:
+    """A canonical safetensors file, as parts: the same input always gives the same bytes.
+
+    8-byte little-endian header length, the JSON header with sorted keys and no
+    spaces, padded with spaces to a multiple of 8, then the tensors' bytes ordered by
+    (item size descending, name) so every tensor stays aligned to its item size.
+    (safetensors' own writer orders metadata differently from run to run.)
+    """
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n.encode("utf-8")))
+    entries: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    data = []
+    for name in order:
+        tensor = tensors[name]
+        raw = _tensor_bytes(tensor)
+        entries[name] = {
+            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + raw.nbytes],
+        }
+        offset += raw.nbytes
+        data.append(raw)
+    text = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return [len(text).to_bytes(8, "little"), text, *data]
+
+
+def ensure_writable(path: str | os.PathLike, force: bool) -> None:
+    """Fail early, before any work, if `path` exists and --force was not given."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path}: already exists (pass --force to replace it)")
+    if path.exists() and path.is_dir():
+        raise OutputExistsError(f"{path}: is a directory")
+    if not path.parent.exists():
+        raise OutputExistsError(f"{path.parent}: output directory does not exist")
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes | list[Any], force: bool) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename into place.
+
+    Without force the final step is a hard link, which fails if `path` appeared in
+    the meantime, so an existing file is never replaced.
+    """
+    path = Path(path)
+    ensure_writable(path, force)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as tmp:
+            for part in [data] if isinstance(data, bytes) else data:
+                tmp.write(part)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        if force:
+            os.replace(tmp_name, path)
+        else:
+            try:
+                os.link(tmp_name, path)
+            except FileExistsError:
+                raise OutputExistsError(f"{path}: already exists (pass --force to replace it)") from None
+            except OSError:  # file systems without hard links
+                if path.exists():
+                    raise OutputExistsError(f"{path}: already exists (pass --force)") from None
+                os.replace(tmp_name, path)
+        _fsync_dir(path.parent)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_artifact(
+    path: str | os.PathLike,
+    header: Header,
+    tensors: Mapping[str, torch.Tensor],
+    force: bool = False,
+) -> Header:
+    """Validate, hash and atomically write an artifact; returns the header as written."""
+    header, data = serialize(header, tensors)
+    write_bytes_atomic(path, data, force)
+    return header

@@ -1,0 +1,405 @@
+"""The `fedsrd` command line.
+
+Each command checks its flags, calls one library function, and prints through
+output.Output. FedsrdError becomes one line on stderr and its exit code in
+`_handle_errors`, the only except clause for user errors; `--debug` (or
+FEDSRD_DEBUG=1) shows the traceback instead. Commands that load a model import
+transformers/peft inside their body, so the server-side commands start fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fedsrd_cli import __version__
+from fedsrd_cli.errors import FedsrdError, UsageError
+from fedsrd_cli.output import Output, human_bytes, key_value_table
+
+app = typer.Typer(
+    name="fedsrd",
+    help="Federated LoRA fine-tuning with FedSRD: every step reads and writes safetensors files.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_state = {"debug": os.environ.get("FEDSRD_DEBUG", "") not in ("", "0")}
+CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace output files that exist.")]
+GlobalOpt = Annotated[Path, typer.Option("--global", help="The current global state file.")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Output file.")]
+
+
+def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FedsrdError as err:
+            if _state["debug"]:
+                raise
+            Output().error(str(err))
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            Output().error("interrupted; no output was written")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def command(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a command with the shared error handling."""
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        app.command(name, help=fn.__doc__)(_handle_errors(fn))
+        return fn
+
+    return register
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fedsrd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    if debug:
+        _state["debug"] = True
+
+
+def _check_client_id(client: str) -> str:
+    if not CLIENT_ID_RE.match(client):
+        raise UsageError(
+            f"--client {client!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a"
+            " letter or digit"
+        )
+    return client
+
+
+def _written(out: Output, path: Path, header: Any, extra: dict[str, Any] | None = None) -> None:
+    from fedsrd_cli.artifacts import short
+
+    size = path.stat().st_size
+    data = {
+        "path": str(path),
+        "kind": header.kind,
+        "round": header.round,
+        "content_hash": header.content_hash,
+        "parent_hash": header.parent_hash or None,
+        "bytes": size,
+        **(extra or {}),
+    }
+    rows = [
+        ("wrote", f"{path} ({header.kind}, round {header.round}, {human_bytes(size)})"),
+        ("hash", short(header.content_hash)),
+    ]
+    if header.parent_hash:
+        rows.append(("parent", short(header.parent_hash)))
+    rows += [(k, v) for k, v in (extra or {}).items() if not isinstance(v, (dict, list))]
+    out.result(data, key_value_table(rows))
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@command("init")
+def init_cmd(
+    base: Annotated[Path, typer.Option("--base", help="Local base model directory (config.json).")],
+    out_path: OutOpt,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = 8,
+    alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha.")] = 16.0,
+    targets: Annotated[
+        str, typer.Option("--targets", help="all-linear, or module names like q_proj,v_proj.")
+    ] = "all-linear",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random A factors.")] = 0,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Create the round-0 global state for a base model (reads only its config)."""
+    from fedsrd_cli.algorithms.protocol import initial_state
+    from fedsrd_cli.artifacts import ensure_writable, write_artifact
+    from fedsrd_cli.model_spec import base_fingerprint, lora_module_shapes, read_model_config
+
+    out = Output(json_mode)
+    ensure_writable(out_path, force)
+    fingerprint = base_fingerprint(read_model_config(base))
+    lora, shapes = lora_module_shapes(base, targets, rank, alpha)
+    payload = initial_state(shapes, lora, seed, fingerprint)
+    header = write_artifact(out_path, payload.header, payload.tensors, force)
+    params = sum(t.numel() for t in payload.tensors.values())
+    _written(
+        out,
+        out_path,
+        header,
+        {"modules": len(shapes), "lora_parameters": params, "lora": lora.describe()},
+    )
+
+
+@command("sparsify")
+def sparsify_cmd(
+    global_path: GlobalOpt,
+    local: Annotated[Path, typer.Option("--local", help="Trained local state, or a PEFT adapter dir/file.")],
+    client: Annotated[str, typer.Option("--client", help="This client's id.")],
+    out_path: OutOpt,
+    samples: Annotated[
+        int | None,
+        typer.Option("--samples", help="Training sample count (default: from the local state)."),
+    ] = None,
+    base_sparsity: Annotated[float, typer.Option("--base-sparsity")] = 0.85,
+    kurtosis_coeff: Annotated[float, typer.Option("--kurtosis-coeff")] = 0.1,
+    kurtosis_cap: Annotated[float, typer.Option("--kurtosis-cap")] = 0.11,
+    no_rescale: Annotated[
+        bool, typer.Option("--no-rescale", help="Do not restore the L1 norm of kept values.")
+    ] = False,
+    value_dtype: Annotated[str, typer.Option("--value-dtype", help="fp32, bf16 or fp16.")] = "fp32",
+    method: Annotated[str, typer.Option("--method", help="Upload method.")] = "fedsrd",
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Client: turn a locally trained adapter into a sparse upload for this round."""
+    from fedsrd_cli.algorithms import get_algorithm
+    from fedsrd_cli.artifacts import ensure_writable, read_artifact, read_local, write_artifact
+    from fedsrd_cli.config import SparsifyConfig
+
+    out = Output(json_mode)
+    _check_client_id(client)
+    if samples is not None and samples < 0:
+        raise UsageError("--samples must be >= 0")
+    config = SparsifyConfig(base_sparsity, kurtosis_coeff, kurtosis_cap, not no_rescale, value_dtype)
+    algorithm = get_algorithm(method)
+    ensure_writable(out_path, force)
+    global_state = read_artifact(global_path, kind="state")
+    local_adapter = read_local(local)
+    if samples is None:
+        samples = local_adapter.header.num_samples if local_adapter.header else 0
+    payload = algorithm.upload(global_state, local_adapter, client, samples, config, out.track)
+    header = write_artifact(out_path, payload.header, payload.tensors, force)
+    if samples == 0:
+        out.note("note: no sample count recorded; --weighting samples will refuse this upload")
+    _written(
+        out,
+        out_path,
+        header,
+        {"client_id": client, "num_samples": samples, "tensors": len(header.layout)},
+    )
+
+
+@command("aggregate")
+def aggregate_cmd(
+    global_path: GlobalOpt,
+    out_path: OutOpt,
+    uploads: Annotated[list[Path], typer.Argument(help="Upload files of this round.")],
+    method: Annotated[str, typer.Option("--method", help="fedsrd or fedsrd-e.")] = "fedsrd",
+    weighting: Annotated[str, typer.Option("--weighting", help="uniform or samples.")] = "uniform",
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Coordinator: reconstruct each upload and aggregate in full-rank space."""
+    from fedsrd_cli.algorithms import get_algorithm
+    from fedsrd_cli.artifacts import ensure_writable, read_artifact, write_artifact
+    from fedsrd_cli.config import AggregateConfig
+
+    out = Output(json_mode)
+    config = AggregateConfig(method, weighting)
+    algorithm = get_algorithm(method)
+    ensure_writable(out_path, force)
+    global_state = read_artifact(global_path, kind="state")
+    artifacts = [read_artifact(path, kind="upload") for path in uploads]
+    payload = algorithm.aggregate(global_state, artifacts, config, out.track)
+    header = write_artifact(out_path, payload.header, payload.tensors, force)
+    _written(
+        out,
+        out_path,
+        header,
+        {
+            "method": method,
+            "weighting": weighting,
+            "clients": [a.header.client_id for a in artifacts],
+        },
+    )
+
+
+@command("broadcast")
+def broadcast_cmd(
+    global_path: GlobalOpt,
+    aggregate: Annotated[Path, typer.Option("--aggregate", help="This round's aggregate file.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Broadcast file to send to clients.")],
+    out_global: Annotated[Path, typer.Option("--out-global", help="Next global state file.")],
+    download_sparsity: Annotated[float, typer.Option("--download-sparsity")] = 0.8,
+    seed: Annotated[
+        int | None,
+        typer.Option("--seed", help="Download-mask seed (default: from the aggregate's hash)."),
+    ] = None,
+    value_dtype: Annotated[str, typer.Option("--value-dtype", help="fp32, bf16 or fp16.")] = "fp32",
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Coordinator: decompose the aggregate into one sparse factor update and the next state."""
+    from fedsrd_cli.algorithms import get_algorithm
+    from fedsrd_cli.artifacts import ensure_writable, read_artifact, write_artifact
+    from fedsrd_cli.config import BroadcastConfig
+
+    out = Output(json_mode)
+    if out_path.resolve() == out_global.resolve():
+        raise UsageError("--out and --out-global must be different files")
+    ensure_writable(out_path, force)
+    ensure_writable(out_global, force)
+    global_state = read_artifact(global_path, kind="state")
+    agg = read_artifact(aggregate, kind="aggregate")
+    if seed is None:
+        seed = int(agg.header.content_hash.removeprefix("sha256:")[:15], 16)
+    config = BroadcastConfig(download_sparsity, seed, value_dtype)
+    algorithm = get_algorithm(agg.header.method)
+    broadcast, next_state = algorithm.broadcast(global_state, agg, config, out.track)
+    state_header = write_artifact(out_global, next_state.header, next_state.tensors, force)
+    header = write_artifact(out_path, broadcast.header, broadcast.tensors, force)
+    factors = sorted({name.rsplit(".", 2)[-2] for name in header.layout})
+    _written(
+        out,
+        out_path,
+        header,
+        {
+            "next_global": str(out_global),
+            "next_global_hash": state_header.content_hash,
+            "factors_sent": ",".join(factors),
+            "fallback_modules": len(header.info.get("factor_fallbacks", [])),
+            "seed": seed,
+        },
+    )
+
+
+@command("apply")
+def apply_cmd(
+    global_path: GlobalOpt,
+    broadcast: Annotated[Path, typer.Option("--broadcast", help="The coordinator's broadcast.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Next global state file.")],
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Client: apply a broadcast to the global state and verify the coordinator's result hash."""
+    from fedsrd_cli.algorithms.protocol import apply_broadcast
+    from fedsrd_cli.artifacts import ensure_writable, read_artifact, write_artifact
+
+    out = Output(json_mode)
+    ensure_writable(out_path, force)
+    global_state = read_artifact(global_path, kind="state")
+    bc = read_artifact(broadcast, kind="broadcast")
+    payload = apply_broadcast(global_state, bc)
+    header = write_artifact(out_path, payload.header, payload.tensors, force)
+    _written(out, out_path, header, {"verified": True})
+
+
+@command("inspect")
+def inspect_cmd(
+    path: Annotated[Path, typer.Argument(help="Any fedsrd artifact.")],
+    json_mode: JsonOpt = False,
+    tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
+) -> None:
+    """Show an artifact's kind, round, lineage, modules, sizes and traffic against dense."""
+    from fedsrd_cli.artifacts import read_artifact, short
+    from fedsrd_cli.describe import describe
+
+    out = Output(json_mode)
+    report = describe(read_artifact(path))
+    rows = [
+        ("file", report["path"]),
+        ("kind", f"{report['kind']}" + (f" ({report['method']})" if report["method"] else "")),
+        ("round", report["round"]),
+        ("content hash", short(report["content_hash"])),
+        ("parent", short(report["parent_hash"] or "")),
+        ("base model", short(report["base_fingerprint"])),
+        (
+            "lora",
+            f"r={report['lora']['r']}, alpha={report['lora']['lora_alpha']:g}, "
+            f"targets={','.join(report['lora']['target_modules'])}",
+        ),
+        ("modules", report["modules"]),
+    ]
+    for key in ("client_id", "num_samples", "seed", "download_sparsity"):
+        if key in report:
+            rows.append((key.replace("_", " "), report[key]))
+    if "result_hash" in report:
+        rows.append(("result state", short(report["result_hash"])))
+    rows.append(("bytes on disk", f"{report['bytes_on_disk']:,} ({human_bytes(report['bytes_on_disk'])})"))
+    rows.append(("paper accounting", human_bytes(report["paper_bytes"])))
+    if report["dense_fp32_bytes"]:
+        rows.append(("dense fp32", human_bytes(report["dense_fp32_bytes"])))
+        rows.append(
+            (
+                "ratio to dense",
+                f"{report['ratio_to_dense']:.2%} on disk, "
+                f"{report['paper_ratio_to_dense']:.2%} paper accounting",
+            )
+        )
+    renderables: list[Any] = [key_value_table(rows)]
+    if tensors:
+        from rich.table import Table
+
+        table = Table("tensor", "shape", "nonzeros", "density")
+        for t in report["tensors"]:
+            density = "" if t["density"] is None else f"{t['density']:.2%}"
+            table.add_row(t["name"], "x".join(map(str, t["shape"])), f"{t['nonzeros']:,}", density)
+        renderables.append(table)
+    out.result(report, *renderables)
+
+
+@command("unpack")
+def unpack_cmd(
+    path: Annotated[Path, typer.Argument(help="Any fedsrd artifact.")],
+    out_path: OutOpt,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Write an artifact as plain dense tensors (deltas under PEFT names for uploads/broadcasts)."""
+    from safetensors.torch import save
+
+    from fedsrd_cli.artifacts import ensure_writable, read_artifact, write_bytes_atomic
+    from fedsrd_cli.describe import dense_tensors
+
+    out = Output(json_mode)
+    ensure_writable(out_path, force)
+    artifact = read_artifact(path)
+    tensors = dense_tensors(artifact)
+    metadata = {
+        "format": "pt",
+        "fedsrd.unpacked_from": artifact.header.kind,
+        "fedsrd.source_hash": artifact.header.content_hash,
+        "fedsrd.round": str(artifact.header.round),
+    }
+    write_bytes_atomic(out_path, save(tensors, metadata=metadata), force)
+    size = out_path.stat().st_size
+    out.result(
+        {
+            "path": str(out_path),
+            "tensors": len(tensors),
+            "bytes": size,
+            "source_kind": artifact.header.kind,
+        },
+        key_value_table([("wrote", f"{out_path} ({len(tensors)} dense tensors, {human_bytes(size)})")]),
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Configuration as small frozen dataclasses, validated on creation.
+
+A bad value raises UsageError with the flag name, so the CLI can pass user input
+straight in and still give a one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from fedsrd_cli.errors import UsageError
+
+VALUE_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+AGGREGATE_METHODS = ("fedsrd", "fedsrd-e")
+WEIGHTINGS = ("uniform", "samples")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UsageError(message)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The LoRA configuration every party shares: rank r, alpha, target module names."""
+
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.rank, int) and self.rank >= 1, f"--rank must be >= 1, got {self.rank}")
+        _require(math.isfinite(self.alpha) and self.alpha > 0, f"--alpha must be > 0, got {self.alpha}")
+        _require(len(self.target_modules) > 0, "--targets names no module")
+        object.__setattr__(self, "target_modules", tuple(sorted(set(self.target_modules))))
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r: the module's weight is W0 + scaling * B A."""
+        return self.alpha / self.rank
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"r": self.rank, "lora_alpha": self.alpha, "target_modules": list(self.target_modules)},
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LoraSpec:
+        return cls(
+            rank=int(data["r"]),
+            alpha=float(data["lora_alpha"]),
+            target_modules=tuple(str(t) for t in data["target_modules"]),
+        )
+
+    def describe(self) -> str:
+        return f"r={self.rank}, alpha={self.alpha:g}, targets={','.join(self.target_modules)}"
+
+
+@dataclass(frozen=True)
+class SparsifyConfig:
+    """Upload sparsification (method section 1). Defaults are the authors' runs."""
+
+    base_sparsity: float = 0.85
+    kurtosis_coeff: float = 0.1
+    kurtosis_cap: float = 0.11
+    rescale: bool = True
+    value_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        _require(
+            0.0 <= self.base_sparsity < 1.0,
+            f"--base-sparsity must be in [0, 1), got {self.base_sparsity}",
+        )
+        _require(self.kurtosis_coeff >= 0.0, "--kurtosis-coeff must be >= 0")
+        _require(self.kurtosis_cap >= 0.0, "--kurtosis-cap must be >= 0")
+        _require(
+            self.base_sparsity + self.kurtosis_cap < 1.0,
+            "--base-sparsity + --kurtosis-cap must stay below 1 (it would drop every element)",
+        )
+        _require(self.value_dtype in VALUE_DTYPES, f"--value-dtype must be one of {list(VALUE_DTYPES)}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class AggregateConfig:
+    """Coordinator aggregation (method section 2)."""
+
+    method: str = "fedsrd"
+    weighting: str = "uniform"
+
+    def __post_init__(self) -> None:
+        _require(self.method in AGGREGATE_METHODS, f"--method must be one of {list(AGGREGATE_METHODS)}")
+        _require(self.weighting in WEIGHTINGS, f"--weighting must be one of {list(WEIGHTINGS)}")
+
+
+@dataclass(frozen=True)
+class BroadcastConfig:
+    """Download decomposition and random sparsification (method section 3)."""
+
+    download_sparsity: float = 0.8
+    seed: int = 0
+    value_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        _require(
+            0.0 <= self.download_sparsity < 1.0,
+            f"--download-sparsity must be in [0, 1), got {self.download_sparsity}",
+        )
+        _require(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}")
+        _require(self.value_dtype in VALUE_DTYPES, f"--value-dtype must be one of {list(VALUE_DTYPES)}")

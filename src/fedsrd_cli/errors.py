@@ -1,0 +1,64 @@
+"""The errors fedsrd raises on purpose.
+
+Every error a user can cause (a wrong file, a stale round, a corrupt copy, a bad
+flag) is one of these. The CLI entry point turns them into a single line on
+stderr and the exit code below; anything else is a bug and keeps its traceback.
+
+Exit codes:
+    1  unexpected internal error (a bug: please report it)
+    2  usage: bad flag values or combinations
+    3  artifact: a file that is missing, unreadable, corrupt or not what fedsrd wrote
+    4  mismatch: a valid file that does not belong here (wrong kind, round, run,
+       LoRA config, model, shapes, modules, duplicate client)
+    5  output: the output path exists (pass --force) or cannot be written
+    6  data: training/eval data or a model directory that cannot be used
+    7  trust: missing, unknown or invalid signatures
+"""
+
+from __future__ import annotations
+
+
+class FedsrdError(Exception):
+    """Base class: a problem the user can fix. `str(err)` is the whole message."""
+
+    exit_code = 1
+
+
+class UsageError(FedsrdError):
+    """Flags that are out of range or contradict each other."""
+
+    exit_code = 2
+
+
+class ArtifactError(FedsrdError):
+    """A file that cannot be read as a valid fedsrd artifact (missing, truncated, corrupt)."""
+
+    exit_code = 3
+
+
+class MismatchError(FedsrdError):
+    """A valid artifact that does not fit with the others it is used with."""
+
+    exit_code = 4
+
+
+class StaleUploadError(MismatchError):
+    """An upload (or broadcast) that derives from another global state than the one given."""
+
+
+class OutputExistsError(FedsrdError):
+    """Refusing to overwrite an existing file without --force."""
+
+    exit_code = 5
+
+
+class DataError(FedsrdError):
+    """Training or evaluation data, or a model directory, that cannot be used."""
+
+    exit_code = 6
+
+
+class TrustError(FedsrdError):
+    """A signature that is missing, unknown, or does not verify."""
+
+    exit_code = 7

@@ -1,0 +1,1 @@
+"""FedSRD math: pure torch functions over one module's tensors. No files, no models."""

@@ -1,0 +1,105 @@
+"""Reconstruct, aggregate and decompose in full-rank space without forming W.
+
+Notation (per adapted module, see ../shared/fedsrd-method.md sections 2-3):
+    B_i (d_out, r), A_i (r, d_in)   client i's reconstructed factors
+    w_i                             aggregation weights, sum to 1
+    W = sum_i w_i B_i A_i = L @ R   with L = [w_1 B_1 ... w_m B_m] (d_out, m r)
+                                    and  R = [A_1; ...; A_m]        (m r, d_in)
+W has rank <= m r, so its truncated SVD follows from a QR of each thin factor
+and the SVD of a small core; every later product is taken factor by factor.
+Nothing here ever allocates a (d_out, d_in) matrix. Pure torch; no files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def stack_factors(
+    bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor], weights: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thin factors of the weighted sum of products.
+
+    bs[i]: (d_out, r), as_[i]: (r, d_in), weights: m floats
+    -> L (d_out, m r), R (m r, d_in) with L @ R = sum_i w_i B_i A_i
+    """
+    left = torch.cat([w * b for w, b in zip(weights, bs, strict=True)], dim=1)
+    right = torch.cat(list(as_), dim=0)
+    return left, right
+
+
+def product_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of W = left @ right from its factors.
+
+    left: (d_out, k), right: (k, d_in) -> U (d_out, q), S (q,), Vh (q, d_in), q <= k,
+    with W = U diag(S) Vh, S descending.
+    left = Q_l R_l, right^T = Q_r R_r (reduced QR), core = R_l R_r^T = U_c S Vh_c,
+    U = Q_l U_c, Vh = Vh_c Q_r^T.
+    """
+    q_l, r_l = torch.linalg.qr(left)  # (d_out, p), (p, k)
+    q_r, r_r = torch.linalg.qr(right.mT)  # (d_in, s), (s, k)
+    core = r_l @ r_r.mT  # (p, s)
+    u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)
+    return q_l @ u_c, s, vh_c @ q_r.mT
+
+
+def truncate_product(left: torch.Tensor, right: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-`rank` approximation of W = left @ right, as factors.
+
+    left: (d_out, k), right: (k, d_in) -> (d_out, q), (q, d_in), q = min(rank, k, d_out, d_in)
+    W_r = (U[:, :q] diag(S[:q])) @ Vh[:q]   (Eckart-Young)
+    """
+    u, s, vh = product_svd(left, right)
+    q = min(rank, s.numel())
+    return u[:, :q] * s[:q], vh[:q]
+
+
+def is_rank_deficient(x: torch.Tensor) -> bool:
+    """True when x (rows, cols) has numerical rank below min(rows, cols).
+
+    Uses torch.linalg.matrix_rank's default tolerance, max(rows, cols) * eps * sigma_max.
+    """
+    return int(torch.linalg.matrix_rank(x)) < min(x.shape)
+
+
+def update_b(
+    left: torch.Tensor, right: torch.Tensor, b_prev: torch.Tensor, a_prev: torch.Tensor
+) -> torch.Tensor:
+    """Least-squares B update for the target W_r = left @ right.
+
+    left (d_out, k), right (k, d_in), b_prev (d_out, r), a_prev (r, d_in) -> dB (d_out, r)
+    dB = dW pinv(A_prev) with dW = W_r - B_prev A_prev, taken factor by factor:
+    dB = left (right pinv(A_prev)) - B_prev (A_prev pinv(A_prev))
+    """
+    a_pinv = torch.linalg.pinv(a_prev)  # (d_in, r)
+    return left @ (right @ a_pinv) - b_prev @ (a_prev @ a_pinv)
+
+
+def update_a(
+    left: torch.Tensor, right: torch.Tensor, b_prev: torch.Tensor, a_prev: torch.Tensor
+) -> torch.Tensor:
+    """Least-squares A update for the target W_r = left @ right.
+
+    left (d_out, k), right (k, d_in), b_prev (d_out, r), a_prev (r, d_in) -> dA (r, d_in)
+    dA = pinv(B_prev) dW with dW = W_r - B_prev A_prev, taken factor by factor:
+    dA = (pinv(B_prev) left) right - (pinv(B_prev) B_prev) A_prev
+    """
+    b_pinv = torch.linalg.pinv(b_prev)  # (r, d_out)
+    return (b_pinv @ left) @ right - (b_pinv @ b_prev) @ a_prev
+
+
+def choose_factor(round_index: int, b_prev: torch.Tensor, a_prev: torch.Tensor) -> str:
+    """Which factor round t updates: "B" on odd rounds, "A" on even ones.
+
+    b_prev (d_out, r), a_prev (r, d_in) -> "B" or "A".
+    Updating B needs pinv(A_prev), updating A needs pinv(B_prev). When the scheduled
+    update's pinv factor is rank-deficient and the other's is not, the other factor
+    is updated instead (so B_0 = 0 is never inverted).
+    """
+    scheduled, fallback = ("B", "A") if round_index % 2 == 1 else ("A", "B")
+    inverted = {"B": a_prev, "A": b_prev}
+    if is_rank_deficient(inverted[scheduled]) and not is_rank_deficient(inverted[fallback]):
+        return fallback
+    return scheduled

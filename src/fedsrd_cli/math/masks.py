@@ -1,0 +1,105 @@
+"""Masks: 1-bit packing and the portable random download mask.
+
+Bit packing (docs/format.md, "Sparse tensors"): a boolean mask of n elements,
+flattened row-major, becomes ceil(n / 8) bytes; element i is bit (7 - i % 8) of
+byte i // 8 (most significant bit first, as numpy.packbits does); pad bits are 0.
+
+Download mask (docs/format.md, "Seeded masks"): element j (row-major index) of
+tensor NAME is kept when h(j) < T, where
+    key      = sha256(f"{seed}:{NAME}".encode("utf-8"))
+    k0, k1   = little-endian uint32 of key[0:4] and key[4:8]
+    h(j)     = mix32(mix32(j XOR k0) XOR k1)
+    mix32(x) = x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16
+               (all arithmetic modulo 2^32)
+    T        = floor((1 - p) * 2^32)   (float64), p = download sparsity in [0, 1)
+Only integer operations, so every machine, language and torch version gets the
+same bits. Pure torch; no files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_MASK16 = 0xFFFF
+_MUL1 = 0x7FEB352D
+_MUL2 = 0x846CA68B
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean mask into bytes, most significant bit first.
+
+    mask: (...) bool with n elements -> (ceil(n / 8),) uint8
+    byte[i // 8] has bit (7 - i % 8) set iff mask.flatten()[i].
+    """
+    flat = mask.reshape(-1).to(torch.uint8)
+    n = flat.numel()
+    padded = torch.zeros(math.ceil(n / 8) * 8, dtype=torch.uint8)
+    padded[:n] = flat
+    return (padded.view(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of pack_bits: (ceil(numel / 8),) uint8 -> (numel,) bool."""
+    bits = (packed.reshape(-1, 1) & _BIT_WEIGHTS) != 0  # (bytes, 8)
+    return bits.reshape(-1)[:numel]
+
+
+def padding_is_clean(packed: torch.Tensor, numel: int) -> bool:
+    """True when the pad bits after element numel - 1 are all zero."""
+    bits = (packed.reshape(-1, 1) & _BIT_WEIGHTS) != 0
+    return not bool(bits.reshape(-1)[numel:].any())
+
+
+def _mul32(x: torch.Tensor, const: int) -> torch.Tensor:
+    """(x * const) mod 2^32 for int64 tensors holding values < 2^32, without overflow."""
+    lo = const & _MASK16
+    hi = const >> 16
+    # x * lo < 2^48 and ((x * hi) mod 2^16) << 16 < 2^32: nothing leaves int64.
+    return (x * lo + (((x * hi) & _MASK16) << 16)) & _MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (bijective), on int64 tensors holding uint32 values.
+
+    x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16 (mod 2^32)
+    """
+    x = x ^ (x >> 16)
+    x = _mul32(x, _MUL1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _MUL2)
+    return x ^ (x >> 16)
+
+
+def stream_key(seed: int, name: str) -> tuple[int, int]:
+    """The two 32-bit keys of tensor NAME's mask: sha256(f"{seed}:{name}")[0:8], little-endian."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[0:4], "little"), int.from_bytes(digest[4:8], "little")
+
+
+def random_bits32(seed: int, name: str, numel: int) -> torch.Tensor:
+    """h(j) for j = 0 .. numel-1: (numel,) int64 holding uint32 values."""
+    if numel >= 2**32:
+        raise ValueError("seeded masks address at most 2^32 elements per tensor")
+    k0, k1 = stream_key(seed, name)
+    j = torch.arange(numel, dtype=torch.int64)
+    return mix32(mix32(j ^ k0) ^ k1)
+
+
+def keep_threshold(drop_prob: float) -> int:
+    """T = floor((1 - p) * 2^32): element j is kept iff h(j) < T."""
+    return math.floor((1.0 - drop_prob) * 4294967296.0)
+
+
+def seeded_keep_mask(seed: int, name: str, shape: tuple[int, ...], drop_prob: float) -> torch.Tensor:
+    """The download mask of tensor NAME: each element kept with probability 1 - p.
+
+    -> bool tensor of `shape`; mask.flatten()[j] = h(j) < floor((1 - p) * 2^32).
+    """
+    numel = math.prod(shape)
+    bits = random_bits32(seed, name, numel)
+    return (bits < keep_threshold(drop_prob)).reshape(shape)
