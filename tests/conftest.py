@@ -77,3 +77,56 @@ def locals_for(tmp_path: Path):
         ]
 
     return build
+
+
+# --------------------------------------------------------------------------- tiny real models
+
+TINY_RECORDS = [
+    {"instruction": f"What is {a} + {b}?", "output": str(a + b)}
+    for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4)]
+]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def build_tiny_model(path: Path, seed: int = 0, hidden: int = 32) -> Path:
+    """A 2-layer Llama (hidden 32) with a byte-level BPE tokenizer trained offline on a few lines."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedsrd_cli.demo import build_tokenizer
+
+    corpus = ["The quick brown fox jumps over the lazy dog. " * 3] + [
+        f"### Instruction:\n{r['instruction']}\n\n### Response:\n{r['output']}" for r in TINY_RECORDS
+    ]
+    tokenizer = build_tokenizer(corpus, vocab_size=300)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", TINY_RECORDS)

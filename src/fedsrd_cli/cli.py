@@ -396,6 +396,280 @@ def unpack_cmd(
     )
 
 
+# --------------------------------------------------------------------------- client side on a model
+
+BaseOpt = Annotated[Path, typer.Option("--base", help="Local base model directory (save_pretrained format).")]
+DataOpt = Annotated[list[Path], typer.Option("--data", help="JSON-lines data file (repeatable).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="Print nothing but errors (for cron).")]
+
+
+def _write_log(path: Path, records: list[dict[str, Any]], force: bool) -> None:
+    import json
+
+    from fedsrd_cli.artifacts import write_bytes_atomic
+
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    write_bytes_atomic(path, text.encode("utf-8"), force)
+
+
+@command("train-local")
+def train_local_cmd(
+    base: BaseOpt,
+    global_path: GlobalOpt,
+    data: DataOpt,
+    out_path: Annotated[Path, typer.Option("--out", help="Local state file to write.")],
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="Epochs (default 1).")] = None,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate (AdamW).")] = 1e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per step.")] = 1,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 512,
+    seed: Annotated[int, typer.Option("--seed", help="Data order and dropout seed.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, fp32, bf16 or fp16 (base weights).")] = "auto",
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing")] = False,
+    prox_mu: Annotated[
+        float, typer.Option("--prox-mu", help="FedProx: add mu/2 ||theta - theta_G||^2.")
+    ] = 0.0,
+    freeze_a: Annotated[
+        bool, typer.Option("--freeze-a", help="Keep every lora_A at the global value (FFA-LoRA).")
+    ] = False,
+    client: Annotated[str | None, typer.Option("--client", help="This client's id (recorded).")] = None,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Client: train the global state's LoRA on local data; writes a local state for sparsify."""
+    from fedsrd_cli.artifacts import ensure_writable, read_artifact, write_artifact
+    from fedsrd_cli.training import (
+        TrainConfig,
+        check_fingerprint,
+        load_base,
+        load_datasets,
+        local_header,
+        train_local,
+    )
+
+    out = Output(json_mode, quiet)
+    if client is not None:
+        _check_client_id(client)
+    config = TrainConfig(
+        steps=steps,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_length=max_length,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        gradient_checkpointing=gradient_checkpointing,
+        prox_mu=prox_mu,
+        freeze_a=freeze_a,
+    )
+    log_path = Path(str(out_path) + ".log.jsonl")
+    ensure_writable(out_path, force)
+    ensure_writable(log_path, force)
+    global_state = read_artifact(global_path, kind="state")
+    check_fingerprint(base, global_state)
+    datasets = load_datasets(data)
+    model = load_base(base, device, dtype)
+    total = config.total_steps(sum(len(d.examples) for d in datasets))
+    with out.steps(total, "training") as progress:
+
+        def on_step(step: int, _total: int, loss: float, tokens_per_s: float) -> None:
+            progress.update(step, f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s")
+
+        tensors, stats = train_local(model, global_state, datasets, config, on_step)
+    info = {
+        "train": {
+            "steps": stats.steps,
+            "lr": lr,
+            "batch_size": batch_size,
+            "grad_accum": grad_accum,
+            "seed": seed,
+            "prox_mu": prox_mu,
+            "freeze_a": freeze_a,
+            "final_loss": stats.final_loss,
+        }
+    }
+    header = local_header(global_state, stats.samples, client or "", info)
+    header = write_artifact(out_path, header, tensors, force)
+    _write_log(log_path, stats.log, force)
+    _written(
+        out,
+        out_path,
+        header,
+        {
+            **stats.summary(),
+            "log": str(log_path),
+            "client_id": client or None,
+            "device": str(model.device),
+        },
+    )
+
+
+@command("eval")
+def eval_cmd(
+    base: BaseOpt,
+    data: DataOpt,
+    global_path: Annotated[
+        Path | None, typer.Option("--global", help="A global (or local) state to evaluate.")
+    ] = None,
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", help="A PEFT adapter directory (e.g. from export).")
+    ] = None,
+    out_path: Annotated[Path | None, typer.Option("--out", help="Write the metrics as JSON.")] = None,
+    generate: Annotated[
+        bool, typer.Option("--generate", help="Also generate greedily and score exact match.")
+    ] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 512,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, fp32, bf16 or fp16.")] = "auto",
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Loss and perplexity on response tokens (per file and mean); the base alone without an adapter."""
+    import json
+
+    from fedsrd_cli.artifacts import ensure_writable, read_artifact, short, write_bytes_atomic
+    from fedsrd_cli.training import (
+        check_fingerprint,
+        evaluate,
+        load_adapter,
+        load_base,
+        load_datasets,
+        set_global,
+    )
+
+    out = Output(json_mode)
+    if global_path is not None and adapter is not None:
+        raise UsageError("give --global or --adapter, not both")
+    if out_path is not None:
+        ensure_writable(out_path, force)
+    datasets = load_datasets(data)
+    global_state = None
+    if global_path is not None:
+        global_state = read_artifact(global_path, kind="state")
+        check_fingerprint(base, global_state)
+    model = load_base(base, device, dtype)
+    if global_state is not None:
+        set_global(model, global_state)
+        source = {
+            "global": str(global_path),
+            "round": global_state.header.round,
+            "content_hash": global_state.header.content_hash,
+        }
+    elif adapter is not None:
+        load_adapter(model, adapter)
+        source = {"adapter": str(adapter)}
+    else:
+        source = {"base_only": True}
+    metrics = evaluate(model, datasets, batch_size, max_length, generate, max_new_tokens)
+    result = {**source, "base": str(base), **metrics}
+    if out_path is not None:
+        text = json.dumps(result, indent=2, sort_keys=True) + "\n"
+        write_bytes_atomic(out_path, text.encode("utf-8"), force)
+    from rich.table import Table
+
+    label = (
+        f"round {global_state.header.round} ({short(global_state.header.content_hash)})"
+        if global_state is not None
+        else (str(adapter) if adapter is not None else "base model only")
+    )
+    table = Table(
+        "data", "examples", "tokens", "loss", "perplexity", title=f"eval: {label}", title_justify="left"
+    )
+    show_em = "exact_match" in metrics["mean"]
+    if show_em:
+        table.add_column("exact match")
+    for name, m in metrics["files"].items():
+        row = [name, str(m["examples"]), str(m["tokens"]), f"{m['loss']:.4f}", f"{m['perplexity']:.2f}"]
+        if show_em:
+            row.append(f"{m['exact_match']:.2%}")
+        table.add_row(*row)
+    if len(metrics["files"]) > 1:
+        mean = metrics["mean"]
+        row = ["mean", "", "", f"{mean['loss']:.4f}", f"{mean['perplexity']:.2f}"]
+        if show_em:
+            row.append(f"{mean['exact_match']:.2%}")
+        table.add_row(*row)
+    out.result(result, table)
+
+
+@command("export")
+def export_cmd(
+    global_path: GlobalOpt,
+    out_dir: Annotated[Path, typer.Option("--out", help="PEFT adapter directory to write.")],
+    base: Annotated[
+        Path | None, typer.Option("--base", help="Base model dir (checked, and recorded in the config).")
+    ] = None,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Write a global state as a PEFT adapter directory (PeftModel.from_pretrained loads it)."""
+    from fedsrd_cli.artifacts import read_artifact
+    from fedsrd_cli.export import export_adapter
+    from fedsrd_cli.training import check_fingerprint
+
+    out = Output(json_mode)
+    global_state = read_artifact(global_path, kind="state")
+    if base is not None:
+        check_fingerprint(base, global_state)
+    report = export_adapter(global_state, out_dir, str(base) if base is not None else None, force)
+    out.result(
+        report,
+        key_value_table(
+            [
+                (
+                    "wrote",
+                    f"{out_dir} (PEFT adapter, {report['tensors']} tensors, {human_bytes(report['bytes'])})",
+                ),
+                ("from", f"{global_path} (round {report['round']})"),
+            ]
+        ),
+    )
+
+
+@command("demo-assets")
+def demo_assets_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for the base model and client data.")],
+    pretrain_steps: Annotated[
+        int | None, typer.Option("--pretrain-steps", hidden=True, help="Testing only: fewer steps.")
+    ] = None,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Make the demo's small pretrained base model and 4 clients' data (offline, deterministic)."""
+    from fedsrd_cli.demo import DEFAULT_RECIPE, cache_root, demo_assets
+
+    out = Output(json_mode)
+    recipe = dict(DEFAULT_RECIPE)
+    if pretrain_steps is not None:
+        if pretrain_steps < 1:
+            raise UsageError("--pretrain-steps must be >= 1")
+        recipe["pretrain_steps"] = pretrain_steps
+    out.note(f"base model cache: {cache_root()}")
+    with out.steps(recipe["pretrain_steps"], "pretraining the demo base (first run only)") as progress:
+
+        def on_step(step: int, _total: int, loss: float) -> None:
+            progress.update(step, f"loss {loss:.3f}")
+
+        manifest = demo_assets(out_dir, force, recipe, on_step)
+    rows = [
+        ("wrote", str(out_dir)),
+        (
+            "base",
+            f"{out_dir / 'base'} ({manifest['base_parameters']:,} parameters,"
+            f" {'from cache' if manifest['base_was_cached'] else 'pretrained now'})",
+        ),
+        ("clients", ", ".join(manifest["domains"])),
+    ]
+    out.result({"path": str(out_dir), **manifest}, key_value_table(rows))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -48,6 +48,10 @@ class Output:
         """One line on stderr: always printed, whatever the mode."""
         self.err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
 
+    def steps(self, total: int, label: str) -> StepProgress:
+        """A progress bar for a loop of `total` steps with a status text (terminal only)."""
+        return StepProgress(self, total, label)
+
     def track(self, items: Iterable[T], total: int, label: str) -> Iterator[T]:
         """Yield items; show a progress bar on a terminal once the work has taken over a second."""
         if self.json_mode or self.quiet or not self.err.is_terminal:
@@ -77,6 +81,41 @@ class Output:
         finally:
             if progress is not None:
                 progress.stop()
+
+
+class StepProgress:
+    """A progress bar with free-form fields (loss, throughput); does nothing when not shown."""
+
+    def __init__(self, output: Output, total: int, label: str):
+        self.shown = not (output.json_mode or output.quiet) and output.err.is_terminal
+        self.progress: Any = None
+        self.task: Any = None
+        if self.shown:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+            self.progress = Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                "{task.fields[status]}",
+                TimeRemainingColumn(),
+                console=output.err,
+                transient=True,
+            )
+            self.task = self.progress.add_task(label, total=total, status="")
+
+    def __enter__(self) -> StepProgress:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def update(self, completed: int, status: str = "") -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=completed, status=status)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
 
 
 def key_value_table(rows: Iterable[tuple[str, Any]], title: str | None = None) -> Table:

@@ -1,0 +1,520 @@
+"""Client side on a real model: load a base once, put a global state into it, train, evaluate.
+
+The base model is loaded once (`load_base`) and wrapped with PEFT LoRA for a
+global state's LoRA config (`attach_lora`); `set_global` then loads any state of
+that config into it, so a simulation can reuse one model across clients and
+rounds. `train_local` trains from the state currently loaded and returns fp32
+factors under the global state's tensor names; `evaluate` scores data files.
+transformers and peft are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedsrd_cli import data as data_mod
+from fedsrd_cli.artifacts import Artifact, Header, short
+from fedsrd_cli.config import LoraSpec, _require
+from fedsrd_cli.errors import DataError, MismatchError, UsageError
+from fedsrd_cli.model_spec import base_fingerprint, read_model_config
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training settings. Exactly one of `steps` / `epochs` decides the length (default: 1 epoch).
+
+    steps: optimizer steps; each takes batch_size * grad_accum examples.
+    prox_mu: FedProx weight, loss += prox_mu / 2 * ||theta - theta_G||^2 over the trained factors.
+    freeze_a: keep every lora_A at the global value and train only lora_B (FFA-LoRA).
+    """
+
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 1e-3
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
+    prox_mu: float = 0.0
+    freeze_a: bool = False
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.steps is None or self.epochs is None, "give --steps or --epochs, not both")
+        _require(self.steps is None or self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        _require(
+            self.epochs is None or (math.isfinite(self.epochs) and self.epochs > 0),
+            f"--epochs must be > 0, got {self.epochs}",
+        )
+        _require(math.isfinite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        _require(self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}")
+        _require(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
+        _require(0 <= self.seed < 2**32, f"--seed must be in [0, 2^32), got {self.seed}")
+        _require(self.device in DEVICES, f"--device must be one of {list(DEVICES)}")
+        _require(self.dtype in DTYPES, f"--dtype must be one of {list(DTYPES)}")
+        _require(
+            math.isfinite(self.prox_mu) and self.prox_mu >= 0, f"--prox-mu must be >= 0, got {self.prox_mu}"
+        )
+        _require(self.weight_decay >= 0, "weight decay must be >= 0")
+        _require(self.max_grad_norm > 0, "max grad norm must be > 0")
+
+    def total_steps(self, num_examples: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        per_epoch = math.ceil(num_examples / (self.batch_size * self.grad_accum))
+        return max(1, math.ceil(per_epoch * (self.epochs if self.epochs is not None else 1.0)))
+
+
+@dataclass
+class TrainStats:
+    """What one local training run did; `log` holds one record per optimizer step."""
+
+    steps: int
+    samples: int
+    tokens: int
+    seconds: float
+    final_loss: float
+    mean_loss: float
+    first_loss: float
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("log")
+        return data
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model: the transformers model (PEFT-wrapped once a LoRA is attached)."""
+
+    path: Path
+    model: Any
+    tokenizer: Any
+    fingerprint: str
+    device: torch.device
+    dtype: torch.dtype
+    lora: LoraSpec | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps: MPS is not available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def check_fingerprint(model_dir: str | Path, global_state: Artifact) -> str:
+    """The model directory's fingerprint; MismatchError if it is not the global state's base."""
+    found = base_fingerprint(read_model_config(model_dir))
+    expected = global_state.header.base_fingerprint
+    if found != expected:
+        raise MismatchError(
+            f"{model_dir}: is another base model (fingerprint {short(found)}) than {global_state.path}"
+            f" was made for ({short(expected)})"
+        )
+    return found
+
+
+def load_base(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> BaseModel:
+    """Load a causal LM and its tokenizer from a local directory (never from a hub)."""
+    model_dir = Path(model_dir)
+    fingerprint = base_fingerprint(read_model_config(model_dir))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as err:  # transformers raises many types for a bad directory
+        raise DataError(f"{model_dir}: cannot load its tokenizer ({type(err).__name__}: {err})") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), local_files_only=True, dtype=torch_dtype
+            )
+    except Exception as err:
+        raise DataError(f"{model_dir}: cannot load the model ({type(err).__name__}: {err})") from None
+    model.to(torch_device)
+    model.eval()
+    return BaseModel(model_dir, model, tokenizer, fingerprint, torch_device, torch_dtype)
+
+
+def attach_lora(base: BaseModel, lora: LoraSpec) -> None:
+    """Wrap the base with PEFT LoRA (dropout 0) for `lora`; once per loaded base."""
+    if base.lora is not None:
+        if base.lora != lora:
+            raise MismatchError(
+                f"the loaded model carries LoRA {base.lora.describe()}, not {lora.describe()}"
+            )
+        return
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        target_modules=list(lora.target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base.model = get_peft_model(base.model, config)
+    base.lora = lora
+
+
+def lora_parameters(model: Any) -> dict[str, torch.nn.Parameter]:
+    """{PEFT adapter state-dict key: parameter} for every LoRA factor of the model."""
+    found = {}
+    for name, param in model.named_parameters():
+        if ".lora_A.default." in name or ".lora_B.default." in name:
+            found[name.replace(".default.", ".")] = param
+    return found
+
+
+def set_global(base: BaseModel, global_state: Artifact) -> None:
+    """Load a global state's factors into the model; every key must load, with its shape."""
+    attach_lora(base, global_state.header.lora)
+    from peft import set_peft_model_state_dict
+
+    params = lora_parameters(base.model)
+    names = set(global_state.names)
+    if set(params) != names:
+        missing = sorted(set(params) - names)
+        unknown = sorted(names - set(params))
+        example = (missing or unknown)[0]
+        raise MismatchError(
+            f"{global_state.path}: its tensors do not match the model's LoRA modules"
+            f" ({len(missing)} missing, {len(unknown)} unknown, e.g. {example})"
+        )
+    tensors = {}
+    for name, tensor in global_state.iter_tensors():
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise MismatchError(
+                f"{global_state.path}: {name} has shape {list(tensor.shape)}, the model"
+                f" {list(params[name].shape)}"
+            )
+        tensors[name] = tensor
+    result = set_peft_model_state_dict(base.model, tensors)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    not_loaded = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
+    if unexpected or not_loaded:
+        raise MismatchError(
+            f"{global_state.path}: PEFT did not load every tensor"
+            f" (unexpected {unexpected[:1]}, missing {not_loaded[:1]})"
+        )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if not torch.equal(params[name].detach().float().cpu(), tensor.float()):
+                raise MismatchError(f"{global_state.path}: {name} did not load into the model")
+
+
+def current_factors(base: BaseModel) -> dict[str, torch.Tensor]:
+    """The model's LoRA factors as fp32 CPU tensors under PEFT's adapter keys."""
+    return {
+        name: param.detach().to("cpu", torch.float32).clone()
+        for name, param in lora_parameters(base.model).items()
+    }
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _batches(num: int, batch: int, generator: torch.Generator):
+    """Endless stream of index lists: a fresh permutation each epoch."""
+    while True:
+        order = torch.randperm(num, generator=generator).tolist()
+        for start in range(0, num, batch):
+            yield order[start : start + batch]
+
+
+def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropies over label positions, number of those positions)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=data_mod.IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, int((shift_labels != data_mod.IGNORE_INDEX).sum())
+
+
+def load_datasets(paths: Sequence[str | Path]) -> list[data_mod.Dataset]:
+    if not paths:
+        raise UsageError("give at least one --data file")
+    return [data_mod.read_jsonl(p) for p in paths]
+
+
+def train_local(
+    base: BaseModel,
+    global_state: Artifact,
+    datasets: Sequence[data_mod.Dataset],
+    config: TrainConfig,
+    on_step: Callable[[int, int, float, float], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], TrainStats]:
+    """Train the LoRA factors of `global_state` on the examples of `datasets`.
+
+    Returns fp32 factors under exactly the global state's names and shapes, and the stats.
+    on_step(step, total_steps, loss, tokens_per_second) is called after each optimizer step.
+    Loss per step = sum of token losses over the step's micro-batches / their label tokens
+    (+ prox_mu / 2 * ||theta - theta_G||^2). Deterministic on CPU for a given seed.
+    """
+    if base.fingerprint != global_state.header.base_fingerprint:
+        raise MismatchError(
+            f"{base.path}: is another base model (fingerprint {short(base.fingerprint)}) than"
+            f" {global_state.path} was made for ({short(global_state.header.base_fingerprint)})"
+        )
+    _seed_everything(config.seed)
+    set_global(base, global_state)
+    examples = [ex for ds in datasets for ex in ds.examples]
+    encoded = [data_mod.encode(base.tokenizer, ex, config.max_length) for ex in examples]
+    usable = [pair for pair in encoded if any(label != data_mod.IGNORE_INDEX for label in pair[1][1:])]
+    if not usable:
+        raise DataError("no example has a response token within --max-length; nothing to train on")
+    pad = data_mod.pad_id(base.tokenizer)
+    model = base.model
+    params = lora_parameters(model)
+    trained: dict[str, torch.nn.Parameter] = {}
+    for name, param in params.items():
+        train_it = not (config.freeze_a and ".lora_A." in name)
+        param.requires_grad_(train_it)
+        if train_it:
+            trained[name] = param
+    anchor = {name: p.detach().clone() for name, p in trained.items()} if config.prox_mu > 0 else {}
+    optimizer = torch.optim.AdamW(trained.values(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    total = config.total_steps(len(usable))
+    generator = torch.Generator().manual_seed(config.seed)
+    stream = _batches(len(usable), config.batch_size, generator)
+    model.train()
+    log: list[dict[str, Any]] = []
+    tokens_seen = 0
+    start = time.monotonic()
+    try:
+        for step in range(1, total + 1):
+            step_start = time.monotonic()
+            micro = [
+                data_mod.collate([usable[i] for i in next(stream)], pad) for _ in range(config.grad_accum)
+            ]
+            step_tokens = sum(int((b["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum()) for b in micro)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for batch in micro:
+                batch = {k: v.to(base.device) for k, v in batch.items()}
+                loss, _count = token_losses(model, batch)
+                (loss / step_tokens).backward()
+                loss_sum += float(loss.detach())
+            prox = 0.0
+            if config.prox_mu > 0:
+                prox_term = sum(((p - anchor[n]) ** 2).sum() for n, p in trained.items())
+                (config.prox_mu / 2 * prox_term).backward()
+                prox = float(config.prox_mu / 2 * prox_term.detach())
+            torch.nn.utils.clip_grad_norm_(list(trained.values()), config.max_grad_norm)
+            optimizer.step()
+            step_loss = loss_sum / step_tokens
+            if not math.isfinite(step_loss):
+                raise DataError(f"training diverged at step {step} (loss {step_loss}); lower --lr")
+            tokens_seen += step_tokens
+            elapsed = time.monotonic() - step_start
+            record = {"step": step, "loss": step_loss, "tokens": step_tokens, "seconds": round(elapsed, 4)}
+            if config.prox_mu > 0:
+                record["prox"] = prox
+            log.append(record)
+            if on_step is not None:
+                on_step(step, total, step_loss, step_tokens / max(elapsed, 1e-9))
+    finally:
+        model.eval()
+        for param in params.values():
+            param.requires_grad_(False)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+    factors = current_factors(base)
+    for name, shape in global_state.shapes.items():
+        if tuple(factors[name].shape) != tuple(shape):
+            raise MismatchError(f"trained {name} has shape {list(factors[name].shape)}, expected {shape}")
+    losses = [r["loss"] for r in log]
+    stats = TrainStats(
+        steps=total,
+        samples=len(examples),
+        tokens=tokens_seen,
+        seconds=round(time.monotonic() - start, 3),
+        final_loss=losses[-1],
+        mean_loss=sum(losses) / len(losses),
+        first_loss=losses[0],
+        log=log,
+    )
+    return {name: factors[name] for name in global_state.names}, stats
+
+
+def local_header(global_state: Artifact, num_samples: int, client_id: str, info: dict) -> Header:
+    """Header of a locally trained state: same round/LoRA/base as G, parent = G's hash."""
+    head = global_state.header
+    return Header(
+        kind="state",
+        round=head.round,
+        lora=head.lora,
+        base_fingerprint=head.base_fingerprint,
+        parent_hash=head.content_hash,
+        method=head.method,
+        client_id=client_id,
+        num_samples=num_samples,
+        info=info,
+    )
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def load_adapter(base: BaseModel, adapter_dir: str | Path) -> None:
+    """Load a PEFT adapter directory (e.g. from `fedsrd export`) onto the base with PEFT itself."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise DataError(f"{adapter_dir}: no adapter_config.json (expected a PEFT adapter directory)")
+    from peft import PeftModel
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base.model = PeftModel.from_pretrained(base.model, str(adapter_dir), local_files_only=True)
+    except Exception as err:
+        raise DataError(
+            f"{adapter_dir}: PEFT cannot load this adapter ({type(err).__name__}: {err})"
+        ) from None
+    base.model.eval()
+
+
+@torch.no_grad()
+def evaluate(
+    base: BaseModel,
+    datasets: Sequence[data_mod.Dataset],
+    batch_size: int = 8,
+    max_length: int = 512,
+    generate: bool = False,
+    max_new_tokens: int = 32,
+    on_batch: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Loss and perplexity on response tokens, per file and their mean; exact match with generate.
+
+    loss(file) = sum of token cross-entropies over response tokens / their count;
+    perplexity = exp(loss); "mean" averages the per-file figures (one file per domain).
+    exact_match: greedy generation from the prompt, compared with the reference after strip().
+    """
+    if batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+    if max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be >= 1")
+    model, tokenizer = base.model, base.tokenizer
+    model.eval()
+    pad = data_mod.pad_id(tokenizer)
+    files: dict[str, dict[str, Any]] = {}
+    for ds in datasets:
+        encoded = [data_mod.encode(tokenizer, ex, max_length) for ex in ds.examples]
+        total_loss, total_tokens = 0.0, 0
+        for start in range(0, len(encoded), batch_size):
+            batch = data_mod.collate(encoded[start : start + batch_size], pad)
+            batch = {k: v.to(base.device) for k, v in batch.items()}
+            loss, count = token_losses(model, batch)
+            total_loss += float(loss)
+            total_tokens += count
+            if on_batch is not None:
+                on_batch()
+        if total_tokens == 0:
+            raise DataError(f"{ds.path}: no response token within --max-length to score")
+        mean = total_loss / total_tokens
+        metrics: dict[str, Any] = {
+            "path": str(ds.path),
+            "format": ds.format,
+            "examples": len(ds.examples),
+            "tokens": total_tokens,
+            "loss": mean,
+            "perplexity": math.exp(min(mean, 700.0)),
+        }
+        if generate and ds.format != "text":
+            metrics["exact_match"] = _exact_match(base, ds, batch_size, max_length, max_new_tokens, pad)
+        files[_unique_name(ds.name, files)] = metrics
+    result: dict[str, Any] = {"files": files}
+    result["mean"] = {
+        key: sum(m[key] for m in files.values()) / len(files)
+        for key in ("loss", "perplexity", "exact_match")
+        if all(key in m for m in files.values())
+    }
+    return result
+
+
+def _unique_name(name: str, taken: dict) -> str:
+    candidate, i = name, 2
+    while candidate in taken:
+        candidate, i = f"{name}-{i}", i + 1
+    return candidate
+
+
+def _exact_match(
+    base: BaseModel, ds: data_mod.Dataset, batch_size: int, max_length: int, max_new_tokens: int, pad: int
+) -> float:
+    tokenizer, model = base.tokenizer, base.model
+    hits = 0
+    for start in range(0, len(ds.examples), batch_size):
+        chunk = ds.examples[start : start + batch_size]
+        prompts = [data_mod.prompt_ids(tokenizer, ex)[-max_length:] for ex in chunk]
+        batch = data_mod.collate([(p, p) for p in prompts], pad, left=True)
+        input_ids = batch["input_ids"].to(base.device)
+        attention = batch["attention_mask"].to(base.device)
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for example, row in zip(chunk, output[:, input_ids.shape[1] :], strict=True):
+            text = tokenizer.decode(row.tolist(), skip_special_tokens=True)
+            hits += int(text.strip() == example.response.strip())
+    return hits / len(ds.examples)

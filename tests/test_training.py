@@ -1,0 +1,284 @@
+"""train-local, eval and export on a tiny real model (2-layer Llama, hidden 32)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_RECORDS, build_tiny_model, write_jsonl
+from typer.testing import CliRunner
+
+from fedsrd_cli.artifacts import read_artifact
+from fedsrd_cli.cli import app
+from fedsrd_cli.training import TrainConfig, evaluate, load_base, load_datasets, set_global, train_local
+
+runner = CliRunner()
+
+
+def run_cli(*args: str, code: int = 0) -> dict:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, (result.output, result.exception)
+    return json.loads(result.stdout) if code == 0 and "--json" in args else {}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model: Path, tiny_data: Path) -> Path:
+    """init + one train-local, shared by the tests below."""
+    d = tmp_path_factory.mktemp("run")
+    run_cli("init", "--base", tiny_model, "--out", d / "g0.safetensors", "--rank", "4", "--json")
+    run_cli(
+        "train-local",
+        "--base",
+        tiny_model,
+        "--global",
+        d / "g0.safetensors",
+        "--data",
+        tiny_data,
+        "--out",
+        d / "local.safetensors",
+        "--steps",
+        "20",
+        "--lr",
+        "2e-2",
+        "--batch-size",
+        "6",
+        "--client",
+        "c1",
+        "--seed",
+        "3",
+        "--json",
+    )
+    return d
+
+
+def test_train_local_lowers_loss_and_writes_lineage(run_dir: Path, tiny_model: Path, tiny_data: Path) -> None:
+    g = read_artifact(run_dir / "g0.safetensors", kind="state")
+    local = read_artifact(run_dir / "local.safetensors", kind="state")
+    assert local.header.round == g.header.round == 0
+    assert local.header.parent_hash == g.header.content_hash
+    assert local.header.num_samples == len(TINY_RECORDS)
+    assert local.header.client_id == "c1"
+    assert local.header.base_fingerprint == g.header.base_fingerprint
+    assert local.header.lora == g.header.lora
+    assert local.shapes == g.shapes
+    assert set(local.dtypes.values()) == {torch.float32}
+    log = [json.loads(line) for line in (run_dir / "local.safetensors.log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 21))
+    assert log[-1]["loss"] < 0.95 * log[0]["loss"]
+    moved = [n for n in g.names if not torch.equal(g.tensor(n), local.tensor(n))]
+    assert len(moved) == len(g.names)
+    # the log is never overwritten without --force
+    run_cli(
+        "train-local",
+        "--base",
+        tiny_model,
+        "--global",
+        run_dir / "g0.safetensors",
+        "--data",
+        tiny_data,
+        "--out",
+        run_dir / "local.safetensors",
+        "--steps",
+        "1",
+        code=5,
+    )
+
+
+def test_sparsify_accepts_train_local_output(run_dir: Path) -> None:
+    report = run_cli(
+        "sparsify",
+        "--global",
+        run_dir / "g0.safetensors",
+        "--local",
+        run_dir / "local.safetensors",
+        "--client",
+        "c1",
+        "--out",
+        run_dir / "upload.safetensors",
+        "--json",
+    )
+    assert report["num_samples"] == len(TINY_RECORDS)
+    upload = read_artifact(run_dir / "upload.safetensors", kind="upload")
+    assert upload.header.parent_hash == read_artifact(run_dir / "g0.safetensors").header.content_hash
+
+
+def test_same_seed_gives_identical_file(run_dir: Path, tiny_model: Path, tiny_data: Path) -> None:
+    outs = []
+    for name, seed in (("a", "7"), ("b", "7"), ("c", "8")):
+        out = run_dir / f"seed-{name}.safetensors"
+        run_cli(
+            "train-local",
+            "--base",
+            tiny_model,
+            "--global",
+            run_dir / "g0.safetensors",
+            "--data",
+            tiny_data,
+            "--out",
+            out,
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--seed",
+            seed,
+            "--quiet",
+        )
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    assert outs[0] != outs[2]
+
+
+def test_freeze_a_and_prox_in_process(run_dir: Path, tiny_model: Path, tiny_data: Path) -> None:
+    g = read_artifact(run_dir / "g0.safetensors", kind="state")
+    base = load_base(tiny_model, "cpu", "fp32")
+    datasets = load_datasets([tiny_data])
+    frozen, _ = train_local(base, g, datasets, TrainConfig(steps=3, lr=1e-2, freeze_a=True))
+    for name in g.names:
+        if ".lora_A." in name:
+            assert torch.equal(frozen[name], g.tensor(name))
+        else:
+            assert not torch.equal(frozen[name], g.tensor(name))
+
+    def distance(tensors: dict) -> float:
+        return sum(float(((tensors[n] - g.tensor(n)) ** 2).sum()) for n in g.names)
+
+    plain, _ = train_local(base, g, datasets, TrainConfig(steps=8, lr=1e-2))
+    prox, stats = train_local(base, g, datasets, TrainConfig(steps=8, lr=1e-2, prox_mu=50.0))
+    assert distance(prox) < distance(plain)
+    assert "prox" in stats.log[-1]
+    # the model is reused: loading G again gives G's factors back
+    set_global(base, g)
+
+
+def test_refuses_another_base(run_dir: Path, tmp_path: Path, tiny_data: Path) -> None:
+    other = build_tiny_model(tmp_path / "other", hidden=48)
+    result = runner.invoke(
+        app,
+        [
+            "train-local",
+            "--base",
+            str(other),
+            "--global",
+            str(run_dir / "g0.safetensors"),
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(tmp_path / "x.safetensors"),
+            "--steps",
+            "1",
+        ],
+    )
+    assert result.exit_code == 4
+    assert "another base model" in result.output
+
+
+def test_bad_data_line_is_reported(run_dir: Path, tiny_model: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    result = runner.invoke(
+        app,
+        [
+            "train-local",
+            "--base",
+            str(tiny_model),
+            "--global",
+            str(run_dir / "g0.safetensors"),
+            "--data",
+            str(bad),
+            "--out",
+            str(tmp_path / "x.safetensors"),
+            "--steps",
+            "1",
+        ],
+    )
+    assert result.exit_code == 6
+    assert f"{bad}:2:" in result.output
+
+
+def test_eval_loss_matches_hand_computed_forward(run_dir: Path, tiny_model: Path, tiny_data: Path) -> None:
+    from fedsrd_cli import data
+
+    local = read_artifact(run_dir / "local.safetensors", kind="state")
+    base = load_base(tiny_model, "cpu", "fp32")
+    set_global(base, local)
+    datasets = load_datasets([tiny_data])
+    metrics = evaluate(base, datasets, batch_size=4)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in datasets[0].examples:
+            ids, labels = data.encode(base.tokenizer, example, 512)
+            logits = base.model(input_ids=torch.tensor([ids])).logits[0]
+            logp = torch.log_softmax(logits.double(), dim=-1)
+            for pos in range(1, len(ids)):
+                if labels[pos] != -100:
+                    total -= float(logp[pos - 1, labels[pos]])
+                    count += 1
+    file_metrics = metrics["files"]["train"]
+    assert file_metrics["tokens"] == count
+    assert file_metrics["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert metrics["mean"]["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_eval_cli_base_only_and_several_files(run_dir: Path, tiny_model: Path, tiny_data: Path) -> None:
+    second = write_jsonl(run_dir / "second.jsonl", TINY_RECORDS[:3])
+    report = run_cli(
+        "eval",
+        "--base",
+        tiny_model,
+        "--data",
+        tiny_data,
+        "--data",
+        second,
+        "--generate",
+        "--max-new-tokens",
+        "3",
+        "--out",
+        run_dir / "metrics.json",
+        "--json",
+    )
+    assert report["base_only"] is True
+    assert set(report["files"]) == {"train", "second"}
+    losses = [m["loss"] for m in report["files"].values()]
+    assert report["mean"]["loss"] == pytest.approx(sum(losses) / 2)
+    assert 0.0 <= report["mean"]["exact_match"] <= 1.0
+    assert json.loads((run_dir / "metrics.json").read_text())["mean"] == report["mean"]
+
+
+def test_export_round_trips_through_peft(run_dir: Path, tiny_model: Path, tiny_data: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = run_dir / "adapter"
+    run_cli(
+        "export", "--global", run_dir / "local.safetensors", "--out", adapter, "--base", tiny_model, "--json"
+    )
+    run_cli("export", "--global", run_dir / "local.safetensors", "--out", adapter, code=5)
+    ids = torch.tensor([[1, 5, 9, 17, 33, 2]])
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_model), local_files_only=True)
+    peft_model = PeftModel.from_pretrained(plain, str(adapter))
+    ours = load_base(tiny_model, "cpu", "fp32")
+    set_global(ours, read_artifact(run_dir / "local.safetensors", kind="state"))
+    with torch.no_grad():
+        expected = ours.model(input_ids=ids).logits
+        found = peft_model(input_ids=ids).logits
+    torch.testing.assert_close(found, expected, rtol=0, atol=1e-6)
+    by_adapter = run_cli("eval", "--base", tiny_model, "--adapter", adapter, "--data", tiny_data, "--json")
+    by_global = run_cli(
+        "eval", "--base", tiny_model, "--global", run_dir / "local.safetensors", "--data", tiny_data, "--json"
+    )
+    assert by_adapter["mean"]["loss"] == pytest.approx(by_global["mean"]["loss"], rel=1e-6)
+    base_only = run_cli("eval", "--base", tiny_model, "--data", tiny_data, "--json")
+    assert base_only["mean"]["loss"] != pytest.approx(by_global["mean"]["loss"], rel=1e-6)
+
+
+def test_server_commands_do_not_import_transformers() -> None:
+    code = (
+        "import fedsrd_cli.cli, sys; "
+        "assert not any(m.startswith(('transformers', 'peft')) for m in sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
