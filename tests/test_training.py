@@ -282,3 +282,11 @@ def test_server_commands_do_not_import_transformers() -> None:
         "assert not any(m.startswith(('transformers', 'peft')) for m in sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_file_labels_stay_unique() -> None:
+    from fedsrd_cli.training import file_labels
+
+    assert file_labels([Path("x/a.jsonl"), Path("x/b.jsonl")]) == ["a", "b"]
+    assert file_labels([Path("c/code/eval.jsonl"), Path("c/math/eval.jsonl")]) == ["code/eval", "math/eval"]
+    assert file_labels([Path("1/d/e.jsonl"), Path("2/d/e.jsonl")]) == ["1/d/e.jsonl", "2/d/e.jsonl"]

@@ -424,7 +424,9 @@ def train_local_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per step.")] = 1,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 512,
-    seed: Annotated[int, typer.Option("--seed", help="Data order and dropout seed.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the data order (same seed on CPU: same file).")
+    ] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto, fp32, bf16 or fp16 (base weights).")] = "auto",
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing")] = False,

@@ -454,7 +454,8 @@ def evaluate(
     model.eval()
     pad = data_mod.pad_id(tokenizer)
     files: dict[str, dict[str, Any]] = {}
-    for ds in datasets:
+    names = file_labels([ds.path for ds in datasets])
+    for index, ds in enumerate(datasets):
         encoded = [data_mod.encode(tokenizer, ex, max_length) for ex in ds.examples]
         total_loss, total_tokens = 0.0, 0
         for start in range(0, len(encoded), batch_size):
@@ -478,7 +479,7 @@ def evaluate(
         }
         if generate and ds.format != "text":
             metrics["exact_match"] = _exact_match(base, ds, batch_size, max_length, max_new_tokens, pad)
-        files[_unique_name(ds.name, files)] = metrics
+        files[names[index]] = metrics
     result: dict[str, Any] = {"files": files}
     result["mean"] = {
         key: sum(m[key] for m in files.values()) / len(files)
@@ -488,11 +489,16 @@ def evaluate(
     return result
 
 
-def _unique_name(name: str, taken: dict) -> str:
-    candidate, i = name, 2
-    while candidate in taken:
-        candidate, i = f"{name}-{i}", i + 1
-    return candidate
+def file_labels(paths: Sequence[Path]) -> list[str]:
+    """A short unique label per data file: its stem, or parent/stem when stems repeat
+    (clients/code/eval.jsonl -> "code/eval"), else the whole path."""
+    stems = [p.stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    labels = [f"{p.parent.name}/{p.stem}" for p in paths]
+    if len(set(labels)) == len(labels):
+        return labels
+    return [str(p) for p in paths]
 
 
 def _exact_match(
