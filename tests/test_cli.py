@@ -518,3 +518,66 @@ def test_server_side_commands_do_not_import_transformers_or_peft():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_bf16_values_round_trip_through_a_round(tmp_path):
+    g0 = make_global(tmp_path / "g0.safetensors")
+    uploads = []
+    for i in range(2):
+        local = make_local(g0, tmp_path / f"l{i}.safetensors", seed=i + 1)
+        uploads.append(tmp_path / f"u{i}.safetensors")
+        run(
+            "sparsify",
+            "--global",
+            g0,
+            "--local",
+            local,
+            "--client",
+            f"c{i}",
+            "--value-dtype",
+            "bf16",
+            "--out",
+            uploads[-1],
+        )
+    fp32_size = tmp_path / "fp32.safetensors"
+    run(
+        "sparsify",
+        "--global",
+        g0,
+        "--local",
+        tmp_path / "l0.safetensors",
+        "--client",
+        "c0",
+        "--out",
+        fp32_size,
+    )
+    assert (
+        read_artifact(uploads[0]).dtypes[
+            next(n for n in read_artifact(uploads[0]).names if n.endswith(".values"))
+        ]
+        == torch.bfloat16
+    )
+    run("aggregate", "--global", g0, "--out", tmp_path / "a.safetensors", *uploads)
+    run(
+        "broadcast",
+        "--global",
+        g0,
+        "--aggregate",
+        tmp_path / "a.safetensors",
+        "--value-dtype",
+        "fp16",
+        "--out",
+        tmp_path / "b.safetensors",
+        "--out-global",
+        tmp_path / "g1.safetensors",
+    )
+    run(
+        "apply",
+        "--global",
+        g0,
+        "--broadcast",
+        tmp_path / "b.safetensors",
+        "--out",
+        tmp_path / "c1.safetensors",
+    )
+    assert (tmp_path / "g1.safetensors").read_bytes() == (tmp_path / "c1.safetensors").read_bytes()
