@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RECORDS, build_tiny_model, write_jsonl
 from typer.testing import CliRunner
 
 from fedsrd_cli.artifacts import read_artifact
 from fedsrd_cli.cli import app
 from fedsrd_cli.training import TrainConfig, evaluate, load_base, load_datasets, set_global, train_local
+
+from .conftest import TINY_RECORDS, build_tiny_model, write_jsonl
 
 runner = CliRunner()
 
