@@ -110,3 +110,32 @@ def test_collate_pads_right_and_left() -> None:
     left = data.collate([([5, 6], [5, 6]), ([8], [8])], pad=0, left=True)
     assert left["input_ids"].tolist() == [[5, 6], [0, 8]]
     assert left["attention_mask"].tolist() == [[1, 1], [0, 1]]
+
+
+class TemplateTokenizer(CharTokenizer):
+    """A CharTokenizer with a chat template: '[role]content' per message, '[assistant]' to answer."""
+
+    chat_template = "stub"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False) -> str:
+        text = "".join(f"[{m['role']}]{m['content']}" for m in messages)
+        return text + ("[assistant]" if add_generation_prompt else "")
+
+
+def test_chat_uses_the_tokenizer_template_when_it_has_one(tmp_path: Path) -> None:
+    record = {
+        "messages": [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a"},
+        ]
+    }
+    example = data.read_jsonl(write_lines(tmp_path / "c.jsonl", [json.dumps(record)])).examples[0]
+    ids, labels = data.encode(TemplateTokenizer(), example, 64)
+    prompt = "[system]s[user]q[assistant]"
+    assert ids == [ord(ch) + 3 for ch in prompt] + [ord("a") + 3, 2]
+    assert labels == [-100] * len(prompt) + [ord("a") + 3, 2]
+    plain_ids, _ = data.encode(CharTokenizer(), example, 64)
+    assert plain_ids[0] == 1 and plain_ids[1:-2] == [
+        ord(ch) + 3 for ch in "<|system|>\ns\n<|user|>\nq\n<|assistant|>\n"
+    ]

@@ -291,3 +291,16 @@ def test_file_labels_stay_unique() -> None:
     assert file_labels([Path("x/a.jsonl"), Path("x/b.jsonl")]) == ["a", "b"]
     assert file_labels([Path("c/code/eval.jsonl"), Path("c/math/eval.jsonl")]) == ["code/eval", "math/eval"]
     assert file_labels([Path("1/d/e.jsonl"), Path("2/d/e.jsonl")]) == ["1/d/e.jsonl", "2/d/e.jsonl"]
+
+
+def test_train_config_is_validated() -> None:
+    from fedsrd_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="not both"):
+        TrainConfig(steps=3, epochs=1.0)
+    for bad in ({"lr": 0.0}, {"batch_size": 0}, {"prox_mu": -1.0}, {"device": "tpu"}, {"dtype": "int8"}):
+        with pytest.raises(UsageError):
+            TrainConfig(**bad)
+    assert TrainConfig(epochs=2.0, batch_size=4, grad_accum=2).total_steps(20) == 6
+    assert TrainConfig(batch_size=8).total_steps(20) == 3
+    assert TrainConfig(steps=5).total_steps(1000) == 5
