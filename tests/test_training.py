@@ -304,3 +304,59 @@ def test_train_config_is_validated() -> None:
     assert TrainConfig(epochs=2.0, batch_size=4, grad_accum=2).total_steps(20) == 6
     assert TrainConfig(batch_size=8).total_steps(20) == 3
     assert TrainConfig(steps=5).total_steps(1000) == 5
+
+
+@pytest.mark.slow
+def test_console_script_train_local_then_sparsify(run_dir: Path, tiny_model: Path, tiny_data: Path) -> None:
+    import shutil
+
+    fedsrd = shutil.which("fedsrd") or str(Path(sys.executable).parent / "fedsrd")
+    out = run_dir / "script-local.safetensors"
+    common = ["--global", str(run_dir / "g0.safetensors")]
+    done = subprocess.run(
+        [
+            fedsrd,
+            "train-local",
+            "--base",
+            str(tiny_model),
+            *common,
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--client",
+            "s1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(done.stdout)["steps"] == 2
+    upload = run_dir / "script-upload.safetensors"
+    subprocess.run(
+        [fedsrd, "sparsify", *common, "--local", str(out), "--client", "s1", "--out", str(upload)],
+        capture_output=True,
+        check=True,
+    )
+    assert read_artifact(upload, kind="upload").header.num_samples == len(TINY_RECORDS)
+    bad = subprocess.run(
+        [
+            fedsrd,
+            "train-local",
+            "--base",
+            str(tiny_model),
+            *common,
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 5 and "already exists" in bad.stderr
