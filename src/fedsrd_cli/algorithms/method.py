@@ -58,12 +58,6 @@ class Method(Algorithm):
     combine: Combiner
     decompose: Decomposer
     random_upload: bool = False
-    dense_download: bool = False
-
-    @property
-    def default_download_sparsity(self) -> float:
-        """The broadcast's download sparsity when the user gives none."""
-        return 0.0 if self.dense_download else BroadcastConfig().download_sparsity
 
     # ------------------------------------------------------------------ client: upload
 
