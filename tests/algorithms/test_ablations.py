@@ -40,6 +40,8 @@ def test_fixed_ratio_keeps_exactly_the_base_sparsity_quantile(tmp_path):
     fixed = upload(tmp_path, "fedsrd-fixed-ratio", g0, local, "c0", config)
     adaptive = upload(tmp_path, "fedsrd", g0, local, "c0", config)
     assert set(fixed.header.info["prune_ratio"].values()) == {0.85}
+    # the upload records the settings it used: no kurtosis term
+    assert fixed.header.info["sparsify"] == {"base_sparsity": 0.85, "rescale": True, "value_dtype": "fp32"}
     assert max(adaptive.header.info["prune_ratio"].values()) > 0.85  # FedSRD adapts; this does not
     for name in fixed.header.layout:
         _, scores = _scores(g0, local, name)

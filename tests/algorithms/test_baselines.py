@@ -151,6 +151,7 @@ def test_fed_dare_keeps_about_a_tenth_and_rescales_exactly(tmp_path):
     (local,) = make_locals(tmp_path, g0, 1, "x")
     up = upload(tmp_path, "fed-dare", g0, local, "c0")
     assert up.header.method == "fed-dare" and "upload_seed" in up.header.info
+    assert up.header.info["sparsify"] == {"upload_drop": 0.9, "value_dtype": "fp32"}
     global_state, local_state = read_artifact(g0), read_artifact(local)
     kept_total = numel_total = 0
     for name, shape in up.header.layout.items():

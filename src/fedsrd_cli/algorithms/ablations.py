@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedsrd_cli.algorithms.fedsrd import IMPORTANCE_SETTINGS
 from fedsrd_cli.algorithms.method import Method
 from fedsrd_cli.algorithms.steps import (
     alternating_update,
@@ -26,6 +27,7 @@ class FedSRDFixedRatio(Method):
     name = "fedsrd-fixed-ratio"
     upload_method = "fedsrd-fixed-ratio"
     encode = staticmethod(encode_fixed_ratio)
+    upload_settings = ("base_sparsity", "rescale", "value_dtype")
     combine = staticmethod(reconstruct_truncated)
     decompose = staticmethod(alternating_update)
 
@@ -42,6 +44,7 @@ class FedSRDRandomSparsify(Method):
     name = "fedsrd-random-sparsify"
     upload_method = "fedsrd-random-sparsify"
     encode = staticmethod(encode_random_importance_ratio)
+    upload_settings = IMPORTANCE_SETTINGS
     combine = staticmethod(reconstruct_truncated)
     decompose = staticmethod(alternating_update)
     random_upload = True
@@ -58,6 +61,7 @@ class FedSRDDenseDownload(Method):
     name = "fedsrd-dense-download"
     upload_method = "fedsrd"
     encode = staticmethod(encode_importance)
+    upload_settings = IMPORTANCE_SETTINGS
     combine = staticmethod(reconstruct_balanced)
     decompose = staticmethod(dense_factors_update)
     dense_download = True
@@ -75,5 +79,6 @@ class FedSRDNoReconstruction(Method):
     name = "fedsrd-no-reconstruction"
     upload_method = "fedsrd"
     encode = staticmethod(encode_importance)
+    upload_settings = IMPORTANCE_SETTINGS
     combine = staticmethod(average_factors)
     decompose = staticmethod(alternating_update)

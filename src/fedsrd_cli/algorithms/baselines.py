@@ -95,6 +95,7 @@ class FedDARE(Method):
     name = "fed-dare"
     upload_method = "fed-dare"
     encode = staticmethod(encode_dare)
+    upload_settings = ("upload_drop", "value_dtype")
     combine = staticmethod(average_factors)
     decompose = staticmethod(dense_factors_update)
     random_upload = True

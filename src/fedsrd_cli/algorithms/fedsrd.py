@@ -14,6 +14,9 @@ from fedsrd_cli.algorithms.steps import (
     reconstruct_truncated,
 )
 
+# The SparsifyConfig fields FedSRD's importance sparsification uses (recorded in uploads).
+IMPORTANCE_SETTINGS = ("base_sparsity", "kurtosis_coeff", "kurtosis_cap", "rescale", "value_dtype")
+
 
 class FedSRD(Method):
     """FedSRD (`exact=False`: project the aggregate to rank r) or FedSRD-e (`exact=True`).
@@ -26,6 +29,7 @@ class FedSRD(Method):
     """
 
     upload_method = "fedsrd"
+    upload_settings = IMPORTANCE_SETTINGS
     encode = staticmethod(encode_importance)
     decompose = staticmethod(alternating_update)
 

@@ -49,6 +49,7 @@ class Method(Algorithm):
                      (several server-side variants share FedSRD's client step, "fedsrd")
       encode, combine, decompose   pieces from .steps
       random_upload  whether `encode` draws a seeded random mask (the seed is recorded)
+      upload_settings the SparsifyConfig fields `encode` uses; uploads record exactly these
       dense_download True when the broadcast sends whole factors: download sparsity must be 0
     """
 
@@ -58,6 +59,7 @@ class Method(Algorithm):
     combine: Combiner
     decompose: Decomposer
     random_upload: bool = False
+    upload_settings: tuple[str, ...] = ("value_dtype",)
 
     # ------------------------------------------------------------------ client: upload
 
@@ -97,7 +99,11 @@ class Method(Algorithm):
                     ratios[name] = round(encoded.ratio, 6)
         if not tensors:
             raise MismatchError(f"{local.path}: identical to the global state; nothing to upload")
-        info: dict = {"sparsify": asdict(config), "lora_numel": global_state.numel()}
+        used = asdict(config)
+        info: dict = {
+            "sparsify": {key: used[key] for key in self.upload_settings},
+            "lora_numel": global_state.numel(),
+        }
         if ratios:
             info["prune_ratio"] = ratios
         if self.random_upload:
