@@ -6,7 +6,11 @@ reports for one client: upload and broadcast size on disk and in the paper's
 accounting (fp32 values + 1 bit per element for sparse tensors, docs/algorithms.md),
 against dense fp32 LoRA factors. Prints a table, or JSON with --json.
 
-    python benchmarks/traffic_per_method.py [--json]
+    python benchmarks/traffic_per_method.py [--json] [--llama-layer]
+
+--llama-layer uses one decoder layer of Llama-3.2-3B instead (hidden 3072, MLP 8192,
+8 KV heads of 128, all seven linear layers, r = 64: 3,473,408 LoRA parameters, 1/28 of
+the model), where file metadata is negligible and ratios to dense compare with the paper's.
 """
 
 from __future__ import annotations
@@ -20,19 +24,42 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedsrd_cli.algorithms import ALGORITHMS  # noqa: E402
+from fedsrd_cli.algorithms.protocol import initial_state  # noqa: E402
 from fedsrd_cli.artifacts import read_artifact, read_local, write_artifact  # noqa: E402
-from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig  # noqa: E402
+from fedsrd_cli.config import AggregateConfig, BroadcastConfig, LoraSpec, SparsifyConfig  # noqa: E402
 from fedsrd_cli.describe import describe  # noqa: E402
 from tests.algorithms.rounds import freeze_a  # noqa: E402
-from tests.conftest import make_global, make_local  # noqa: E402
+from tests.conftest import TOY_FINGERPRINT, make_global, make_local  # noqa: E402
+
+LLAMA_LAYER = {
+    f"base_model.model.model.layers.0.{name}": shape
+    for name, shape in {
+        "self_attn.q_proj": (3072, 3072),
+        "self_attn.k_proj": (1024, 3072),
+        "self_attn.v_proj": (1024, 3072),
+        "self_attn.o_proj": (3072, 3072),
+        "mlp.gate_proj": (8192, 3072),
+        "mlp.up_proj": (8192, 3072),
+        "mlp.down_proj": (3072, 8192),
+    }.items()
+}
+
+
+def llama_layer_global(path: Path) -> Path:
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    payload = initial_state(LLAMA_LAYER, LoraSpec(64, 128.0, targets), 0, TOY_FINGERPRINT)
+    write_artifact(path, payload.header, payload.tensors)
+    return path
+
 
 CLIENTS = 3
 ROUNDS = 2
 
 
-def measure(method: str, tmp: Path) -> list[dict]:
+def measure(method: str, tmp: Path, llama_layer: bool) -> list[dict]:
     algorithm = ALGORITHMS[method]
-    state = make_global(tmp / "g0.safetensors")
+    g0 = tmp / "g0.safetensors"
+    state = llama_layer_global(g0) if llama_layer else make_global(g0)
     rows = []
     for round_index in range(1, ROUNDS + 1):
         global_state = read_artifact(state)
@@ -78,19 +105,20 @@ def main() -> None:
     rows = []
     for method in ALGORITHMS:
         with tempfile.TemporaryDirectory() as tmp:
-            rows += measure(method, Path(tmp))
+            rows += measure(method, Path(tmp), "--llama-layer" in sys.argv)
     if "--json" in sys.argv:
         print(json.dumps(rows, indent=1))
         return
-    print(f"toy model: {rows[0]['dense_fp32_each_way']} bytes of dense fp32 LoRA factors each way")
+    model = "one Llama-3.2-3B layer, r = 64" if "--llama-layer" in sys.argv else "toy model"
+    print(f"{model}: {rows[0]['dense_fp32_each_way']} bytes of dense fp32 LoRA factors each way")
     print(
-        f"{'method':26} {'rnd':>3} {'up disk':>8} {'up paper':>9} {'down disk':>9} {'down paper':>10}"
-        f" {'total paper':>11} {'vs 2x dense':>11}"
+        f"{'method':26} {'rnd':>3} {'up disk':>9} {'up paper':>10} {'down disk':>10} {'down paper':>10}"
+        f" {'total paper':>12} {'vs 2x dense':>11}"
     )
     for r in rows:
         print(
-            f"{r['method']:26} {r['round']:>3} {r['upload_disk']:>8.0f} {r['upload_paper']:>9.0f}"
-            f" {r['download_disk']:>9} {r['download_paper']:>10.0f} {r['total_paper']:>11.0f}"
+            f"{r['method']:26} {r['round']:>3} {r['upload_disk']:>9.0f} {r['upload_paper']:>10.0f}"
+            f" {r['download_disk']:>10} {r['download_paper']:>10.0f} {r['total_paper']:>12.0f}"
             f" {r['total_paper_vs_fedavg_dense']:>11.1%}"
         )
 
