@@ -38,6 +38,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object ins
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace output files that exist.")]
 GlobalOpt = Annotated[Path, typer.Option("--global", help="The current global state file.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output file.")]
+# The names in config.AGGREGATE_METHODS (spelled out: config imports torch; a test keeps them equal).
+METHODS_HELP = (
+    "fedsrd, fedsrd-e, fedavg, fedprox, ffa-lora, flexlora, fed-dare, fedsrd-fixed-ratio,"
+    " fedsrd-random-sparsify, fedsrd-dense-download, fedsrd-no-reconstruction (docs/algorithms.md)"
+)
 
 
 def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -169,11 +174,14 @@ def sparsify_cmd(
         bool, typer.Option("--no-rescale", help="Do not restore the L1 norm of kept values.")
     ] = False,
     value_dtype: Annotated[str, typer.Option("--value-dtype", help="fp32, bf16 or fp16.")] = "fp32",
-    method: Annotated[str, typer.Option("--method", help="Upload method.")] = "fedsrd",
+    method: Annotated[str, typer.Option("--method", help=f"Method: {METHODS_HELP}.")] = "fedsrd",
+    upload_drop: Annotated[
+        float, typer.Option("--upload-drop", help="fed-dare: drop probability p of each upload element.")
+    ] = 0.9,
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
 ) -> None:
-    """Client: turn a locally trained adapter into a sparse upload for this round."""
+    """Client: turn a locally trained adapter into this round's upload (sparse for FedSRD)."""
     from fedsrd_cli.algorithms import get_algorithm
     from fedsrd_cli.artifacts import ensure_writable, read_artifact, read_local, write_artifact
     from fedsrd_cli.config import SparsifyConfig
@@ -182,7 +190,9 @@ def sparsify_cmd(
     _check_client_id(client)
     if samples is not None and samples < 0:
         raise UsageError("--samples must be >= 0")
-    config = SparsifyConfig(base_sparsity, kurtosis_coeff, kurtosis_cap, not no_rescale, value_dtype)
+    config = SparsifyConfig(
+        base_sparsity, kurtosis_coeff, kurtosis_cap, not no_rescale, value_dtype, upload_drop
+    )
     algorithm = get_algorithm(method)
     ensure_writable(out_path, force)
     global_state = read_artifact(global_path, kind="state")
@@ -206,12 +216,12 @@ def aggregate_cmd(
     global_path: GlobalOpt,
     out_path: OutOpt,
     uploads: Annotated[list[Path], typer.Argument(help="Upload files of this round.")],
-    method: Annotated[str, typer.Option("--method", help="fedsrd or fedsrd-e.")] = "fedsrd",
+    method: Annotated[str, typer.Option("--method", help=f"Method: {METHODS_HELP}.")] = "fedsrd",
     weighting: Annotated[str, typer.Option("--weighting", help="uniform or samples.")] = "uniform",
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
 ) -> None:
-    """Coordinator: reconstruct each upload and aggregate in full-rank space."""
+    """Coordinator: aggregate this round's uploads (FedSRD: reconstruct in full-rank space)."""
     from fedsrd_cli.algorithms import get_algorithm
     from fedsrd_cli.artifacts import ensure_writable, read_artifact, write_artifact
     from fedsrd_cli.config import AggregateConfig
@@ -242,7 +252,13 @@ def broadcast_cmd(
     aggregate: Annotated[Path, typer.Option("--aggregate", help="This round's aggregate file.")],
     out_path: Annotated[Path, typer.Option("--out", help="Broadcast file to send to clients.")],
     out_global: Annotated[Path, typer.Option("--out-global", help="Next global state file.")],
-    download_sparsity: Annotated[float, typer.Option("--download-sparsity")] = 0.8,
+    download_sparsity: Annotated[
+        float | None,
+        typer.Option(
+            "--download-sparsity",
+            help="Fraction of the update dropped at random (default 0.8; dense methods: only 0).",
+        ),
+    ] = None,
     seed: Annotated[
         int | None,
         typer.Option("--seed", help="Download-mask seed (default: from the aggregate's hash)."),
@@ -251,7 +267,7 @@ def broadcast_cmd(
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
 ) -> None:
-    """Coordinator: decompose the aggregate into one sparse factor update and the next state."""
+    """Coordinator: turn the aggregate into the update to send and the next global state."""
     from fedsrd_cli.algorithms import get_algorithm
     from fedsrd_cli.artifacts import ensure_writable, read_artifact, write_artifact
     from fedsrd_cli.config import BroadcastConfig
@@ -265,8 +281,10 @@ def broadcast_cmd(
     agg = read_artifact(aggregate, kind="aggregate")
     if seed is None:
         seed = int(agg.header.content_hash.removeprefix("sha256:")[:15], 16)
-    config = BroadcastConfig(download_sparsity, seed, value_dtype)
     algorithm = get_algorithm(agg.header.method)
+    if download_sparsity is None:
+        download_sparsity = algorithm.default_download_sparsity
+    config = BroadcastConfig(download_sparsity, seed, value_dtype)
     broadcast, next_state = algorithm.broadcast(global_state, agg, config, out.track)
     state_header = write_artifact(out_global, next_state.header, next_state.tensors, force)
     header = write_artifact(out_path, broadcast.header, broadcast.tensors, force)

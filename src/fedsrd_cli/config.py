@@ -20,7 +20,21 @@ VALUE_DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
 }
 
-AGGREGATE_METHODS = ("fedsrd", "fedsrd-e")
+# Every registered algorithm, by name (docs/algorithms.md). algorithms/__init__.py builds the
+# registry from its classes and refuses to import if it disagrees with this tuple.
+AGGREGATE_METHODS = (
+    "fedsrd",
+    "fedsrd-e",
+    "fedavg",
+    "fedprox",
+    "ffa-lora",
+    "flexlora",
+    "fed-dare",
+    "fedsrd-fixed-ratio",
+    "fedsrd-random-sparsify",
+    "fedsrd-dense-download",
+    "fedsrd-no-reconstruction",
+)
 WEIGHTINGS = ("uniform", "samples")
 
 
@@ -68,15 +82,25 @@ class LoraSpec:
 
 @dataclass(frozen=True)
 class SparsifyConfig:
-    """Upload sparsification (method section 1). Defaults are the authors' runs."""
+    """Upload settings (method section 1). Defaults are the authors' runs.
+
+    base_sparsity, kurtosis_coeff, kurtosis_cap, rescale: FedSRD's importance sparsification.
+    upload_drop: Fed-DARE's drop probability p (each element kept with probability 1 - p).
+    value_dtype: dtype of the uploaded values, for every method.
+    """
 
     base_sparsity: float = 0.85
     kurtosis_coeff: float = 0.1
     kurtosis_cap: float = 0.11
     rescale: bool = True
     value_dtype: str = "fp32"
+    upload_drop: float = 0.9
 
     def __post_init__(self) -> None:
+        _require(
+            0.0 <= self.upload_drop < 1.0,
+            f"--upload-drop must be in [0, 1), got {self.upload_drop}",
+        )
         _require(
             0.0 <= self.base_sparsity < 1.0,
             f"--base-sparsity must be in [0, 1), got {self.base_sparsity}",

@@ -62,6 +62,26 @@ def truncate_product(left: torch.Tensor, right: torch.Tensor, rank: int) -> tupl
     return u * s, vh
 
 
+def balanced_truncation(
+    left: torch.Tensor, right: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-`rank` approximation of W = left @ right, split evenly into LoRA factors.
+
+    left: (d_out, k), right: (k, d_in) -> B' (d_out, rank), A' (rank, d_in) with
+    B' = U[:, :q] diag(sqrt(S[:q])), A' = diag(sqrt(S[:q])) Vh[:q], q = min(rank, k, d_out, d_in),
+    so B' A' = W_r (Eckart-Young). When q < rank the missing columns of B' and rows of A'
+    are zero, so the factors always have LoRA's shapes.
+    """
+    u, s, vh = product_svd(left, right)
+    q = min(rank, s.numel())
+    root = s[:q].sqrt()
+    new_b = left.new_zeros(left.shape[0], rank)
+    new_a = right.new_zeros(rank, right.shape[1])
+    new_b[:, :q] = u[:, :q] * root
+    new_a[:q] = root[:, None] * vh[:q]
+    return new_b, new_a
+
+
 def is_rank_deficient(x: torch.Tensor) -> bool:
     """True when x (rows, cols) has numerical rank below min(rows, cols).
 
