@@ -17,8 +17,10 @@ import hashlib
 import json
 import math
 import os
+import re
+import socket
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -576,9 +578,14 @@ def encode_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
         }
         offset += raw.nbytes
         data.append(raw)
-    text = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)
+    text = encode_header(entries)
     return [len(text).to_bytes(8, "little"), text, *data]
+
+
+def encode_header(entries: Mapping[str, Any]) -> bytes:
+    """The canonical safetensors JSON header: sorted keys, no spaces, space-padded to a multiple of 8."""
+    text = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return text + b" " * (-len(text) % 8)
 
 
 def ensure_writable(path: str | os.PathLike, force: bool) -> None:
@@ -592,19 +599,32 @@ def ensure_writable(path: str | os.PathLike, force: bool) -> None:
         raise OutputExistsError(f"{path.parent}: output directory does not exist")
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes | list[Any], force: bool) -> None:
+def write_bytes_atomic(
+    path: str | os.PathLike, data: bytes | list[Any], force: bool, allow_identical: bool = False
+) -> None:
     """Write to a temporary file beside `path`, fsync, then rename into place.
 
     Without force the final step is a hard link, which fails if `path` appeared in
-    the meantime, so an existing file is never replaced.
+    the meantime, so an existing file is never replaced. With `allow_identical`, an
+    existing file holding exactly `data` counts as written (a rerun after a crash).
+
+    The temporary file is named `.NAME.PID@HOST.XXXXXXXX.tmp`. A process killed
+    before the rename leaves it behind; the next write of NAME on the same host
+    removes the ones whose process no longer runs (see docs/security.md).
     """
     path = Path(path)
+    parts = [data] if isinstance(data, bytes) else data
+    if allow_identical and not force and path.is_file() and _same_bytes(path, parts):
+        return
     ensure_writable(path, force)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temp_files(path)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}@{_host()}.", suffix=".tmp", dir=path.parent
+    )
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as tmp:
-            for part in [data] if isinstance(data, bytes) else data:
+            for part in parts:
                 tmp.write(part)
             tmp.flush()
             os.fsync(tmp.fileno())
@@ -623,6 +643,58 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes | list[Any], force: 
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
+
+
+def _same_bytes(path: Path, parts: list[Any]) -> bool:
+    if path.stat().st_size != sum(len(memoryview(p).cast("B")) for p in parts):
+        return False
+    with path.open("rb") as handle:
+        for part in parts:
+            view = memoryview(part).cast("B")
+            if handle.read(view.nbytes) != view.tobytes():
+                return False
+    return True
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Delete `.NAME.PID@HOST.*.tmp` files of output `path` left by dead processes of this host.
+
+    Only temporary files written on this host by a process that no longer exists are
+    removed, so a concurrent writer (here or on another machine sharing the folder) is
+    never disturbed. Returns the removed paths.
+    """
+    path = Path(path)
+    pattern = re.compile(r"^\." + re.escape(path.name) + r"\.(\d+)@([A-Za-z0-9-]+)\.[A-Za-z0-9_]+\.tmp$")
+    removed = []
+    try:
+        candidates = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    host = _host()
+    for candidate in candidates:
+        match = pattern.match(candidate.name)
+        if not match or match.group(2) != host or _pid_alive(int(match.group(1))):
+            continue
+        try:
+            candidate.unlink()
+            removed.append(candidate)
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def _umask() -> int:
@@ -649,8 +721,16 @@ def write_artifact(
     header: Header,
     tensors: Mapping[str, torch.Tensor],
     force: bool = False,
+    sign: Callable[[list[Any]], list[Any]] | None = None,
+    allow_identical: bool = False,
 ) -> Header:
-    """Validate, hash and atomically write an artifact; returns the header as written."""
+    """Validate, hash and atomically write an artifact; returns the header as written.
+
+    sign: turns the canonical file parts into signed parts (signing.SigningKey.sign_parts);
+    it adds signature metadata only, so the content hash and the header are unchanged.
+    """
     header, data = serialize(header, tensors)
-    write_bytes_atomic(path, data, force)
+    if sign is not None:
+        data = sign(data)
+    write_bytes_atomic(path, data, force, allow_identical)
     return header

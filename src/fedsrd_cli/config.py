@@ -22,6 +22,7 @@ VALUE_DTYPES: dict[str, torch.dtype] = {
 
 AGGREGATE_METHODS = ("fedsrd", "fedsrd-e")
 WEIGHTINGS = ("uniform", "samples")
+OUTLIER_ACTIONS = ("refuse", "clip")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -99,10 +100,18 @@ class AggregateConfig:
 
     method: str = "fedsrd"
     weighting: str = "uniform"
+    max_update_norm: float | None = None
+    on_outlier: str = "refuse"
 
     def __post_init__(self) -> None:
         _require(self.method in AGGREGATE_METHODS, f"--method must be one of {list(AGGREGATE_METHODS)}")
         _require(self.weighting in WEIGHTINGS, f"--weighting must be one of {list(WEIGHTINGS)}")
+        _require(
+            self.max_update_norm is None
+            or (math.isfinite(self.max_update_norm) and self.max_update_norm > 0),
+            f"--max-update-norm must be a finite number > 0, got {self.max_update_norm}",
+        )
+        _require(self.on_outlier in OUTLIER_ACTIONS, f"--on-outlier must be one of {list(OUTLIER_ACTIONS)}")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from fedsrd_cli.algorithms.protocol import (
     check_local,
     check_uploads,
     client_weights,
+    guard_update_norms,
     next_state_header,
 )
 from fedsrd_cli.artifacts import Artifact, Header, LocalAdapter, content_hash
@@ -116,12 +117,14 @@ class FedSRD(Algorithm):
     ) -> Payload:
         check_uploads(global_state, uploads, config.weighting)
         weights = client_weights(uploads, config.weighting)
+        decisions = guard_update_norms(global_state, uploads, config)
+        scales = [d["scale"] for d in decisions] or None
         rank = global_state.header.lora.rank
         tensors: dict[str, torch.Tensor] = {}
         modules = global_state.modules()
         for module in track(modules, len(modules), "aggregate"):
             left, right = reconstruct_and_aggregate(
-                global_state, uploads, weights, module, None if self.exact else rank
+                global_state, uploads, weights, module, None if self.exact else rank, scales
             )
             left_name, right_name = naming.aggregate_keys(module)
             tensors[left_name] = left.float()  # (d_out, k)
@@ -140,6 +143,15 @@ class FedSRD(Algorithm):
                     {"client_id": u.header.client_id, "upload": u.header.content_hash, "weight": w}
                     for u, w in zip(uploads, weights, strict=True)
                 ],
+                **(
+                    {
+                        "max_update_norm": config.max_update_norm,
+                        "on_outlier": config.on_outlier,
+                        "update_norms": decisions,
+                    }
+                    if decisions
+                    else {}
+                ),
             },
         )
         return Payload(header, tensors)
@@ -208,25 +220,34 @@ def reconstruct_and_aggregate(
     weights: Sequence[float],
     module: str,
     rank: int | None,
+    scales: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (left (d_out, k), right (k, d_in)) of one module's aggregated target W_r.
 
     B_i = B_prev + dB_i, A_i = A_prev + dA_i;  W = sum_i w_i B_i A_i;
     W_r = best rank-`rank` approximation of W (rank None: W itself, FedSRD-e).
     A module no client changed returns (B_prev, A_prev): W = B_prev A_prev exactly.
+    scales[i] = s_i < 1 (a clipped client) replaces B_i A_i by B A + s_i (B_i A_i - B A),
+    i.e. two stacked terms w_i s_i B_i A_i + w_i (1 - s_i) B A.
     """
     a_prev, b_prev = (t.double() for t in global_state.factors(module))
     name_a, name_b = naming.factor_key(module, "A"), naming.factor_key(module, "B")
-    bs, as_ = [], []
+    bs, as_, ws = [], [], []
     changed = False
-    for upload in uploads:
+    for index, upload in enumerate(uploads):
         delta_a, delta_b = upload.upload_delta(name_a), upload.upload_delta(name_b)
         changed = changed or delta_a is not None or delta_b is not None
         as_.append(a_prev if delta_a is None else a_prev + delta_a.double())
         bs.append(b_prev if delta_b is None else b_prev + delta_b.double())
+        scale = 1.0 if scales is None else scales[index]
+        ws.append(weights[index] * scale)
+        if scale < 1.0:
+            bs.append(b_prev)
+            as_.append(a_prev)
+            ws.append(weights[index] * (1.0 - scale))
     if not changed:
         return b_prev, a_prev
-    left, right = stack_factors(bs, as_, weights)  # (d_out, m r), (m r, d_in)
+    left, right = stack_factors(bs, as_, ws)  # (d_out, m r), (m r, d_in) (wider with clipping)
     if rank is None:
         return left, right
     return truncate_product(left, right, rank)
