@@ -31,13 +31,15 @@ from safetensors import safe_open
 from fedsrd_cli import naming
 from fedsrd_cli.config import LoraSpec
 from fedsrd_cli.errors import ArtifactError, MismatchError, OutputExistsError
-from fedsrd_cli.math.masks import padding_is_clean, seeded_keep_mask, unpack_bits
+from fedsrd_cli.math.masks import count_kept, padding_is_clean, seeded_keep_mask, unpack_bits
 
 FORMAT_VERSION = 1
 KINDS = ("state", "upload", "aggregate", "broadcast")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 HASH_PREFIX = "sha256:"
 MAX_METADATA_CHARS = 16 * 2**20
+# Keeps a broadcast's layout within ~1000x its stored values, so checking its mask stays cheap.
+MAX_DOWNLOAD_SPARSITY = 0.999
 
 # safetensors dtype strings, used in the content hash (docs/format.md, "Content hash").
 _DTYPE_NAMES = {
@@ -159,8 +161,10 @@ class Header:
             raise ArtifactError(f"{where}: upload without a client id")
         if self.num_samples < 0:
             raise ArtifactError(f"{where}: negative sample count")
-        if self.kind == "broadcast" and not 0.0 <= self.download_sparsity < 1.0:
-            raise ArtifactError(f"{where}: download sparsity {self.download_sparsity} outside [0, 1)")
+        if self.kind == "broadcast" and not 0.0 <= self.download_sparsity <= MAX_DOWNLOAD_SPARSITY:
+            raise ArtifactError(
+                f"{where}: download sparsity {self.download_sparsity} outside [0, {MAX_DOWNLOAD_SPARSITY}]"
+            )
         for name, shape in self.layout.items():
             if len(shape) != 2 or min(shape) < 1 or math.prod(shape) >= 2**32:
                 raise ArtifactError(f"{where}: layout of {name} has an invalid shape {shape}")
@@ -400,12 +404,29 @@ class Artifact:
                     raise ArtifactError(f"{self.where}: mask of {name} has bits set past its end")
                 kept = int(unpack_bits(packed, numel).sum())
             else:
-                kept = int(self.broadcast_mask(name).sum())
+                kept = self._broadcast_kept(name, numel)
             stored = self.shapes[naming.values_key(name)][0]
             if kept != stored:
                 raise ArtifactError(
                     f"{self.where}: the mask of {name} keeps {kept} elements but {stored} values are stored"
                 )
+
+    def _broadcast_kept(self, name: str, numel: int) -> int:
+        """Elements the seeded mask keeps, counted in bounded memory after a cheap plausibility check.
+
+        The mask keeps each element independently with probability q = 1 - p, so the count is
+        Binomial(numel, q); a stored count more than 10 standard deviations (+10) from numel q
+        cannot come from this layout, and is refused before the O(numel) count.
+        """
+        stored = self.shapes[naming.values_key(name)][0]
+        keep = 1.0 - self.header.download_sparsity
+        spread = 10.0 * math.sqrt(numel * keep * (1.0 - keep)) + 10.0
+        if abs(stored - numel * keep) > spread:
+            raise ArtifactError(
+                f"{self.where}: {name} stores {stored} values, but its layout {self.header.layout[name]} at"
+                f" download sparsity {self.header.download_sparsity:g} keeps about {numel * keep:.0f}"
+            )
+        return count_kept(self.header.seed, name, numel, self.header.download_sparsity)
 
 
 def read_artifact(path: str | os.PathLike, kind: str | None = None, verify: bool = True) -> Artifact:
@@ -415,7 +436,7 @@ def read_artifact(path: str | os.PathLike, kind: str | None = None, verify: bool
     MismatchError for a valid artifact of another kind.
     """
     path = Path(path)
-    if not path.exists():
+    if not _exists(path):
         raise ArtifactError(f"{path}: no such file")
     if path.is_dir():
         raise ArtifactError(f"{path}: is a directory, expected a .safetensors file")
@@ -429,6 +450,14 @@ def read_artifact(path: str | os.PathLike, kind: str | None = None, verify: bool
     if verify:
         artifact.verify()
     return artifact
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists, with the errors it does not swallow (name too long, ...) as ArtifactError."""
+    try:
+        return path.exists()
+    except OSError as err:
+        raise ArtifactError(f"{path}: cannot access ({err.strerror or err})") from None
 
 
 def _open_safetensors(path: Path) -> Any:
@@ -479,7 +508,7 @@ class LocalAdapter:
 def read_local(path: str | os.PathLike) -> LocalAdapter:
     """Read a local adapter: a fedsrd state file, a PEFT adapter directory, or its weights file."""
     path = Path(path)
-    if path.is_dir():
+    if _exists(path) and path.is_dir():
         weights = path / "adapter_model.safetensors"
         if not weights.exists():
             raise ArtifactError(
@@ -591,6 +620,10 @@ def encode_header(entries: Mapping[str, Any]) -> bytes:
 def ensure_writable(path: str | os.PathLike, force: bool) -> None:
     """Fail early, before any work, if `path` exists and --force was not given."""
     path = Path(path)
+    try:
+        path.exists()
+    except OSError as err:
+        raise OutputExistsError(f"{path}: cannot be written ({err.strerror or err})") from None
     if path.exists() and not force:
         raise OutputExistsError(f"{path}: already exists (pass --force to replace it)")
     if path.exists() and path.is_dir():

@@ -124,8 +124,8 @@ class BroadcastConfig:
 
     def __post_init__(self) -> None:
         _require(
-            0.0 <= self.download_sparsity < 1.0,
-            f"--download-sparsity must be in [0, 1), got {self.download_sparsity}",
+            0.0 <= self.download_sparsity <= 0.999,
+            f"--download-sparsity must be in [0, 0.999], got {self.download_sparsity}",
         )
         _require(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}")
         _require(self.value_dtype in VALUE_DTYPES, f"--value-dtype must be one of {list(VALUE_DTYPES)}")
