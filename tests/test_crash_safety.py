@@ -1,8 +1,9 @@
 """Crash safety: SIGKILL a writing command at random moments; no partial file, and a rerun finishes.
 
 Each writing command runs as a real subprocess of the `fedsrd` console script and is killed
-after a seeded random delay drawn from the second half of its measured run time (where the
-work and the writes happen; the first half is mostly Python and torch imports). Afterwards
+(even trials) after a seeded random delay drawn from the second half of its measured run time
+(the first half is mostly Python and torch imports), or (odd trials) the moment a temporary
+output file appears, i.e. in the middle of a write. Afterwards
 every output path is either absent or a complete, valid artifact, and rerunning the same
 command completes the round, leaving no temporary file behind.
 """
@@ -26,7 +27,12 @@ from fedsrd_cli.algorithms import get_algorithm
 from fedsrd_cli.artifacts import read_artifact, read_local, remove_stale_temp_files, write_artifact
 from fedsrd_cli.config import AggregateConfig, SparsifyConfig
 
-TRIALS = 4
+TRIALS = {"init": 2, "sparsify": 4, "aggregate": 4, "broadcast": 4, "apply": 4}
+TINY_LLAMA = (
+    '{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,'
+    ' "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,'
+    ' "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 64}'
+)
 FEDSRD = (
     str(Path(sys.executable).with_name("fedsrd"))
     if Path(sys.executable).with_name("fedsrd").exists()
@@ -47,7 +53,16 @@ def _round_inputs(root: Path) -> dict[str, Path]:
         uploads.append(path)
     agg = algorithm.aggregate(state, [read_artifact(u) for u in uploads], AggregateConfig())
     write_artifact(root / "agg.safetensors", agg.header, agg.tensors)
-    return {"g0": g0, "local": root / "local-alice.safetensors", "up0": uploads[0], "up1": uploads[1]}
+    base = root / "base"
+    base.mkdir()
+    (base / "config.json").write_text(TINY_LLAMA)
+    return {
+        "g0": g0,
+        "local": root / "local-alice.safetensors",
+        "up0": uploads[0],
+        "up1": uploads[1],
+        "base": base,
+    }
 
 
 def _commands(inputs: dict[str, Path], out: Path) -> dict[str, tuple[list[str], list[Path]]]:
@@ -59,6 +74,7 @@ def _commands(inputs: dict[str, Path], out: Path) -> dict[str, tuple[list[str], 
     sparsify = ["sparsify", "--global", g0, "--local", inputs["local"], "--client", "alice", "--out", out]
     broadcast = ["broadcast", "--global", g0, "--aggregate", agg, "--out", out, "--out-global", out_global]
     return {
+        "init": (["init", "--base", inputs["base"], "--out", out, "--rank", "4"], [out]),
         "sparsify": (sparsify, [out]),
         "aggregate": (["aggregate", "--global", g0, "--out", out, up0, up1], [out]),
         "broadcast": (broadcast, [out, out_global]),
@@ -81,7 +97,7 @@ def crash_setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     inputs = _round_inputs(root)
     assert _run(_commands(inputs, root / "ref-bc.safetensors")["broadcast"][0]).returncode == 0
     references = {}
-    for name in ("sparsify", "aggregate", "broadcast", "apply"):
+    for name in TRIALS:
         argv, outputs = _commands(inputs, root / f"ref-{name}-out.safetensors")[name]
         start = time.monotonic()
         done = _run(argv)
@@ -103,11 +119,12 @@ def _kill_at_write(proc: subprocess.Popen, directory: Path, limit_s: float) -> b
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sparsify", "aggregate", "broadcast", "apply"])
+@pytest.mark.parametrize("name", list(TRIALS))
 def test_sigkill_never_leaves_a_partial_artifact(crash_setup: dict, name: str) -> None:
     elapsed, reference = crash_setup["references"][name]
     rng = random.Random(f"crash-{name}")
-    for trial in range(TRIALS):
+    caught = 0
+    for trial in range(TRIALS[name]):
         trial_dir = crash_setup["root"] / f"{name}-trial-{trial}"
         trial_dir.mkdir()
         argv, outputs = _commands(crash_setup["inputs"], trial_dir / "out.safetensors")[name]
@@ -118,7 +135,7 @@ def test_sigkill_never_leaves_a_partial_artifact(crash_setup: dict, name: str) -
             time.sleep(rng.uniform(0.5 * elapsed, 1.05 * elapsed))
             proc.send_signal(signal.SIGKILL)
         else:  # the moment a temporary output file exists: in the middle of a write
-            _kill_at_write(proc, trial_dir, 3 * elapsed + 5)
+            caught += _kill_at_write(proc, trial_dir, 3 * elapsed + 5)
         proc.wait(timeout=30)
         for path in outputs:  # absent, or complete and valid
             if path.exists():
@@ -132,6 +149,7 @@ def test_sigkill_never_leaves_a_partial_artifact(crash_setup: dict, name: str) -
         # The round is complete and identical to the uninterrupted run, with no temp file left.
         assert [p.read_bytes() for p in outputs] == reference
         assert _temp_files(trial_dir) == []
+    print(f"{name}: {caught} of {TRIALS[name] // 2} kills landed while a temporary output file existed")
 
 
 def test_rerun_removes_temp_files_of_dead_writers_only(tmp_path: Path) -> None:

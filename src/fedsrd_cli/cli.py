@@ -392,13 +392,21 @@ def inspect_cmd(
     path: Annotated[Path, typer.Argument(help="Any fedsrd artifact.")],
     json_mode: JsonOpt = False,
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
+    trust_dir: TrustOpt = None,
 ) -> None:
-    """Show an artifact's kind, round, lineage, modules, sizes and traffic against dense."""
-    from fedsrd_cli.artifacts import read_artifact, short
+    """Show an artifact's kind, round, lineage, modules, sizes and traffic against dense.
+
+    Shows who signed it; with --trust the signature is verified (any trusted party may
+    have signed it, but an upload only by the client it names).
+    """
+    from fedsrd_cli.artifacts import short
     from fedsrd_cli.describe import describe
+    from fedsrd_cli.signing import describe_signature, read_verified
 
     out = Output(json_mode)
-    report = describe(read_artifact(path))
+    _, trust = trust_from_flags(None, trust_dir)
+    report = describe(read_verified(path, None, trust, accept=tuple(trust.keys) if trust else None))
+    report["signature"] = describe_signature(path, verified=trust is not None)
     rows = [
         ("file", report["path"]),
         ("kind", f"{report['kind']}" + (f" ({report['method']})" if report["method"] else "")),
@@ -418,6 +426,12 @@ def inspect_cmd(
             rows.append((key.replace("_", " "), report[key]))
     if "result_hash" in report:
         rows.append(("result state", short(report["result_hash"])))
+    signature = report["signature"]
+    if signature is None:
+        rows.append(("signed by", "-"))
+    else:
+        checked = "verified" if signature["verified"] else "not verified: pass --trust"
+        rows.append(("signed by", f"{signature['signer']} ({checked})"))
     rows.append(("bytes on disk", f"{report['bytes_on_disk']:,} ({human_bytes(report['bytes_on_disk'])})"))
     rows.append(("paper accounting", human_bytes(report["paper_bytes"])))
     if report["dense_fp32_bytes"]:
@@ -445,18 +459,21 @@ def inspect_cmd(
 def unpack_cmd(
     path: Annotated[Path, typer.Argument(help="Any fedsrd artifact.")],
     out_path: OutOpt,
+    trust_dir: TrustOpt = None,
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
 ) -> None:
     """Write an artifact as plain dense tensors (deltas under PEFT names for uploads/broadcasts)."""
     from safetensors.torch import save
 
-    from fedsrd_cli.artifacts import ensure_writable, read_artifact, write_bytes_atomic
+    from fedsrd_cli.artifacts import ensure_writable, write_bytes_atomic
     from fedsrd_cli.describe import dense_tensors
+    from fedsrd_cli.signing import read_verified
 
     out = Output(json_mode)
+    _, trust = trust_from_flags(None, trust_dir)
     ensure_writable(out_path, force)
-    artifact = read_artifact(path)
+    artifact = read_verified(path, None, trust, accept=tuple(trust.keys) if trust else None)
     tensors = dense_tensors(artifact)
     metadata = {
         "format": "pt",

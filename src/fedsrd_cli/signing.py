@@ -296,7 +296,7 @@ class Trust:
 
 def read_verified(
     path: str | os.PathLike,
-    kind: str,
+    kind: str | None,
     trust: Trust | None,
     accept: Collection[str] | None = None,
 ) -> Artifact:
@@ -327,6 +327,14 @@ def check_signer(artifact: Artifact, signer: str, accept: Collection[str] | None
         raise TrustError(
             f"{artifact.path}: {head.kind} signed by {signer!r}, but only {_names(allowed)} may sign it"
         )
+
+
+def describe_signature(path: str | os.PathLike, verified: bool) -> dict[str, Any] | None:
+    """{"signer", "key_id", "verified"} of a file, None when unsigned (for inspect)."""
+    found = read_signature(path)
+    if found is None:
+        return None
+    return {"signer": found.signer, "key_id": found.key_id, "verified": verified}
 
 
 def _names(names: Iterable[str]) -> str:
