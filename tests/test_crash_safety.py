@@ -26,6 +26,7 @@ from conftest import make_global, make_local
 from fedsrd_cli.algorithms import get_algorithm
 from fedsrd_cli.artifacts import read_artifact, read_local, remove_stale_temp_files, write_artifact
 from fedsrd_cli.config import AggregateConfig, SparsifyConfig
+from fedsrd_cli.errors import OutputExistsError
 
 TRIALS = {"init": 2, "sparsify": 4, "aggregate": 4, "broadcast": 4, "apply": 4}
 TINY_LLAMA = (
@@ -169,6 +170,11 @@ def test_rerun_removes_temp_files_of_dead_writers_only(tmp_path: Path) -> None:
     assert not stale.exists()
     assert live.exists() and elsewhere.exists() and other_output.exists()
     assert remove_stale_temp_files(out) == []
+    # A rerun refused because the output is already complete also removes a dead writer's temp file.
+    stale.write_bytes(b"partial")
+    with pytest.raises(OutputExistsError):
+        write_artifact(out, state.header, dict(state.iter_tensors()))
+    assert not stale.exists() and live.exists()
 
 
 def test_broadcast_rerun_after_crash_between_its_two_writes(tmp_path: Path) -> None:

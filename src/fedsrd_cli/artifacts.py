@@ -625,6 +625,7 @@ def ensure_writable(path: str | os.PathLike, force: bool) -> None:
     except OSError as err:
         raise OutputExistsError(f"{path}: cannot be written ({err.strerror or err})") from None
     if path.exists() and not force:
+        remove_stale_temp_files(path)  # a rerun after a crash that had finished the file
         raise OutputExistsError(f"{path}: already exists (pass --force to replace it)")
     if path.exists() and path.is_dir():
         raise OutputExistsError(f"{path}: is a directory")
@@ -672,6 +673,8 @@ def write_bytes_atomic(
                 if path.exists():
                     raise OutputExistsError(f"{path}: already exists (pass --force)") from None
                 os.replace(tmp_name, path)
+            else:
+                os.unlink(tmp_name)  # before the directory fsync: a kill there leaves no temp file
         _fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp_name):
