@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,11 +30,13 @@ from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
 from fedsrd_cli.errors import FedsrdError
 from fedsrd_cli.signing import SigningKey, Trust, generate_keypair
 
+# FEDSRD_FUZZ_EXAMPLES=5000 runs a deeper, randomised search locally; CI runs the fixed 300.
+DEEP = int(os.environ.get("FEDSRD_FUZZ_EXAMPLES", "0"))
 FUZZ = settings(
-    max_examples=120,
+    max_examples=DEEP or 300,
     deadline=2000,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-    derandomize=True,
+    derandomize=not DEEP,
 )
 KINDS = ("state", "upload", "aggregate", "broadcast")
 runner = CliRunner()
@@ -65,11 +68,20 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     bc, _ = algorithm.broadcast(state, read_artifact(root / "aggregate.safetensors"), BroadcastConfig(seed=3))
     write_artifact(root / "broadcast.safetensors", bc.header, bc.tensors, sign=coordinator.sign_parts)
     files = {"state": g0, **{k: root / f"{k}.safetensors" for k in KINDS[1:]}}
-    return {
-        "bytes": {k: p.read_bytes() for k, p in files.items()},
-        "trust": Trust.load(trust),
-        "scratch": root / "scratch",
-    }
+    return Corpus(
+        {
+            "bytes": {k: p.read_bytes() for k, p in files.items()},
+            "trust": Trust.load(trust),
+            "scratch": root / "scratch",
+        }
+    )
+
+
+class Corpus(dict):
+    """The fixture's dict, with a short repr for hypothesis' failure reports."""
+
+    def __repr__(self) -> str:
+        return "<corpus>"
 
 
 def _write(corpus: dict, data: bytes, name: str = "case.safetensors") -> Path:

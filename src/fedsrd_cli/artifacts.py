@@ -165,6 +165,8 @@ class Header:
             raise ArtifactError(
                 f"{where}: download sparsity {self.download_sparsity} outside [0, {MAX_DOWNLOAD_SPARSITY}]"
             )
+        if self.layout and self.kind not in ("upload", "broadcast"):
+            raise ArtifactError(f"{where}: a {self.kind} has no layout, but this header declares one")
         for name, shape in self.layout.items():
             if len(shape) != 2 or min(shape) < 1 or math.prod(shape) >= 2**32:
                 raise ArtifactError(f"{where}: layout of {name} has an invalid shape {shape}")
