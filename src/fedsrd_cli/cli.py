@@ -447,10 +447,11 @@ def inspect_cmd(
     if tensors:
         from rich.table import Table
 
-        table = Table("tensor", "shape", "nonzeros", "density")
+        table = Table("shape", "nonzeros", "density", "tensor", box=None)
+        table.columns[3].overflow = "fold"
         for t in report["tensors"]:
             density = "" if t["density"] is None else f"{t['density']:.2%}"
-            table.add_row(t["name"], "x".join(map(str, t["shape"])), f"{t['nonzeros']:,}", density)
+            table.add_row("x".join(map(str, t["shape"])), f"{t['nonzeros']:,}", density, t["name"])
         renderables.append(table)
     out.result(report, *renderables)
 

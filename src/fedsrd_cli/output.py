@@ -82,8 +82,8 @@ class Output:
 def key_value_table(rows: Iterable[tuple[str, Any]], title: str | None = None) -> Table:
     """A two-column table for a command's summary."""
     table = Table(show_header=False, title=title, title_justify="left", box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
     for key, value in rows:
         table.add_row(key, str(value))
     return table

@@ -25,23 +25,30 @@ def stack_factors(
     bs[i]: (d_out, r), as_[i]: (r, d_in), weights: m floats
     -> L (d_out, m r), R (m r, d_in) with L @ R = sum_i w_i B_i A_i
     """
-    left = torch.cat([w * b for w, b in zip(weights, bs, strict=True)], dim=1)
+    # Built as (m r, d_out) and returned transposed: column-major, as LAPACK's QR wants it.
+    left = torch.cat([w * b.mT for w, b in zip(weights, bs, strict=True)], dim=0).mT
     right = torch.cat(list(as_), dim=0)
     return left, right
 
 
-def product_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD of W = left @ right from its factors.
+def product_svd(
+    left: torch.Tensor, right: torch.Tensor, rank: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of W = left @ right from its factors, optionally only the top `rank` triplets.
 
-    left: (d_out, k), right: (k, d_in) -> U (d_out, q), S (q,), Vh (q, d_in), q <= k,
-    with W = U diag(S) Vh, S descending.
+    left: (d_out, k), right: (k, d_in) -> U (d_out, q), S (q,), Vh (q, d_in),
+    q = min(k, d_out, d_in, rank); W = U diag(S) Vh exactly when rank is None; S descending.
     left = Q_l R_l, right^T = Q_r R_r (reduced QR), core = R_l R_r^T = U_c S Vh_c,
     U = Q_l U_c, Vh = Vh_c Q_r^T.
     """
+    if left.stride(0) != 1:  # LAPACK works column-major: copy once here, not inside QR
+        left = left.mT.contiguous().mT
     q_l, r_l = torch.linalg.qr(left)  # (d_out, p), (p, k)
     q_r, r_r = torch.linalg.qr(right.mT)  # (d_in, s), (s, k)
     core = r_l @ r_r.mT  # (p, s)
     u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)
+    if rank is not None:
+        u_c, s, vh_c = u_c[:, :rank], s[:rank], vh_c[:rank]
     return q_l @ u_c, s, vh_c @ q_r.mT
 
 
@@ -51,9 +58,8 @@ def truncate_product(left: torch.Tensor, right: torch.Tensor, rank: int) -> tupl
     left: (d_out, k), right: (k, d_in) -> (d_out, q), (q, d_in), q = min(rank, k, d_out, d_in)
     W_r = (U[:, :q] diag(S[:q])) @ Vh[:q]   (Eckart-Young)
     """
-    u, s, vh = product_svd(left, right)
-    q = min(rank, s.numel())
-    return u[:, :q] * s[:q], vh[:q]
+    u, s, vh = product_svd(left, right, rank)
+    return u * s, vh
 
 
 def is_rank_deficient(x: torch.Tensor) -> bool:

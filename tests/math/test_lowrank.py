@@ -1,0 +1,84 @@
+"""Thin-factor SVD and decomposition against dense references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedsrd_cli.math.lowrank import (
+    choose_factor,
+    is_rank_deficient,
+    product_svd,
+    stack_factors,
+    truncate_product,
+    update_a,
+    update_b,
+)
+
+
+def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    return (torch.linalg.matrix_norm(x - y) / torch.linalg.matrix_norm(y)).item()
+
+
+def _clients(m: int, d_out: int, d_in: int, r: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    bs = [torch.randn(d_out, r, generator=g, dtype=torch.float64) for _ in range(m)]
+    as_ = [torch.randn(r, d_in, generator=g, dtype=torch.float64) for _ in range(m)]
+    return bs, as_
+
+
+def test_stack_factors_gives_the_weighted_sum_of_products():
+    bs, as_ = _clients(3, 10, 12, 2, 0)
+    w = [0.2, 0.3, 0.5]
+    left, right = stack_factors(bs, as_, w)
+    dense = sum(wi * b @ a for wi, b, a in zip(w, bs, as_, strict=True))
+    assert left.shape == (10, 6) and right.shape == (6, 12)
+    assert _rel(left @ right, dense) < 1e-12
+
+
+@pytest.mark.parametrize(("d_out", "d_in"), [(40, 30), (30, 40), (8, 50)])
+def test_product_svd_matches_dense_svd(d_out, d_in):
+    bs, as_ = _clients(4, d_out, d_in, 3, 1)
+    left, right = stack_factors(bs, as_, [0.25] * 4)
+    u, s, vh = product_svd(left, right)
+    dense = left @ right
+    s_ref = torch.linalg.svdvals(dense)
+    assert torch.allclose(s, s_ref[: s.numel()], rtol=1e-10, atol=1e-10)
+    assert _rel(u @ torch.diag(s) @ vh, dense) < 1e-10
+
+
+def test_truncate_product_matches_dense_truncated_svd():
+    bs, as_ = _clients(3, 50, 40, 4, 2)
+    left, right = stack_factors(bs, as_, [1 / 3] * 3)
+    t_left, t_right = truncate_product(left, right, 4)
+    u, s, vh = torch.linalg.svd(left @ right, full_matrices=False)
+    reference = u[:, :4] @ torch.diag(s[:4]) @ vh[:4]
+    assert t_left.shape == (50, 4) and t_right.shape == (4, 40)
+    assert _rel(t_left @ t_right, reference) < 1e-10
+
+
+def test_update_b_and_update_a_match_dense_pinv():
+    g = torch.Generator().manual_seed(3)
+    b_prev = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    a_prev = torch.randn(4, 20, generator=g, dtype=torch.float64)
+    left = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    right = torch.randn(6, 20, generator=g, dtype=torch.float64)
+    delta_w = left @ right - b_prev @ a_prev
+    assert _rel(update_b(left, right, b_prev, a_prev), delta_w @ torch.linalg.pinv(a_prev)) < 1e-10
+    assert _rel(update_a(left, right, b_prev, a_prev), torch.linalg.pinv(b_prev) @ delta_w) < 1e-10
+
+
+def test_choose_factor_alternates_and_falls_back_on_rank_deficiency():
+    g = torch.Generator().manual_seed(4)
+    b = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    a = torch.randn(3, 12, generator=g, dtype=torch.float64)
+    assert choose_factor(1, b, a) == "B"
+    assert choose_factor(2, b, a) == "A"
+    assert choose_factor(3, b, a) == "B"
+    zero_b = torch.zeros(10, 3, dtype=torch.float64)
+    assert is_rank_deficient(zero_b)
+    assert choose_factor(2, zero_b, a) == "B"  # pinv(0) would discard the round
+    deficient_a = a.clone()
+    deficient_a[2] = deficient_a[0]
+    assert choose_factor(1, b, deficient_a) == "A"
+    assert choose_factor(1, zero_b, deficient_a) == "B"  # both deficient: keep the schedule
