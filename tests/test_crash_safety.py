@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_global, make_local
 
 from fedsrd_cli.algorithms import get_algorithm
 from fedsrd_cli.artifacts import read_artifact, read_local, remove_stale_temp_files, write_artifact
 from fedsrd_cli.config import AggregateConfig, SparsifyConfig
 from fedsrd_cli.errors import OutputExistsError
+
+from .conftest import make_global, make_local
 
 TRIALS = {"init": 2, "sparsify": 4, "aggregate": 4, "broadcast": 4, "apply": 4}
 TINY_LLAMA = (

@@ -18,7 +18,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import make_global, make_local
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -29,6 +28,8 @@ from fedsrd_cli.cli import app
 from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
 from fedsrd_cli.errors import FedsrdError
 from fedsrd_cli.signing import SigningKey, Trust, generate_keypair
+
+from .conftest import make_global, make_local
 
 # FEDSRD_FUZZ_EXAMPLES=5000 runs a deeper, randomised search locally; CI runs the fixed 300.
 DEEP = int(os.environ.get("FEDSRD_FUZZ_EXAMPLES", "0"))

@@ -6,13 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
-from conftest import make_global, make_local
 from typer.testing import CliRunner
 
 from fedsrd_cli.artifacts import read_artifact, write_artifact
 from fedsrd_cli.cli import app
 from fedsrd_cli.round_status import EXIT_INVALID, EXIT_READY, EXIT_WAITING
 from fedsrd_cli.signing import SigningKey, generate_keypair
+
+from .conftest import make_global, make_local
 
 runner = CliRunner()
 

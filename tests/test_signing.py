@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_global, make_local
 from typer.testing import CliRunner
 
 from fedsrd_cli.artifacts import encode_safetensors, read_artifact, write_artifact
 from fedsrd_cli.cli import app
 from fedsrd_cli.errors import TrustError
 from fedsrd_cli.signing import SIGNATURE_FIELDS, SigningKey, Trust, generate_keypair, read_signature
+
+from .conftest import make_global, make_local
 
 runner = CliRunner()
 CLIENTS = ("alice", "bob", "carol")

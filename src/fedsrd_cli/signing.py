@@ -3,7 +3,7 @@
 A party NAME (a client id, or `coordinator`) holds `NAME.key` (private, mode 0600)
 and hands out `NAME.pub`. A trust directory holds the `NAME.pub` files of the
 parties one accepts files from. The signature lives in the file's own safetensors
-metadata (docs/format-signatures.md):
+metadata (docs/format.md, "Signatures"):
 
     fedsrd.signer      NAME
     fedsrd.signer_key  "sha256:" + hex(sha256(raw 32-byte public key))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import make_local
 from typer.testing import CliRunner
 
 from fedsrd_cli.cli import app
+
+from ..conftest import make_local
 
 runner = CliRunner()
 

@@ -8,13 +8,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from conftest import make_local
 from typer.testing import CliRunner
 
 from fedsrd_cli import naming
 from fedsrd_cli.algorithms.protocol import update_norm
 from fedsrd_cli.artifacts import content_hash, encode_safetensors, read_artifact
 from fedsrd_cli.cli import app
+
+from ..conftest import make_local
 
 runner = CliRunner()
 

@@ -18,7 +18,7 @@ import torch
 
 from fedsrd_cli.algorithms.base import Payload
 from fedsrd_cli.algorithms.protocol import apply_broadcast, describe_state
-from fedsrd_cli.artifacts import Artifact, Header, content_hash
+from fedsrd_cli.artifacts import Artifact, Header, content_hash, short
 from fedsrd_cli.errors import StaleUploadError, UsageError
 
 
@@ -52,8 +52,8 @@ def check_next_broadcast(state: Artifact | MemoryState, broadcast: Artifact) -> 
         )
     if found < expected:
         raise StaleUploadError(
-            f"{broadcast.path}: is the round-{found} broadcast, already contained in "
-            f"{describe_state(state)}; give only later broadcasts, in round order"
+            f"{broadcast.path}: is the round-{found} update of state {short(broadcast.header.parent_hash)},"
+            f" already contained in {describe_state(state)}; give only later broadcasts, in round order"
         )
 
 
