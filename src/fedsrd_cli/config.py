@@ -36,6 +36,7 @@ AGGREGATE_METHODS = (
     "fedsrd-no-reconstruction",
 )
 WEIGHTINGS = ("uniform", "samples")
+OUTLIER_ACTIONS = ("refuse", "clip")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -123,10 +124,18 @@ class AggregateConfig:
 
     method: str = "fedsrd"
     weighting: str = "uniform"
+    max_update_norm: float | None = None
+    on_outlier: str = "refuse"
 
     def __post_init__(self) -> None:
         _require(self.method in AGGREGATE_METHODS, f"--method must be one of {list(AGGREGATE_METHODS)}")
         _require(self.weighting in WEIGHTINGS, f"--weighting must be one of {list(WEIGHTINGS)}")
+        _require(
+            self.max_update_norm is None
+            or (math.isfinite(self.max_update_norm) and self.max_update_norm > 0),
+            f"--max-update-norm must be a finite number > 0, got {self.max_update_norm}",
+        )
+        _require(self.on_outlier in OUTLIER_ACTIONS, f"--on-outlier must be one of {list(OUTLIER_ACTIONS)}")
 
 
 @dataclass(frozen=True)
@@ -139,8 +148,8 @@ class BroadcastConfig:
 
     def __post_init__(self) -> None:
         _require(
-            0.0 <= self.download_sparsity < 1.0,
-            f"--download-sparsity must be in [0, 1), got {self.download_sparsity}",
+            0.0 <= self.download_sparsity <= 0.999,
+            f"--download-sparsity must be in [0, 0.999], got {self.download_sparsity}",
         )
         _require(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}")
         _require(self.value_dtype in VALUE_DTYPES, f"--value-dtype must be one of {list(VALUE_DTYPES)}")

@@ -20,6 +20,7 @@ from fedsrd_cli.algorithms.protocol import (
     check_local,
     check_uploads,
     client_weights,
+    guard_update_norms,
     next_state_header,
 )
 from fedsrd_cli.algorithms.steps import (
@@ -28,6 +29,7 @@ from fedsrd_cli.algorithms.steps import (
     FactorDelta,
     ModuleUpdate,
     client_factors,
+    clip_clients,
     upload_seed,
 )
 from fedsrd_cli.artifacts import Artifact, Header, LocalAdapter, content_hash
@@ -140,11 +142,16 @@ class Method(Algorithm):
                     f" `sparsify --method {self.upload_method}`"
                 )
         weights = client_weights(uploads, config.weighting)
+        decisions = guard_update_norms(global_state, uploads, config)
+        scales = [d["scale"] for d in decisions]
         rank = global_state.header.lora.rank
         tensors: dict[str, torch.Tensor] = {}
         modules = global_state.modules()
         for module in track(modules, len(modules), "aggregate"):
-            left, right = self.combine(client_factors(global_state, uploads, module), weights, rank)
+            clients, module_weights = client_factors(global_state, uploads, module), weights
+            if any(scale < 1.0 for scale in scales):
+                clients, module_weights = clip_clients(clients, weights, scales)
+            left, right = self.combine(clients, module_weights, rank)
             left_name, right_name = naming.aggregate_keys(module)
             tensors[left_name] = left.float()  # (d_out, k)
             tensors[right_name] = right.float()  # (k, d_in)
@@ -162,6 +169,15 @@ class Method(Algorithm):
                     {"client_id": u.header.client_id, "upload": u.header.content_hash, "weight": w}
                     for u, w in zip(uploads, weights, strict=True)
                 ],
+                **(
+                    {
+                        "max_update_norm": config.max_update_norm,
+                        "on_outlier": config.on_outlier,
+                        "update_norms": decisions,
+                    }
+                    if decisions
+                    else {}
+                ),
             },
         )
         return Payload(header, tensors)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -187,6 +187,26 @@ def client_factors(global_state: Artifact, uploads: Sequence[Artifact], module: 
         as_.append(a_prev if delta_a is None else a_prev + delta_a.double())
         bs.append(b_prev if delta_b is None else b_prev + delta_b.double())
     return ClientFactors(a_prev, b_prev, as_, bs, changed_a, changed_b)
+
+
+def clip_clients(
+    clients: ClientFactors, weights: Sequence[float], scales: Sequence[float]
+) -> tuple[ClientFactors, list[float]]:
+    """Scale each clipped client's update by s_i < 1 (--max-update-norm ... --on-outlier clip).
+
+    Client i's term w_i B_i A_i becomes w_i s_i B_i A_i + w_i (1 - s_i) B_prev A_prev, so its
+    full-rank update B_i A_i - B_prev A_prev is scaled by exactly s_i: the clipped client adds
+    the pair (B_prev, A_prev) with weight w_i (1 - s_i). Unclipped clients are unchanged.
+    """
+    as_, bs, out_weights = list(clients.as_), list(clients.bs), []
+    for weight, scale in zip(weights, scales, strict=True):
+        out_weights.append(weight * scale)
+    for weight, scale in zip(weights, scales, strict=True):
+        if scale < 1.0:
+            as_.append(clients.a_prev)
+            bs.append(clients.b_prev)
+            out_weights.append(weight * (1.0 - scale))
+    return replace(clients, as_=as_, bs=bs), out_weights
 
 
 def reconstruct_truncated(

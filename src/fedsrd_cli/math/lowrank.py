@@ -129,3 +129,16 @@ def choose_factor(round_index: int, b_prev: torch.Tensor, a_prev: torch.Tensor) 
     if is_rank_deficient(inverted[scheduled]) and not is_rank_deficient(inverted[fallback]):
         return fallback
     return scheduled
+
+
+def product_frobenius_norm(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """||left @ right||_F without forming the product.
+
+    left: (d_out, k), right: (k, d_in) -> scalar tensor (same dtype)
+    ||L R||_F^2 = trace((L R)^T (L R)) = trace((L^T L)(R R^T)) = sum((L^T L) * (R R^T)),
+    the last step because both Gram matrices (k, k) are symmetric. Cost O((d_out + d_in) k^2).
+    A client's update dW_i = B_i A_i - B A is the product [B_i, -B] @ [A_i; A].
+    """
+    gram_left = left.T @ left  # (k, k)
+    gram_right = right @ right.T  # (k, k)
+    return torch.sqrt(torch.clamp((gram_left * gram_right).sum(), min=0.0))

@@ -103,3 +103,19 @@ def seeded_keep_mask(seed: int, name: str, shape: tuple[int, ...], drop_prob: fl
     numel = math.prod(shape)
     bits = random_bits32(seed, name, numel)
     return (bits < keep_threshold(drop_prob)).reshape(shape)
+
+
+def count_kept(seed: int, name: str, numel: int, drop_prob: float, chunk: int = 2**15) -> int:
+    """seeded_keep_mask(seed, name, (numel,), drop_prob).sum(), in chunks of `chunk` elements.
+
+    Memory is O(chunk) whatever numel is: h(j) is computed for j in [start, start + chunk).
+    """
+    if numel >= 2**32:
+        raise ValueError("seeded masks address at most 2^32 elements per tensor")
+    k0, k1 = stream_key(seed, name)
+    threshold = keep_threshold(drop_prob)
+    kept = 0
+    for start in range(0, numel, chunk):
+        j = torch.arange(start, min(numel, start + chunk), dtype=torch.int64)
+        kept += int((mix32(mix32(j ^ k0) ^ k1) < threshold).sum())
+    return kept
