@@ -31,7 +31,13 @@ from safetensors import safe_open
 from fedsrd_cli import naming
 from fedsrd_cli.config import LoraSpec
 from fedsrd_cli.errors import ArtifactError, MismatchError, OutputExistsError
-from fedsrd_cli.math.masks import count_kept, padding_is_clean, seeded_keep_mask, unpack_bits
+from fedsrd_cli.math.masks import (
+    count_kept,
+    count_set_bits,
+    padding_is_clean,
+    seeded_keep_mask,
+    unpack_bits,
+)
 
 FORMAT_VERSION = 1
 KINDS = ("state", "upload", "aggregate", "broadcast")
@@ -404,7 +410,7 @@ class Artifact:
                 packed = self.tensor(naming.mask_key(name))
                 if not padding_is_clean(packed, numel):
                     raise ArtifactError(f"{self.where}: mask of {name} has bits set past its end")
-                kept = int(unpack_bits(packed, numel).sum())
+                kept = count_set_bits(packed)
             else:
                 kept = self._broadcast_kept(name, numel)
             stored = self.shapes[naming.values_key(name)][0]

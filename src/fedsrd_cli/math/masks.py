@@ -50,9 +50,19 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def padding_is_clean(packed: torch.Tensor, numel: int) -> bool:
-    """True when the pad bits after element numel - 1 are all zero."""
-    bits = (packed.reshape(-1, 1) & _BIT_WEIGHTS) != 0
-    return not bool(bits.reshape(-1)[numel:].any())
+    """True when the pad bits after element numel - 1 (all in the last byte) are zero."""
+    pad = packed.numel() * 8 - numel
+    if pad == 0 or packed.numel() == 0:
+        return True
+    return int(packed.reshape(-1)[-1]) & ((1 << pad) - 1) == 0
+
+
+_POPCOUNT = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.int64)
+
+
+def count_set_bits(packed: torch.Tensor) -> int:
+    """Number of set bits in a (bytes,) uint8 tensor, via a 256-entry table (no unpacking)."""
+    return int(_POPCOUNT[packed.reshape(-1).long()].sum())
 
 
 def _mul32(x: torch.Tensor, const: int) -> torch.Tensor:
