@@ -34,9 +34,7 @@ def main() -> None:
         noise = torch.randn(tensor.shape, generator=generator) * args.scale
         spikes = torch.rand(tensor.shape, generator=generator) < 0.02
         tensors[name] = tensor + noise * (1 + 9 * spikes)
-    header = replace(
-        state.header, parent_hash=state.header.content_hash, num_samples=args.samples, info={}
-    )
+    header = replace(state.header, parent_hash=state.header.content_hash, num_samples=args.samples, info={})
     write_artifact(args.out, header, tensors)
     print(f"wrote {args.out} (simulated training of {args.global_state}, seed {args.seed})")
 

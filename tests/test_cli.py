@@ -285,7 +285,7 @@ BAD_INPUTS = {
             "--download-sparsity",
             "1.0",
         ],
-        "--download-sparsity must be in [0, 1)",
+        "--download-sparsity must be in [0, 0.999]",
         2,
     ),
 }

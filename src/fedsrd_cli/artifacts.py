@@ -17,8 +17,10 @@ import hashlib
 import json
 import math
 import os
+import re
+import socket
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,13 +31,21 @@ from safetensors import safe_open
 from fedsrd_cli import naming
 from fedsrd_cli.config import LoraSpec
 from fedsrd_cli.errors import ArtifactError, MismatchError, OutputExistsError
-from fedsrd_cli.math.masks import padding_is_clean, seeded_keep_mask, unpack_bits
+from fedsrd_cli.math.masks import (
+    count_kept,
+    count_set_bits,
+    padding_is_clean,
+    seeded_keep_mask,
+    unpack_bits,
+)
 
 FORMAT_VERSION = 1
 KINDS = ("state", "upload", "aggregate", "broadcast")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 HASH_PREFIX = "sha256:"
 MAX_METADATA_CHARS = 16 * 2**20
+# Keeps a broadcast's layout within ~1000x its stored values, so checking its mask stays cheap.
+MAX_DOWNLOAD_SPARSITY = 0.999
 
 # safetensors dtype strings, used in the content hash (docs/format.md, "Content hash").
 _DTYPE_NAMES = {
@@ -157,8 +167,12 @@ class Header:
             raise ArtifactError(f"{where}: upload without a client id")
         if self.num_samples < 0:
             raise ArtifactError(f"{where}: negative sample count")
-        if self.kind == "broadcast" and not 0.0 <= self.download_sparsity < 1.0:
-            raise ArtifactError(f"{where}: download sparsity {self.download_sparsity} outside [0, 1)")
+        if self.kind == "broadcast" and not 0.0 <= self.download_sparsity <= MAX_DOWNLOAD_SPARSITY:
+            raise ArtifactError(
+                f"{where}: download sparsity {self.download_sparsity} outside [0, {MAX_DOWNLOAD_SPARSITY}]"
+            )
+        if self.layout and self.kind not in ("upload", "broadcast"):
+            raise ArtifactError(f"{where}: a {self.kind} has no layout, but this header declares one")
         for name, shape in self.layout.items():
             if len(shape) != 2 or min(shape) < 1 or math.prod(shape) >= 2**32:
                 raise ArtifactError(f"{where}: layout of {name} has an invalid shape {shape}")
@@ -396,14 +410,31 @@ class Artifact:
                 packed = self.tensor(naming.mask_key(name))
                 if not padding_is_clean(packed, numel):
                     raise ArtifactError(f"{self.where}: mask of {name} has bits set past its end")
-                kept = int(unpack_bits(packed, numel).sum())
+                kept = count_set_bits(packed)
             else:
-                kept = int(self.broadcast_mask(name).sum())
+                kept = self._broadcast_kept(name, numel)
             stored = self.shapes[naming.values_key(name)][0]
             if kept != stored:
                 raise ArtifactError(
                     f"{self.where}: the mask of {name} keeps {kept} elements but {stored} values are stored"
                 )
+
+    def _broadcast_kept(self, name: str, numel: int) -> int:
+        """Elements the seeded mask keeps, counted in bounded memory after a cheap plausibility check.
+
+        The mask keeps each element independently with probability q = 1 - p, so the count is
+        Binomial(numel, q); a stored count more than 10 standard deviations (+10) from numel q
+        cannot come from this layout, and is refused before the O(numel) count.
+        """
+        stored = self.shapes[naming.values_key(name)][0]
+        keep = 1.0 - self.header.download_sparsity
+        spread = 10.0 * math.sqrt(numel * keep * (1.0 - keep)) + 10.0
+        if abs(stored - numel * keep) > spread:
+            raise ArtifactError(
+                f"{self.where}: {name} stores {stored} values, but its layout {self.header.layout[name]} at"
+                f" download sparsity {self.header.download_sparsity:g} keeps about {numel * keep:.0f}"
+            )
+        return count_kept(self.header.seed, name, numel, self.header.download_sparsity)
 
 
 def read_artifact(path: str | os.PathLike, kind: str | None = None, verify: bool = True) -> Artifact:
@@ -413,7 +444,7 @@ def read_artifact(path: str | os.PathLike, kind: str | None = None, verify: bool
     MismatchError for a valid artifact of another kind.
     """
     path = Path(path)
-    if not path.exists():
+    if not _exists(path):
         raise ArtifactError(f"{path}: no such file")
     if path.is_dir():
         raise ArtifactError(f"{path}: is a directory, expected a .safetensors file")
@@ -427,6 +458,14 @@ def read_artifact(path: str | os.PathLike, kind: str | None = None, verify: bool
     if verify:
         artifact.verify()
     return artifact
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists, with the errors it does not swallow (name too long, ...) as ArtifactError."""
+    try:
+        return path.exists()
+    except OSError as err:
+        raise ArtifactError(f"{path}: cannot access ({err.strerror or err})") from None
 
 
 def _open_safetensors(path: Path) -> Any:
@@ -477,7 +516,7 @@ class LocalAdapter:
 def read_local(path: str | os.PathLike) -> LocalAdapter:
     """Read a local adapter: a fedsrd state file, a PEFT adapter directory, or its weights file."""
     path = Path(path)
-    if path.is_dir():
+    if _exists(path) and path.is_dir():
         weights = path / "adapter_model.safetensors"
         if not weights.exists():
             raise ArtifactError(
@@ -576,15 +615,25 @@ def encode_safetensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
         }
         offset += raw.nbytes
         data.append(raw)
-    text = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)
+    text = encode_header(entries)
     return [len(text).to_bytes(8, "little"), text, *data]
+
+
+def encode_header(entries: Mapping[str, Any]) -> bytes:
+    """The canonical safetensors JSON header: sorted keys, no spaces, space-padded to a multiple of 8."""
+    text = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return text + b" " * (-len(text) % 8)
 
 
 def ensure_writable(path: str | os.PathLike, force: bool) -> None:
     """Fail early, before any work, if `path` exists and --force was not given."""
     path = Path(path)
+    try:
+        path.exists()
+    except OSError as err:
+        raise OutputExistsError(f"{path}: cannot be written ({err.strerror or err})") from None
     if path.exists() and not force:
+        remove_stale_temp_files(path)  # a rerun after a crash that had finished the file
         raise OutputExistsError(f"{path}: already exists (pass --force to replace it)")
     if path.exists() and path.is_dir():
         raise OutputExistsError(f"{path}: is a directory")
@@ -592,19 +641,32 @@ def ensure_writable(path: str | os.PathLike, force: bool) -> None:
         raise OutputExistsError(f"{path.parent}: output directory does not exist")
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes | list[Any], force: bool) -> None:
+def write_bytes_atomic(
+    path: str | os.PathLike, data: bytes | list[Any], force: bool, allow_identical: bool = False
+) -> None:
     """Write to a temporary file beside `path`, fsync, then rename into place.
 
     Without force the final step is a hard link, which fails if `path` appeared in
-    the meantime, so an existing file is never replaced.
+    the meantime, so an existing file is never replaced. With `allow_identical`, an
+    existing file holding exactly `data` counts as written (a rerun after a crash).
+
+    The temporary file is named `.NAME.PID@HOST.XXXXXXXX.tmp`. A process killed
+    before the rename leaves it behind; the next write of NAME on the same host
+    removes the ones whose process no longer runs (see docs/security.md).
     """
     path = Path(path)
+    parts = [data] if isinstance(data, bytes) else data
+    if allow_identical and not force and path.is_file() and _same_bytes(path, parts):
+        return
     ensure_writable(path, force)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temp_files(path)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}@{_host()}.", suffix=".tmp", dir=path.parent
+    )
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as tmp:
-            for part in [data] if isinstance(data, bytes) else data:
+            for part in parts:
                 tmp.write(part)
             tmp.flush()
             os.fsync(tmp.fileno())
@@ -619,10 +681,64 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes | list[Any], force: 
                 if path.exists():
                     raise OutputExistsError(f"{path}: already exists (pass --force)") from None
                 os.replace(tmp_name, path)
+            else:
+                os.unlink(tmp_name)  # before the directory fsync: a kill there leaves no temp file
         _fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
+
+
+def _same_bytes(path: Path, parts: list[Any]) -> bool:
+    if path.stat().st_size != sum(len(memoryview(p).cast("B")) for p in parts):
+        return False
+    with path.open("rb") as handle:
+        for part in parts:
+            view = memoryview(part).cast("B")
+            if handle.read(view.nbytes) != view.tobytes():
+                return False
+    return True
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Delete `.NAME.PID@HOST.*.tmp` files of output `path` left by dead processes of this host.
+
+    Only temporary files written on this host by a process that no longer exists are
+    removed, so a concurrent writer (here or on another machine sharing the folder) is
+    never disturbed. Returns the removed paths.
+    """
+    path = Path(path)
+    pattern = re.compile(r"^\." + re.escape(path.name) + r"\.(\d+)@([A-Za-z0-9-]+)\.[A-Za-z0-9_]+\.tmp$")
+    removed = []
+    try:
+        candidates = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    host = _host()
+    for candidate in candidates:
+        match = pattern.match(candidate.name)
+        if not match or match.group(2) != host or _pid_alive(int(match.group(1))):
+            continue
+        try:
+            candidate.unlink()
+            removed.append(candidate)
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def _umask() -> int:
@@ -649,8 +765,16 @@ def write_artifact(
     header: Header,
     tensors: Mapping[str, torch.Tensor],
     force: bool = False,
+    sign: Callable[[list[Any]], list[Any]] | None = None,
+    allow_identical: bool = False,
 ) -> Header:
-    """Validate, hash and atomically write an artifact; returns the header as written."""
+    """Validate, hash and atomically write an artifact; returns the header as written.
+
+    sign: turns the canonical file parts into signed parts (signing.SigningKey.sign_parts);
+    it adds signature metadata only, so the content hash and the header are unchanged.
+    """
     header, data = serialize(header, tensors)
-    write_bytes_atomic(path, data, force)
+    if sign is not None:
+        data = sign(data)
+    write_bytes_atomic(path, data, force, allow_identical)
     return header

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from fedsrd_cli import __version__
+from fedsrd_cli.cli_trust import SignKeyOpt, TrustOpt, sign_with, trust_from_flags
 from fedsrd_cli.errors import FedsrdError, UsageError
 from fedsrd_cli.output import Output, human_bytes, key_value_table
 
@@ -38,6 +39,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object ins
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace output files that exist.")]
 GlobalOpt = Annotated[Path, typer.Option("--global", help="The current global state file.")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output file.")]
+# The names in config.AGGREGATE_METHODS (spelled out: config imports torch; a test keeps them equal).
+METHODS_HELP = (
+    "fedsrd, fedsrd-e, fedavg, fedprox, ffa-lora, flexlora, fed-dare, fedsrd-fixed-ratio,"
+    " fedsrd-random-sparsify, fedsrd-dense-download, fedsrd-no-reconstruction (docs/algorithms.md)"
+)
 
 
 def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -129,6 +135,7 @@ def init_cmd(
         str, typer.Option("--targets", help="all-linear, or module names like q_proj,v_proj.")
     ] = "all-linear",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random A factors.")] = 0,
+    sign_key: SignKeyOpt = None,
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
 ) -> None:
@@ -138,11 +145,12 @@ def init_cmd(
     from fedsrd_cli.model_spec import base_fingerprint, lora_module_shapes, read_model_config
 
     out = Output(json_mode)
+    signer, _ = trust_from_flags(sign_key, None)
     ensure_writable(out_path, force)
     fingerprint = base_fingerprint(read_model_config(base))
     lora, shapes = lora_module_shapes(base, targets, rank, alpha)
     payload = initial_state(shapes, lora, seed, fingerprint)
-    header = write_artifact(out_path, payload.header, payload.tensors, force)
+    header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
     params = sum(t.numel() for t in payload.tensors.values())
     _written(
         out,
@@ -169,28 +177,42 @@ def sparsify_cmd(
         bool, typer.Option("--no-rescale", help="Do not restore the L1 norm of kept values.")
     ] = False,
     value_dtype: Annotated[str, typer.Option("--value-dtype", help="fp32, bf16 or fp16.")] = "fp32",
-    method: Annotated[str, typer.Option("--method", help="Upload method.")] = "fedsrd",
+    method: Annotated[str, typer.Option("--method", help=f"Method: {METHODS_HELP}.")] = "fedsrd",
+    upload_drop: Annotated[
+        float, typer.Option("--upload-drop", help="fed-dare: drop probability p of each upload element.")
+    ] = 0.9,
+    sign_key: SignKeyOpt = None,
+    trust_dir: TrustOpt = None,
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
 ) -> None:
-    """Client: turn a locally trained adapter into a sparse upload for this round."""
+    """Client: turn a locally trained adapter into this round's upload (sparse for FedSRD)."""
     from fedsrd_cli.algorithms import get_algorithm
-    from fedsrd_cli.artifacts import ensure_writable, read_artifact, read_local, write_artifact
+    from fedsrd_cli.artifacts import ensure_writable, read_local, write_artifact
     from fedsrd_cli.config import SparsifyConfig
+    from fedsrd_cli.signing import COORDINATOR, read_verified
 
     out = Output(json_mode)
     _check_client_id(client)
+    signer, trust = trust_from_flags(sign_key, trust_dir)
+    if signer is not None and signer.name != client:
+        raise UsageError(
+            f"--sign-key {sign_key} signs as {signer.name!r} but --client is {client!r}; the coordinator"
+            " accepts an upload only when signed by the client it names"
+        )
     if samples is not None and samples < 0:
         raise UsageError("--samples must be >= 0")
-    config = SparsifyConfig(base_sparsity, kurtosis_coeff, kurtosis_cap, not no_rescale, value_dtype)
+    config = SparsifyConfig(
+        base_sparsity, kurtosis_coeff, kurtosis_cap, not no_rescale, value_dtype, upload_drop
+    )
     algorithm = get_algorithm(method)
     ensure_writable(out_path, force)
-    global_state = read_artifact(global_path, kind="state")
+    global_state = read_verified(global_path, "state", trust, accept=(COORDINATOR, client))
     local_adapter = read_local(local)
     if samples is None:
         samples = local_adapter.header.num_samples if local_adapter.header else 0
     payload = algorithm.upload(global_state, local_adapter, client, samples, config, out.track)
-    header = write_artifact(out_path, payload.header, payload.tensors, force)
+    header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
     if samples == 0:
         out.note("note: no sample count recorded; --weighting samples will refuse this upload")
     _written(
@@ -206,24 +228,51 @@ def aggregate_cmd(
     global_path: GlobalOpt,
     out_path: OutOpt,
     uploads: Annotated[list[Path], typer.Argument(help="Upload files of this round.")],
-    method: Annotated[str, typer.Option("--method", help="fedsrd or fedsrd-e.")] = "fedsrd",
+    method: Annotated[str, typer.Option("--method", help=f"Method: {METHODS_HELP}.")] = "fedsrd",
     weighting: Annotated[str, typer.Option("--weighting", help="uniform or samples.")] = "uniform",
+    max_update_norm: Annotated[
+        float | None,
+        typer.Option(
+            "--max-update-norm",
+            help="Bound on each client's update norm ||B_i A_i - B A||_F (all modules in quadrature).",
+        ),
+    ] = None,
+    on_outlier: Annotated[
+        str,
+        typer.Option(
+            "--on-outlier", help="refuse (error naming the client) or clip (scale it to the bound)."
+        ),
+    ] = "refuse",
+    sign_key: SignKeyOpt = None,
+    trust_dir: TrustOpt = None,
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
 ) -> None:
-    """Coordinator: reconstruct each upload and aggregate in full-rank space."""
+    """Coordinator: aggregate this round's uploads (FedSRD: reconstruct in full-rank space).
+
+    With --trust, every upload must be signed by the client it names.
+    """
     from fedsrd_cli.algorithms import get_algorithm
-    from fedsrd_cli.artifacts import ensure_writable, read_artifact, write_artifact
+    from fedsrd_cli.artifacts import ensure_writable, write_artifact
     from fedsrd_cli.config import AggregateConfig
+    from fedsrd_cli.signing import read_verified
 
     out = Output(json_mode)
-    config = AggregateConfig(method, weighting)
+    config = AggregateConfig(method, weighting, max_update_norm, on_outlier)
     algorithm = get_algorithm(method)
+    signer, trust = trust_from_flags(sign_key, trust_dir)
     ensure_writable(out_path, force)
-    global_state = read_artifact(global_path, kind="state")
-    artifacts = [read_artifact(path, kind="upload") for path in uploads]
+    global_state = read_verified(global_path, "state", trust)
+    artifacts = [read_verified(path, "upload", trust) for path in uploads]
     payload = algorithm.aggregate(global_state, artifacts, config, out.track)
-    header = write_artifact(out_path, payload.header, payload.tensors, force)
+    header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
+    decisions = header.info.get("update_norms", [])
+    for d in decisions:
+        if d["action"] == "clipped":
+            out.note(
+                f"clipped client {d['client_id']!r}: update norm {d['update_norm']:.6g} scaled by"
+                f" {d['scale']:.4g} to {max_update_norm:g}"
+            )
     _written(
         out,
         out_path,
@@ -232,7 +281,17 @@ def aggregate_cmd(
             "method": method,
             "weighting": weighting,
             "clients": [a.header.client_id for a in artifacts],
+            **({"update_norms": decisions} if decisions else {}),
+            **({"norm_guard": _norm_summary(decisions)} if decisions else {}),
         },
+    )
+
+
+def _norm_summary(decisions: list[dict[str, Any]]) -> str:
+    return ", ".join(
+        f"{d['client_id']} {d['update_norm']:.4g} {d['action']}"
+        + (f" x{d['scale']:.4g}" if d["action"] == "clipped" else "")
+        for d in decisions
     )
 
 
@@ -242,34 +301,54 @@ def broadcast_cmd(
     aggregate: Annotated[Path, typer.Option("--aggregate", help="This round's aggregate file.")],
     out_path: Annotated[Path, typer.Option("--out", help="Broadcast file to send to clients.")],
     out_global: Annotated[Path, typer.Option("--out-global", help="Next global state file.")],
-    download_sparsity: Annotated[float, typer.Option("--download-sparsity")] = 0.8,
+    download_sparsity: Annotated[
+        float | None,
+        typer.Option(
+            "--download-sparsity",
+            help="Fraction of the update dropped at random (default 0.8; dense methods: only 0).",
+        ),
+    ] = None,
     seed: Annotated[
         int | None,
         typer.Option("--seed", help="Download-mask seed (default: from the aggregate's hash)."),
     ] = None,
     value_dtype: Annotated[str, typer.Option("--value-dtype", help="fp32, bf16 or fp16.")] = "fp32",
+    sign_key: SignKeyOpt = None,
+    trust_dir: TrustOpt = None,
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
 ) -> None:
-    """Coordinator: decompose the aggregate into one sparse factor update and the next state."""
+    """Coordinator: turn the aggregate into the update to send and the next global state.
+
+    The next state is written first, then the broadcast. A rerun after a crash between
+    the two accepts an existing next-state file holding exactly the same bytes.
+    """
     from fedsrd_cli.algorithms import get_algorithm
-    from fedsrd_cli.artifacts import ensure_writable, read_artifact, write_artifact
+    from fedsrd_cli.artifacts import ensure_writable, write_artifact
     from fedsrd_cli.config import BroadcastConfig
+    from fedsrd_cli.signing import read_verified
 
     out = Output(json_mode)
     if out_path.resolve() == out_global.resolve():
         raise UsageError("--out and --out-global must be different files")
+    signer, trust = trust_from_flags(sign_key, trust_dir)
     ensure_writable(out_path, force)
-    ensure_writable(out_global, force)
-    global_state = read_artifact(global_path, kind="state")
-    agg = read_artifact(aggregate, kind="aggregate")
+    if out_path.exists() or not out_global.exists():
+        ensure_writable(out_global, force)
+    global_state = read_verified(global_path, "state", trust)
+    agg = read_verified(aggregate, "aggregate", trust)
     if seed is None:
         seed = int(agg.header.content_hash.removeprefix("sha256:")[:15], 16)
-    config = BroadcastConfig(download_sparsity, seed, value_dtype)
     algorithm = get_algorithm(agg.header.method)
+    if download_sparsity is None:
+        download_sparsity = algorithm.default_download_sparsity
+    config = BroadcastConfig(download_sparsity, seed, value_dtype)
     broadcast, next_state = algorithm.broadcast(global_state, agg, config, out.track)
-    state_header = write_artifact(out_global, next_state.header, next_state.tensors, force)
-    header = write_artifact(out_path, broadcast.header, broadcast.tensors, force)
+    sign = sign_with(signer)
+    state_header = write_artifact(
+        out_global, next_state.header, next_state.tensors, force, sign=sign, allow_identical=True
+    )
+    header = write_artifact(out_path, broadcast.header, broadcast.tensors, force, sign=sign)
     factors = sorted({name.rsplit(".", 2)[-2] for name in header.layout})
     _written(
         out,
@@ -288,22 +367,42 @@ def broadcast_cmd(
 @command("apply")
 def apply_cmd(
     global_path: GlobalOpt,
-    broadcast: Annotated[Path, typer.Option("--broadcast", help="The coordinator's broadcast.")],
+    broadcasts: Annotated[
+        list[Path],
+        typer.Option(
+            "--broadcast",
+            help="The coordinator's broadcast; repeat it to catch up on missed rounds, in round order.",
+        ),
+    ],
     out_path: Annotated[Path, typer.Option("--out", help="Next global state file.")],
+    sign_key: SignKeyOpt = None,
+    trust_dir: TrustOpt = None,
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
 ) -> None:
-    """Client: apply a broadcast to the global state and verify the coordinator's result hash."""
-    from fedsrd_cli.algorithms.protocol import apply_broadcast
-    from fedsrd_cli.artifacts import ensure_writable, read_artifact, write_artifact
+    """Client: apply broadcasts to the global state and verify the coordinator's result hashes.
+
+    With --trust, broadcasts must be signed by `coordinator`, and the state by
+    `coordinator` or by the party of --sign-key (a state this client computed itself).
+    """
+    from fedsrd_cli.algorithms.catchup import apply_chain
+    from fedsrd_cli.artifacts import ensure_writable, write_artifact
+    from fedsrd_cli.signing import COORDINATOR, read_verified
 
     out = Output(json_mode)
+    signer, trust = trust_from_flags(sign_key, trust_dir)
     ensure_writable(out_path, force)
-    global_state = read_artifact(global_path, kind="state")
-    bc = read_artifact(broadcast, kind="broadcast")
-    payload = apply_broadcast(global_state, bc)
-    header = write_artifact(out_path, payload.header, payload.tensors, force)
-    _written(out, out_path, header, {"verified": True})
+    accept = (COORDINATOR,) if signer is None else (COORDINATOR, signer.name)
+    global_state = read_verified(global_path, "state", trust, accept=accept)
+    chain = [read_verified(path, "broadcast", trust) for path in broadcasts]
+    payload = apply_chain(global_state, chain)
+    header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
+    _written(
+        out,
+        out_path,
+        header,
+        {"verified": True, "broadcasts_applied": len(chain), "from_round": global_state.header.round},
+    )
 
 
 @command("inspect")
@@ -311,13 +410,21 @@ def inspect_cmd(
     path: Annotated[Path, typer.Argument(help="Any fedsrd artifact.")],
     json_mode: JsonOpt = False,
     tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
+    trust_dir: TrustOpt = None,
 ) -> None:
-    """Show an artifact's kind, round, lineage, modules, sizes and traffic against dense."""
-    from fedsrd_cli.artifacts import read_artifact, short
+    """Show an artifact's kind, round, lineage, modules, sizes and traffic against dense.
+
+    Shows who signed it; with --trust the signature is verified (any trusted party may
+    have signed it, but an upload only by the client it names).
+    """
+    from fedsrd_cli.artifacts import short
     from fedsrd_cli.describe import describe
+    from fedsrd_cli.signing import describe_signature, read_verified
 
     out = Output(json_mode)
-    report = describe(read_artifact(path))
+    _, trust = trust_from_flags(None, trust_dir)
+    report = describe(read_verified(path, None, trust, accept=tuple(trust.keys) if trust else None))
+    report["signature"] = describe_signature(path, verified=trust is not None)
     rows = [
         ("file", report["path"]),
         ("kind", f"{report['kind']}" + (f" ({report['method']})" if report["method"] else "")),
@@ -337,6 +444,12 @@ def inspect_cmd(
             rows.append((key.replace("_", " "), report[key]))
     if "result_hash" in report:
         rows.append(("result state", short(report["result_hash"])))
+    signature = report["signature"]
+    if signature is None:
+        rows.append(("signed by", "-"))
+    else:
+        checked = "verified" if signature["verified"] else "not verified: pass --trust"
+        rows.append(("signed by", f"{signature['signer']} ({checked})"))
     rows.append(("bytes on disk", f"{report['bytes_on_disk']:,} ({human_bytes(report['bytes_on_disk'])})"))
     rows.append(("paper accounting", human_bytes(report["paper_bytes"])))
     if report["dense_fp32_bytes"]:
@@ -365,18 +478,21 @@ def inspect_cmd(
 def unpack_cmd(
     path: Annotated[Path, typer.Argument(help="Any fedsrd artifact.")],
     out_path: OutOpt,
+    trust_dir: TrustOpt = None,
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
 ) -> None:
     """Write an artifact as plain dense tensors (deltas under PEFT names for uploads/broadcasts)."""
     from safetensors.torch import save
 
-    from fedsrd_cli.artifacts import ensure_writable, read_artifact, write_bytes_atomic
+    from fedsrd_cli.artifacts import ensure_writable, write_bytes_atomic
     from fedsrd_cli.describe import dense_tensors
+    from fedsrd_cli.signing import read_verified
 
     out = Output(json_mode)
+    _, trust = trust_from_flags(None, trust_dir)
     ensure_writable(out_path, force)
-    artifact = read_artifact(path)
+    artifact = read_verified(path, None, trust, accept=tuple(trust.keys) if trust else None)
     tensors = dense_tensors(artifact)
     metadata = {
         "format": "pt",
@@ -438,12 +554,18 @@ def train_local_cmd(
         bool, typer.Option("--freeze-a", help="Keep every lora_A at the global value (FFA-LoRA).")
     ] = False,
     client: Annotated[str | None, typer.Option("--client", help="This client's id (recorded).")] = None,
+    sign_key: SignKeyOpt = None,
+    trust_dir: TrustOpt = None,
     quiet: QuietOpt = False,
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
 ) -> None:
-    """Client: train the global state's LoRA on local data; writes a local state for sparsify."""
-    from fedsrd_cli.artifacts import ensure_writable, read_artifact, write_artifact
+    """Client: train the global state's LoRA on local data; writes a local state for sparsify.
+
+    With --trust, the global state must be signed by `coordinator` (or by this client's key).
+    """
+    from fedsrd_cli.artifacts import ensure_writable, write_artifact
+    from fedsrd_cli.signing import COORDINATOR, read_verified
     from fedsrd_cli.training import (
         TrainConfig,
         check_fingerprint,
@@ -470,10 +592,12 @@ def train_local_cmd(
         prox_mu=prox_mu,
         freeze_a=freeze_a,
     )
+    signer, trust = trust_from_flags(sign_key, trust_dir)
     log_path = Path(str(out_path) + ".log.jsonl")
     ensure_writable(out_path, force)
     ensure_writable(log_path, force)
-    global_state = read_artifact(global_path, kind="state")
+    accept = (COORDINATOR,) if signer is None else (COORDINATOR, signer.name)
+    global_state = read_verified(global_path, "state", trust, accept=accept)
     check_fingerprint(base, global_state)
     datasets = load_datasets(data)
     model = load_base(base, device, dtype)
@@ -497,7 +621,7 @@ def train_local_cmd(
         }
     }
     header = local_header(global_state, stats.samples, client or "", info)
-    header = write_artifact(out_path, header, tensors, force)
+    header = write_artifact(out_path, header, tensors, force, sign=sign_with(signer))
     _write_log(log_path, stats.log, force)
     _written(
         out,
@@ -531,13 +655,18 @@ def eval_cmd(
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 512,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto, fp32, bf16 or fp16.")] = "auto",
+    trust_dir: TrustOpt = None,
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
 ) -> None:
-    """Loss and perplexity on response tokens (per file and mean); the base alone without an adapter."""
+    """Loss and perplexity on response tokens (per file and mean); the base alone without an adapter.
+
+    With --trust, --global must be signed by `coordinator`.
+    """
     import json
 
-    from fedsrd_cli.artifacts import ensure_writable, read_artifact, short, write_bytes_atomic
+    from fedsrd_cli.artifacts import ensure_writable, short, write_bytes_atomic
+    from fedsrd_cli.signing import read_verified
     from fedsrd_cli.training import (
         check_fingerprint,
         evaluate,
@@ -552,10 +681,11 @@ def eval_cmd(
         raise UsageError("give --global or --adapter, not both")
     if out_path is not None:
         ensure_writable(out_path, force)
+    _, trust = trust_from_flags(None, trust_dir)
     datasets = load_datasets(data)
     global_state = None
     if global_path is not None:
-        global_state = read_artifact(global_path, kind="state")
+        global_state = read_verified(global_path, "state", trust)
         check_fingerprint(base, global_state)
     model = load_base(base, device, dtype)
     if global_state is not None:
@@ -609,16 +739,18 @@ def export_cmd(
     base: Annotated[
         Path | None, typer.Option("--base", help="Base model dir (checked, and recorded in the config).")
     ] = None,
+    trust_dir: TrustOpt = None,
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
 ) -> None:
     """Write a global state as a PEFT adapter directory (PeftModel.from_pretrained loads it)."""
-    from fedsrd_cli.artifacts import read_artifact
     from fedsrd_cli.export import export_adapter
+    from fedsrd_cli.signing import read_verified
     from fedsrd_cli.training import check_fingerprint
 
     out = Output(json_mode)
-    global_state = read_artifact(global_path, kind="state")
+    _, trust = trust_from_flags(None, trust_dir)
+    global_state = read_verified(global_path, "state", trust)
     if base is not None:
         check_fingerprint(base, global_state)
     report = export_adapter(global_state, out_dir, str(base) if base is not None else None, force)
@@ -631,6 +763,42 @@ def export_cmd(
                     f"{out_dir} (PEFT adapter, {report['tensors']} tensors, {human_bytes(report['bytes'])})",
                 ),
                 ("from", f"{global_path} (round {report['round']})"),
+            ]
+        ),
+    )
+
+
+@command("keygen")
+def keygen_cmd(
+    out_prefix: Annotated[
+        Path,
+        typer.Option("--out", help="DIR/NAME: writes DIR/NAME.key (private, 0600) and DIR/NAME.pub."),
+    ],
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Create an Ed25519 key pair for party NAME (a client id, or `coordinator`).
+
+    Keep NAME.key secret; give NAME.pub to the parties that read your files, who put it
+    in their --trust directory.
+    """
+    from fedsrd_cli.signing import generate_keypair
+
+    out = Output(json_mode)
+    key_path, pub_path, fingerprint = generate_keypair(out_prefix, force)
+    out.result(
+        {
+            "party": out_prefix.name,
+            "private_key": str(key_path),
+            "public_key": str(pub_path),
+            "key_id": fingerprint,
+        },
+        key_value_table(
+            [
+                ("party", out_prefix.name),
+                ("private key", f"{key_path} (keep secret)"),
+                ("public key", f"{pub_path} (share)"),
+                ("key id", fingerprint),
             ]
         ),
     )
@@ -671,6 +839,78 @@ def demo_assets_cmd(
         ("clients", ", ".join(manifest["domains"])),
     ]
     out.result({"path": str(out_dir), **manifest}, key_value_table(rows))
+
+
+@command("status")
+def status_cmd(
+    inbox: Annotated[Path, typer.Argument(help="The coordinator's inbox directory of uploads.")],
+    global_path: GlobalOpt,
+    expect: Annotated[
+        int | None, typer.Option("--expect", help="Number of uploads the round waits for.")
+    ] = None,
+    clients: Annotated[
+        str | None, typer.Option("--clients", help="Comma-separated client ids the round waits for.")
+    ] = None,
+    trust_dir: TrustOpt = None,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Coordinator: which uploads of this round are in INBOX, valid and signed; is the round ready?
+
+    Exit codes for cron: 0 ready to aggregate; 10 waiting (expected uploads missing,
+    nothing invalid); 11 invalid files present (corrupt, stale, unsigned, forged,
+    duplicate or unexpected client). Without --expect/--clients, one valid upload is
+    enough. Errors with the flags or the global state keep their usual codes (2-7).
+    """
+    from fedsrd_cli.artifacts import short
+    from fedsrd_cli.round_status import round_status
+    from fedsrd_cli.signing import read_verified
+
+    out = Output(json_mode)
+    if expect is not None and clients is not None:
+        raise UsageError("give --expect or --clients, not both")
+    if expect is not None and expect < 1:
+        raise UsageError("--expect must be >= 1")
+    client_list = None
+    if clients is not None:
+        client_list = [_check_client_id(c.strip()) for c in clients.split(",") if c.strip()]
+        if not client_list:
+            raise UsageError("--clients names no client")
+    if not inbox.is_dir():
+        raise UsageError(f"{inbox}: not a directory")
+    _, trust = trust_from_flags(None, trust_dir)
+    global_state = read_verified(global_path, "state", trust)
+    report, code = round_status(inbox, global_state, trust, expect, client_list)
+    from rich.table import Table
+
+    table = Table("file", "status", "client", "round", "signer", "problem")
+    for f in report["files"]:
+        signer = f["signer"] or "-"
+        if f["signer"] and not f["signature_verified"]:
+            signer += " (unverified)"
+        table.add_row(
+            Path(f["path"]).name,
+            f["status"] if f["kind"] in (None, "upload") else f"ignored ({f['kind']})",
+            f["client_id"] or "-",
+            "-" if f["round"] is None else str(f["round"]),
+            signer,
+            f["problem"] or "",
+        )
+    summary = key_value_table(
+        [
+            ("round", f"{report['round']} (global {short(report['global_hash'])})"),
+            ("present", ", ".join(report["present_clients"]) or "-"),
+            (
+                "missing",
+                ", ".join(report["missing_clients"])
+                or (str(report["waiting_for"]) if report["waiting_for"] else "-"),
+            ),
+            ("invalid files", report["invalid_files"]),
+            ("status", report["status"]),
+        ]
+    )
+    out.result(report, table, summary)
+    if code:
+        raise typer.Exit(code)
 
 
 def main() -> None:

@@ -20,8 +20,23 @@ VALUE_DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
 }
 
-AGGREGATE_METHODS = ("fedsrd", "fedsrd-e")
+# Every registered algorithm, by name (docs/algorithms.md). algorithms/__init__.py builds the
+# registry from its classes and refuses to import if it disagrees with this tuple.
+AGGREGATE_METHODS = (
+    "fedsrd",
+    "fedsrd-e",
+    "fedavg",
+    "fedprox",
+    "ffa-lora",
+    "flexlora",
+    "fed-dare",
+    "fedsrd-fixed-ratio",
+    "fedsrd-random-sparsify",
+    "fedsrd-dense-download",
+    "fedsrd-no-reconstruction",
+)
 WEIGHTINGS = ("uniform", "samples")
+OUTLIER_ACTIONS = ("refuse", "clip")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -68,15 +83,25 @@ class LoraSpec:
 
 @dataclass(frozen=True)
 class SparsifyConfig:
-    """Upload sparsification (method section 1). Defaults are the authors' runs."""
+    """Upload settings (method section 1). Defaults are the authors' runs.
+
+    base_sparsity, kurtosis_coeff, kurtosis_cap, rescale: FedSRD's importance sparsification.
+    upload_drop: Fed-DARE's drop probability p (each element kept with probability 1 - p).
+    value_dtype: dtype of the uploaded values, for every method.
+    """
 
     base_sparsity: float = 0.85
     kurtosis_coeff: float = 0.1
     kurtosis_cap: float = 0.11
     rescale: bool = True
     value_dtype: str = "fp32"
+    upload_drop: float = 0.9
 
     def __post_init__(self) -> None:
+        _require(
+            0.0 <= self.upload_drop < 1.0,
+            f"--upload-drop must be in [0, 1), got {self.upload_drop}",
+        )
         _require(
             0.0 <= self.base_sparsity < 1.0,
             f"--base-sparsity must be in [0, 1), got {self.base_sparsity}",
@@ -99,10 +124,18 @@ class AggregateConfig:
 
     method: str = "fedsrd"
     weighting: str = "uniform"
+    max_update_norm: float | None = None
+    on_outlier: str = "refuse"
 
     def __post_init__(self) -> None:
         _require(self.method in AGGREGATE_METHODS, f"--method must be one of {list(AGGREGATE_METHODS)}")
         _require(self.weighting in WEIGHTINGS, f"--weighting must be one of {list(WEIGHTINGS)}")
+        _require(
+            self.max_update_norm is None
+            or (math.isfinite(self.max_update_norm) and self.max_update_norm > 0),
+            f"--max-update-norm must be a finite number > 0, got {self.max_update_norm}",
+        )
+        _require(self.on_outlier in OUTLIER_ACTIONS, f"--on-outlier must be one of {list(OUTLIER_ACTIONS)}")
 
 
 @dataclass(frozen=True)
@@ -115,8 +148,8 @@ class BroadcastConfig:
 
     def __post_init__(self) -> None:
         _require(
-            0.0 <= self.download_sparsity < 1.0,
-            f"--download-sparsity must be in [0, 1), got {self.download_sparsity}",
+            0.0 <= self.download_sparsity <= 0.999,
+            f"--download-sparsity must be in [0, 0.999], got {self.download_sparsity}",
         )
         _require(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}")
         _require(self.value_dtype in VALUE_DTYPES, f"--value-dtype must be one of {list(VALUE_DTYPES)}")

@@ -34,7 +34,10 @@ def describe(artifact: Artifact) -> dict[str, Any]:
         for name, shape in sorted(head.layout.items()):
             numel = math.prod(shape)
             values_shape = artifact.shapes[naming.values_key(name)]
-            kept = None if list(values_shape) == list(shape) else values_shape[0]
+            dense = list(values_shape) == list(shape) or (
+                head.kind == "broadcast" and head.download_sparsity == 0.0
+            )  # a download-sparsity-0 broadcast sends every element: no mask is needed
+            kept = None if dense else values_shape[0]
             paper_total += paper_bytes(numel, kept)
             logical_numel += numel
             tensors.append(

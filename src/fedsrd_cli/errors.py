@@ -13,6 +13,11 @@ Exit codes:
     5  output: the output path exists (pass --force) or cannot be written
     6  data: training/eval data or a model directory that cannot be used
     7  trust: missing, unknown or invalid signatures
+
+`fedsrd status` also exits (see round_status.py), for cron:
+    0   the round is ready to aggregate
+    10  waiting: expected uploads are missing, nothing invalid
+    11  invalid upload files are present in the inbox
 """
 
 from __future__ import annotations

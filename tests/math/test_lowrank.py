@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedsrd_cli.math.lowrank import (
+    balanced_truncation,
     choose_factor,
     is_rank_deficient,
     product_svd,
@@ -55,6 +56,25 @@ def test_truncate_product_matches_dense_truncated_svd():
     reference = u[:, :4] @ torch.diag(s[:4]) @ vh[:4]
     assert t_left.shape == (50, 4) and t_right.shape == (4, 40)
     assert _rel(t_left @ t_right, reference) < 1e-10
+
+
+def test_balanced_truncation_splits_the_truncated_svd_evenly():
+    bs, as_ = _clients(3, 50, 40, 4, 2)
+    left, right = stack_factors(bs, as_, [0.2, 0.3, 0.5])
+    new_b, new_a = balanced_truncation(left, right, 4)
+    u, s, vh = torch.linalg.svd(left @ right, full_matrices=False)
+    assert new_b.shape == (50, 4) and new_a.shape == (4, 40)
+    assert _rel(new_b @ new_a, u[:, :4] @ torch.diag(s[:4]) @ vh[:4]) < 1e-10
+    assert torch.allclose(new_b.T @ new_b, torch.diag(s[:4]), atol=1e-9)
+    assert torch.allclose(new_a @ new_a.T, torch.diag(s[:4]), atol=1e-9)
+
+
+def test_balanced_truncation_pads_to_the_rank_when_w_has_lower_rank():
+    bs, as_ = _clients(1, 6, 9, 2, 3)  # W has rank 2; ask for 5
+    new_b, new_a = balanced_truncation(bs[0], as_[0], 5)
+    assert new_b.shape == (6, 5) and new_a.shape == (5, 9)
+    assert _rel(new_b @ new_a, bs[0] @ as_[0]) < 1e-10
+    assert not new_b[:, 2:].any() and not new_a[2:].any()
 
 
 def test_update_b_and_update_a_match_dense_pinv():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fedsrd_cli.math.masks import (
+    count_set_bits,
     keep_threshold,
     pack_bits,
     padding_is_clean,
@@ -80,3 +81,8 @@ def test_seeded_mask_keeps_about_one_minus_p_and_depends_on_name_and_seed():
 def test_zero_sparsity_keeps_everything():
     assert keep_threshold(0.0) == 2**32
     assert bool(seeded_keep_mask(3, "n", (10, 10), 0.0).all())
+
+
+def test_count_set_bits_matches_unpacked_sum():
+    mask = torch.rand(1003, generator=torch.Generator().manual_seed(9)) < 0.4
+    assert count_set_bits(pack_bits(mask)) == int(mask.sum())

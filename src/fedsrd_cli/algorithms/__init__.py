@@ -1,15 +1,43 @@
-"""Federated algorithms behind one interface (base.Algorithm), shared by the CLI and simulate."""
+"""Federated algorithms behind one interface (base.Algorithm), shared by the CLI and simulate.
+
+docs/algorithms.md describes each method and what it sends each way.
+"""
 
 from __future__ import annotations
 
+from fedsrd_cli.algorithms.ablations import (
+    FedSRDDenseDownload,
+    FedSRDFixedRatio,
+    FedSRDNoReconstruction,
+    FedSRDRandomSparsify,
+)
 from fedsrd_cli.algorithms.base import Algorithm
+from fedsrd_cli.algorithms.baselines import FedAvg, FedDARE, FedProx, FFALoRA, FlexLoRA
 from fedsrd_cli.algorithms.fedsrd import FedSRD
+from fedsrd_cli.config import AGGREGATE_METHODS
 from fedsrd_cli.errors import UsageError
 
 ALGORITHMS: dict[str, Algorithm] = {
-    "fedsrd": FedSRD(exact=False),
-    "fedsrd-e": FedSRD(exact=True),
+    algorithm.name: algorithm
+    for algorithm in (
+        FedSRD(exact=False),
+        FedSRD(exact=True),
+        FedAvg(),
+        FedProx(),
+        FFALoRA(),
+        FlexLoRA(),
+        FedDARE(),
+        FedSRDFixedRatio(),
+        FedSRDRandomSparsify(),
+        FedSRDDenseDownload(),
+        FedSRDNoReconstruction(),
+    )
 }
+
+if tuple(ALGORITHMS) != AGGREGATE_METHODS:  # a programming error: fail at import, not later
+    raise RuntimeError(
+        f"config.AGGREGATE_METHODS {AGGREGATE_METHODS} and the registry {tuple(ALGORITHMS)} disagree"
+    )
 
 
 def get_algorithm(name: str) -> Algorithm:

@@ -35,9 +35,19 @@ class Payload:
 
 
 class Algorithm(ABC):
-    """One federated method: client upload, coordinator aggregate, coordinator broadcast."""
+    """One federated method: client upload, coordinator aggregate, coordinator broadcast.
+
+    dense_download: True when the broadcast sends whole factors, so its download sparsity
+    must be 0 (`default_download_sparsity` is what the CLI uses when the user gives none).
+    """
 
     name: str
+    dense_download: bool = False
+
+    @property
+    def default_download_sparsity(self) -> float:
+        """The broadcast's download sparsity when the user gives none: 0 for dense downloads."""
+        return 0.0 if self.dense_download else BroadcastConfig().download_sparsity
 
     @abstractmethod
     def upload(

@@ -15,8 +15,9 @@ import torch
 from fedsrd_cli import naming
 from fedsrd_cli.algorithms.base import Payload
 from fedsrd_cli.artifacts import Artifact, Header, LocalAdapter, content_hash, short
-from fedsrd_cli.config import LoraSpec
+from fedsrd_cli.config import AggregateConfig, LoraSpec
 from fedsrd_cli.errors import MismatchError, StaleUploadError, UsageError
+from fedsrd_cli.math.lowrank import product_frobenius_norm
 from fedsrd_cli.math.masks import seeded_keep_mask
 
 
@@ -120,6 +121,56 @@ def client_weights(uploads: Sequence[Artifact], weighting: str) -> list[float]:
         total = sum(u.header.num_samples for u in uploads)
         return [u.header.num_samples / total for u in uploads]
     return [1.0 / len(uploads)] * len(uploads)
+
+
+def update_norm(global_state: Artifact, upload: Artifact) -> float:
+    """Frobenius norm of a client's full-rank update, over all modules.
+
+    Per module dW_i = B_i A_i - B A with B_i = B + dB_i, A_i = A + dA_i, taken as the
+    product [B_i, -B] @ [A_i; A] (never d_out x d_in); modules add in quadrature:
+    ||dW_i|| = sqrt(sum_modules ||dW_i,module||_F^2).
+    """
+    total = 0.0
+    for module in global_state.modules():
+        a_prev, b_prev = (t.double() for t in global_state.factors(module))
+        delta_a = upload.upload_delta(naming.factor_key(module, "A"))
+        delta_b = upload.upload_delta(naming.factor_key(module, "B"))
+        if delta_a is None and delta_b is None:
+            continue
+        a_new = a_prev if delta_a is None else a_prev + delta_a.double()
+        b_new = b_prev if delta_b is None else b_prev + delta_b.double()
+        left = torch.cat([b_new, -b_prev], dim=1)  # (d_out, 2r)
+        right = torch.cat([a_new, a_prev], dim=0)  # (2r, d_in)
+        total += float(product_frobenius_norm(left, right)) ** 2
+    return math.sqrt(total)
+
+
+def guard_update_norms(
+    global_state: Artifact, uploads: Sequence[Artifact], config: AggregateConfig
+) -> list[dict]:
+    """Apply --max-update-norm: one decision per client, in upload order.
+
+    Each decision is {"client_id", "update_norm", "action": "ok"|"clipped", "scale"}; a
+    clipped client's update dW_i is scaled by `scale` = bound / norm so its norm equals the
+    bound. With on_outlier "refuse", a client over the bound raises MismatchError.
+    Without a bound, returns [] and reads nothing.
+    """
+    bound = config.max_update_norm
+    if bound is None:
+        return []
+    decisions = []
+    for upload in uploads:
+        norm = update_norm(global_state, upload)
+        decision = {"client_id": upload.header.client_id, "update_norm": norm, "action": "ok", "scale": 1.0}
+        if norm > bound:
+            if config.on_outlier == "refuse":
+                raise MismatchError(
+                    f"{upload.path}: client {upload.header.client_id!r} has update norm {norm:.6g}, over"
+                    f" --max-update-norm {bound:g} (refused; --on-outlier clip would scale it down)"
+                )
+            decision.update(action="clipped", scale=bound / norm)
+        decisions.append(decision)
+    return decisions
 
 
 def check_aggregate(global_state: Artifact, aggregate: Artifact) -> None:

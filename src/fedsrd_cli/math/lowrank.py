@@ -62,6 +62,26 @@ def truncate_product(left: torch.Tensor, right: torch.Tensor, rank: int) -> tupl
     return u * s, vh
 
 
+def balanced_truncation(
+    left: torch.Tensor, right: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-`rank` approximation of W = left @ right, split evenly into LoRA factors.
+
+    left: (d_out, k), right: (k, d_in) -> B' (d_out, rank), A' (rank, d_in) with
+    B' = U[:, :q] diag(sqrt(S[:q])), A' = diag(sqrt(S[:q])) Vh[:q], q = min(rank, k, d_out, d_in),
+    so B' A' = W_r (Eckart-Young). When q < rank the missing columns of B' and rows of A'
+    are zero, so the factors always have LoRA's shapes.
+    """
+    u, s, vh = product_svd(left, right)
+    q = min(rank, s.numel())
+    root = s[:q].sqrt()
+    new_b = left.new_zeros(left.shape[0], rank)
+    new_a = right.new_zeros(rank, right.shape[1])
+    new_b[:, :q] = u[:, :q] * root
+    new_a[:q] = root[:, None] * vh[:q]
+    return new_b, new_a
+
+
 def is_rank_deficient(x: torch.Tensor) -> bool:
     """True when x (rows, cols) has numerical rank below min(rows, cols).
 
@@ -109,3 +129,16 @@ def choose_factor(round_index: int, b_prev: torch.Tensor, a_prev: torch.Tensor) 
     if is_rank_deficient(inverted[scheduled]) and not is_rank_deficient(inverted[fallback]):
         return fallback
     return scheduled
+
+
+def product_frobenius_norm(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """||left @ right||_F without forming the product.
+
+    left: (d_out, k), right: (k, d_in) -> scalar tensor (same dtype)
+    ||L R||_F^2 = trace((L R)^T (L R)) = trace((L^T L)(R R^T)) = sum((L^T L) * (R R^T)),
+    the last step because both Gram matrices (k, k) are symmetric. Cost O((d_out + d_in) k^2).
+    A client's update dW_i = B_i A_i - B A is the product [B_i, -B] @ [A_i; A].
+    """
+    gram_left = left.T @ left  # (k, k)
+    gram_right = right @ right.T  # (k, k)
+    return torch.sqrt(torch.clamp((gram_left * gram_right).sum(), min=0.0))

@@ -50,9 +50,19 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def padding_is_clean(packed: torch.Tensor, numel: int) -> bool:
-    """True when the pad bits after element numel - 1 are all zero."""
-    bits = (packed.reshape(-1, 1) & _BIT_WEIGHTS) != 0
-    return not bool(bits.reshape(-1)[numel:].any())
+    """True when the pad bits after element numel - 1 (all in the last byte) are zero."""
+    pad = packed.numel() * 8 - numel
+    if pad == 0 or packed.numel() == 0:
+        return True
+    return int(packed.reshape(-1)[-1]) & ((1 << pad) - 1) == 0
+
+
+_POPCOUNT = torch.tensor([bin(byte).count("1") for byte in range(256)], dtype=torch.int64)
+
+
+def count_set_bits(packed: torch.Tensor) -> int:
+    """Number of set bits in a (bytes,) uint8 tensor, via a 256-entry table (no unpacking)."""
+    return int(_POPCOUNT[packed.reshape(-1).long()].sum())
 
 
 def _mul32(x: torch.Tensor, const: int) -> torch.Tensor:
@@ -103,3 +113,19 @@ def seeded_keep_mask(seed: int, name: str, shape: tuple[int, ...], drop_prob: fl
     numel = math.prod(shape)
     bits = random_bits32(seed, name, numel)
     return (bits < keep_threshold(drop_prob)).reshape(shape)
+
+
+def count_kept(seed: int, name: str, numel: int, drop_prob: float, chunk: int = 2**15) -> int:
+    """seeded_keep_mask(seed, name, (numel,), drop_prob).sum(), in chunks of `chunk` elements.
+
+    Memory is O(chunk) whatever numel is: h(j) is computed for j in [start, start + chunk).
+    """
+    if numel >= 2**32:
+        raise ValueError("seeded masks address at most 2^32 elements per tensor")
+    k0, k1 = stream_key(seed, name)
+    threshold = keep_threshold(drop_prob)
+    kept = 0
+    for start in range(0, numel, chunk):
+        j = torch.arange(start, min(numel, start + chunk), dtype=torch.int64)
+        kept += int((mix32(mix32(j ^ k0) ^ k1) < threshold).sum())
+    return kept

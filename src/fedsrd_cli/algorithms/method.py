@@ -1,0 +1,249 @@
+"""`Method`: an Algorithm assembled from one encoder, one combiner and one decomposer.
+
+Every registered method (FedSRD, its ablations, the baselines) is a subclass that
+picks its three pieces from .steps; this class runs them module by module, checks
+lineage through .protocol, and builds the headers. Nothing here touches a file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+
+import torch
+
+from fedsrd_cli import naming
+from fedsrd_cli.algorithms.base import Algorithm, Payload, Track, no_progress
+from fedsrd_cli.algorithms.protocol import (
+    apply_update,
+    check_aggregate,
+    check_local,
+    check_uploads,
+    client_weights,
+    guard_update_norms,
+    next_state_header,
+)
+from fedsrd_cli.algorithms.steps import (
+    ClientFactors,
+    Encoded,
+    FactorDelta,
+    ModuleUpdate,
+    client_factors,
+    clip_clients,
+    upload_seed,
+)
+from fedsrd_cli.artifacts import Artifact, Header, LocalAdapter, content_hash
+from fedsrd_cli.config import VALUE_DTYPES, AggregateConfig, BroadcastConfig, SparsifyConfig
+from fedsrd_cli.errors import MismatchError, UsageError
+from fedsrd_cli.math.masks import pack_bits, seeded_keep_mask
+
+Encoder = Callable[[FactorDelta, SparsifyConfig], Encoded]
+Combiner = Callable[[ClientFactors, Sequence[float], int], tuple[torch.Tensor, torch.Tensor]]
+Decomposer = Callable[[str, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], ModuleUpdate]
+
+
+class Method(Algorithm):
+    """Upload = `encode` per factor; aggregate = `combine` per module; broadcast = `decompose`.
+
+    Subclasses set:
+      name           the method's name (aggregates, broadcasts and states record it)
+      upload_method  the name uploads record; aggregate accepts only uploads with this name
+                     (several server-side variants share FedSRD's client step, "fedsrd")
+      encode, combine, decompose   pieces from .steps
+      random_upload  whether `encode` draws a seeded random mask (the seed is recorded)
+      upload_settings the SparsifyConfig fields `encode` uses; uploads record exactly these
+      dense_download True when the broadcast sends whole factors: download sparsity must be 0
+    """
+
+    name: str
+    upload_method: str
+    encode: Encoder
+    combine: Combiner
+    decompose: Decomposer
+    random_upload: bool = False
+    upload_settings: tuple[str, ...] = ("value_dtype",)
+
+    # ------------------------------------------------------------------ client: upload
+
+    def upload(
+        self,
+        global_state: Artifact,
+        local: LocalAdapter,
+        client_id: str,
+        num_samples: int,
+        config: SparsifyConfig,
+        track: Track = no_progress,
+    ) -> Payload:
+        check_local(global_state, local)
+        head = global_state.header
+        seed = upload_seed(head.content_hash, client_id)
+        value_dtype = VALUE_DTYPES[config.value_dtype]
+        tensors: dict[str, torch.Tensor] = {}
+        layout: dict[str, list[int]] = {}
+        ratios: dict[str, float] = {}
+        modules = global_state.modules()
+        for module in track(modules, len(modules), "sparsify"):
+            a_prev, b_prev = global_state.factors(module)  # (r, d_in), (d_out, r)
+            a_new, b_new = (t.float() for t in local.factors(module))
+            deltas = (("B", b_new - b_prev.float()), ("A", a_new - a_prev.float()))
+            for factor, delta in deltas:
+                if not bool(delta.any()):
+                    continue  # an unchanged matrix uploads nothing
+                name = naming.factor_key(module, factor)
+                encoded = self.encode(FactorDelta(name, factor, delta, a_prev, b_new, seed), config)
+                if encoded.kept is None:
+                    tensors[naming.values_key(name)] = encoded.values.to(value_dtype)  # (rows, cols)
+                else:
+                    tensors[naming.values_key(name)] = encoded.values[encoded.kept].to(value_dtype)
+                    tensors[naming.mask_key(name)] = pack_bits(encoded.kept)  # (ceil(n/8),)
+                layout[name] = list(delta.shape)
+                if encoded.ratio is not None:
+                    ratios[name] = round(encoded.ratio, 6)
+        if not tensors:
+            raise MismatchError(f"{local.path}: identical to the global state; nothing to upload")
+        used = asdict(config)
+        info: dict = {
+            "sparsify": {key: used[key] for key in self.upload_settings},
+            "lora_numel": global_state.numel(),
+        }
+        if ratios:
+            info["prune_ratio"] = ratios
+        if self.random_upload:
+            info["upload_seed"] = seed
+        header = Header(
+            kind="upload",
+            round=head.round + 1,
+            lora=head.lora,
+            base_fingerprint=head.base_fingerprint,
+            parent_hash=head.content_hash,
+            method=self.upload_method,
+            client_id=client_id,
+            num_samples=num_samples,
+            layout=layout,
+            info=info,
+        )
+        return Payload(header, tensors)
+
+    # ------------------------------------------------------------------ coordinator: aggregate
+
+    def aggregate(
+        self,
+        global_state: Artifact,
+        uploads: Sequence[Artifact],
+        config: AggregateConfig,
+        track: Track = no_progress,
+    ) -> Payload:
+        check_uploads(global_state, uploads, config.weighting)
+        for upload in uploads:
+            if upload.header.method != self.upload_method:
+                raise MismatchError(
+                    f"{upload.path}: was made by `sparsify --method {upload.header.method}`, but"
+                    f" `aggregate --method {self.name}` needs uploads from"
+                    f" `sparsify --method {self.upload_method}`"
+                )
+        weights = client_weights(uploads, config.weighting)
+        decisions = guard_update_norms(global_state, uploads, config)
+        scales = [d["scale"] for d in decisions]
+        rank = global_state.header.lora.rank
+        tensors: dict[str, torch.Tensor] = {}
+        modules = global_state.modules()
+        for module in track(modules, len(modules), "aggregate"):
+            clients, module_weights = client_factors(global_state, uploads, module), weights
+            if any(scale < 1.0 for scale in scales):
+                clients, module_weights = clip_clients(clients, weights, scales)
+            left, right = self.combine(clients, module_weights, rank)
+            left_name, right_name = naming.aggregate_keys(module)
+            tensors[left_name] = left.float()  # (d_out, k)
+            tensors[right_name] = right.float()  # (k, d_in)
+        head = global_state.header
+        header = Header(
+            kind="aggregate",
+            round=head.round + 1,
+            lora=head.lora,
+            base_fingerprint=head.base_fingerprint,
+            parent_hash=head.content_hash,
+            method=self.name,
+            info={
+                "weighting": config.weighting,
+                "clients": [
+                    {"client_id": u.header.client_id, "upload": u.header.content_hash, "weight": w}
+                    for u, w in zip(uploads, weights, strict=True)
+                ],
+                **(
+                    {
+                        "max_update_norm": config.max_update_norm,
+                        "on_outlier": config.on_outlier,
+                        "update_norms": decisions,
+                    }
+                    if decisions
+                    else {}
+                ),
+            },
+        )
+        return Payload(header, tensors)
+
+    # ------------------------------------------------------------------ coordinator: broadcast
+
+    def broadcast(
+        self,
+        global_state: Artifact,
+        aggregate: Artifact,
+        config: BroadcastConfig,
+        track: Track = no_progress,
+    ) -> tuple[Payload, Payload]:
+        check_aggregate(global_state, aggregate)
+        if aggregate.header.method != self.name:
+            raise MismatchError(
+                f"{aggregate.path}: is a {aggregate.header.method} aggregate, not {self.name}"
+            )
+        if self.dense_download and config.download_sparsity != 0.0:
+            raise UsageError(
+                f"{self.name} sends whole factors down; --download-sparsity must be 0 (or left out),"
+                f" got {config.download_sparsity}"
+            )
+        round_index = global_state.header.round + 1
+        value_dtype = VALUE_DTYPES[config.value_dtype]
+        keep_prob = 1.0 - config.download_sparsity
+        tensors: dict[str, torch.Tensor] = {}
+        layout: dict[str, list[int]] = {}
+        fallbacks: list[str] = []
+        modules = global_state.modules()
+        for module in track(modules, len(modules), "broadcast"):
+            a_prev, b_prev = (t.double() for t in global_state.factors(module))
+            left_name, right_name = naming.aggregate_keys(module)
+            left = aggregate.tensor(left_name).double()  # (d_out, k)
+            right = aggregate.tensor(right_name).double()  # (k, d_in)
+            update = self.decompose(module, round_index, a_prev, b_prev, left, right)
+            if update.fell_back:
+                fallbacks.append(module)
+            for factor, delta in update.deltas:
+                if not bool(delta.any()):
+                    continue  # nothing changed this factor
+                name = naming.factor_key(module, factor)
+                shape = tuple(delta.shape)
+                mask = seeded_keep_mask(config.seed, name, shape, config.download_sparsity)
+                tensors[naming.values_key(name)] = (delta[mask] / keep_prob).to(value_dtype)  # (kept,)
+                layout[name] = list(shape)
+        head = global_state.header
+        header = Header(
+            kind="broadcast",
+            round=round_index,
+            lora=head.lora,
+            base_fingerprint=head.base_fingerprint,
+            parent_hash=head.content_hash,
+            method=self.name,
+            aggregate_hash=aggregate.header.content_hash,
+            seed=config.seed,
+            download_sparsity=config.download_sparsity,
+            layout=layout,
+            info={
+                "factor_fallbacks": fallbacks,
+                "value_dtype": config.value_dtype,
+                "lora_numel": global_state.numel(),
+            },
+        )
+        if not tensors:
+            raise MismatchError(f"{aggregate.path}: the aggregate changes no module; nothing to send")
+        next_tensors = apply_update(global_state, header, tensors.__getitem__)
+        header = replace(header, result_hash=content_hash(next_tensors))
+        return Payload(header, tensors), Payload(next_state_header(global_state, self.name), next_tensors)

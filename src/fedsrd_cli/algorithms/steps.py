@@ -1,0 +1,316 @@
+"""The interchangeable pieces every method is built from (docs/algorithms.md).
+
+A method is three choices, one per step, each a pure function over one factor or
+one module (the math itself lives in fedsrd_cli.math):
+
+- an *encoder* (client): one factor's dense delta -> what is uploaded for it
+  (dense values, or kept values + a mask);
+- a *combiner* (coordinator): the round's uploads of one module -> the factored
+  aggregate (left (d_out, k), right (k, d_in));
+- a *decomposer* (coordinator): the previous factors and the aggregate of one
+  module -> the factor deltas to broadcast.
+
+`method.Method` runs them module by module and handles files' headers and checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from fedsrd_cli import naming
+from fedsrd_cli.artifacts import Artifact
+from fedsrd_cli.config import SparsifyConfig
+from fedsrd_cli.errors import MismatchError
+from fedsrd_cli.math.importance import (
+    adaptive_ratio,
+    importance_a,
+    importance_b,
+    l1_rescale,
+    pearson_kurtosis,
+    sparsify_delta,
+)
+from fedsrd_cli.math.lowrank import (
+    balanced_truncation,
+    choose_factor,
+    stack_factors,
+    truncate_product,
+    update_a,
+    update_b,
+)
+from fedsrd_cli.math.masks import seeded_keep_mask
+
+# --------------------------------------------------------------------------- client: encoders
+
+
+@dataclass(frozen=True)
+class FactorDelta:
+    """One factor of one module, as a client's upload step sees it.
+
+    name: PEFT name of the factor; factor: "A" or "B"; delta: the dense fp32 change,
+    (r, d_in) for A or (d_out, r) for B; a_prev (r, d_in): the global A the client
+    started from; b_new (d_out, r): the client's trained B (the importance scores need
+    both); seed: the upload seed of this client and round (random encoders).
+    """
+
+    name: str
+    factor: str
+    delta: torch.Tensor
+    a_prev: torch.Tensor
+    b_new: torch.Tensor
+    seed: int
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """What one factor uploads: `values` of the full shape and `kept` None (dense), or
+    the pruned dense delta in `values` with its bool mask `kept` (sparse); `ratio` is the
+    pruned fraction to record (None when there is nothing to report)."""
+
+    values: torch.Tensor
+    kept: torch.Tensor | None
+    ratio: float | None = None
+
+
+def upload_seed(parent_hash: str, client_id: str) -> int:
+    """Seed of a client's random upload mask in a round: sha256(f"{parent_hash}:{client_id}")
+    read as a 60-bit integer, so a re-run reproduces the same upload."""
+    digest = hashlib.sha256(f"{parent_hash}:{client_id}".encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
+def importance_scores(item: FactorDelta) -> torch.Tensor:
+    """FedSRD's importance of each element of the delta (method section 1)."""
+    if item.factor == "B":
+        return importance_b(item.delta, item.a_prev)
+    return importance_a(item.delta, item.b_new)
+
+
+def encode_dense(item: FactorDelta, config: SparsifyConfig) -> Encoded:
+    """Dense upload: the whole delta."""
+    return Encoded(item.delta, None)
+
+
+def encode_importance(item: FactorDelta, config: SparsifyConfig) -> Encoded:
+    """FedSRD: keep elements above the kurtosis-adaptive quantile of their importance."""
+    pruned, kept, ratio = sparsify_delta(
+        item.delta,
+        importance_scores(item),
+        config.base_sparsity,
+        config.kurtosis_coeff,
+        config.kurtosis_cap,
+        config.rescale,
+    )
+    return Encoded(pruned, kept, ratio)
+
+
+def encode_fixed_ratio(item: FactorDelta, config: SparsifyConfig) -> Encoded:
+    """FedSRD with the kurtosis term off: rho = base_sparsity for every matrix."""
+    pruned, kept, ratio = sparsify_delta(
+        item.delta, importance_scores(item), config.base_sparsity, 0.0, 0.0, config.rescale
+    )
+    return Encoded(pruned, kept, ratio)
+
+
+def encode_random_importance_ratio(item: FactorDelta, config: SparsifyConfig) -> Encoded:
+    """Random elements instead of the most important ones, as many as FedSRD would keep.
+
+    rho = FedSRD's adaptive ratio of this matrix (from its importance scores); each element
+    is kept independently with probability 1 - rho (seeded mask of `item.seed`), then the
+    kept delta is L1-rescaled as FedSRD does (when config.rescale).
+    """
+    scores = importance_scores(item)
+    ratio = adaptive_ratio(
+        pearson_kurtosis(scores), config.base_sparsity, config.kurtosis_coeff, config.kurtosis_cap
+    )
+    kept = seeded_keep_mask(item.seed, item.name, tuple(item.delta.shape), ratio)
+    if config.rescale:
+        pruned = l1_rescale(item.delta, kept)
+    else:
+        pruned = torch.where(kept, item.delta, torch.zeros_like(item.delta))
+    return Encoded(pruned, kept, ratio)
+
+
+def encode_dare(item: FactorDelta, config: SparsifyConfig) -> Encoded:
+    """DARE: keep each element with probability 1 - p (p = config.upload_drop, seeded mask of
+    `item.seed`) and divide the kept values by 1 - p, so the expected upload is the delta."""
+    p = config.upload_drop
+    kept = seeded_keep_mask(item.seed, item.name, tuple(item.delta.shape), p)
+    scaled = item.delta.double() / (1.0 - p)
+    pruned = torch.where(kept, scaled, torch.zeros_like(scaled)).to(item.delta.dtype)
+    return Encoded(pruned, kept, p)
+
+
+def encode_b_only(item: FactorDelta, config: SparsifyConfig) -> Encoded:
+    """FFA-LoRA: dense dB; a changed A is refused (A must stay frozen)."""
+    if item.factor == "A":
+        raise MismatchError(
+            f"{item.name} changed, but ffa-lora keeps A frozen at its initial value; train with"
+            " --freeze-a (only lora_B trainable) and sparsify again"
+        )
+    return Encoded(item.delta, None)
+
+
+# --------------------------------------------------------------------------- coordinator: combiners
+
+
+@dataclass(frozen=True)
+class ClientFactors:
+    """One module's previous factors and every client's reconstructed ones (float64).
+
+    a_prev (r, d_in), b_prev (d_out, r); as_[i] = a_prev + dA_i, bs[i] = b_prev + dB_i
+    (a factor a client did not upload counts as unchanged); changed_a / changed_b: whether
+    any client uploaded that factor.
+    """
+
+    a_prev: torch.Tensor
+    b_prev: torch.Tensor
+    as_: list[torch.Tensor]
+    bs: list[torch.Tensor]
+    changed_a: bool
+    changed_b: bool
+
+
+def client_factors(global_state: Artifact, uploads: Sequence[Artifact], module: str) -> ClientFactors:
+    """Reconstruct every client's factors of `module` from the uploads (method section 2)."""
+    a_prev, b_prev = (t.double() for t in global_state.factors(module))
+    name_a, name_b = naming.factor_key(module, "A"), naming.factor_key(module, "B")
+    as_, bs = [], []
+    changed_a = changed_b = False
+    for upload in uploads:
+        delta_a, delta_b = upload.upload_delta(name_a), upload.upload_delta(name_b)
+        changed_a = changed_a or delta_a is not None
+        changed_b = changed_b or delta_b is not None
+        as_.append(a_prev if delta_a is None else a_prev + delta_a.double())
+        bs.append(b_prev if delta_b is None else b_prev + delta_b.double())
+    return ClientFactors(a_prev, b_prev, as_, bs, changed_a, changed_b)
+
+
+def clip_clients(
+    clients: ClientFactors, weights: Sequence[float], scales: Sequence[float]
+) -> tuple[ClientFactors, list[float]]:
+    """Scale each clipped client's update by s_i < 1 (--max-update-norm ... --on-outlier clip).
+
+    Client i's term w_i B_i A_i becomes w_i s_i B_i A_i + w_i (1 - s_i) B_prev A_prev, so its
+    full-rank update B_i A_i - B_prev A_prev is scaled by exactly s_i: the clipped client adds
+    the pair (B_prev, A_prev) with weight w_i (1 - s_i). Unclipped clients are unchanged.
+    """
+    as_, bs, out_weights = list(clients.as_), list(clients.bs), []
+    for weight, scale in zip(weights, scales, strict=True):
+        out_weights.append(weight * scale)
+    for weight, scale in zip(weights, scales, strict=True):
+        if scale < 1.0:
+            as_.append(clients.a_prev)
+            bs.append(clients.b_prev)
+            out_weights.append(weight * (1.0 - scale))
+    return replace(clients, as_=as_, bs=bs), out_weights
+
+
+def reconstruct_truncated(
+    clients: ClientFactors, weights: Sequence[float], rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FedSRD: W = sum_i w_i B_i A_i projected to rank r, as (U S (d_out, q), Vh (q, d_in)).
+    No change at all gives (B_prev, A_prev): W = B_prev A_prev exactly."""
+    if not (clients.changed_a or clients.changed_b):
+        return clients.b_prev, clients.a_prev
+    return truncate_product(*stack_factors(clients.bs, clients.as_, weights), rank)
+
+
+def reconstruct_exact(
+    clients: ClientFactors, weights: Sequence[float], rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FedSRD-e: W = sum_i w_i B_i A_i itself, as ([w_i B_i] (d_out, m r), [A_i] (m r, d_in))."""
+    if not (clients.changed_a or clients.changed_b):
+        return clients.b_prev, clients.a_prev
+    return stack_factors(clients.bs, clients.as_, weights)
+
+
+def reconstruct_balanced(
+    clients: ClientFactors, weights: Sequence[float], rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlexLoRA: W = sum_i w_i B_i A_i truncated to rank r and split evenly,
+    (B' = U sqrt(S) (d_out, r), A' = sqrt(S) Vh (r, d_in))."""
+    if not (clients.changed_a or clients.changed_b):
+        return clients.b_prev, clients.a_prev
+    return balanced_truncation(*stack_factors(clients.bs, clients.as_, weights), rank)
+
+
+def average_factors(
+    clients: ClientFactors, weights: Sequence[float], rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FedAvg: (sum_i w_i B_i (d_out, r), sum_i w_i A_i (r, d_in)), each factor on its own.
+    A factor no client uploaded stays exactly the previous one."""
+    mean_b = sum(w * b for w, b in zip(weights, clients.bs, strict=True)) if clients.changed_b else None
+    mean_a = sum(w * a for w, a in zip(weights, clients.as_, strict=True)) if clients.changed_a else None
+    return (
+        clients.b_prev if mean_b is None else mean_b,
+        clients.a_prev if mean_a is None else mean_a,
+    )
+
+
+# --------------------------------------------------------------------------- coordinator: decomposers
+
+
+@dataclass(frozen=True)
+class ModuleUpdate:
+    """One module's broadcast: factor deltas to send ((factor, delta) pairs) and whether the
+    scheduled factor was replaced by the other (FedSRD's rank-deficiency fallback)."""
+
+    deltas: list[tuple[str, torch.Tensor]]
+    fell_back: bool = False
+
+
+def alternating_update(
+    module: str,
+    round_index: int,
+    a_prev: torch.Tensor,
+    b_prev: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+) -> ModuleUpdate:
+    """FedSRD: one factor per round (B on odd rounds, A on even), least squares for
+    the target left @ right (method section 3)."""
+    factor = choose_factor(round_index, b_prev, a_prev)
+    update = update_b if factor == "B" else update_a
+    scheduled = "B" if round_index % 2 == 1 else "A"
+    return ModuleUpdate([(factor, update(left, right, b_prev, a_prev))], factor != scheduled)
+
+
+def _check_factor_shapes(module: str, a_prev, b_prev, left, right) -> None:
+    if left.shape != b_prev.shape or right.shape != a_prev.shape:
+        raise MismatchError(
+            f"aggregate of {module}: factors {list(left.shape)} and {list(right.shape)} are not"
+            f" LoRA factors {list(b_prev.shape)} and {list(a_prev.shape)}"
+        )
+
+
+def dense_factors_update(
+    module: str,
+    round_index: int,
+    a_prev: torch.Tensor,
+    b_prev: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+) -> ModuleUpdate:
+    """Dense download of both factors: the aggregate holds the new (B (d_out, r), A (r, d_in));
+    send dB = B - B_prev and dA = A - A_prev."""
+    _check_factor_shapes(module, a_prev, b_prev, left, right)
+    return ModuleUpdate([("B", left - b_prev), ("A", right - a_prev)])
+
+
+def dense_b_update(
+    module: str,
+    round_index: int,
+    a_prev: torch.Tensor,
+    b_prev: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+) -> ModuleUpdate:
+    """FFA-LoRA: send only dB = B - B_prev; A is frozen, so the aggregate's A must be A_prev."""
+    _check_factor_shapes(module, a_prev, b_prev, left, right)
+    if not torch.equal(right, a_prev):
+        raise MismatchError(f"aggregate of {module}: changes the frozen A factor of ffa-lora")
+    return ModuleUpdate([("B", left - b_prev)])

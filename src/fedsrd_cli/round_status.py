@@ -1,0 +1,128 @@
+"""The state of a coordinator's inbox: which uploads are there, valid, signed, and is the round ready.
+
+Used by `fedsrd status` (and cron jobs around it). Every file is checked exactly as
+`aggregate` would check it, but a bad file is reported instead of stopping the scan.
+
+Exit codes of `fedsrd status` (also in errors.py):
+    0   ready: every expected upload is present and valid, and nothing invalid lies beside them
+    10  waiting: no invalid file, but expected uploads are missing
+    11  invalid files present (corrupt, stale, wrong run, unsigned/forged, duplicate or unexpected client)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fedsrd_cli.algorithms.protocol import check_uploads
+from fedsrd_cli.artifacts import Artifact, read_artifact
+from fedsrd_cli.errors import FedsrdError, StaleUploadError
+from fedsrd_cli.signing import Trust, check_signer, read_signature
+
+EXIT_READY = 0
+EXIT_WAITING = 10
+EXIT_INVALID = 11
+
+
+@dataclass
+class InboxFile:
+    """One `*.safetensors` file of the inbox. status: valid | invalid | stale | ignored."""
+
+    path: str
+    status: str
+    kind: str | None = None
+    client_id: str | None = None
+    round: int | None = None
+    signer: str | None = None
+    signature_verified: bool = False
+    problem: str | None = None
+
+
+def _inspect_file(path: Path, global_state: Artifact, trust: Trust | None) -> InboxFile:
+    entry = InboxFile(str(path), "invalid")
+    try:
+        if trust is not None:
+            entry.signer = trust.verify_file(path)
+            entry.signature_verified = True
+        else:
+            entry.signer = _claimed_signer(path)
+        artifact = read_artifact(path)
+        head = artifact.header
+        entry.kind, entry.round = head.kind, head.round
+        if head.kind != "upload":
+            entry.status = "ignored"
+            return entry
+        entry.client_id = head.client_id
+        if trust is not None and entry.signer is not None:
+            check_signer(artifact, entry.signer)
+        check_uploads(global_state, [artifact], "uniform")
+    except StaleUploadError as err:
+        entry.status, entry.problem = "stale", str(err)
+        return entry
+    except FedsrdError as err:
+        entry.problem = str(err)
+        return entry
+    entry.status = "valid"
+    return entry
+
+
+def _claimed_signer(path: Path) -> str | None:
+    """The signer a file names, unverified (no --trust); None when unsigned or unreadable."""
+    try:
+        found = read_signature(path)
+    except FedsrdError:
+        return None
+    return found.signer if found else None
+
+
+def round_status(
+    inbox: Path,
+    global_state: Artifact,
+    trust: Trust | None = None,
+    expect: int | None = None,
+    clients: Sequence[str] | None = None,
+) -> tuple[dict[str, Any], int]:
+    """Scan `inbox` for the round after `global_state`: (report, exit code)."""
+    files = [p for p in sorted(inbox.glob("*.safetensors")) if not p.name.startswith(".") and p.is_file()]
+    entries = [_inspect_file(p, global_state, trust) for p in files]
+    by_client: dict[str, list[InboxFile]] = {}
+    for entry in entries:
+        if entry.status == "valid" and entry.client_id:
+            by_client.setdefault(entry.client_id, []).append(entry)
+    for client_id, same in by_client.items():
+        if len(same) > 1:
+            for entry in same:
+                entry.status = "invalid"
+                entry.problem = f"client {client_id!r} has {len(same)} uploads in this inbox; keep one"
+        elif clients is not None and client_id not in clients:
+            same[0].status = "invalid"
+            same[0].problem = f"client {client_id!r} is not among the expected clients"
+    valid = [e for e in entries if e.status == "valid"]
+    present = sorted(e.client_id for e in valid if e.client_id)
+    if clients is not None:
+        missing = sorted(set(clients) - set(present))
+        waiting_for = len(missing)
+    else:
+        missing = []
+        waiting_for = max(0, (expect if expect is not None else 1) - len(valid))
+    invalid = [e for e in entries if e.status in ("invalid", "stale")]
+    ready = not invalid and waiting_for == 0
+    code = EXIT_INVALID if invalid else (EXIT_READY if ready else EXIT_WAITING)
+    report = {
+        "inbox": str(inbox),
+        "round": global_state.header.round + 1,
+        "global": str(global_state.path),
+        "global_hash": global_state.header.content_hash,
+        "files": [asdict(e) for e in entries],
+        "valid_uploads": [e.path for e in valid],
+        "present_clients": present,
+        "missing_clients": missing,
+        "waiting_for": waiting_for,
+        "invalid_files": len(invalid),
+        "ready": ready,
+        "status": {EXIT_READY: "ready", EXIT_WAITING: "waiting", EXIT_INVALID: "invalid"}[code],
+        "exit_code": code,
+    }
+    return report, code

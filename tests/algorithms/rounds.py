@@ -1,0 +1,98 @@
+"""Helpers for algorithm tests: locals, uploads and whole rounds through the library API."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from fedsrd_cli import naming
+from fedsrd_cli.algorithms import get_algorithm
+from fedsrd_cli.artifacts import Artifact, read_artifact, read_local, write_artifact
+from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
+
+from ..conftest import make_local
+
+_serial = itertools.count()
+
+
+def write(payload, path: Path) -> Path:
+    write_artifact(path, payload.header, payload.tensors)
+    return path
+
+
+def freeze_a(global_file: Path, local_file: Path) -> Path:
+    """Rewrite a local state with every A factor reset to the global one (FFA-LoRA training)."""
+    state = read_artifact(global_file, kind="state")
+    local = read_artifact(local_file, kind="state")
+    tensors = {
+        name: state.tensor(name) if name.endswith("lora_A.weight") else local.tensor(name)
+        for name in local.names
+    }
+    out = local_file.with_name(local_file.stem + "-frozen-a.safetensors")
+    write_artifact(out, replace(local.header, content_hash=""), tensors)
+    return out
+
+
+def make_locals(tmp: Path, global_file: Path, n: int, tag: str, frozen_a: bool = False) -> list[Path]:
+    paths = []
+    for i in range(n):
+        path = make_local(
+            global_file, tmp / f"local-{tag}-{i}.safetensors", seed=200 + i, num_samples=4 + 3 * i
+        )
+        paths.append(freeze_a(global_file, path) if frozen_a else path)
+    return paths
+
+
+def upload(tmp: Path, method: str, global_file: Path, local_file: Path, client: str, config=None) -> Artifact:
+    algorithm = get_algorithm(method)
+    global_state = read_artifact(global_file)
+    local = read_local(local_file)
+    num_samples = local.header.num_samples if local.header else 0
+    payload = algorithm.upload(global_state, local, client, num_samples, config or SparsifyConfig())
+    return read_artifact(
+        write(payload, tmp / f"upload-{method}-{client}-{global_file.stem}-{next(_serial)}.safetensors")
+    )
+
+
+def run_round(
+    tmp: Path,
+    method: str,
+    global_file: Path,
+    local_files: list[Path],
+    weighting: str = "uniform",
+    download_sparsity: float | None = None,
+    tag: str = "r",
+):
+    """(uploads, aggregate, broadcast, next state) of one round, all read back from disk."""
+    algorithm = get_algorithm(method)
+    global_state = read_artifact(global_file)
+    uploads = [upload(tmp, method, global_file, p, f"c{i}") for i, p in enumerate(local_files)]
+    agg = read_artifact(
+        write(
+            algorithm.aggregate(global_state, uploads, AggregateConfig(method, weighting)),
+            tmp / f"agg-{method}-{tag}.safetensors",
+        )
+    )
+    sparsity = algorithm.default_download_sparsity if download_sparsity is None else download_sparsity
+    bc, nxt = algorithm.broadcast(global_state, agg, BroadcastConfig(sparsity, seed=5))
+    bc_art = read_artifact(write(bc, tmp / f"bc-{method}-{tag}.safetensors"))
+    next_file = write(nxt, tmp / f"g-{method}-{tag}.safetensors")
+    return uploads, agg, bc_art, next_file
+
+
+def local_factors(local_file: Path, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of a local state, float64."""
+    a, b = read_artifact(local_file).factors(module)
+    return a.double(), b.double()
+
+
+def state_factors(state_file: Path, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = read_artifact(state_file).factors(module)
+    return a.double(), b.double()
+
+
+def factor_names(artifact: Artifact, factor: str) -> list[str]:
+    return [n for n in artifact.header.layout if naming.parse_factor_key(n)[1] == factor]

@@ -1,0 +1,106 @@
+"""`fedsrd status`: the inbox report and its cron exit codes (0 ready, 10 waiting, 11 invalid)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from fedsrd_cli.artifacts import read_artifact, write_artifact
+from fedsrd_cli.cli import app
+from fedsrd_cli.round_status import EXIT_INVALID, EXIT_READY, EXIT_WAITING
+from fedsrd_cli.signing import SigningKey, generate_keypair
+
+from .conftest import make_global, make_local
+
+runner = CliRunner()
+
+
+def run(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def upload(tmp: Path, g: Path, client: str, seed: int, out: Path, key: Path | None = None) -> Path:
+    local = make_local(g, tmp / f"local-{client}-{seed}.safetensors", seed=seed)
+    args = ["sparsify", "--global", g, "--local", local, "--client", client, "--out", out]
+    if key is not None:
+        args += ["--sign-key", key]
+    assert run(*args).exit_code == 0
+    return out
+
+
+def test_waiting_ready_invalid(tmp_path: Path, global_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    base = ["status", inbox, "--global", global_path]
+    empty = run(*base, "--expect", 2, "--json")
+    assert empty.exit_code == EXIT_WAITING and json.loads(empty.output)["waiting_for"] == 2
+    upload(tmp_path, global_path, "alice", 1, inbox / "alice.safetensors")
+    waiting = run(*base, "--clients", "alice,bob", "--json")
+    assert waiting.exit_code == EXIT_WAITING, waiting.output
+    report = json.loads(waiting.output)
+    assert report["missing_clients"] == ["bob"] and report["present_clients"] == ["alice"]
+    upload(tmp_path, global_path, "bob", 2, inbox / "bob.safetensors")
+    ready = run(*base, "--clients", "alice,bob", "--json")
+    assert ready.exit_code == EXIT_READY and json.loads(ready.output)["ready"] is True
+    assert run(*base, "--expect", 2).exit_code == EXIT_READY
+    # A global state lying in the inbox is listed and ignored.
+    shutil.copy(global_path, inbox / "global.safetensors")
+    assert run(*base, "--expect", 2).exit_code == EXIT_READY
+    # A truncated copy, a stale upload and a duplicate client are each invalid.
+    (inbox / "carol.safetensors").write_bytes((inbox / "bob.safetensors").read_bytes()[:100])
+    bad = run(*base, "--expect", 2, "--json")
+    assert bad.exit_code == EXIT_INVALID
+    files = {Path(f["path"]).name: f for f in json.loads(bad.output)["files"]}
+    assert files["carol.safetensors"]["status"] == "invalid" and files["carol.safetensors"]["problem"]
+    assert files["global.safetensors"]["status"] == "ignored"
+    (inbox / "carol.safetensors").unlink()
+    other = make_global(tmp_path / "other.safetensors", seed=3)
+    upload(tmp_path, other, "dave", 4, inbox / "dave.safetensors")
+    stale = run(*base, "--json")
+    assert stale.exit_code == EXIT_INVALID
+    dave = next(f for f in json.loads(stale.output)["files"] if f["client_id"] == "dave")
+    assert dave["status"] == "stale" and "belongs to round 1" in dave["problem"]
+    (inbox / "dave.safetensors").unlink()
+    upload(tmp_path, global_path, "bob", 5, inbox / "bob-again.safetensors")
+    dup = run(*base, "--clients", "alice,bob")
+    assert dup.exit_code == EXIT_INVALID and "has 2 uploads" in dup.output
+    (inbox / "bob-again.safetensors").unlink()
+    upload(tmp_path, global_path, "erin", 6, inbox / "erin.safetensors")
+    unexpected = run(*base, "--clients", "alice,bob", "--json")
+    assert unexpected.exit_code == EXIT_INVALID and "not among the expected" in unexpected.output
+
+
+def test_signatures_reported_and_checked(tmp_path: Path, global_path: Path) -> None:
+    keys, trust, inbox = tmp_path / "keys", tmp_path / "trust", tmp_path / "inbox"
+    for d in (keys, trust, inbox):
+        d.mkdir()
+    for party in ("alice", "bob"):
+        generate_keypair(keys / party)
+    shutil.copy(keys / "alice.pub", trust)
+    upload(tmp_path, global_path, "alice", 1, inbox / "alice.safetensors", keys / "alice.key")
+    upload(tmp_path, global_path, "bob", 2, inbox / "bob.safetensors", keys / "bob.key")
+    no_trust = run("status", inbox, "--global", global_path, "--expect", 2, "--json")
+    assert no_trust.exit_code == EXIT_READY
+    files = {f["client_id"]: f for f in json.loads(no_trust.output)["files"]}
+    assert files["bob"]["signer"] == "bob" and files["bob"]["signature_verified"] is False
+    # With --trust the global state must itself be signed by the coordinator.
+    generate_keypair(keys / "coordinator")
+    shutil.copy(keys / "coordinator.pub", trust)
+    state = read_artifact(global_path)
+    signed_global = tmp_path / "g0-signed.safetensors"
+    sign = SigningKey.load(keys / "coordinator.key").sign_parts
+    write_artifact(signed_global, state.header, dict(state.iter_tensors()), sign=sign)
+    with_trust = run("status", inbox, "--global", signed_global, "--expect", 2, "--trust", trust, "--json")
+    assert with_trust.exit_code == EXIT_INVALID
+    files = {Path(f["path"]).name: f for f in json.loads(with_trust.output)["files"]}
+    assert files["alice.safetensors"]["signature_verified"] is True
+    assert "unknown party 'bob'" in files["bob.safetensors"]["problem"]
+
+
+def test_usage_errors(tmp_path: Path, global_path: Path) -> None:
+    assert run("status", tmp_path / "nope", "--global", global_path).exit_code == 2
+    assert run("status", tmp_path, "--global", global_path, "--expect", 1, "--clients", "a").exit_code == 2
+    assert run("status", tmp_path, "--global", global_path, "--expect", 0).exit_code == 2
