@@ -9,9 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fedsrd_cli.cli import app
-from fedsrd_cli.config import LoraSpec  # noqa: F401  (torch import before transformers, as elsewhere)
 from fedsrd_cli.errors import OutputExistsError, UsageError
-from fedsrd_cli.simulate import SimulateConfig, output_is_new
+from fedsrd_cli.simulate import SimulateConfig, _choose, output_is_new
 
 from .conftest import TINY_RECORDS, build_tiny_model, write_jsonl
 
@@ -143,3 +142,16 @@ def test_cli_needs_base_clients_and_eval_together(tmp_path: Path) -> None:
     result = runner.invoke(app, ["simulate", "--base", str(tmp_path), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "together" in result.output
+
+
+def test_sample_clients_is_a_seeded_choice_per_round() -> None:
+    config = SimulateConfig(
+        base="m", client_data=tuple("abcde"), client_ids=tuple("abcde"), eval_data=("e",),
+        eval_names=("e",), algorithms=("fedsrd",), rounds=5, sample_clients=2,
+    )  # fmt: skip
+    picks = [_choose(config, 0, t) for t in range(1, 6)]
+    assert all(len(p) == 2 and len(set(p)) == 2 and set(p) <= set(range(5)) for p in picks)
+    assert picks == [_choose(config, 0, t) for t in range(1, 6)]  # same for every algorithm
+    assert len({tuple(p) for p in picks}) > 1  # changes from round to round
+    full = SimulateConfig(**{**config.__dict__, "sample_clients": None})
+    assert _choose(full, 0, 1) == [0, 1, 2, 3, 4]
