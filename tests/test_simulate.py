@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from fedsrd_cli.cli import app
 from fedsrd_cli.errors import OutputExistsError, UsageError
-from fedsrd_cli.simulate import SimulateConfig, _choose, output_is_new
+from fedsrd_cli.simulate import SimulateConfig, _choose, client_train_seed, output_is_new
 
 from .conftest import TINY_RECORDS, build_tiny_model, write_jsonl
 
@@ -94,6 +94,27 @@ def test_simulate_two_rounds_then_resume(sim_inputs: dict[str, Path], tmp_path: 
     assert "| algorithm | heldout | mean | up MB | down MB | MB / round | server s |" in table
     assert table.count("\n| fed") == 2
     assert (out / "traffic_vs_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the same round through the separate commands gives the same global state, bit for bit
+    work = tmp_path / "by-hand"
+    work.mkdir()
+    g0, g1 = work / "g0.safetensors", work / "g1.safetensors"
+    head = run_cli("init", "--base", sim_inputs["model"], "--rank", 16, "--alpha", 32, "--seed", 0,
+                   "--out", g0, "--json")  # fmt: skip
+    assert head["content_hash"] == results["runs"]["fedsrd"]["0"][0]["global_hash"]
+    uploads = []
+    for index, client in enumerate(("alice", "bob")):
+        local, upload = work / f"local-{client}.safetensors", work / f"upload-{client}.safetensors"
+        run_cli("train-local", "--base", sim_inputs["model"], "--global", g0, "--data", sim_inputs[client],
+                "--out", local, "--client", client, "--steps", 3, "--batch-size", 3, "--lr", "2e-2",
+                "--seed", client_train_seed(0, 1, index), "--json")  # fmt: skip
+        run_cli("sparsify", "--global", g0, "--local", local, "--client", client, "--out", upload, "--json")
+        uploads.append(upload)
+    run_cli("aggregate", "--global", g0, "--out", work / "agg.safetensors", *uploads, "--json")
+    head = run_cli("broadcast", "--global", g0, "--aggregate", work / "agg.safetensors",
+                   "--out", work / "b1.safetensors", "--out-global", g1, "--json")  # fmt: skip
+    assert head["next_global_hash"] == results["runs"]["fedsrd"]["0"][1]["global_hash"]
+    assert (work / "b1.safetensors").stat().st_size == results["runs"]["fedsrd"]["0"][1]["download_bytes"]
 
     # resume: one more round runs only round 3; rounds 1-2 stay as they were
     summary = run_cli(*sim_args(sim_inputs, out, 3))

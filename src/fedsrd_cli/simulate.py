@@ -193,6 +193,11 @@ def _choose(config: SimulateConfig, seed: int, round_index: int) -> list[int]:
     return sorted(rng.sample(range(n), config.participants))
 
 
+def client_train_seed(seed: int, round_index: int, client_index: int) -> int:
+    """The `train-local --seed` a client uses in a round: differs per seed, round and client."""
+    return (seed * 1_000_003 + round_index * 1009 + client_index) % 2**32
+
+
 def simulate(
     config: SimulateConfig,
     out_dir: str | Path,
@@ -304,7 +309,7 @@ def simulate(
                         lr=config.lr,
                         batch_size=config.batch_size,
                         max_length=config.max_length,
-                        seed=(seed * 1_000_003 + round_index * 1009 + index) % 2**32,
+                        seed=client_train_seed(seed, round_index, index),
                         device=config.device,
                         prox_mu=config.prox_mu if name == "fedprox" else 0.0,
                         freeze_a=name == "ffa-lora",
