@@ -126,6 +126,11 @@ def test_simulate_two_rounds_then_resume(sim_inputs: dict[str, Path], tmp_path: 
         assert resumed["runs"][name]["0"][3]["round"] == 3
     assert "round 3" in (out / "results.md").read_text()
 
+    # a rerun of a finished run trains nothing and rewrites the same table
+    summary = run_cli(*sim_args(sim_inputs, out, 3))
+    assert summary["rounds_run_now"] == [] and summary["rounds_already_done"] == 6
+    assert json.loads((out / "results.json").read_text()) == resumed
+
     # the same directory with other settings is refused with one line
     args = sim_args(sim_inputs, out, 3)
     args[args.index("--lr") + 1] = "1e-3"
