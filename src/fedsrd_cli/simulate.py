@@ -1,0 +1,537 @@
+"""`fedsrd simulate`: every client and the coordinator in one process, for comparing methods.
+
+Each round runs the same functions the commands run, on real files: `training.train_local`
+per participating client, `Algorithm.upload` (the client's upload, written with
+`artifacts.write_artifact` and read back, so its size is the real bytes), `Algorithm.aggregate`
+and `Algorithm.broadcast` (the coordinator), `protocol.apply_broadcast` (what every client
+does with the broadcast; it checks the result hash), and `training.evaluate` on the eval files.
+No math is repeated here.
+
+Layout of RESULTS_DIR:
+    config.json          the run's settings; a rerun must give the same ones (only --rounds may grow)
+    results.json         per algorithm, per seed, per round: eval losses, bytes, server seconds
+    results.md           a table of the final round (mean +- std over seeds)
+    traffic_vs_loss.png  mean eval loss against cumulative traffic per client
+    work/ALG/seed-S/     global-rT.safetensors, and round-T/ with uploads, aggregate, broadcast
+    assets/              the demo's base model and data (only when no --base was given)
+
+results.json is rewritten (atomically) after every completed round, so a killed run resumes
+from its last completed global state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedsrd_cli.config import _require
+from fedsrd_cli.errors import ArtifactError, MismatchError, OutputExistsError, UsageError
+
+RESULTS_VERSION = 1
+PROX_MU_DEFAULT = 0.01
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    """What a simulation runs. Paths are stored as given (resolved by the caller).
+
+    client_data[i] trains client client_ids[i]; eval_data[j] is scored under eval_names[j].
+    seeds: number of repetitions, with seeds seed, seed + 1, ...; each seed draws its own
+    round-0 state, data order, client sample and download masks.
+    sample_clients: K clients train each round (a seeded choice per round and seed, the same
+    for every algorithm); None = all.
+    prox_mu is used by fedprox only; ffa-lora trains with A frozen.
+    """
+
+    base: str
+    client_data: tuple[str, ...]
+    client_ids: tuple[str, ...]
+    eval_data: tuple[str, ...]
+    eval_names: tuple[str, ...]
+    algorithms: tuple[str, ...]
+    rounds: int
+    sample_clients: int | None = None
+    seed: int = 0
+    seeds: int = 1
+    local_steps: int = 30
+    lr: float = 1e-3
+    batch_size: int = 16
+    rank: int = 16
+    alpha: float = 32.0
+    targets: str = "all-linear"
+    prox_mu: float = PROX_MU_DEFAULT
+    max_length: int = 512
+    eval_batch_size: int = 16
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        from fedsrd_cli.algorithms import get_algorithm
+
+        _require(len(self.algorithms) > 0, "--algorithms names no algorithm")
+        for name in self.algorithms:
+            get_algorithm(name)
+        _require(len(set(self.algorithms)) == len(self.algorithms), "--algorithms names an algorithm twice")
+        _require(len(self.client_data) > 0, "give at least one --clients-data file")
+        _require(len(self.client_ids) == len(self.client_data), "one client id per --clients-data file")
+        _require(len(set(self.client_ids)) == len(self.client_ids), "client ids must differ")
+        _require(len(self.eval_data) > 0, "give at least one --eval-data file")
+        _require(len(self.eval_names) == len(self.eval_data), "one name per --eval-data file")
+        _require(self.rounds >= 1, f"--rounds must be >= 1, got {self.rounds}")
+        _require(
+            self.sample_clients is None or 1 <= self.sample_clients <= len(self.client_data),
+            f"--sample-clients must be in [1, {len(self.client_data)}], got {self.sample_clients}",
+        )
+        _require(0 <= self.seed < 2**31, f"--seed must be in [0, 2^31), got {self.seed}")
+        _require(1 <= self.seeds <= 100, f"--seeds must be in [1, 100], got {self.seeds}")
+        _require(self.local_steps >= 1, f"--local-steps must be >= 1, got {self.local_steps}")
+        _require(math.isfinite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        _require(self.rank >= 1, f"--rank must be >= 1, got {self.rank}")
+        _require(math.isfinite(self.alpha) and self.alpha > 0, f"--alpha must be > 0, got {self.alpha}")
+        _require(
+            math.isfinite(self.prox_mu) and self.prox_mu >= 0, f"--prox-mu must be >= 0, got {self.prox_mu}"
+        )
+        _require(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
+        _require(self.eval_batch_size >= 1, "eval batch size must be >= 1")
+
+    @property
+    def participants(self) -> int:
+        return self.sample_clients or len(self.client_data)
+
+    def seed_values(self) -> list[int]:
+        return [self.seed + k for k in range(self.seeds)]
+
+    def record(self) -> dict[str, Any]:
+        """The settings a resumed run must share (everything but --rounds and --device)."""
+        data = asdict(self)
+        for key in ("rounds", "device"):
+            data.pop(key)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+@dataclass
+class RoundRecord:
+    """One completed round of one algorithm and seed (round 0: the initial state, no traffic)."""
+
+    round: int
+    eval_loss: dict[str, float]
+    mean_eval_loss: float
+    participants: list[str]
+    upload_bytes: float  # mean over the participating clients
+    download_bytes: int  # the broadcast, which every client receives
+    traffic_per_client: float  # this round, averaged over all clients: sum(uploads) / n + download
+    cumulative_traffic_per_client: float
+    server_seconds: float  # aggregate + broadcast
+    train_loss: float | None
+    global_state: str  # relative to RESULTS_DIR
+    global_hash: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def output_is_new(out_dir: Path) -> bool:
+    """True for a missing or empty directory; False for an earlier simulate run; else refuse."""
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return True
+    if (out_dir / "config.json").is_file():
+        return False
+    if [p.name for p in out_dir.iterdir()] == ["assets"] and (out_dir / "assets" / "manifest.json").is_file():
+        return True  # a run stopped after writing the demo assets
+    raise OutputExistsError(
+        f"{out_dir}: exists, is not empty and holds no simulate run (no config.json); choose another --out"
+    )
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from fedsrd_cli.artifacts import write_bytes_atomic
+
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"), force=True)
+
+
+def _load_results(out_dir: Path, config: SimulateConfig) -> dict[str, Any]:
+    """The recorded results of an earlier run, or a fresh skeleton; refuses another configuration."""
+    config_path = out_dir / "config.json"
+    if config_path.is_file():
+        try:
+            recorded = json.loads(config_path.read_text())
+        except (OSError, ValueError) as err:
+            raise ArtifactError(f"{config_path}: unreadable ({err})") from None
+        new = config.record()
+        if recorded != new:
+            changed = sorted(k for k in set(recorded) | set(new) if recorded.get(k) != new.get(k))
+            raise UsageError(
+                f"{out_dir}: holds a run with other settings ({', '.join(changed)} differ:"
+                f" recorded {', '.join(f'{k}={recorded.get(k)!r}' for k in changed)});"
+                " rerun with the same flags (only --rounds may change) or choose another --out"
+            )
+        results_path = out_dir / "results.json"
+        if results_path.is_file():
+            try:
+                return json.loads(results_path.read_text())
+            except (OSError, ValueError) as err:
+                raise ArtifactError(f"{results_path}: unreadable ({err})") from None
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(config_path, config.record())
+    return {"version": RESULTS_VERSION, "config": config.record(), "runs": {}}
+
+
+def _choose(config: SimulateConfig, seed: int, round_index: int) -> list[int]:
+    """Indices of the clients that train in this round (seeded; the same for every algorithm)."""
+    n = len(config.client_data)
+    if config.participants == n:
+        return list(range(n))
+    rng = random.Random(f"fedsrd-simulate:{seed}:{round_index}")
+    return sorted(rng.sample(range(n), config.participants))
+
+
+def client_train_seed(seed: int, round_index: int, client_index: int) -> int:
+    """The `train-local --seed` a client uses in a round: differs per seed, round and client."""
+    return (seed * 1_000_003 + round_index * 1009 + client_index) % 2**32
+
+
+def simulate(
+    config: SimulateConfig,
+    out_dir: str | Path,
+    on_progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the simulation; write results.json, results.md and traffic_vs_loss.png.
+
+    on_progress(done, total, label) is called after each completed round, counting the
+    rounds of every algorithm and seed. Returns a summary: the output paths, the rounds
+    run now and those found done.
+    """
+    from fedsrd_cli.algorithms import get_algorithm
+    from fedsrd_cli.algorithms.protocol import apply_broadcast, initial_state
+    from fedsrd_cli.artifacts import read_artifact, read_local, write_artifact
+    from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
+    from fedsrd_cli.model_spec import lora_module_shapes
+    from fedsrd_cli.training import (
+        TrainConfig,
+        evaluate,
+        load_base,
+        load_datasets,
+        local_header,
+        set_global,
+        train_local,
+    )
+
+    out_dir = Path(out_dir)
+    results = _load_results(out_dir, config)
+    runs: dict[str, Any] = results.setdefault("runs", {})
+    seeds = config.seed_values()
+    total = len(config.algorithms) * len(seeds) * config.rounds
+    done_before = sum(
+        min(len(runs.get(a, {}).get(str(s), [])) - 1, config.rounds)
+        for a in config.algorithms
+        for s in seeds
+        if runs.get(a, {}).get(str(s))
+    )
+    if done_before >= total:
+        return _finish(out_dir, config, results, ran=[], done_before=done_before)
+
+    client_sets = [load_datasets([path]) for path in config.client_data]
+    eval_sets = load_datasets(list(config.eval_data))
+    base = load_base(config.base, config.device)
+    lora, module_shapes = lora_module_shapes(config.base, config.targets, config.rank, config.alpha)
+    sparsify_config = SparsifyConfig()
+    ran: list[dict[str, Any]] = []
+    done = done_before
+    initial_eval: dict[int, dict[str, Any]] = {}
+
+    def scores(state_path: Path) -> tuple[dict[str, float], float]:
+        state = read_artifact(state_path, kind="state")
+        set_global(base, state)
+        metrics = evaluate(base, eval_sets, config.eval_batch_size, config.max_length)
+        losses = {
+            name: float(m["loss"])
+            for name, m in zip(config.eval_names, metrics["files"].values(), strict=True)
+        }
+        return losses, float(metrics["mean"]["loss"])
+
+    for name in config.algorithms:
+        algorithm = get_algorithm(name)
+        for seed in seeds:
+            records = runs.setdefault(name, {}).setdefault(str(seed), [])
+            run_dir = out_dir / "work" / name / f"seed-{seed}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not records:
+                start_path = run_dir / "global-r0.safetensors"
+                payload = initial_state(module_shapes, lora, seed, base.fingerprint)
+                head = write_artifact(start_path, payload.header, payload.tensors, force=True)
+                if seed not in initial_eval:
+                    initial_eval[seed] = dict(zip(("eval_loss", "mean"), scores(start_path), strict=True))
+                records.append(
+                    asdict(
+                        RoundRecord(
+                            round=0,
+                            eval_loss=initial_eval[seed]["eval_loss"],
+                            mean_eval_loss=initial_eval[seed]["mean"],
+                            participants=[],
+                            upload_bytes=0.0,
+                            download_bytes=0,
+                            traffic_per_client=0.0,
+                            cumulative_traffic_per_client=0.0,
+                            server_seconds=0.0,
+                            train_loss=None,
+                            global_state=str(start_path.relative_to(out_dir)),
+                            global_hash=head.content_hash,
+                        )
+                    )
+                )
+                _write_json(out_dir / "results.json", results)
+            while len(records) - 1 < config.rounds:
+                last = records[-1]
+                round_index = last["round"] + 1
+                state_path = out_dir / last["global_state"]
+                global_state = read_artifact(state_path, kind="state")
+                if global_state.header.content_hash != last["global_hash"]:
+                    raise MismatchError(
+                        f"{state_path}: is not the global state results.json recorded for {name},"
+                        f" seed {seed}, round {last['round']}; the run directory was changed"
+                    )
+                round_dir = run_dir / f"round-{round_index}"
+                round_dir.mkdir(exist_ok=True)
+                chosen = _choose(config, seed, round_index)
+                uploads, upload_sizes, train_losses = [], [], []
+                for index in chosen:
+                    client = config.client_ids[index]
+                    train_config = TrainConfig(
+                        steps=config.local_steps,
+                        lr=config.lr,
+                        batch_size=config.batch_size,
+                        max_length=config.max_length,
+                        seed=client_train_seed(seed, round_index, index),
+                        device=config.device,
+                        prox_mu=config.prox_mu if name == "fedprox" else 0.0,
+                        freeze_a=name == "ffa-lora",
+                    )
+                    tensors, stats = train_local(base, global_state, client_sets[index], train_config)
+                    train_losses.append(stats.final_loss)
+                    info = {"train": {**asdict(train_config), "final_loss": stats.final_loss}}
+                    local_path = round_dir / f"local-{client}.safetensors"
+                    write_artifact(
+                        local_path,
+                        local_header(global_state, stats.samples, client, info),
+                        tensors,
+                        force=True,
+                    )
+                    upload = algorithm.upload(
+                        global_state, read_local(local_path), client, stats.samples, sparsify_config
+                    )
+                    upload_path = round_dir / f"upload-{client}.safetensors"
+                    write_artifact(upload_path, upload.header, upload.tensors, force=True)
+                    local_path.unlink()
+                    uploads.append(read_artifact(upload_path, kind="upload"))
+                    upload_sizes.append(upload_path.stat().st_size)
+
+                start = time.perf_counter()
+                aggregate = algorithm.aggregate(global_state, uploads, AggregateConfig(method=name))
+                server = time.perf_counter() - start
+                aggregate_path = round_dir / "aggregate.safetensors"
+                aggregate_head = write_artifact(
+                    aggregate_path, aggregate.header, aggregate.tensors, force=True
+                )
+                aggregate_file = read_artifact(aggregate_path, kind="aggregate")
+                broadcast_config = BroadcastConfig(
+                    download_sparsity=algorithm.default_download_sparsity,
+                    seed=int(aggregate_head.content_hash.removeprefix("sha256:")[:15], 16),
+                )
+                start = time.perf_counter()
+                broadcast, next_state = algorithm.broadcast(global_state, aggregate_file, broadcast_config)
+                server += time.perf_counter() - start
+                broadcast_path = round_dir / "broadcast.safetensors"
+                write_artifact(broadcast_path, broadcast.header, broadcast.tensors, force=True)
+                # What every client does with the broadcast; it checks the coordinator's result hash.
+                followed = apply_broadcast(global_state, read_artifact(broadcast_path, kind="broadcast"))
+                next_path = run_dir / f"global-r{round_index}.safetensors"
+                next_head = write_artifact(next_path, next_state.header, next_state.tensors, force=True)
+                if next_head.content_hash != broadcast.header.result_hash:
+                    raise MismatchError(f"{next_path}: differs from the state its broadcast announces")
+                del followed
+
+                losses, mean_loss = scores(next_path)
+                download = broadcast_path.stat().st_size
+                n = len(config.client_data)
+                traffic = sum(upload_sizes) / n + download
+                records.append(
+                    asdict(
+                        RoundRecord(
+                            round=round_index,
+                            eval_loss=losses,
+                            mean_eval_loss=mean_loss,
+                            participants=[config.client_ids[i] for i in chosen],
+                            upload_bytes=sum(upload_sizes) / len(upload_sizes),
+                            download_bytes=download,
+                            traffic_per_client=traffic,
+                            cumulative_traffic_per_client=last["cumulative_traffic_per_client"] + traffic,
+                            server_seconds=server,
+                            train_loss=sum(train_losses) / len(train_losses),
+                            global_state=str(next_path.relative_to(out_dir)),
+                            global_hash=next_head.content_hash,
+                            extra={"download_sparsity": broadcast_config.download_sparsity}
+                            | ({"prox_mu": config.prox_mu} if name == "fedprox" else {})
+                            | ({"freeze_a": True} if name == "ffa-lora" else {}),
+                        )
+                    )
+                )
+                _write_json(out_dir / "results.json", results)
+                ran.append({"algorithm": name, "seed": seed, "round": round_index})
+                done += 1
+                if on_progress is not None:
+                    on_progress(done, total, f"{name} seed {seed} round {round_index}: loss {mean_loss:.4f}")
+    return _finish(out_dir, config, results, ran, done_before)
+
+
+def _finish(
+    out_dir: Path,
+    config: SimulateConfig,
+    results: dict[str, Any],
+    ran: list[dict[str, Any]],
+    done_before: int,
+) -> dict[str, Any]:
+    table = summary_table(config, results)
+    from fedsrd_cli.artifacts import write_bytes_atomic
+
+    write_bytes_atomic(out_dir / "results.md", render_markdown(config, table).encode("utf-8"), force=True)
+    plot_traffic_vs_loss(config, results, out_dir / "traffic_vs_loss.png")
+    return {
+        "out": str(out_dir),
+        "results": str(out_dir / "results.json"),
+        "table": str(out_dir / "results.md"),
+        "plot": str(out_dir / "traffic_vs_loss.png"),
+        "rounds_run_now": ran,
+        "rounds_already_done": done_before,
+        "summary": table,
+    }
+
+
+def _rounds(config: SimulateConfig, results: dict[str, Any], name: str) -> list[list[dict[str, Any]]]:
+    """Per seed, the records of rounds 0..config.rounds of one algorithm."""
+    per_seed = results["runs"].get(name, {})
+    return [per_seed[str(s)][: config.rounds + 1] for s in config.seed_values() if str(s) in per_seed]
+
+
+def _spread(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, sample std; 0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summary_table(config: SimulateConfig, results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per algorithm: final-round eval losses, traffic and server time per round, over seeds.
+
+    Traffic per round per participating client = mean upload + download, averaged over rounds.
+    """
+    rows = []
+    for name in config.algorithms:
+        seeds = _rounds(config, results, name)
+        if not seeds or any(len(r) < config.rounds + 1 for r in seeds):
+            continue
+        row: dict[str, Any] = {"algorithm": name, "round": config.rounds, "seeds": len(seeds)}
+        row["eval_loss"] = {
+            domain: _spread([r[-1]["eval_loss"][domain] for r in seeds]) for domain in config.eval_names
+        }
+        row["mean_eval_loss"] = _spread([r[-1]["mean_eval_loss"] for r in seeds])
+        row["upload_mb_per_round"] = _spread(
+            [statistics.fmean(x["upload_bytes"] for x in r[1:]) / MB for r in seeds]
+        )
+        row["download_mb_per_round"] = _spread(
+            [statistics.fmean(x["download_bytes"] for x in r[1:]) / MB for r in seeds]
+        )
+        row["traffic_mb_per_round"] = _spread(
+            [statistics.fmean(x["upload_bytes"] + x["download_bytes"] for x in r[1:]) / MB for r in seeds]
+        )
+        row["server_seconds_per_round"] = _spread(
+            [statistics.fmean(x["server_seconds"] for x in r[1:]) for r in seeds]
+        )
+        rows.append(row)
+    return rows
+
+
+def _cell(pair: tuple[float, float], digits: int, seeds: int) -> str:
+    mean, std = pair
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
+
+
+def render_markdown(config: SimulateConfig, table: list[dict[str, Any]]) -> str:
+    seeds = config.seeds
+    lines = [
+        f"# fedsrd simulate: round {config.rounds}",
+        "",
+        f"{len(config.client_data)} clients, {config.participants} training per round;"
+        f" rank {config.rank}, alpha {config.alpha:g}; {config.local_steps} local steps, lr {config.lr:g},"
+        f" batch {config.batch_size}; seeds {', '.join(map(str, config.seed_values()))}"
+        + (" (mean ± std)" if seeds > 1 else "")
+        + ".",
+        "",
+        "Eval loss (response tokens) of the global state after the final round. Traffic: bytes of the",
+        "files one participating client sends (upload) and receives (broadcast) per round, in MB",
+        "(2^20 bytes). Server: aggregate + broadcast seconds per round.",
+        "",
+    ]
+    head = ["algorithm", *config.eval_names, "mean", "up MB", "down MB", "MB / round", "server s"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
+    for row in table:
+        cells = [row["algorithm"]]
+        cells += [_cell(row["eval_loss"][d], 4, seeds) for d in config.eval_names]
+        cells.append(_cell(row["mean_eval_loss"], 4, seeds))
+        cells += [
+            _cell(row[k], 4, seeds)
+            for k in ("upload_mb_per_round", "download_mb_per_round", "traffic_mb_per_round")
+        ]
+        cells.append(_cell(row["server_seconds_per_round"], 3, seeds))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_traffic_vs_loss(config: SimulateConfig, results: dict[str, Any], path: Path) -> None:
+    """Mean eval loss against cumulative traffic per client (MB), one line per algorithm,
+    with a band of +- one std over seeds."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from fedsrd_cli.artifacts import write_bytes_atomic
+
+    figure = Figure(figsize=(7, 4.5), dpi=120)
+    axes = figure.add_subplot()
+    for name in config.algorithms:
+        seeds = _rounds(config, results, name)
+        if not seeds:
+            continue
+        length = min(len(r) for r in seeds)
+        xs = [
+            statistics.fmean(r[t]["cumulative_traffic_per_client"] for r in seeds) / MB for t in range(length)
+        ]
+        spreads = [_spread([r[t]["mean_eval_loss"] for r in seeds]) for t in range(length)]
+        ys = [m for m, _ in spreads]
+        (line,) = axes.plot(xs, ys, marker="o", markersize=3, label=name)
+        if len(seeds) > 1:
+            axes.fill_between(
+                xs,
+                [m - s for m, s in spreads],
+                [m + s for m, s in spreads],
+                color=line.get_color(),
+                alpha=0.2,
+            )
+    axes.set_xlabel("cumulative traffic per client (MB)")
+    axes.set_ylabel("mean eval loss")
+    axes.set_title(f"eval loss vs traffic ({config.seeds} seed{'s' if config.seeds > 1 else ''})")
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    write_bytes_atomic(path, buffer.getvalue(), force=True)

@@ -1,0 +1,183 @@
+"""fedsrd simulate on a tiny real model: two algorithms, two clients, a resumed run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedsrd_cli.cli import app
+from fedsrd_cli.errors import OutputExistsError, UsageError
+from fedsrd_cli.simulate import SimulateConfig, _choose, client_train_seed, output_is_new
+
+from .conftest import TINY_RECORDS, build_tiny_model, write_jsonl
+
+runner = CliRunner()
+
+
+def run_cli(*args: object, code: int = 0) -> dict:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, (result.output, result.exception)
+    return json.loads(result.stdout) if code == 0 and "--json" in args else {"output": result.output}
+
+
+@pytest.fixture(scope="module")
+def sim_inputs(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("sim")
+    model = build_tiny_model(d / "tiny-llama-64", hidden=64)
+    left = write_jsonl(d / "alice.jsonl", TINY_RECORDS[:3])
+    right = write_jsonl(d / "bob.jsonl", TINY_RECORDS[3:])
+    evaluation = write_jsonl(d / "heldout.jsonl", TINY_RECORDS)
+    return {"model": model, "alice": left, "bob": right, "eval": evaluation}
+
+
+def sim_args(inputs: dict[str, Path], out: Path, rounds: int) -> list[object]:
+    return [
+        "simulate",
+        "--base", inputs["model"],
+        "--clients-data", inputs["alice"],
+        "--clients-data", inputs["bob"],
+        "--eval-data", inputs["eval"],
+        "--algorithms", "fedsrd,fedavg",
+        "--rounds", rounds,
+        "--local-steps", 3,
+        "--batch-size", 3,
+        "--lr", "2e-2",
+        "--rank", 16,
+        "--alpha", 32,
+        "--out", out,
+        "--json",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_simulate_two_rounds_then_resume(sim_inputs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    summary = run_cli(*sim_args(sim_inputs, out, 2))
+    assert [(r["algorithm"], r["round"]) for r in summary["rounds_run_now"]] == [
+        ("fedsrd", 1), ("fedsrd", 2), ("fedavg", 1), ("fedavg", 2)
+    ]  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["runs"]) == {"fedsrd", "fedavg"}
+    for name in ("fedsrd", "fedavg"):
+        records = results["runs"][name]["0"]
+        assert [r["round"] for r in records] == [0, 1, 2]
+        for r in records:
+            assert set(r["eval_loss"]) == {"heldout"}
+            assert r["mean_eval_loss"] == pytest.approx(r["eval_loss"]["heldout"])
+        assert records[0]["traffic_per_client"] == 0
+        for r in records[1:]:
+            assert r["participants"] == ["alice", "bob"]
+            assert r["upload_bytes"] > 0 and r["download_bytes"] > 0
+            assert r["server_seconds"] > 0
+            state = out / r["global_state"]
+            assert state.is_file()
+            upload_sizes = [(state.parent / f"round-{r['round']}" / f"upload-{c}.safetensors").stat().st_size
+                            for c in ("alice", "bob")]  # fmt: skip
+            assert r["upload_bytes"] == pytest.approx(sum(upload_sizes) / 2)
+            broadcast = state.parent / f"round-{r['round']}" / "broadcast.safetensors"
+            assert r["download_bytes"] == broadcast.stat().st_size
+        assert records[2]["cumulative_traffic_per_client"] == pytest.approx(
+            records[1]["traffic_per_client"] + records[2]["traffic_per_client"]
+        )
+    # both start from the same round-0 state
+    assert (
+        results["runs"]["fedsrd"]["0"][0]["global_hash"] == results["runs"]["fedavg"]["0"][0]["global_hash"]
+    )
+    rows = {row["algorithm"]: row for row in summary["summary"]}
+    fedsrd_mb = rows["fedsrd"]["traffic_mb_per_round"][0]
+    fedavg_mb = rows["fedavg"]["traffic_mb_per_round"][0]
+    assert fedsrd_mb < 0.5 * fedavg_mb, (fedsrd_mb, fedavg_mb)
+    table = (out / "results.md").read_text()
+    assert "| algorithm | heldout | mean | up MB | down MB | MB / round | server s |" in table
+    assert table.count("\n| fed") == 2
+    assert (out / "traffic_vs_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the same round through the separate commands gives the same global state, bit for bit
+    work = tmp_path / "by-hand"
+    work.mkdir()
+    g0, g1 = work / "g0.safetensors", work / "g1.safetensors"
+    head = run_cli("init", "--base", sim_inputs["model"], "--rank", 16, "--alpha", 32, "--seed", 0,
+                   "--out", g0, "--json")  # fmt: skip
+    assert head["content_hash"] == results["runs"]["fedsrd"]["0"][0]["global_hash"]
+    uploads = []
+    for index, client in enumerate(("alice", "bob")):
+        local, upload = work / f"local-{client}.safetensors", work / f"upload-{client}.safetensors"
+        run_cli("train-local", "--base", sim_inputs["model"], "--global", g0, "--data", sim_inputs[client],
+                "--out", local, "--client", client, "--steps", 3, "--batch-size", 3, "--lr", "2e-2",
+                "--seed", client_train_seed(0, 1, index), "--json")  # fmt: skip
+        run_cli("sparsify", "--global", g0, "--local", local, "--client", client, "--out", upload, "--json")
+        uploads.append(upload)
+    run_cli("aggregate", "--global", g0, "--out", work / "agg.safetensors", *uploads, "--json")
+    head = run_cli("broadcast", "--global", g0, "--aggregate", work / "agg.safetensors",
+                   "--out", work / "b1.safetensors", "--out-global", g1, "--json")  # fmt: skip
+    assert head["next_global_hash"] == results["runs"]["fedsrd"]["0"][1]["global_hash"]
+    assert (work / "b1.safetensors").stat().st_size == results["runs"]["fedsrd"]["0"][1]["download_bytes"]
+
+    # resume: one more round runs only round 3; rounds 1-2 stay as they were
+    summary = run_cli(*sim_args(sim_inputs, out, 3))
+    assert [(r["algorithm"], r["round"]) for r in summary["rounds_run_now"]] == [("fedsrd", 3), ("fedavg", 3)]
+    assert summary["rounds_already_done"] == 4
+    resumed = json.loads((out / "results.json").read_text())
+    for name in ("fedsrd", "fedavg"):
+        assert resumed["runs"][name]["0"][:3] == results["runs"][name]["0"]
+        assert resumed["runs"][name]["0"][3]["round"] == 3
+    assert "round 3" in (out / "results.md").read_text()
+
+    # a rerun of a finished run trains nothing and rewrites the same table
+    summary = run_cli(*sim_args(sim_inputs, out, 3))
+    assert summary["rounds_run_now"] == [] and summary["rounds_already_done"] == 6
+    assert json.loads((out / "results.json").read_text()) == resumed
+
+    # the same directory with other settings is refused with one line
+    args = sim_args(sim_inputs, out, 3)
+    args[args.index("--lr") + 1] = "1e-3"
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2
+    assert "lr" in result.output and "other settings" in result.output
+
+
+def test_config_is_validated() -> None:
+    good = dict(
+        base="m", client_data=("a", "b"), client_ids=("a", "b"), eval_data=("e",), eval_names=("e",),
+        algorithms=("fedsrd",), rounds=1,
+    )  # fmt: skip
+    SimulateConfig(**good)
+    for change, message in [
+        ({"algorithms": ("nope",)}, "unknown method"),
+        ({"algorithms": ("fedsrd", "fedsrd")}, "twice"),
+        ({"rounds": 0}, "--rounds"),
+        ({"sample_clients": 3}, "--sample-clients"),
+        ({"client_ids": ("a", "a")}, "differ"),
+        ({"seeds": 0}, "--seeds"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            SimulateConfig(**{**good, **change})
+
+
+def test_refuses_a_foreign_output_directory(tmp_path: Path) -> None:
+    assert output_is_new(tmp_path / "missing")
+    (tmp_path / "other.txt").write_text("x")
+    with pytest.raises(OutputExistsError, match="no simulate run"):
+        output_is_new(tmp_path)
+
+
+def test_cli_needs_base_clients_and_eval_together(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["simulate", "--base", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "together" in result.output
+
+
+def test_sample_clients_is_a_seeded_choice_per_round() -> None:
+    config = SimulateConfig(
+        base="m", client_data=tuple("abcde"), client_ids=tuple("abcde"), eval_data=("e",),
+        eval_names=("e",), algorithms=("fedsrd",), rounds=5, sample_clients=2,
+    )  # fmt: skip
+    picks = [_choose(config, 0, t) for t in range(1, 6)]
+    assert all(len(p) == 2 and len(set(p)) == 2 and set(p) <= set(range(5)) for p in picks)
+    assert picks == [_choose(config, 0, t) for t in range(1, 6)]  # same for every algorithm
+    assert len({tuple(p) for p in picks}) > 1  # changes from round to round
+    full = SimulateConfig(**{**config.__dict__, "sample_clients": None})
+    assert _choose(full, 0, 1) == [0, 1, 2, 3, 4]
