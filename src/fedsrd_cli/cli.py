@@ -57,7 +57,7 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             Output().error(str(err))
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
-            Output().error("interrupted; no output was written")
+            Output().error("interrupted; no partly written file was left (files are renamed into place)")
             raise typer.Exit(130) from None
 
     return wrapper
