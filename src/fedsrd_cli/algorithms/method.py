@@ -49,7 +49,8 @@ class Method(Algorithm):
       name           the method's name (aggregates, broadcasts and states record it)
       upload_method  the name uploads record; aggregate accepts only uploads with this name
                      (several server-side variants share FedSRD's client step, "fedsrd")
-      encode, combine, decompose   pieces from .steps
+      encode, combine, decompose   pieces from .steps (`combine` only sees modules that some
+                     client changed; an unchanged module aggregates to (B_prev, A_prev) here)
       random_upload  whether `encode` draws a seeded random mask (the seed is recorded)
       upload_settings the SparsifyConfig fields `encode` uses; uploads record exactly these
       dense_download True when the broadcast sends whole factors: download sparsity must be 0
@@ -149,9 +150,13 @@ class Method(Algorithm):
         modules = global_state.modules()
         for module in track(modules, len(modules), "aggregate"):
             clients, module_weights = client_factors(global_state, uploads, module), weights
-            if any(scale < 1.0 for scale in scales):
-                clients, module_weights = clip_clients(clients, weights, scales)
-            left, right = self.combine(clients, module_weights, rank)
+            if not (clients.changed_a or clients.changed_b):
+                # No client changed this module: W = B_prev A_prev exactly, for every method.
+                left, right = clients.b_prev, clients.a_prev
+            else:
+                if any(scale < 1.0 for scale in scales):
+                    clients, module_weights = clip_clients(clients, weights, scales)
+                left, right = self.combine(clients, module_weights, rank)
             left_name, right_name = naming.aggregate_keys(module)
             tensors[left_name] = left.float()  # (d_out, k)
             tensors[right_name] = right.float()  # (k, d_in)

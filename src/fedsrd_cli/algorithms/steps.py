@@ -212,10 +212,7 @@ def clip_clients(
 def reconstruct_truncated(
     clients: ClientFactors, weights: Sequence[float], rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FedSRD: W = sum_i w_i B_i A_i projected to rank r, as (U S (d_out, q), Vh (q, d_in)).
-    No change at all gives (B_prev, A_prev): W = B_prev A_prev exactly."""
-    if not (clients.changed_a or clients.changed_b):
-        return clients.b_prev, clients.a_prev
+    """FedSRD: W = sum_i w_i B_i A_i projected to rank r, as (U S (d_out, q), Vh (q, d_in))."""
     return truncate_product(*stack_factors(clients.bs, clients.as_, weights), rank)
 
 
@@ -223,8 +220,6 @@ def reconstruct_exact(
     clients: ClientFactors, weights: Sequence[float], rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FedSRD-e: W = sum_i w_i B_i A_i itself, as ([w_i B_i] (d_out, m r), [A_i] (m r, d_in))."""
-    if not (clients.changed_a or clients.changed_b):
-        return clients.b_prev, clients.a_prev
     return stack_factors(clients.bs, clients.as_, weights)
 
 
@@ -233,8 +228,6 @@ def reconstruct_balanced(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlexLoRA: W = sum_i w_i B_i A_i truncated to rank r and split evenly,
     (B' = U sqrt(S) (d_out, r), A' = sqrt(S) Vh (r, d_in))."""
-    if not (clients.changed_a or clients.changed_b):
-        return clients.b_prev, clients.a_prev
     return balanced_truncation(*stack_factors(clients.bs, clients.as_, weights), rank)
 
 
