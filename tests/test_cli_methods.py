@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from fedsrd_cli.algorithms import get_algorithm
 from fedsrd_cli.artifacts import read_artifact
 from fedsrd_cli.cli import METHODS_HELP, app
 from fedsrd_cli.config import AGGREGATE_METHODS
@@ -29,7 +30,7 @@ def _round(tmp: Path, method: str, extra: tuple = ()) -> dict[str, Path]:
     uploads = []
     for i in range(2):
         local = make_local(g0, tmp / f"local-{i}.safetensors", seed=30 + i)
-        if method == "ffa-lora":
+        if get_algorithm(method).trained_factor(1) == "B":  # ffa-lora, fedsrd-alternate
             local = freeze_a(g0, local)
         up = tmp / f"up-{i}.safetensors"
         run(

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from fedsrd_cli.artifacts import read_artifact
 from fedsrd_cli.cli import app
+from fedsrd_cli.errors import UsageError
 from fedsrd_cli.training import TrainConfig, evaluate, load_base, load_datasets, set_global, train_local
 
 from .conftest import TINY_RECORDS, build_tiny_model, write_jsonl
@@ -154,6 +155,34 @@ def test_freeze_a_and_prox_in_process(run_dir: Path, tiny_model: Path, tiny_data
     assert "prox" in stats.log[-1]
     # the model is reused: loading G again gives G's factors back
     set_global(base, g)
+
+
+def test_freeze_b_trains_only_a_and_alternating_follows_the_schedule(
+    run_dir: Path, tiny_model: Path, tiny_data: Path
+) -> None:
+    trained = read_artifact(run_dir / "local.safetensors", kind="state")  # B != 0, so A gets gradients
+    base = load_base(tiny_model, "cpu", "fp32")
+    datasets = load_datasets([tiny_data])
+    out, _ = train_local(base, trained, datasets, TrainConfig(steps=3, lr=1e-2, freeze_b=True))
+    for name in trained.names:
+        assert torch.equal(out[name], trained.tensor(name)) == (".lora_B." in name)
+    config = TrainConfig(steps=3)
+    assert (config.alternating(1).freeze_a, config.alternating(1).freeze_b) == (True, False)
+    assert (config.alternating(2).freeze_a, config.alternating(2).freeze_b) == (False, True)
+    with pytest.raises(UsageError, match="nothing to train"):
+        TrainConfig(freeze_a=True, freeze_b=True)
+
+
+def test_cli_alternate_trains_the_scheduled_factor(run_dir: Path, tiny_model: Path, tiny_data: Path) -> None:
+    g = read_artifact(run_dir / "g0.safetensors", kind="state")
+    args = ["train-local", "--base", tiny_model, "--global", run_dir / "g0.safetensors", "--data", tiny_data]
+    args += ["--steps", "2", "--lr", "1e-2", "--batch-size", "4", "--alternate", "--force"]
+    run_cli(*args, "--out", run_dir / "alt.safetensors", "--json")
+    local = read_artifact(run_dir / "alt.safetensors", kind="state")
+    for name in g.names:  # round 1: lora_B trains, lora_A stays the global one
+        assert torch.equal(local.tensor(name), g.tensor(name)) == (".lora_A." in name)
+    assert local.header.info["train"]["freeze_a"] is True
+    run_cli(*args, "--freeze-a", "--out", run_dir / "alt2.safetensors", code=2)
 
 
 def test_refuses_another_base(run_dir: Path, tmp_path: Path, tiny_data: Path) -> None:

@@ -42,7 +42,8 @@ OutOpt = Annotated[Path, typer.Option("--out", help="Output file.")]
 # The names in config.AGGREGATE_METHODS (spelled out: config imports torch; a test keeps them equal).
 METHODS_HELP = (
     "fedsrd, fedsrd-e, fedavg, fedprox, ffa-lora, flexlora, fed-dare, fedsrd-fixed-ratio,"
-    " fedsrd-random-sparsify, fedsrd-dense-download, fedsrd-no-reconstruction (docs/algorithms.md)"
+    " fedsrd-random-sparsify, fedsrd-dense-download, fedsrd-no-reconstruction, fedsrd-alternate"
+    " (docs/algorithms.md)"
 )
 
 
@@ -170,7 +171,14 @@ def sparsify_cmd(
         int | None,
         typer.Option("--samples", help="Training sample count (default: from the local state)."),
     ] = None,
-    base_sparsity: Annotated[float, typer.Option("--base-sparsity")] = 0.85,
+    base_sparsity: Annotated[
+        float | None,
+        typer.Option(
+            "--base-sparsity",
+            help="Base pruning ratio alpha (default: the method's, 0.85; 0.7 for fedsrd-alternate).",
+            show_default=False,
+        ),
+    ] = None,
     kurtosis_coeff: Annotated[float, typer.Option("--kurtosis-coeff")] = 0.1,
     kurtosis_cap: Annotated[float, typer.Option("--kurtosis-cap")] = 0.11,
     no_rescale: Annotated[
@@ -202,10 +210,12 @@ def sparsify_cmd(
         )
     if samples is not None and samples < 0:
         raise UsageError("--samples must be >= 0")
+    algorithm = get_algorithm(method)
+    if base_sparsity is None:
+        base_sparsity = algorithm.default_base_sparsity
     config = SparsifyConfig(
         base_sparsity, kurtosis_coeff, kurtosis_cap, not no_rescale, value_dtype, upload_drop
     )
-    algorithm = get_algorithm(method)
     ensure_writable(out_path, force)
     global_state = read_verified(global_path, "state", trust, accept=(COORDINATOR, client))
     local_adapter = read_local(local)
@@ -553,6 +563,14 @@ def train_local_cmd(
     freeze_a: Annotated[
         bool, typer.Option("--freeze-a", help="Keep every lora_A at the global value (FFA-LoRA).")
     ] = False,
+    alternate: Annotated[
+        bool,
+        typer.Option(
+            "--alternate",
+            help="Train only the factor this round's broadcast updates: lora_B in odd rounds, lora_A"
+            " in even ones (for --method fedsrd-alternate).",
+        ),
+    ] = False,
     client: Annotated[str | None, typer.Option("--client", help="This client's id (recorded).")] = None,
     sign_key: SignKeyOpt = None,
     trust_dir: TrustOpt = None,
@@ -592,6 +610,8 @@ def train_local_cmd(
         prox_mu=prox_mu,
         freeze_a=freeze_a,
     )
+    if alternate and freeze_a:
+        raise UsageError("--alternate already decides which factor trains; leave out --freeze-a")
     signer, trust = trust_from_flags(sign_key, trust_dir)
     log_path = Path(str(out_path) + ".log.jsonl")
     ensure_writable(out_path, force)
@@ -599,6 +619,8 @@ def train_local_cmd(
     accept = (COORDINATOR,) if signer is None else (COORDINATOR, signer.name)
     global_state = read_verified(global_path, "state", trust, accept=accept)
     check_fingerprint(base, global_state)
+    if alternate:
+        config = config.alternating(global_state.header.round + 1)
     datasets = load_datasets(data)
     model = load_base(base, device, dtype)
     total = config.total_steps(sum(len(d.examples) for d in datasets))
@@ -616,7 +638,8 @@ def train_local_cmd(
             "grad_accum": grad_accum,
             "seed": seed,
             "prox_mu": prox_mu,
-            "freeze_a": freeze_a,
+            "freeze_a": config.freeze_a,
+            "freeze_b": config.freeze_b,
             "final_loss": stats.final_loss,
         }
     }

@@ -34,6 +34,7 @@ AGGREGATE_METHODS = (
     "fedsrd-random-sparsify",
     "fedsrd-dense-download",
     "fedsrd-no-reconstruction",
+    "fedsrd-alternate",
 )
 WEIGHTINGS = ("uniform", "samples")
 OUTLIER_ACTIONS = ("refuse", "clip")

@@ -242,7 +242,6 @@ def simulate(
     eval_sets = load_datasets(list(config.eval_data))
     base = load_base(config.base, config.device)
     lora, module_shapes = lora_module_shapes(config.base, config.targets, config.rank, config.alpha)
-    sparsify_config = SparsifyConfig()
     ran: list[dict[str, Any]] = []
     done = done_before
     initial_eval: dict[int, dict[str, Any]] = {}
@@ -259,6 +258,7 @@ def simulate(
 
     for name in config.algorithms:
         algorithm = get_algorithm(name)
+        sparsify_config = SparsifyConfig(base_sparsity=algorithm.default_base_sparsity)
         for seed in seeds:
             records = runs.setdefault(name, {}).setdefault(str(seed), [])
             run_dir = out_dir / "work" / name / f"seed-{seed}"
@@ -301,6 +301,7 @@ def simulate(
                 round_dir = run_dir / f"round-{round_index}"
                 round_dir.mkdir(exist_ok=True)
                 chosen = _choose(config, seed, round_index)
+                only = algorithm.trained_factor(round_index)  # None: clients train both factors
                 uploads, upload_sizes, train_losses = [], [], []
                 for index in chosen:
                     client = config.client_ids[index]
@@ -312,7 +313,8 @@ def simulate(
                         seed=client_train_seed(seed, round_index, index),
                         device=config.device,
                         prox_mu=config.prox_mu if name == "fedprox" else 0.0,
-                        freeze_a=name == "ffa-lora",
+                        freeze_a=only == "B",
+                        freeze_b=only == "A",
                     )
                     tensors, stats = train_local(base, global_state, client_sets[index], train_config)
                     train_losses.append(stats.final_loss)
@@ -379,7 +381,7 @@ def simulate(
                             global_hash=next_head.content_hash,
                             extra={"download_sparsity": broadcast_config.download_sparsity}
                             | ({"prox_mu": config.prox_mu} if name == "fedprox" else {})
-                            | ({"freeze_a": True} if name == "ffa-lora" else {}),
+                            | ({"trained_factor": only} if only else {}),
                         )
                     )
                 )

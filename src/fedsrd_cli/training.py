@@ -16,7 +16,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from fedsrd_cli import data as data_mod
 from fedsrd_cli.artifacts import Artifact, Header, short
 from fedsrd_cli.config import LoraSpec, _require
 from fedsrd_cli.errors import DataError, MismatchError, UsageError
+from fedsrd_cli.math.lowrank import scheduled_factor
 from fedsrd_cli.model_spec import base_fingerprint, read_model_config
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -38,7 +39,10 @@ class TrainConfig:
 
     steps: optimizer steps; each takes batch_size * grad_accum examples.
     prox_mu: FedProx weight, loss += prox_mu / 2 * ||theta - theta_G||^2 over the trained factors.
-    freeze_a: keep every lora_A at the global value and train only lora_B (FFA-LoRA).
+    freeze_a: keep every lora_A at the global value and train only lora_B (FFA-LoRA, and the
+        odd rounds of `train-local --alternate`).
+    freeze_b: keep every lora_B at the global value and train only lora_A (the even rounds of
+        `train-local --alternate`).
     """
 
     steps: int | None = None
@@ -53,6 +57,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     prox_mu: float = 0.0
     freeze_a: bool = False
+    freeze_b: bool = False
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
 
@@ -73,8 +78,17 @@ class TrainConfig:
         _require(
             math.isfinite(self.prox_mu) and self.prox_mu >= 0, f"--prox-mu must be >= 0, got {self.prox_mu}"
         )
+        _require(
+            not (self.freeze_a and self.freeze_b), "freezing both lora_A and lora_B leaves nothing to train"
+        )
         _require(self.weight_decay >= 0, "weight decay must be >= 0")
         _require(self.max_grad_norm > 0, "max grad norm must be > 0")
+
+    def alternating(self, round_index: int) -> TrainConfig:
+        """`train-local --alternate`: train only the factor round t's one-factor broadcast
+        updates (math.lowrank.scheduled_factor: lora_B when t is odd, lora_A when t is even)."""
+        trained = scheduled_factor(round_index)
+        return replace(self, freeze_a=trained == "B", freeze_b=trained == "A")
 
     def total_steps(self, num_examples: int) -> int:
         if self.steps is not None:
@@ -320,7 +334,7 @@ def train_local(
     params = lora_parameters(model)
     trained: dict[str, torch.nn.Parameter] = {}
     for name, param in params.items():
-        train_it = not (config.freeze_a and ".lora_A." in name)
+        train_it = not ((config.freeze_a and ".lora_A." in name) or (config.freeze_b and ".lora_B." in name))
         param.requires_grad_(train_it)
         if train_it:
             trained[name] = param

@@ -13,7 +13,7 @@ from fedsrd_cli.algorithms.ablations import (
 )
 from fedsrd_cli.algorithms.base import Algorithm
 from fedsrd_cli.algorithms.baselines import FedAvg, FedDARE, FedProx, FFALoRA, FlexLoRA
-from fedsrd_cli.algorithms.fedsrd import FedSRD
+from fedsrd_cli.algorithms.fedsrd import FedSRD, FedSRDAlternate
 from fedsrd_cli.config import AGGREGATE_METHODS
 from fedsrd_cli.errors import UsageError
 
@@ -31,6 +31,7 @@ ALGORITHMS: dict[str, Algorithm] = {
         FedSRDRandomSparsify(),
         FedSRDDenseDownload(),
         FedSRDNoReconstruction(),
+        FedSRDAlternate(),
     )
 }
 

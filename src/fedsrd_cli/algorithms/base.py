@@ -16,6 +16,7 @@ import torch
 
 from fedsrd_cli.artifacts import Artifact, Header, LocalAdapter
 from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
+from fedsrd_cli.math.lowrank import scheduled_factor
 
 T = TypeVar("T")
 Track = Callable[[Iterable[T], int, str], Iterable[T]]
@@ -39,10 +40,30 @@ class Algorithm(ABC):
 
     dense_download: True when the broadcast sends whole factors, so its download sparsity
     must be 0 (`default_download_sparsity` is what the CLI uses when the user gives none).
+    local_training: which LoRA factors clients train: "both"; "B" (A frozen, FFA-LoRA:
+    `train-local --freeze-a`); "alternate" (only the factor the round's broadcast updates,
+    B in odd rounds and A in even ones: `train-local --alternate`).
+    default_base_sparsity: the upload's base sparsity alpha when the user gives none.
     """
 
     name: str
     dense_download: bool = False
+    local_training: str = "both"
+    # `sparsify --base-sparsity` when the user gives none (importance-sparsifying methods).
+    default_base_sparsity: float = SparsifyConfig.base_sparsity
+
+    def trained_factor(self, round_index: int) -> str | None:
+        """The only factor ("A" or "B") clients may change in round t; None when both."""
+        if self.local_training == "both":
+            return None
+        if self.local_training == "B":
+            return "B"
+        return scheduled_factor(round_index)
+
+    @property
+    def training_flag(self) -> str | None:
+        """The `train-local` flag that trains what this method expects (None: no flag)."""
+        return {"both": None, "B": "--freeze-a", "alternate": "--alternate"}[self.local_training]
 
     @property
     def default_download_sparsity(self) -> float:

@@ -13,7 +13,6 @@ from fedsrd_cli.algorithms.steps import (
     average_factors,
     dense_b_update,
     dense_factors_update,
-    encode_b_only,
     encode_dare,
     encode_dense,
     reconstruct_balanced,
@@ -59,7 +58,8 @@ class FFALoRA(Method):
 
     name = "ffa-lora"
     upload_method = "ffa-lora"
-    encode = staticmethod(encode_b_only)
+    local_training = "B"
+    encode = staticmethod(encode_dense)
     combine = staticmethod(average_factors)
     decompose = staticmethod(dense_b_update)
     dense_download = True

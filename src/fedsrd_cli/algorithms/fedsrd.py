@@ -37,3 +37,29 @@ class FedSRD(Method):
         self.exact = exact
         self.name = "fedsrd-e" if exact else "fedsrd"
         self.combine = reconstruct_exact if exact else reconstruct_truncated
+
+
+class FedSRDAlternate(FedSRD):
+    """FedSRD with alternating local training: an opt-in change of ours, not in the paper.
+
+    Clients train only the factor this round's broadcast updates (`train-local --alternate`:
+    lora_B in odd rounds, lora_A in even ones), so every client's update lies where the
+    one-factor download can carry it: with A fixed, W = sum_i w_i B_i A_prev has rank <= r and
+    dB = dW pinv(A_prev) is the weighted mean of the clients' dB exactly (likewise for A), and
+    the first-order error of the alternating decomposition is gone.
+    Up: the importance-sparsified delta of the trained factor only (the other is unchanged,
+        so it uploads nothing; an upload that changed it is refused). Uploads record
+        "fedsrd-alternate".
+    Aggregate and down: as FedSRD (rank-r truncation, one factor, random download mask).
+
+    Default base sparsity 0.7 instead of 0.85: one factor is sent instead of two, so keeping
+    twice the fraction (1 - 0.7 = 2 * (1 - 0.85)) spends no more upload bytes than FedSRD.
+    """
+
+    upload_method = "fedsrd-alternate"
+    local_training = "alternate"
+    default_base_sparsity = 0.7
+
+    def __init__(self) -> None:
+        super().__init__(exact=False)
+        self.name = "fedsrd-alternate"

@@ -82,6 +82,8 @@ class Method(Algorithm):
         tensors: dict[str, torch.Tensor] = {}
         layout: dict[str, list[int]] = {}
         ratios: dict[str, float] = {}
+        round_index = head.round + 1
+        only = self.trained_factor(round_index)
         modules = global_state.modules()
         for module in track(modules, len(modules), "sparsify"):
             a_prev, b_prev = global_state.factors(module)  # (r, d_in), (d_out, r)
@@ -91,6 +93,11 @@ class Method(Algorithm):
                 if not bool(delta.any()):
                     continue  # an unchanged matrix uploads nothing
                 name = naming.factor_key(module, factor)
+                if only is not None and factor != only:
+                    raise MismatchError(
+                        f"{name} changed, but {self.name} trains only lora_{only} in round"
+                        f" {round_index}; train with `train-local {self.training_flag}` and sparsify again"
+                    )
                 encoded = self.encode(FactorDelta(name, factor, delta, a_prev, b_new, seed), config)
                 if encoded.kept is None:
                     tensors[naming.values_key(name)] = encoded.values.to(value_dtype)  # (rows, cols)

@@ -36,6 +36,7 @@ from fedsrd_cli.math.importance import (
 from fedsrd_cli.math.lowrank import (
     balanced_truncation,
     choose_factor,
+    scheduled_factor,
     stack_factors,
     truncate_product,
     update_a,
@@ -142,16 +143,6 @@ def encode_dare(item: FactorDelta, config: SparsifyConfig) -> Encoded:
     scaled = item.delta.double() / (1.0 - p)
     pruned = torch.where(kept, scaled, torch.zeros_like(scaled)).to(item.delta.dtype)
     return Encoded(pruned, kept, p)
-
-
-def encode_b_only(item: FactorDelta, config: SparsifyConfig) -> Encoded:
-    """FFA-LoRA: dense dB; a changed A is refused (A must stay frozen)."""
-    if item.factor == "A":
-        raise MismatchError(
-            f"{item.name} changed, but ffa-lora keeps A frozen at its initial value; train with"
-            " --freeze-a (only lora_B trainable) and sparsify again"
-        )
-    return Encoded(item.delta, None)
 
 
 # --------------------------------------------------------------------------- coordinator: combiners
@@ -268,8 +259,8 @@ def alternating_update(
     the target left @ right (method section 3)."""
     factor = choose_factor(round_index, b_prev, a_prev)
     update = update_b if factor == "B" else update_a
-    scheduled = "B" if round_index % 2 == 1 else "A"
-    return ModuleUpdate([(factor, update(left, right, b_prev, a_prev))], factor != scheduled)
+    fell_back = factor != scheduled_factor(round_index)
+    return ModuleUpdate([(factor, update(left, right, b_prev, a_prev))], fell_back)
 
 
 def _check_factor_shapes(module: str, a_prev, b_prev, left, right) -> None:

@@ -116,15 +116,22 @@ def update_a(
     return (b_pinv @ left) @ right - (b_pinv @ b_prev) @ a_prev
 
 
+def scheduled_factor(round_index: int) -> str:
+    """The factor round t's one-factor download is scheduled to update: "B" when t is odd
+    (round 1 first, since B_0 = 0 cannot be inverted), "A" when t is even."""
+    return "B" if round_index % 2 == 1 else "A"
+
+
 def choose_factor(round_index: int, b_prev: torch.Tensor, a_prev: torch.Tensor) -> str:
-    """Which factor round t updates: "B" on odd rounds, "A" on even ones.
+    """Which factor round t updates: scheduled_factor(t), "B" on odd rounds, "A" on even ones.
 
     b_prev (d_out, r), a_prev (r, d_in) -> "B" or "A".
     Updating B needs pinv(A_prev), updating A needs pinv(B_prev). When the scheduled
     update's pinv factor is rank-deficient and the other's is not, the other factor
     is updated instead (so B_0 = 0 is never inverted).
     """
-    scheduled, fallback = ("B", "A") if round_index % 2 == 1 else ("A", "B")
+    scheduled = scheduled_factor(round_index)
+    fallback = "A" if scheduled == "B" else "B"
     inverted = {"B": a_prev, "A": b_prev}
     if is_rank_deficient(inverted[scheduled]) and not is_rank_deficient(inverted[fallback]):
         return fallback
