@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
+from fedsrd_cli.artifacts import read_artifact
 from fedsrd_cli.cli import app
 from fedsrd_cli.errors import OutputExistsError, UsageError
 from fedsrd_cli.simulate import SimulateConfig, _choose, client_train_seed, output_is_new
@@ -181,3 +183,33 @@ def test_sample_clients_is_a_seeded_choice_per_round() -> None:
     assert len({tuple(p) for p in picks}) > 1  # changes from round to round
     full = SimulateConfig(**{**config.__dict__, "sample_clients": None})
     assert _choose(full, 0, 1) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_simulate_trains_what_each_method_expects(sim_inputs: dict[str, Path], tmp_path: Path) -> None:
+    """ffa-lora never changes A; fedsrd-alternate changes only B in round 1 and only A in round 2."""
+    out = tmp_path / "results"
+    args = sim_args(sim_inputs, out, 2)
+    args[args.index("--algorithms") + 1] = "ffa-lora,fedsrd-alternate"
+    run_cli(*args)
+    results = json.loads((out / "results.json").read_text())
+
+    def factors(name: str, round_index: int) -> dict[str, dict[str, torch.Tensor]]:
+        state = read_artifact(out / results["runs"][name]["0"][round_index]["global_state"], kind="state")
+        return {f: {n: t for n, t in state.iter_tensors() if f".lora_{f}." in n} for f in ("A", "B")}
+
+    def same(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> bool:
+        return all(torch.equal(x[n], y[n]) for n in x)
+
+    ffa = [factors("ffa-lora", t) for t in (0, 1, 2)]
+    assert same(ffa[0]["A"], ffa[2]["A"]) and not same(ffa[1]["B"], ffa[2]["B"])
+    alt = [factors("fedsrd-alternate", t) for t in (0, 1, 2)]
+    assert same(alt[0]["A"], alt[1]["A"]) and not same(alt[0]["B"], alt[1]["B"])  # round 1: B
+    assert same(alt[1]["B"], alt[2]["B"]) and not same(alt[1]["A"], alt[2]["A"])  # round 2: A
+    extras = [r["extra"].get("trained_factor") for r in results["runs"]["fedsrd-alternate"]["0"][1:]]
+    assert extras == ["B", "A"]
+    for r in results["runs"]["fedsrd-alternate"]["0"][1:]:
+        upload = read_artifact(
+            out / Path(r["global_state"]).parent / f"round-{r['round']}" / "upload-alice.safetensors"
+        )
+        assert upload.header.info["sparsify"]["base_sparsity"] == 0.7
