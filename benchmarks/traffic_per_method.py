@@ -28,7 +28,7 @@ from fedsrd_cli.algorithms.protocol import initial_state  # noqa: E402
 from fedsrd_cli.artifacts import read_artifact, read_local, write_artifact  # noqa: E402
 from fedsrd_cli.config import AggregateConfig, BroadcastConfig, LoraSpec, SparsifyConfig  # noqa: E402
 from fedsrd_cli.describe import describe  # noqa: E402
-from tests.algorithms.rounds import freeze_a  # noqa: E402
+from tests.algorithms.rounds import train_only  # noqa: E402
 from tests.conftest import TOY_FINGERPRINT, make_global, make_local  # noqa: E402
 
 LLAMA_LAYER = {
@@ -66,9 +66,11 @@ def measure(method: str, tmp: Path, llama_layer: bool) -> list[dict]:
         uploads = []
         for i in range(CLIENTS):
             local = make_local(state, tmp / f"local-{round_index}-{i}.safetensors", seed=17 * round_index + i)
-            if method == "ffa-lora":
-                local = freeze_a(state, local)
-            payload = algorithm.upload(global_state, read_local(local), f"c{i}", 10, SparsifyConfig())
+            only = algorithm.trained_factor(round_index)  # ffa-lora: B; fedsrd-alternate: B, then A
+            if only is not None:
+                local = train_only(state, local, only)
+            sparsify = SparsifyConfig(base_sparsity=algorithm.default_base_sparsity)
+            payload = algorithm.upload(global_state, read_local(local), f"c{i}", 10, sparsify)
             path = tmp / f"up-{round_index}-{i}.safetensors"
             write_artifact(path, payload.header, payload.tensors)
             uploads.append(read_artifact(path))

@@ -23,17 +23,23 @@ def write(payload, path: Path) -> Path:
     return path
 
 
-def freeze_a(global_file: Path, local_file: Path) -> Path:
-    """Rewrite a local state with every A factor reset to the global one (FFA-LoRA training)."""
+def train_only(global_file: Path, local_file: Path, factor: str) -> Path:
+    """Rewrite a local state so only `factor` ("A" or "B") differs from the global state, as
+    if the other factor had been frozen in training."""
     state = read_artifact(global_file, kind="state")
     local = read_artifact(local_file, kind="state")
     tensors = {
-        name: state.tensor(name) if name.endswith("lora_A.weight") else local.tensor(name)
+        name: local.tensor(name) if name.endswith(f"lora_{factor}.weight") else state.tensor(name)
         for name in local.names
     }
-    out = local_file.with_name(local_file.stem + "-frozen-a.safetensors")
+    out = local_file.with_name(f"{local_file.stem}-only-{factor}.safetensors")
     write_artifact(out, replace(local.header, content_hash=""), tensors)
     return out
+
+
+def freeze_a(global_file: Path, local_file: Path) -> Path:
+    """Rewrite a local state with every A factor reset to the global one (FFA-LoRA training)."""
+    return train_only(global_file, local_file, "B")
 
 
 def make_locals(tmp: Path, global_file: Path, n: int, tag: str, frozen_a: bool = False) -> list[Path]:

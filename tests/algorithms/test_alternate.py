@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-from pathlib import Path
-
 import pytest
 import torch
 
 from fedsrd_cli import naming
 from fedsrd_cli.algorithms import get_algorithm
-from fedsrd_cli.artifacts import read_artifact, write_artifact
+from fedsrd_cli.artifacts import read_artifact
 from fedsrd_cli.errors import MismatchError
 from fedsrd_cli.math.lowrank import scheduled_factor
 
 from ..conftest import make_global
-from .rounds import factor_names, make_locals, run_round, state_factors, upload
-
-
-def keep_only(global_file: Path, local_file: Path, factor: str) -> Path:
-    """Rewrite a local state so only `factor` ("A" or "B") differs from the global state."""
-    state = read_artifact(global_file, kind="state")
-    local = read_artifact(local_file, kind="state")
-    tensors = {
-        name: local.tensor(name) if name.endswith(f"lora_{factor}.weight") else state.tensor(name)
-        for name in local.names
-    }
-    out = local_file.with_name(f"{local_file.stem}-only-{factor}.safetensors")
-    write_artifact(out, replace(local.header, content_hash=""), tensors)
-    return out
+from .rounds import factor_names, make_locals, run_round, state_factors, train_only, upload
 
 
 def sent_delta(upload_artifact, name: str) -> torch.Tensor:
@@ -52,7 +36,7 @@ def test_upload_of_the_wrong_factor_is_refused(tmp_path):
         MismatchError, match="lora_A.weight changed.*trains only lora_B in round 1.*--alternate"
     ):
         upload(tmp_path, "fedsrd-alternate", g0, local, "c0")
-    only_a = keep_only(g0, local, "A")
+    only_a = train_only(g0, local, "A")
     with pytest.raises(MismatchError, match="trains only lora_B"):
         upload(tmp_path, "fedsrd-alternate", g0, only_a, "c0")
 
@@ -63,7 +47,7 @@ def test_two_rounds_update_exactly_the_mean_of_what_clients_sent(tmp_path):
     g0 = make_global(tmp_path / "g0.safetensors")
     state = g0
     for round_index, factor in ((1, "B"), (2, "A")):
-        locals_ = [keep_only(state, p, factor) for p in make_locals(tmp_path, state, 3, f"r{round_index}")]
+        locals_ = [train_only(state, p, factor) for p in make_locals(tmp_path, state, 3, f"r{round_index}")]
         uploads, agg, bc, nxt = run_round(
             tmp_path, "fedsrd-alternate", state, locals_, download_sparsity=0.0, tag=f"r{round_index}"
         )

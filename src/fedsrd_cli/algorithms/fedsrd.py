@@ -53,7 +53,9 @@ class FedSRDAlternate(FedSRD):
     Aggregate and down: as FedSRD (rank-r truncation, one factor, random download mask).
 
     Default base sparsity 0.7 instead of 0.85: one factor is sent instead of two, so keeping
-    twice the fraction (1 - 0.7 = 2 * (1 - 0.85)) spends no more upload bytes than FedSRD.
+    twice the base fraction (1 - 0.7 = 2 * (1 - 0.85)) budgets the upload like FedSRD's at the
+    base ratio; the kurtosis term then prunes up to kurtosis_cap more of either, so measured
+    bytes differ with the data (docs/results.md).
     """
 
     upload_method = "fedsrd-alternate"
