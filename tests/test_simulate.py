@@ -154,9 +154,14 @@ def test_config_is_validated() -> None:
         ({"sample_clients": 3}, "--sample-clients"),
         ({"client_ids": ("a", "a")}, "differ"),
         ({"seeds": 0}, "--seeds"),
+        ({"base_sparsity": 1.0}, "--base-sparsity"),
+        ({"base_sparsity": 0.95}, "below 1"),
     ]:
         with pytest.raises(UsageError, match=message):
             SimulateConfig(**{**good, **change})
+    # left out, --base-sparsity is not recorded, so runs made before the flag existed resume
+    assert "base_sparsity" not in SimulateConfig(**good).record()
+    assert SimulateConfig(**good, base_sparsity=0.75).record()["base_sparsity"] == 0.75
 
 
 def test_refuses_a_foreign_output_directory(tmp_path: Path) -> None:

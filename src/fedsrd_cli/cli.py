@@ -894,6 +894,15 @@ def simulate_cmd(
     targets: Annotated[str, typer.Option("--targets", help="all-linear, or module names.")] = "all-linear",
     prox_mu: Annotated[float, typer.Option("--prox-mu", help="FedProx's proximal weight mu.")] = 0.01,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 512,
+    base_sparsity: Annotated[
+        float | None,
+        typer.Option(
+            "--base-sparsity",
+            help="Upload base sparsity of the importance-sparsifying methods (default: each"
+            " method's, 0.85; 0.7 for fedsrd-alternate).",
+            show_default=False,
+        ),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
     json_mode: JsonOpt = False,
 ) -> None:
@@ -947,6 +956,7 @@ def simulate_cmd(
         prox_mu=prox_mu,
         max_length=max_length,
         device=device,
+        base_sparsity=base_sparsity,
     )
     total = len(names) * seeds * rounds
     with out.steps(total, "simulating") as progress:

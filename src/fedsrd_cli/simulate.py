@@ -49,6 +49,8 @@ class SimulateConfig:
     sample_clients: K clients train each round (a seeded choice per round and seed, the same
     for every algorithm); None = all.
     prox_mu is used by fedprox only; ffa-lora trains with A frozen.
+    base_sparsity: the upload's base sparsity alpha for every importance-sparsifying method
+    (FedSRD, its ablations, fedsrd-alternate); None = each method's default.
     """
 
     base: str
@@ -71,9 +73,14 @@ class SimulateConfig:
     max_length: int = 512
     eval_batch_size: int = 16
     device: str = "auto"
+    base_sparsity: float | None = None
 
     def __post_init__(self) -> None:
         from fedsrd_cli.algorithms import get_algorithm
+        from fedsrd_cli.config import SparsifyConfig
+
+        if self.base_sparsity is not None:
+            SparsifyConfig(base_sparsity=self.base_sparsity)  # its checks and messages
 
         _require(len(self.algorithms) > 0, "--algorithms names no algorithm")
         for name in self.algorithms:
@@ -114,6 +121,8 @@ class SimulateConfig:
         data = asdict(self)
         for key in ("rounds", "device"):
             data.pop(key)
+        if data["base_sparsity"] is None:  # runs recorded before the flag existed still resume
+            data.pop("base_sparsity")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
 
@@ -258,7 +267,10 @@ def simulate(
 
     for name in config.algorithms:
         algorithm = get_algorithm(name)
-        sparsify_config = SparsifyConfig(base_sparsity=algorithm.default_base_sparsity)
+        base_sparsity = config.base_sparsity
+        if base_sparsity is None:
+            base_sparsity = algorithm.default_base_sparsity
+        sparsify_config = SparsifyConfig(base_sparsity=base_sparsity)
         for seed in seeds:
             records = runs.setdefault(name, {}).setdefault(str(seed), [])
             run_dir = out_dir / "work" / name / f"seed-{seed}"
@@ -472,6 +484,7 @@ def render_markdown(config: SimulateConfig, table: list[dict[str, Any]]) -> str:
         f" rank {config.rank}, alpha {config.alpha:g}; {config.local_steps} local steps, lr {config.lr:g},"
         f" batch {config.batch_size}; seeds {', '.join(map(str, config.seed_values()))}"
         + (" (mean ± std)" if seeds > 1 else "")
+        + (f"; upload base sparsity {config.base_sparsity:g}" if config.base_sparsity is not None else "")
         + ".",
         "",
         "Eval loss (response tokens) of the global state after the final round. Traffic: bytes of the",
