@@ -14,6 +14,7 @@
 # The run goes to ./quickstart-run (QUICKSTART_DIR overrides); an old run there is
 # replaced only if it carries this script's marker file. Settings (env):
 #   ROUNDS (5)  STEPS (local steps per round, 30)  LR (1e-3)  RANK (16)  ALPHA (32)  BATCH (16)
+#   METHOD (fedsrd; or fedsrd-e, or fedsrd-alternate: clients then train with --alternate)
 #   FEDSRD (the fedsrd command, default: fedsrd on PATH)
 set -euo pipefail
 
@@ -25,6 +26,16 @@ ALPHA="${ALPHA:-32}"
 BATCH="${BATCH:-16}"
 RUN="${QUICKSTART_DIR:-$PWD/quickstart-run}"
 FEDSRD="${FEDSRD:-fedsrd}"
+METHOD="${METHOD:-fedsrd}"
+case "$METHOD" in
+    fedsrd | fedsrd-e) TRAIN_FLAGS=() ;;
+    fedsrd-alternate) TRAIN_FLAGS=(--alternate) ;;
+    *)
+        echo "quickstart: METHOD must be fedsrd, fedsrd-e or fedsrd-alternate, got '$METHOD'" \
+            "(compare every method with: fedsrd simulate)" >&2
+        exit 2
+        ;;
+esac
 CLIENTS=(arithmetic strings code lookup)
 MARKER=".fedsrd-quickstart"
 
@@ -89,9 +100,9 @@ client_round() {  # client_round CLIENT ROUND: train from the global state, spar
     local prev=$((r - 1))
     "$FEDSRD" train-local --base "$BASE" --global "$dir/state/global-r$prev.safetensors" \
         --data "$dir/train.jsonl" --out "$dir/work/local-r$r.safetensors" --client "$c" \
-        --steps "$STEPS" --lr "$LR" --batch-size "$BATCH" --seed "$r" --quiet
+        --steps "$STEPS" --lr "$LR" --batch-size "$BATCH" --seed "$r" --quiet "${TRAIN_FLAGS[@]}"
     "$FEDSRD" sparsify --global "$dir/state/global-r$prev.safetensors" \
-        --local "$dir/work/local-r$r.safetensors" --client "$c" \
+        --local "$dir/work/local-r$r.safetensors" --client "$c" --method "$METHOD" \
         --out "$dir/outbox/upload-r$r-$c.safetensors" --json >/dev/null
 }
 
@@ -121,7 +132,7 @@ for r in $(seq 1 "$ROUNDS"); do
     for c in "${CLIENTS[@]}"; do cp "$RUN/clients/$c/outbox/upload-r$r-$c.safetensors" "$COORD/inbox/"; done
 
     step "round $r: coordinator aggregates and broadcasts"
-    "$FEDSRD" aggregate --global "$COORD/state/global-r$((r - 1)).safetensors" \
+    "$FEDSRD" aggregate --global "$COORD/state/global-r$((r - 1)).safetensors" --method "$METHOD" \
         --out "$COORD/state/aggregate-r$r.safetensors" "$COORD"/inbox/upload-r"$r"-*.safetensors
     "$FEDSRD" broadcast --global "$COORD/state/global-r$((r - 1)).safetensors" \
         --aggregate "$COORD/state/aggregate-r$r.safetensors" \
