@@ -325,9 +325,7 @@ def simulate(
                         seed=client_train_seed(seed, round_index, index),
                         device=config.device,
                         prox_mu=config.prox_mu if name == "fedprox" else 0.0,
-                        freeze_a=only == "B",
-                        freeze_b=only == "A",
-                    )
+                    ).training_only(only)
                     tensors, stats = train_local(base, global_state, client_sets[index], train_config)
                     train_losses.append(stats.final_loss)
                     info = {"train": {**asdict(train_config), "final_loss": stats.final_loss}}

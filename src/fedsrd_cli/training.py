@@ -84,11 +84,15 @@ class TrainConfig:
         _require(self.weight_decay >= 0, "weight decay must be >= 0")
         _require(self.max_grad_norm > 0, "max grad norm must be > 0")
 
+    def training_only(self, factor: str | None) -> TrainConfig:
+        """Train only lora_`factor` ("A" or "B") and freeze the other; None trains both
+        (what Algorithm.trained_factor returns for a round)."""
+        return replace(self, freeze_a=factor == "B", freeze_b=factor == "A")
+
     def alternating(self, round_index: int) -> TrainConfig:
         """`train-local --alternate`: train only the factor round t's one-factor broadcast
         updates (math.lowrank.scheduled_factor: lora_B when t is odd, lora_A when t is even)."""
-        trained = scheduled_factor(round_index)
-        return replace(self, freeze_a=trained == "B", freeze_b=trained == "A")
+        return self.training_only(scheduled_factor(round_index))
 
     def total_steps(self, num_examples: int) -> int:
         if self.steps is not None:
