@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from fedsrd_cli.artifacts import read_artifact
 from fedsrd_cli.cli import app
 from fedsrd_cli.errors import UsageError
+from fedsrd_cli.model_spec import file_sha256
 from fedsrd_cli.training import TrainConfig, evaluate, load_base, load_datasets, set_global, train_local
 
 from .conftest import TINY_RECORDS, build_tiny_model, write_jsonl
@@ -389,3 +390,73 @@ def test_console_script_train_local_then_sparsify(run_dir: Path, tiny_model: Pat
         text=True,
     )
     assert bad.returncode == 5 and "already exists" in bad.stderr
+
+
+# --------------------------------------------------------------------------- a GGUF file as --base
+
+
+def test_gguf_base_loads_as_its_source_model(tiny_model: Path, tiny_gguf: Path, tmp_path: Path) -> None:
+    """The tiny GGUF (q/k rows in llama.cpp's order) loads to exactly the weights it was written from."""
+    import hashlib
+
+    source = load_base(tiny_model, "cpu", "fp32")
+    loaded = load_base(tiny_gguf, "cpu", "fp32")
+    assert loaded.fingerprint == "sha256:" + hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
+    assert loaded.fingerprint != source.fingerprint
+    expected, found = source.model.state_dict(), loaded.model.state_dict()
+    assert set(found) == set(expected)
+    assert all(torch.equal(found[name], expected[name]) for name in expected)
+    text = "What is 12 + 7?"
+    assert loaded.tokenizer(text)["input_ids"] == source.tokenizer(text)["input_ids"]
+    ids = torch.tensor([source.tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(input_ids=ids).logits, source.model(input_ids=ids).logits)
+    # a plain model: no GGUF quantizer left, so it saves (and casts) like any other
+    assert getattr(loaded.model, "hf_quantizer", None) is None
+    assert "quantization_config" not in loaded.model.config.to_dict()
+    loaded.model.save_pretrained(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_cli_round_on_a_gguf_base(tiny_model: Path, tiny_gguf: Path, tiny_data: Path, tmp_path: Path) -> None:
+    """init, train-local, eval and export take a .gguf --base; the directory it came from is another base."""
+    g_dir, g_gguf = tmp_path / "g-dir.safetensors", tmp_path / "g-gguf.safetensors"
+    run_cli("init", "--base", tiny_model, "--out", g_dir, "--rank", "4")
+    report = run_cli("init", "--base", tiny_gguf, "--out", g_gguf, "--rank", "4", "--json")
+    from_dir, from_gguf = read_artifact(g_dir, kind="state"), read_artifact(g_gguf, kind="state")
+    assert from_gguf.shapes == from_dir.shapes and from_gguf.header.lora == from_dir.header.lora
+    assert report["modules"] == len({name.rsplit(".lora_", 1)[0] for name in from_dir.names})
+    assert from_gguf.header.base_fingerprint == "sha256:" + file_sha256(tiny_gguf)
+    local = tmp_path / "local.safetensors"
+    train = ("train-local", "--global", g_gguf, "--data", tiny_data, "--steps", "3", "--batch-size", "6")
+    run_cli(*train, "--base", tiny_gguf, "--out", local, "--seed", "1", "--json")
+    assert read_artifact(local, kind="state").header.base_fingerprint == from_gguf.header.base_fingerprint
+    metrics = run_cli("eval", "--base", tiny_gguf, "--global", local, "--data", tiny_data, "--json")
+    assert metrics["base"] == str(tiny_gguf) and metrics["mean"]["loss"] > 0
+    adapter = tmp_path / "adapter"
+    run_cli("export", "--global", local, "--base", tiny_gguf, "--out", adapter, "--json")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_gguf)
+    # a state made for the GGUF is refused by the directory it was converted from, and the other way round
+    for args in (
+        (*train, "--base", tiny_model, "--out", tmp_path / "x.safetensors"),
+        ("eval", "--base", tiny_model, "--global", local, "--data", tiny_data),
+        ("export", "--global", local, "--base", tiny_model, "--out", tmp_path / "adapter-x"),
+        ("eval", "--base", tiny_gguf, "--global", g_dir, "--data", tiny_data),
+    ):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 4, result.output
+        assert "another base model" in result.output
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "adapter-x").exists()
+
+
+def test_cli_bad_base_path_gives_one_line(tiny_data: Path, tmp_path: Path) -> None:
+    weights = tmp_path / "pytorch_model.bin"
+    weights.write_bytes(b"\x80\x02 not a model")
+    for base in (weights, tmp_path / "missing.gguf", tmp_path):
+        result = runner.invoke(app, ["init", "--base", str(base), "--out", str(tmp_path / "g.safetensors")])
+        assert result.exit_code == 6, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {base}:")
+    assert not (tmp_path / "g.safetensors").exists()

@@ -128,7 +128,9 @@ def _written(out: Output, path: Path, header: Any, extra: dict[str, Any] | None 
 
 @command("init")
 def init_cmd(
-    base: Annotated[Path, typer.Option("--base", help="Local base model directory (config.json).")],
+    base: Annotated[
+        Path, typer.Option("--base", help="Local base model: a save_pretrained directory or a .gguf file.")
+    ],
     out_path: OutOpt,
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = 8,
     alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha.")] = 16.0,
@@ -140,15 +142,15 @@ def init_cmd(
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
 ) -> None:
-    """Create the round-0 global state for a base model (reads only its config)."""
+    """Create the round-0 global state for a base model (reads only its config, or a GGUF's metadata)."""
     from fedsrd_cli.algorithms.protocol import initial_state
     from fedsrd_cli.artifacts import ensure_writable, write_artifact
-    from fedsrd_cli.model_spec import base_fingerprint, lora_module_shapes, read_model_config
+    from fedsrd_cli.model_spec import fingerprint_base, lora_module_shapes
 
     out = Output(json_mode)
     signer, _ = trust_from_flags(sign_key, None)
     ensure_writable(out_path, force)
-    fingerprint = base_fingerprint(read_model_config(base))
+    fingerprint = fingerprint_base(base)
     lora, shapes = lora_module_shapes(base, targets, rank, alpha)
     payload = initial_state(shapes, lora, seed, fingerprint)
     header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
@@ -525,7 +527,9 @@ def unpack_cmd(
 
 # --------------------------------------------------------------------------- client side on a model
 
-BaseOpt = Annotated[Path, typer.Option("--base", help="Local base model directory (save_pretrained format).")]
+BaseOpt = Annotated[
+    Path, typer.Option("--base", help="Local base model: a save_pretrained directory or a .gguf file.")
+]
 DataOpt = Annotated[list[Path], typer.Option("--data", help="JSON-lines data file (repeatable).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="Print nothing but errors (for cron).")]
 
@@ -760,7 +764,8 @@ def export_cmd(
     global_path: GlobalOpt,
     out_dir: Annotated[Path, typer.Option("--out", help="PEFT adapter directory to write.")],
     base: Annotated[
-        Path | None, typer.Option("--base", help="Base model dir (checked, and recorded in the config).")
+        Path | None,
+        typer.Option("--base", help="Base model dir or .gguf file (checked, and recorded in the config)."),
     ] = None,
     trust_dir: TrustOpt = None,
     force: ForceOpt = False,

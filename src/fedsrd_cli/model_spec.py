@@ -1,9 +1,12 @@
 """What fedsrd needs to know about a base model without loading its weights.
 
-`base_fingerprint` reads config.json only. `lora_module_shapes` builds the model on
-the meta device (no memory, no weights) and lets PEFT choose the adapted modules,
-so names and shapes are exactly PEFT's. transformers and peft are imported inside
-the functions that need them.
+A base is either a directory saved by `save_pretrained` or one GGUF file (llama.cpp's
+format); `resolve_base` is the one place that decides which, and every command goes
+through it. `fingerprint_base` identifies a base: a directory by its config.json
+(`base_fingerprint`), a GGUF file by the sha256 of its bytes. `lora_module_shapes`
+builds the model on the meta device (no memory, no weights) and lets PEFT choose the
+adapted modules, so names and shapes are exactly PEFT's. transformers and peft are
+imported inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -11,12 +14,91 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from fedsrd_cli.config import LoraSpec
 from fedsrd_cli.errors import DataError
 
 _FINGERPRINT_SKIP_SUFFIX = "_token_id"
+GGUF_MAGIC = b"GGUF"  # the first 4 bytes of every GGUF file
+_HASH_CHUNK = 1 << 20
+_EXPECTED = "expected a model directory saved by save_pretrained, or a .gguf file"
+
+
+@dataclass(frozen=True)
+class BaseSource:
+    """A base model on disk: a save_pretrained directory, or one GGUF file."""
+
+    path: Path
+    is_gguf: bool
+
+    @property
+    def folder(self) -> str:
+        """What transformers' from_pretrained takes as the model: the directory, or the GGUF's folder."""
+        return str(self.path.parent if self.is_gguf else self.path)
+
+    def pretrained_kwargs(self) -> dict[str, Any]:
+        """Extra from_pretrained arguments: the GGUF file as an absolute path, so that transformers
+        never picks a file of the same name from the working directory."""
+        return {"gguf_file": str(self.path.resolve())} if self.is_gguf else {}
+
+    def fingerprint(self) -> str:
+        """A directory: `base_fingerprint` of its config.json; a GGUF file: "sha256:" + its bytes' sha256."""
+        if self.is_gguf:
+            return "sha256:" + file_sha256(self.path)
+        return base_fingerprint(read_model_config(self.path))
+
+
+def resolve_base(path: str | Path) -> BaseSource:
+    """The base model at `path`; DataError (one line) for a path that is neither kind."""
+    path = Path(path)
+    if path.is_dir():
+        read_model_config(path)  # its own messages: no config.json, unreadable config
+        return BaseSource(path, is_gguf=False)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory ({_EXPECTED})")
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(len(GGUF_MAGIC))
+    except OSError as err:
+        raise DataError(f"{path}: unreadable ({err.strerror or err})") from None
+    if magic != GGUF_MAGIC:
+        raise DataError(f"{path}: not a model directory or a GGUF file ({_EXPECTED})")
+    return BaseSource(path, is_gguf=True)
+
+
+def fingerprint_base(path: str | Path) -> str:
+    """The fingerprint of the base model at `path` (see BaseSource.fingerprint)."""
+    return resolve_base(path).fingerprint()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks.
+
+    Remembered per (path, size, modification time, inode) for this process, so that a
+    command that checks a multi-GB GGUF base and then loads it reads it for hashing once.
+    """
+    path = Path(path).resolve()
+    try:
+        stat = path.stat()
+    except OSError as err:
+        raise DataError(f"{path}: unreadable ({err.strerror or err})") from None
+    return _sha256_of(str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@lru_cache(maxsize=16)
+def _sha256_of(path: str, _size: int, _mtime_ns: int, _inode: int) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+    except OSError as err:
+        raise DataError(f"{path}: unreadable ({err.strerror or err})") from None
+    return digest.hexdigest()
 
 
 def read_model_config(model_dir: str | Path) -> dict:
@@ -63,16 +145,18 @@ def lora_module_shapes(
 ) -> tuple[LoraSpec, dict[str, tuple[int, int]]]:
     """PEFT's adapted modules of a local model: (LoRA spec with expanded targets, {module: (d_out, d_in)}).
 
-    Module names are PEFT's state-dict prefixes (base_model.model.<path>).
+    Module names are PEFT's state-dict prefixes (base_model.model.<path>). `model_dir` may
+    also be a GGUF file: only its metadata is read (no tensor is dequantized).
     """
-    read_model_config(model_dir)
+    source = resolve_base(model_dir)
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except Exception as err:  # transformers raises many types for a bad directory
+        extra = source.pretrained_kwargs()
+        config = AutoConfig.from_pretrained(source.folder, local_files_only=True, **extra)
+    except Exception as err:  # transformers raises many types for a bad directory or file
         raise DataError(f"{model_dir}: transformers cannot read this model config ({err})") from None
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")

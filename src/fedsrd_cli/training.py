@@ -10,12 +10,14 @@ transformers and peft are imported inside the functions that need them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import random
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from fedsrd_cli.artifacts import Artifact, Header, short
 from fedsrd_cli.config import LoraSpec, _require
 from fedsrd_cli.errors import DataError, MismatchError, UsageError
 from fedsrd_cli.math.lowrank import scheduled_factor
-from fedsrd_cli.model_spec import base_fingerprint, read_model_config
+from fedsrd_cli.model_spec import fingerprint_base, resolve_base
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -156,8 +158,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def check_fingerprint(model_dir: str | Path, global_state: Artifact) -> str:
-    """The model directory's fingerprint; MismatchError if it is not the global state's base."""
-    found = base_fingerprint(read_model_config(model_dir))
+    """The base model's fingerprint (a directory or a GGUF file); MismatchError if it is not the
+    global state's base."""
+    found = fingerprint_base(model_dir)
     expected = global_state.header.base_fingerprint
     if found != expected:
         raise MismatchError(
@@ -168,9 +171,14 @@ def check_fingerprint(model_dir: str | Path, global_state: Artifact) -> str:
 
 
 def load_base(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> BaseModel:
-    """Load a causal LM and its tokenizer from a local directory (never from a hub)."""
+    """Load a causal LM and its tokenizer from a local directory or GGUF file (never from a hub).
+
+    A GGUF file is dequantized to `dtype` by transformers and then made a plain model
+    (`_plain_model`), so it trains, casts and saves like one loaded from a directory.
+    """
     model_dir = Path(model_dir)
-    fingerprint = base_fingerprint(read_model_config(model_dir))
+    source = resolve_base(model_dir)
+    fingerprint = source.fingerprint()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -179,21 +187,64 @@ def load_base(model_dir: str | Path, device: str = "auto", dtype: str = "auto") 
     hf_logging.disable_progress_bar()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    extra = source.pretrained_kwargs()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, local_files_only=True, **extra)
     except Exception as err:  # transformers raises many types for a bad directory
         raise DataError(f"{model_dir}: cannot load its tokenizer ({type(err).__name__}: {err})") from None
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _no_gguf_progress_bar():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(
-                str(model_dir), local_files_only=True, dtype=torch_dtype
+                source.folder, local_files_only=True, dtype=torch_dtype, **extra
             )
+            if source.is_gguf:
+                model = _plain_model(model, torch_dtype)
     except Exception as err:
         raise DataError(f"{model_dir}: cannot load the model ({type(err).__name__}: {err})") from None
     model.to(torch_device)
     model.eval()
     return BaseModel(model_dir, model, tokenizer, fingerprint, torch_device, torch_dtype)
+
+
+@contextlib.contextmanager
+def _no_gguf_progress_bar() -> Iterator[None]:
+    """Hide the tqdm bar transformers' GGUF reader draws while dequantizing.
+
+    That reader uses tqdm directly, so `disable_progress_bar()` does not reach it; commands
+    report progress through output.Output instead. Does nothing if transformers moves it.
+    """
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def _plain_model(model: Any, dtype: torch.dtype) -> Any:
+    """The same model without transformers' GGUF "quantizer", around the same tensors (no copy).
+
+    A model loaded from a GGUF file keeps that quantizer even once its weights are plain
+    floats: it refuses save_pretrained, .float() and .half() and reports itself not trainable.
+    Rebuilding the class from the config minus `quantization_config`, with the loaded state
+    dict, gives an ordinary model with the identical weights (and buffers such as RoPE's
+    computed afresh).
+    """
+    settings = model.config.to_dict()
+    settings.pop("quantization_config", None)
+    config = type(model.config).from_dict(settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return type(model).from_pretrained(None, config=config, state_dict=model.state_dict(), dtype=dtype)
 
 
 def attach_lora(base: BaseModel, lora: LoraSpec) -> None:
