@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from fedsrd_cli.artifacts import read_artifact
 from fedsrd_cli.cli import app
 from fedsrd_cli.errors import OutputExistsError, UsageError
+from fedsrd_cli.model_spec import file_sha256
 from fedsrd_cli.simulate import SimulateConfig, _choose, client_train_seed, output_is_new
 
 from .conftest import TINY_RECORDS, build_tiny_model, write_jsonl
@@ -218,3 +219,44 @@ def test_simulate_trains_what_each_method_expects(sim_inputs: dict[str, Path], t
             out / Path(r["global_state"]).parent / f"round-{r['round']}" / "upload-alice.safetensors"
         )
         assert upload.header.info["sparsify"]["base_sparsity"] == 0.7
+
+
+def test_demo_model_is_recorded_and_checked(tmp_path: Path) -> None:
+    good = dict(
+        base="m", client_data=("a",), client_ids=("a",), eval_data=("e",), eval_names=("e",),
+        algorithms=("fedsrd",), rounds=1,
+    )  # fmt: skip
+    # the toy (and a run on your own --base) is not recorded, so demo runs made before --model resume
+    assert "demo_model" not in SimulateConfig(**good).record()
+    assert "demo_model" not in SimulateConfig(**good, demo_model="toy").record()
+    assert SimulateConfig(**good, demo_model="smollm2").record()["demo_model"] == "smollm2"
+    with pytest.raises(UsageError, match="--model"):
+        SimulateConfig(**good, demo_model="gpt2")
+
+
+def test_demo_assets_of_another_model_are_refused(tmp_path: Path) -> None:
+    """A run stopped after writing the toy's assets cannot go on with --model smollm2 (and vice versa)."""
+    assets = tmp_path / "out" / "assets"
+    assets.mkdir(parents=True)
+    (assets / "manifest.json").write_text(json.dumps({"base": "base"}))  # before --model: the toy
+    result = run_cli("simulate", "--out", tmp_path / "out", "--model", "smollm2", code=2)
+    assert "holds the demo for --model toy; rerun with --model toy" in result["output"]
+    (assets / "manifest.json").write_text(json.dumps({"model": "smollm2"}))
+    result = run_cli("simulate", "--out", tmp_path / "out", "--model", "toy", code=2)
+    assert "holds the demo for --model smollm2" in result["output"]
+    result = run_cli("simulate", "--out", tmp_path / "o2", "--model", "x", code=2)
+    assert "--model must be one of smollm2, toy" in result["output"]
+
+
+@pytest.mark.slow
+def test_simulate_on_a_gguf_base(tiny_gguf: Path, tiny_data: Path, tmp_path: Path) -> None:
+    summary = run_cli(
+        "simulate", "--base", tiny_gguf, "--clients-data", tiny_data, "--eval-data", tiny_data,
+        "--algorithms", "fedavg", "--rounds", 1, "--local-steps", 2, "--batch-size", 3, "--rank", 4,
+        "--out", tmp_path / "results", "--json",
+    )  # fmt: skip
+    assert summary["rounds_run_now"]
+    config = json.loads((tmp_path / "results" / "config.json").read_text())
+    assert config["base"] == str(tiny_gguf.resolve()) and "demo_model" not in config
+    first = read_artifact(tmp_path / "results" / "work" / "fedavg" / "seed-0" / "global-r0.safetensors")
+    assert first.header.base_fingerprint == "sha256:" + file_sha256(tiny_gguf)

@@ -903,8 +903,10 @@ def simulate_cmd(
     ] = "fedavg,fedprox,ffa-lora,flexlora,fed-dare,fedsrd-e,fedsrd",
     rounds: Annotated[int, typer.Option("--rounds", help="Rounds per algorithm and seed.")] = 5,
     base: Annotated[
-        Path | None, typer.Option("--base", help="Local base model directory (default: the demo's).")
+        Path | None,
+        typer.Option("--base", help="Local base model directory or .gguf file (default: the demo's)."),
     ] = None,
+    model: DemoModelOpt = "smollm2",
     clients_data: Annotated[
         list[Path] | None,
         typer.Option("--clients-data", help="One client's JSON-lines training file (repeat per client)."),
@@ -939,7 +941,7 @@ def simulate_cmd(
 ) -> None:
     """Simulate every client and the coordinator in one process and compare methods.
 
-    Without --base/--clients-data it runs the demo (4 clients, 4 domains). Writes
+    Without --base/--clients-data it runs the demo (4 clients, 4 domains) on --model. Writes
     results.json, results.md and traffic_vs_loss.png into --out; rerunning with the same
     --out continues where it stopped (only --rounds may change).
     """
@@ -948,13 +950,24 @@ def simulate_cmd(
     out = Output(json_mode)
     names = tuple(a.strip() for a in algorithms.split(",") if a.strip())
     output_is_new(out_dir)
+    demo_model = None
     if base is None and not clients_data and not eval_data:
-        from fedsrd_cli.demo import DOMAINS, demo_assets
+        from fedsrd_cli.demo import DOMAINS, MODELS, demo_assets, demo_assets_model
 
+        if model not in MODELS:
+            raise UsageError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
+        demo_model = model
         assets = out_dir / "assets"
-        if not (assets / "manifest.json").is_file():
-            out.note(f"writing the demo's base model and data into {assets}")
-            demo_assets(assets)
+        if (assets / "manifest.json").is_file():
+            found = demo_assets_model(assets)
+            if found != model:
+                raise UsageError(
+                    f"{assets}: holds the demo for --model {found}; rerun with --model {found}"
+                    " or choose another --out"
+                )
+        else:
+            out.note(f"writing the demo's base model ({model}) and data into {assets}")
+            demo_assets(assets, model=model)
         base = assets / "base"
         clients_data = [assets / "clients" / d / "train.jsonl" for d in DOMAINS]
         eval_data = [assets / "clients" / d / "eval.jsonl" for d in DOMAINS]
@@ -969,6 +982,7 @@ def simulate_cmd(
         eval_names = tuple(file_labels(eval_data))
     config = SimulateConfig(
         base=str(base.resolve()),
+        demo_model=demo_model,
         client_data=tuple(str(p.resolve()) for p in clients_data),
         client_ids=client_ids,
         eval_data=tuple(str(p.resolve()) for p in eval_data),

@@ -13,7 +13,7 @@ Layout of RESULTS_DIR:
     results.md           a table of the final round (mean +- std over seeds)
     traffic_vs_loss.png  mean eval loss against cumulative traffic per client
     work/ALG/seed-S/     global-rT.safetensors, and round-T/ with uploads, aggregate, broadcast
-    assets/              the demo's base model and data (only when no --base was given)
+    assets/              the demo's base model (--model) and data (only when no --base was given)
 
 results.json is rewritten (atomically) after every completed round, so a killed run resumes
 from its last completed global state.
@@ -51,6 +51,9 @@ class SimulateConfig:
     prox_mu is used by fedprox only; ffa-lora trains with A frozen.
     base_sparsity: the upload's base sparsity alpha for every importance-sparsifying method
     (FedSRD, its ablations, fedsrd-alternate); None = each method's default.
+    demo_model: the demo's base model ("smollm2" or "toy") when the run is the demo; None for
+    your own --base. The demo's base is always RESULTS_DIR/assets/base, so its path cannot tell
+    the two apart: the model is recorded instead.
     """
 
     base: str
@@ -74,6 +77,7 @@ class SimulateConfig:
     eval_batch_size: int = 16
     device: str = "auto"
     base_sparsity: float | None = None
+    demo_model: str | None = None
 
     def __post_init__(self) -> None:
         from fedsrd_cli.algorithms import get_algorithm
@@ -108,6 +112,10 @@ class SimulateConfig:
         )
         _require(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
         _require(self.eval_batch_size >= 1, "eval batch size must be >= 1")
+        _require(
+            self.demo_model in (None, "smollm2", "toy"),
+            f"--model must be smollm2 or toy, got {self.demo_model!r}",
+        )
 
     @property
     def participants(self) -> int:
@@ -123,6 +131,8 @@ class SimulateConfig:
             data.pop(key)
         if data["base_sparsity"] is None:  # runs recorded before the flag existed still resume
             data.pop("base_sparsity")
+        if data["demo_model"] in (None, "toy"):  # demo runs recorded before --model existed were toy
+            data.pop("demo_model")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
 
