@@ -90,30 +90,69 @@ def is_rank_deficient(x: torch.Tensor) -> bool:
     return int(torch.linalg.matrix_rank(x)) < min(x.shape)
 
 
+def _ridge_scale(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """lam = damping * sigma_max(X)^2, read off the Gram matrix X^T X (or X X^T) of the factor."""
+    return damping * torch.linalg.eigvalsh(gram)[-1].clamp(min=0.0)
+
+
 def update_b(
-    left: torch.Tensor, right: torch.Tensor, b_prev: torch.Tensor, a_prev: torch.Tensor
+    left: torch.Tensor,
+    right: torch.Tensor,
+    b_prev: torch.Tensor,
+    a_prev: torch.Tensor,
+    damping: float = 0.0,
 ) -> torch.Tensor:
-    """Least-squares B update for the target W_r = left @ right.
+    """Least-squares B update for the target W_r = left @ right, optionally ridge-damped.
 
     left (d_out, k), right (k, d_in), b_prev (d_out, r), a_prev (r, d_in) -> dB (d_out, r)
-    dB = dW pinv(A_prev) with dW = W_r - B_prev A_prev, taken factor by factor:
-    dB = left (right pinv(A_prev)) - B_prev (A_prev pinv(A_prev))
+    dW = W_r - B_prev A_prev, taken factor by factor (no (d_out, d_in) matrix is formed):
+      damping = 0:  dB = dW pinv(A_prev)
+                       = left (right pinv(A_prev)) - B_prev (A_prev pinv(A_prev))
+      damping > 0:  dB = dW A_prev^T (A_prev A_prev^T + lam I)^-1,  lam = damping * sigma_max(A_prev)^2
+                       = (left (right A_prev^T) - B_prev G) (G + lam I)^-1,  G = A_prev A_prev^T (r, r)
+    The damped solve minimises ||dB A_prev - dW||_F^2 + lam ||dB||_F^2: directions where A_prev
+    is weak (sigma_i^2 << lam) are not inverted, so dB is at most ||dW|| / (2 sqrt(lam)) per
+    direction instead of ||dW|| / sigma_min(A_prev). A zero A_prev gives dB = 0, as pinv does.
     """
-    a_pinv = torch.linalg.pinv(a_prev)  # (d_in, r)
-    return left @ (right @ a_pinv) - b_prev @ (a_prev @ a_pinv)
+    if damping == 0.0:
+        a_pinv = torch.linalg.pinv(a_prev)  # (d_in, r)
+        return left @ (right @ a_pinv) - b_prev @ (a_prev @ a_pinv)
+    gram = a_prev @ a_prev.mT  # (r, r)
+    lam = _ridge_scale(gram, damping)
+    if float(lam) == 0.0:
+        return torch.zeros_like(b_prev)
+    rhs = left @ (right @ a_prev.mT) - b_prev @ gram  # (d_out, r) = dW A_prev^T
+    chol = torch.linalg.cholesky(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype))
+    return torch.cholesky_solve(rhs.mT, chol).mT  # (G + lam I) is symmetric
 
 
 def update_a(
-    left: torch.Tensor, right: torch.Tensor, b_prev: torch.Tensor, a_prev: torch.Tensor
+    left: torch.Tensor,
+    right: torch.Tensor,
+    b_prev: torch.Tensor,
+    a_prev: torch.Tensor,
+    damping: float = 0.0,
 ) -> torch.Tensor:
-    """Least-squares A update for the target W_r = left @ right.
+    """Least-squares A update for the target W_r = left @ right, optionally ridge-damped.
 
     left (d_out, k), right (k, d_in), b_prev (d_out, r), a_prev (r, d_in) -> dA (r, d_in)
-    dA = pinv(B_prev) dW with dW = W_r - B_prev A_prev, taken factor by factor:
-    dA = (pinv(B_prev) left) right - (pinv(B_prev) B_prev) A_prev
+    dW = W_r - B_prev A_prev, taken factor by factor:
+      damping = 0:  dA = pinv(B_prev) dW
+                       = (pinv(B_prev) left) right - (pinv(B_prev) B_prev) A_prev
+      damping > 0:  dA = (B_prev^T B_prev + lam I)^-1 B_prev^T dW,  lam = damping * sigma_max(B_prev)^2
+                       = (G + lam I)^-1 ((B_prev^T left) right - G A_prev),  G = B_prev^T B_prev (r, r)
+    (the ridge solve of update_b, transposed). A zero B_prev gives dA = 0, as pinv does.
     """
-    b_pinv = torch.linalg.pinv(b_prev)  # (r, d_out)
-    return (b_pinv @ left) @ right - (b_pinv @ b_prev) @ a_prev
+    if damping == 0.0:
+        b_pinv = torch.linalg.pinv(b_prev)  # (r, d_out)
+        return (b_pinv @ left) @ right - (b_pinv @ b_prev) @ a_prev
+    gram = b_prev.mT @ b_prev  # (r, r)
+    lam = _ridge_scale(gram, damping)
+    if float(lam) == 0.0:
+        return torch.zeros_like(a_prev)
+    rhs = (b_prev.mT @ left) @ right - gram @ a_prev  # (r, d_in) = B_prev^T dW
+    chol = torch.linalg.cholesky(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype))
+    return torch.cholesky_solve(rhs, chol)
 
 
 def scheduled_factor(round_index: int) -> str:
@@ -149,3 +188,106 @@ def product_frobenius_norm(left: torch.Tensor, right: torch.Tensor) -> torch.Ten
     gram_left = left.T @ left  # (k, k)
     gram_right = right @ right.T  # (k, k)
     return torch.sqrt(torch.clamp((gram_left * gram_right).sum(), min=0.0))
+
+
+def update_error_norms(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    b_prev: torch.Tensor,
+    a_prev: torch.Tensor,
+    b_next: torch.Tensor,
+    a_next: torch.Tensor,
+) -> tuple[float, float]:
+    """How far the update a broadcast delivers is from its target: (||miss||_F, ||target||_F).
+
+    left (d_out, k), right (k, d_in): the target W = left @ right; (b_prev, a_prev) the state
+    before and (b_next, a_next) after the broadcast, (d_out, r) and (r, d_in).
+        target = W - B_prev A_prev                  (what the clients' aggregate asks for)
+        miss   = B_next A_next - W = delivered - target
+    Both are products of thin factors ([B_next, -left] @ [A_next; right] and [left, -B_prev]
+    @ [right; A_prev]), normed with product_frobenius_norm; nothing of size (d_out, d_in) is
+    formed. miss / target is the update's relative error: 0 when the target arrived exactly,
+    1 when the state is no closer to W than if nothing had been sent.
+    """
+    miss = product_frobenius_norm(torch.cat([b_next, -left], dim=1), torch.cat([a_next, right], dim=0))
+    target = product_frobenius_norm(torch.cat([left, -b_prev], dim=1), torch.cat([right, a_prev], dim=0))
+    return float(miss), float(target)
+
+
+def _solve_on_kept(
+    gram: torch.Tensor, rhs: torch.Tensor, keep: torch.Tensor, lam: torch.Tensor
+) -> torch.Tensor:
+    """Row by row, solve the normal equations restricted to that row's kept coordinates.
+
+    gram (r, r) symmetric PSD, rhs (n, r), keep (n, r) bool, lam scalar >= 0 -> x (n, r) with
+    x[j, ~keep[j]] = 0 and x[j, K] = (gram[K, K] + lam I)^-1 rhs[j, K] for K = keep[j].
+    Rows are gathered into (n, q, q) systems, q = the largest kept count of a row; a row's
+    unused slots get identity rows and a zero right side, so they solve to 0. Cost O(n q^3).
+    """
+    n, r = keep.shape
+    counts = keep.sum(dim=1)  # (n,)
+    q = int(counts.max()) if n else 0
+    x = torch.zeros(n, r, dtype=rhs.dtype)
+    if q == 0:
+        return x
+    # Kept column indices of each row first (stable sort of the negated mask), then padding.
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :q]  # (n, q)
+    used = torch.arange(q)[None, :] < counts[:, None]  # (n, q)
+    sub = gram[order[:, :, None], order[:, None, :]]  # (n, q, q)
+    pair = used[:, :, None] & used[:, None, :]
+    eye = torch.eye(q, dtype=gram.dtype).expand(n, q, q)
+    system = torch.where(pair, sub + lam * eye, eye)  # padding: identity
+    side = torch.where(used, rhs.gather(1, order), torch.zeros((), dtype=rhs.dtype))  # (n, q)
+    if float(lam) > 0.0:
+        solved = torch.linalg.solve(system, side.unsqueeze(-1)).squeeze(-1)  # (n, q)
+    else:  # undamped: a kept block of a rank-deficient factor is singular; take its pseudo-inverse
+        solved = (torch.linalg.pinv(system, hermitian=True) @ side.unsqueeze(-1)).squeeze(-1)
+    x.scatter_(1, order, torch.where(used, solved, torch.zeros((), dtype=solved.dtype)))
+    return x
+
+
+def masked_update_b(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    b_prev: torch.Tensor,
+    a_prev: torch.Tensor,
+    keep: torch.Tensor,
+    damping: float = 0.0,
+) -> torch.Tensor:
+    """The best B update that is zero outside `keep`: least squares on the kept elements.
+
+    left (d_out, k), right (k, d_in), b_prev (d_out, r), a_prev (r, d_in), keep (d_out, r) bool
+    -> dB (d_out, r), zero where keep is False. Row u, with kept columns K = keep[u]:
+        dB[u, K] = argmin_x ||x A_prev[K, :] - dW[u, :]||^2 + lam ||x||^2
+                 = (G[K, K] + lam I)^-1 C[u, K],   G = A_prev A_prev^T (r, r), C = dW A_prev^T (d_out, r),
+    lam = damping * sigma_max(A_prev)^2, dW = left @ right - B_prev A_prev (C = left (right A_prev^T)
+    - B_prev G, so nothing of size (d_out, d_in) is formed). Since x = 0 is allowed, the
+    delivered dB A_prev is never farther from dW than sending nothing: the update's relative
+    error is at most 1, whatever the conditioning of A_prev. keep all True and damping 0 give
+    update_b's least squares solution.
+    """
+    gram = a_prev @ a_prev.mT  # (r, r)
+    rhs = left @ (right @ a_prev.mT) - b_prev @ gram  # (d_out, r)
+    return _solve_on_kept(gram, rhs, keep, _ridge_scale(gram, damping))
+
+
+def masked_update_a(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    b_prev: torch.Tensor,
+    a_prev: torch.Tensor,
+    keep: torch.Tensor,
+    damping: float = 0.0,
+) -> torch.Tensor:
+    """The best A update that is zero outside `keep`: least squares on the kept elements.
+
+    left (d_out, k), right (k, d_in), b_prev (d_out, r), a_prev (r, d_in), keep (r, d_in) bool
+    -> dA (r, d_in), zero where keep is False. Column v, with kept rows K = keep[:, v]:
+        dA[K, v] = argmin_y ||B_prev[:, K] y - dW[:, v]||^2 + lam ||y||^2
+                 = (G[K, K] + lam I)^-1 C[K, v],   G = B_prev^T B_prev (r, r), C = B_prev^T dW (r, d_in),
+    lam = damping * sigma_max(B_prev)^2, C = (B_prev^T left) right - G A_prev. As for
+    masked_update_b, the relative error of the delivered update is at most 1.
+    """
+    gram = b_prev.mT @ b_prev  # (r, r)
+    rhs = (b_prev.mT @ left) @ right - gram @ a_prev  # (r, d_in)
+    return _solve_on_kept(gram, rhs.mT, keep.mT, _ridge_scale(gram, damping)).mT
