@@ -325,6 +325,33 @@ def broadcast_cmd(
         typer.Option("--seed", help="Download-mask seed (default: from the aggregate's hash)."),
     ] = None,
     value_dtype: Annotated[str, typer.Option("--value-dtype", help="fp32, bf16 or fp16.")] = "fp32",
+    damping: Annotated[
+        float | None,
+        typer.Option(
+            "--damping",
+            help="Ridge weight of the one-factor solve, relative to sigma_max^2 of the inverted factor"
+            " (default 1e-3; 0 = the paper's exact pinv).",
+            show_default=False,
+        ),
+    ] = None,
+    download_fit: Annotated[
+        str | None,
+        typer.Option(
+            "--download-fit",
+            help="dare (default, the paper: whole-factor least squares, kept elements divided by"
+            " 1 - p) or lstsq (least squares on the kept elements alone).",
+            show_default=False,
+        ),
+    ] = None,
+    factor_choice: Annotated[
+        str | None,
+        typer.Option(
+            "--factor-choice",
+            help="fit (default: per module, the factor whose least squares fits the target better)"
+            " or parity (the paper: B in odd rounds, A in even ones).",
+            show_default=False,
+        ),
+    ] = None,
     sign_key: SignKeyOpt = None,
     trust_dir: TrustOpt = None,
     force: ForceOpt = False,
@@ -336,6 +363,7 @@ def broadcast_cmd(
     the two accepts an existing next-state file holding exactly the same bytes.
     """
     from fedsrd_cli.algorithms import get_algorithm
+    from fedsrd_cli.algorithms.diagnostics import update_error_warning
     from fedsrd_cli.artifacts import ensure_writable, write_artifact
     from fedsrd_cli.config import BroadcastConfig
     from fedsrd_cli.signing import read_verified
@@ -354,7 +382,10 @@ def broadcast_cmd(
     algorithm = get_algorithm(agg.header.method)
     if download_sparsity is None:
         download_sparsity = algorithm.default_download_sparsity
-    config = BroadcastConfig(download_sparsity, seed, value_dtype)
+    given = {"damping": damping, "download_fit": download_fit, "factor_choice": factor_choice}
+    config = BroadcastConfig(
+        download_sparsity, seed, value_dtype, **{k: v for k, v in given.items() if v is not None}
+    )
     broadcast, next_state = algorithm.broadcast(global_state, agg, config, out.track)
     sign = sign_with(signer)
     state_header = write_artifact(
@@ -362,6 +393,10 @@ def broadcast_cmd(
     )
     header = write_artifact(out_path, broadcast.header, broadcast.tensors, force, sign=sign)
     factors = sorted({name.rsplit(".", 2)[-2] for name in header.layout})
+    error = header.info["update_error"]
+    warning = update_error_warning(header)
+    if warning:
+        out.note(f"warning: {warning}")
     _written(
         out,
         out_path,
@@ -372,6 +407,9 @@ def broadcast_cmd(
             "factors_sent": ",".join(factors),
             "fallback_modules": len(header.info.get("factor_fallbacks", [])),
             "seed": seed,
+            "update_error": error["overall"],
+            "worst_module": _worst(error["modules"]),
+            **({"warning": warning} if warning else {}),
         },
     )
 
@@ -456,6 +494,7 @@ def inspect_cmd(
             rows.append((key.replace("_", " "), report[key]))
     if "result_hash" in report:
         rows.append(("result state", short(report["result_hash"])))
+    rows += _broadcast_rows(report.get("info", {}) if report["kind"] == "broadcast" else {})
     signature = report["signature"]
     if signature is None:
         rows.append(("signed by", "-"))
@@ -484,6 +523,26 @@ def inspect_cmd(
             table.add_row("x".join(map(str, t["shape"])), f"{t['nonzeros']:,}", density, t["name"])
         renderables.append(table)
     out.result(report, *renderables)
+
+
+def _broadcast_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """inspect's lines on how a broadcast was solved and how well it fits its target."""
+    rows = []
+    if "download_fit" in info:
+        choice, damping = info["factor_choice"], info["damping"]
+        rows.append(("download", f"fit {info['download_fit']}, factor choice {choice}, damping {damping:g}"))
+    if "update_error" in info:
+        error = info["update_error"]
+        rows.append(("update error", f"{error['overall']:.4g} overall; worst {_worst(error['modules'])}"))
+    if info.get("update_step", {}).get("factors"):
+        rows.append(("largest step", _worst(info["update_step"]["factors"])))
+    return rows
+
+
+def _worst(values: dict[str, float]) -> str:
+    """The largest value and its key, as "0.9731 (key)"."""
+    key = max(values, key=values.__getitem__)
+    return f"{values[key]:.4g} ({key})"
 
 
 @command("unpack")
@@ -678,6 +737,9 @@ def eval_cmd(
         bool, typer.Option("--generate", help="Also generate greedily and score exact match.")
     ] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
+    answers: Annotated[
+        int, typer.Option("--answers", help="Show the greedy answers to the first N examples of each file.")
+    ] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 512,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
@@ -727,7 +789,7 @@ def eval_cmd(
         source = {"adapter": str(adapter)}
     else:
         source = {"base_only": True}
-    metrics = evaluate(model, datasets, batch_size, max_length, generate, max_new_tokens)
+    metrics = evaluate(model, datasets, batch_size, max_length, generate, max_new_tokens, answers=answers)
     result = {**source, "base": str(base), **metrics}
     if out_path is not None:
         text = json.dumps(result, indent=2, sort_keys=True) + "\n"
@@ -756,7 +818,14 @@ def eval_cmd(
         if show_em:
             row.append(f"{mean['exact_match']:.2%}")
         table.add_row(*row)
-    out.result(result, table)
+    shown = [(name, a) for name, m in metrics["files"].items() for a in m.get("answers", [])]
+    if not shown:
+        out.result(result, table)
+        return
+    answers_table = Table("data", "prompt", "reference", "answer", title="answers", title_justify="left")
+    for name, a in shown:
+        answers_table.add_row(name, a["prompt"].strip(), a["reference"], a["answer"].strip())
+    out.result(result, table, answers_table)
 
 
 @command("export")
@@ -936,6 +1005,30 @@ def simulate_cmd(
             show_default=False,
         ),
     ] = None,
+    value_dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--value-dtype",
+            help="Values of uploads and broadcasts: fp32, bf16 or fp16 (default fp32).",
+            show_default=False,
+        ),
+    ] = None,
+    damping: Annotated[
+        float | None,
+        typer.Option("--damping", help="broadcast --damping (default: broadcast's).", show_default=False),
+    ] = None,
+    download_fit: Annotated[
+        str | None,
+        typer.Option(
+            "--download-fit", help="broadcast --download-fit (default: broadcast's).", show_default=False
+        ),
+    ] = None,
+    factor_choice: Annotated[
+        str | None,
+        typer.Option(
+            "--factor-choice", help="broadcast --factor-choice (default: broadcast's).", show_default=False
+        ),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
     json_mode: JsonOpt = False,
 ) -> None:
@@ -1002,6 +1095,10 @@ def simulate_cmd(
         max_length=max_length,
         device=device,
         base_sparsity=base_sparsity,
+        value_dtype=value_dtype,
+        damping=damping,
+        download_fit=download_fit,
+        factor_choice=factor_choice,
     )
     total = len(names) * seeds * rounds
     with out.steps(total, "simulating") as progress:

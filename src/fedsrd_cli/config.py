@@ -139,13 +139,34 @@ class AggregateConfig:
         _require(self.on_outlier in OUTLIER_ACTIONS, f"--on-outlier must be one of {list(OUTLIER_ACTIONS)}")
 
 
+# How a one-factor broadcast fits its random download mask (docs/algorithms.md, "The download"):
+#   dare   the paper: least squares on the whole factor, then keep the masked elements and
+#          divide them by 1 - p (DARE), an unbiased estimate with variance p / (1 - p)
+#   lstsq  least squares on the kept elements: the best update the mask allows, never rescaled
+#          (never farther from the target than sending nothing, but it delivers less per round)
+DOWNLOAD_FITS = ("dare", "lstsq")
+# Which factor a one-factor broadcast updates, per module:
+#   fit     the one whose least-squares update fits the round's target better
+#   parity  the paper: B in odd rounds, A in even ones
+FACTOR_CHOICES = ("fit", "parity")
+
+
 @dataclass(frozen=True)
 class BroadcastConfig:
-    """Download decomposition and random sparsification (method section 3)."""
+    """Download decomposition and random sparsification (method section 3).
+
+    damping: ridge weight of the one-factor least-squares solve, relative to sigma_max^2 of
+    the factor that is inverted (0: the exact pseudo-inverse of the paper).
+    download_fit: one of DOWNLOAD_FITS; factor_choice: one of FACTOR_CHOICES. None of the three
+    matters to methods that send whole factors.
+    """
 
     download_sparsity: float = 0.8
     seed: int = 0
     value_dtype: str = "fp32"
+    damping: float = 1e-3
+    download_fit: str = "dare"
+    factor_choice: str = "fit"
 
     def __post_init__(self) -> None:
         _require(
@@ -154,3 +175,15 @@ class BroadcastConfig:
         )
         _require(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}")
         _require(self.value_dtype in VALUE_DTYPES, f"--value-dtype must be one of {list(VALUE_DTYPES)}")
+        _require(
+            math.isfinite(self.damping) and 0.0 <= self.damping <= 1.0,
+            f"--damping must be in [0, 1], got {self.damping}",
+        )
+        _require(
+            self.download_fit in DOWNLOAD_FITS,
+            f"--download-fit must be one of {list(DOWNLOAD_FITS)}, got {self.download_fit!r}",
+        )
+        _require(
+            self.factor_choice in FACTOR_CHOICES,
+            f"--factor-choice must be one of {list(FACTOR_CHOICES)}, got {self.factor_choice!r}",
+        )

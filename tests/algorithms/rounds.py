@@ -63,6 +63,10 @@ def upload(tmp: Path, method: str, global_file: Path, local_file: Path, client: 
     )
 
 
+# The paper's one-factor download: exact pseudo-inverse, DARE rescale, B odd / A even.
+PAPER_DOWNLOAD = {"damping": 0.0, "download_fit": "dare", "factor_choice": "parity"}
+
+
 def run_round(
     tmp: Path,
     method: str,
@@ -71,8 +75,12 @@ def run_round(
     weighting: str = "uniform",
     download_sparsity: float | None = None,
     tag: str = "r",
+    download: dict | None = None,
 ):
-    """(uploads, aggregate, broadcast, next state) of one round, all read back from disk."""
+    """(uploads, aggregate, broadcast, next state) of one round, all read back from disk.
+
+    download: BroadcastConfig settings (damping, download_fit, factor_choice) other than the
+    defaults, e.g. PAPER_DOWNLOAD."""
     algorithm = get_algorithm(method)
     global_state = read_artifact(global_file)
     uploads = [upload(tmp, method, global_file, p, f"c{i}") for i, p in enumerate(local_files)]
@@ -83,7 +91,7 @@ def run_round(
         )
     )
     sparsity = algorithm.default_download_sparsity if download_sparsity is None else download_sparsity
-    bc, nxt = algorithm.broadcast(global_state, agg, BroadcastConfig(sparsity, seed=5))
+    bc, nxt = algorithm.broadcast(global_state, agg, BroadcastConfig(sparsity, seed=5, **(download or {})))
     bc_art = read_artifact(write(bc, tmp / f"bc-{method}-{tag}.safetensors"))
     next_file = write(nxt, tmp / f"g-{method}-{tag}.safetensors")
     return uploads, agg, bc_art, next_file

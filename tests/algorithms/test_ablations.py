@@ -16,7 +16,7 @@ from fedsrd_cli.math.importance import importance_a, importance_b, keep_mask
 from fedsrd_cli.math.masks import unpack_bits
 
 from ..conftest import make_global
-from .rounds import make_locals, run_round, state_factors, upload, write
+from .rounds import PAPER_DOWNLOAD, make_locals, run_round, state_factors, upload, write
 
 
 def _scores(global_file, local_file, name):
@@ -94,7 +94,7 @@ def test_no_reconstruction_targets_the_product_of_averaged_factors(tmp_path):
     g0 = make_global(tmp_path / "g0.safetensors")
     locals_ = make_locals(tmp_path, g0, 3, "x")
     uploads, agg, bc, nxt = run_round(
-        tmp_path, "fedsrd-no-reconstruction", g0, locals_, download_sparsity=0.0
+        tmp_path, "fedsrd-no-reconstruction", g0, locals_, download_sparsity=0.0, download=PAPER_DOWNLOAD
     )
     assert all(u.header.method == "fedsrd" for u in uploads)
     assert {naming.parse_factor_key(n)[1] for n in bc.header.layout} == {"B"}  # round 1 updates B only

@@ -49,7 +49,13 @@ def test_two_rounds_update_exactly_the_mean_of_what_clients_sent(tmp_path):
     for round_index, factor in ((1, "B"), (2, "A")):
         locals_ = [train_only(state, p, factor) for p in make_locals(tmp_path, state, 3, f"r{round_index}")]
         uploads, agg, bc, nxt = run_round(
-            tmp_path, "fedsrd-alternate", state, locals_, download_sparsity=0.0, tag=f"r{round_index}"
+            tmp_path,
+            "fedsrd-alternate",
+            state,
+            locals_,
+            download_sparsity=0.0,
+            tag=f"r{round_index}",
+            download={"damping": 0.0},  # undamped: exactly least squares (the default choice, "fit")
         )
         other = "A" if factor == "B" else "B"
         for u in uploads:

@@ -14,6 +14,7 @@ import torch
 
 from fedsrd_cli import naming
 from fedsrd_cli.algorithms.base import Algorithm, Payload, Track, no_progress
+from fedsrd_cli.algorithms.diagnostics import BroadcastDiagnostics
 from fedsrd_cli.algorithms.protocol import (
     apply_update,
     check_aggregate,
@@ -25,6 +26,7 @@ from fedsrd_cli.algorithms.protocol import (
 )
 from fedsrd_cli.algorithms.steps import (
     ClientFactors,
+    Download,
     Encoded,
     FactorDelta,
     ModuleUpdate,
@@ -39,7 +41,25 @@ from fedsrd_cli.math.masks import pack_bits, seeded_keep_mask
 
 Encoder = Callable[[FactorDelta, SparsifyConfig], Encoded]
 Combiner = Callable[[ClientFactors, Sequence[float], int], tuple[torch.Tensor, torch.Tensor]]
-Decomposer = Callable[[str, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], ModuleUpdate]
+Decomposer = Callable[
+    [str, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Download], ModuleUpdate
+]
+
+
+class _LazyMasks(dict):
+    """factor -> the module's seeded download mask of that factor, drawn on first use."""
+
+    def __init__(self, config: BroadcastConfig, module: str, shapes: dict[str, torch.Size]):
+        super().__init__()
+        self.config, self.module, self.shapes = config, module, shapes
+
+    def __missing__(self, factor: str) -> torch.Tensor:
+        name = naming.factor_key(self.module, factor)
+        mask = seeded_keep_mask(
+            self.config.seed, name, tuple(self.shapes[factor]), self.config.download_sparsity
+        )
+        self[factor] = mask
+        return mask
 
 
 class Method(Algorithm):
@@ -215,27 +235,41 @@ class Method(Algorithm):
             )
         round_index = global_state.header.round + 1
         value_dtype = VALUE_DTYPES[config.value_dtype]
-        keep_prob = 1.0 - config.download_sparsity
         tensors: dict[str, torch.Tensor] = {}
         layout: dict[str, list[int]] = {}
         fallbacks: list[str] = []
+        diagnostics = BroadcastDiagnostics()
         modules = global_state.modules()
         for module in track(modules, len(modules), "broadcast"):
-            a_prev, b_prev = (t.double() for t in global_state.factors(module))
+            prev = dict(zip(("A", "B"), global_state.factors(module), strict=True))  # fp32
+            a_prev, b_prev = prev["A"].double(), prev["B"].double()  # (r, d_in), (d_out, r)
             left_name, right_name = naming.aggregate_keys(module)
             left = aggregate.tensor(left_name).double()  # (d_out, k)
             right = aggregate.tensor(right_name).double()  # (k, d_in)
-            update = self.decompose(module, round_index, a_prev, b_prev, left, right)
+            masks = _LazyMasks(config, module, {"A": a_prev.shape, "B": b_prev.shape})
+            download = Download(
+                masks.__getitem__,
+                1.0 - config.download_sparsity,
+                config.damping,
+                config.download_fit,
+                config.factor_choice,
+            )
+            update = self.decompose(module, round_index, a_prev, b_prev, left, right, download)
             if update.fell_back:
                 fallbacks.append(module)
+            after = dict(prev)
             for factor, delta in update.deltas:
                 if not bool(delta.any()):
                     continue  # nothing changed this factor
                 name = naming.factor_key(module, factor)
-                shape = tuple(delta.shape)
-                mask = seeded_keep_mask(config.seed, name, shape, config.download_sparsity)
-                tensors[naming.values_key(name)] = (delta[mask] / keep_prob).to(value_dtype)  # (kept,)
-                layout[name] = list(shape)
+                mask = masks[factor]
+                values = delta[mask].to(value_dtype)  # (kept,)
+                tensors[naming.values_key(name)] = values
+                layout[name] = list(delta.shape)
+                step = torch.zeros(delta.shape, dtype=torch.float32)
+                step[mask] = values.float()
+                after[factor] = prev[factor] + step  # what apply_update computes
+            diagnostics.add(module, left, right, prev, after)
         head = global_state.header
         header = Header(
             kind="broadcast",
@@ -252,6 +286,16 @@ class Method(Algorithm):
                 "factor_fallbacks": fallbacks,
                 "value_dtype": config.value_dtype,
                 "lora_numel": global_state.numel(),
+                **(
+                    {}
+                    if self.dense_download
+                    else {
+                        "damping": config.damping,
+                        "download_fit": config.download_fit,
+                        "factor_choice": config.factor_choice,
+                    }
+                ),
+                **diagnostics.record(),
             },
         )
         if not tensors:

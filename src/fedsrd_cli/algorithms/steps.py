@@ -8,7 +8,7 @@ one module (the math itself lives in fedsrd_cli.math):
 - a *combiner* (coordinator): the round's uploads of one module -> the factored
   aggregate (left (d_out, k), right (k, d_in));
 - a *decomposer* (coordinator): the previous factors and the aggregate of one
-  module -> the factor deltas to broadcast.
+  module -> the factor deltas to broadcast, zero outside the round's download mask.
 
 `method.Method` runs them module by module and handles files' headers and checks.
 """
@@ -16,7 +16,7 @@ one module (the math itself lives in fedsrd_cli.math):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,11 +36,14 @@ from fedsrd_cli.math.importance import (
 from fedsrd_cli.math.lowrank import (
     balanced_truncation,
     choose_factor,
+    masked_update_a,
+    masked_update_b,
     scheduled_factor,
     stack_factors,
     truncate_product,
     update_a,
     update_b,
+    update_error_norms,
 )
 from fedsrd_cli.math.masks import seeded_keep_mask
 
@@ -240,11 +243,36 @@ def average_factors(
 
 @dataclass(frozen=True)
 class ModuleUpdate:
-    """One module's broadcast: factor deltas to send ((factor, delta) pairs) and whether the
-    scheduled factor was replaced by the other (FedSRD's rank-deficiency fallback)."""
+    """One module's broadcast: (factor, delta) pairs to send, each delta dense and zero outside
+    that factor's download mask, and whether the scheduled factor was replaced by the other
+    (FedSRD's rank-deficiency fallback)."""
 
     deltas: list[tuple[str, torch.Tensor]]
     fell_back: bool = False
+
+
+@dataclass(frozen=True)
+class Download:
+    """What a decomposer knows of this round's download, for one module.
+
+    keep(factor) -> the factor's seeded download mask (bool, the factor's shape; all True
+    when nothing is dropped); keep_prob = 1 - download sparsity; damping, fit and
+    factor_choice as in config.BroadcastConfig.
+    """
+
+    keep: Callable[[str], torch.Tensor]
+    keep_prob: float
+    damping: float
+    fit: str
+    factor_choice: str
+
+
+def _least_squares_miss(
+    factor: str, delta: torch.Tensor, left: torch.Tensor, right: torch.Tensor, b_prev, a_prev
+) -> float:
+    """||(B_prev + dB) A_prev - W||_F for factor "B", ||B_prev (A_prev + dA) - W||_F for "A"."""
+    b_next, a_next = (b_prev + delta, a_prev) if factor == "B" else (b_prev, a_prev + delta)
+    return update_error_norms(left, right, b_prev, a_prev, b_next, a_next)[0]
 
 
 def alternating_update(
@@ -254,13 +282,40 @@ def alternating_update(
     b_prev: torch.Tensor,
     left: torch.Tensor,
     right: torch.Tensor,
+    download: Download,
 ) -> ModuleUpdate:
-    """FedSRD: one factor per round (B on odd rounds, A on even), least squares for
-    the target left @ right (method section 3)."""
-    factor = choose_factor(round_index, b_prev, a_prev)
-    update = update_b if factor == "B" else update_a
-    fell_back = factor != scheduled_factor(round_index)
-    return ModuleUpdate([(factor, update(left, right, b_prev, a_prev))], fell_back)
+    """FedSRD: one factor per round, least squares for the target W = left @ right (method
+    section 3), fitted to the random download mask.
+
+    Which factor (download.factor_choice):
+      "parity" (the paper): B on odd rounds, A on even ones; the other when the scheduled
+          solve would invert a rank-deficient factor (math.lowrank.choose_factor).
+      "fit": the factor whose whole least-squares update (before the mask) leaves the smaller
+          residual ||B' A' - W||_F; B when both tie (round 1: B_0 = 0 cannot be inverted).
+    How its values are fitted to the mask (download.fit):
+      "lstsq": the least-squares update restricted to the kept elements (math.lowrank.
+          masked_update_b / masked_update_a), sent as it is;
+      "dare" (the paper): the least-squares update of the whole factor, its kept elements
+          divided by keep_prob.
+    Every solve is ridge-damped by download.damping (0: the exact pseudo-inverse).
+    """
+    whole = {"B": update_b, "A": update_a}
+    if download.factor_choice == "parity":
+        factor = choose_factor(round_index, b_prev, a_prev)
+        delta = whole[factor](left, right, b_prev, a_prev, download.damping)
+    else:
+        deltas = {f: whole[f](left, right, b_prev, a_prev, download.damping) for f in ("B", "A")}
+        misses = {f: _least_squares_miss(f, d, left, right, b_prev, a_prev) for f, d in deltas.items()}
+        factor = "B" if misses["B"] <= misses["A"] else "A"
+        delta = deltas[factor]
+    keep = download.keep(factor)
+    if download.fit == "lstsq":
+        masked = masked_update_b if factor == "B" else masked_update_a
+        sent = masked(left, right, b_prev, a_prev, keep, download.damping)
+    else:
+        sent = torch.where(keep, delta / download.keep_prob, torch.zeros((), dtype=delta.dtype))
+    fell_back = download.factor_choice == "parity" and factor != scheduled_factor(round_index)
+    return ModuleUpdate([(factor, sent)], fell_back)
 
 
 def _check_factor_shapes(module: str, a_prev, b_prev, left, right) -> None:
@@ -278,6 +333,7 @@ def dense_factors_update(
     b_prev: torch.Tensor,
     left: torch.Tensor,
     right: torch.Tensor,
+    download: Download,
 ) -> ModuleUpdate:
     """Dense download of both factors: the aggregate holds the new (B (d_out, r), A (r, d_in));
     send dB = B - B_prev and dA = A - A_prev."""
@@ -292,6 +348,7 @@ def dense_b_update(
     b_prev: torch.Tensor,
     left: torch.Tensor,
     right: torch.Tensor,
+    download: Download,
 ) -> ModuleUpdate:
     """FFA-LoRA: send only dB = B - B_prev; A is frozen, so the aggregate's A must be A_prev."""
     _check_factor_shapes(module, a_prev, b_prev, left, right)

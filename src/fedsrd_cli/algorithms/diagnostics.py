@@ -1,0 +1,114 @@
+"""What a broadcast records about itself, and when `broadcast` warns (docs/algorithms.md).
+
+Per module, two figures, both computed from thin factors (math.lowrank), never from a
+(d_out, d_in) matrix:
+
+- update error = ||B' A' - W||_F / ||W - B A||_F: how far the update that is sent lands from
+  the target the clients' aggregate W asks for (0: exactly; 1: no closer than sending
+  nothing). The round's overall error weights modules by their targets:
+  sqrt(sum miss^2 / sum target^2).
+- step = ||X' - X||_F / ||X||_F for each factor X the broadcast changes: how large the update
+  is against the factor it updates (not recorded while X is still zero).
+
+A one-factor least-squares solve that inverts a weak factor shows up first in the step: the
+factor it updates jumps by more than its own size, is then out of scale with the other one,
+and the clients' next updates (and their noise) grow with it. On SmolLM2-135M at rank 64,
+the paper's download (parity schedule, DARE rescale; damping 1e-3) made a step of 1.86 in
+round 8, one round before its eval loss broke; healthy runs stayed below 1 after round 2
+(docs/results.md).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from fedsrd_cli.artifacts import Header
+from fedsrd_cli.math.lowrank import update_error_norms
+
+# `broadcast` warns when, from round STEP_WARN_FROM_ROUND on, a factor's step exceeds
+# STEP_WARNING (the first rounds grow B from zero, where large steps are normal) ...
+STEP_WARNING = 1.5
+STEP_WARN_FROM_ROUND = 3
+# ... or when the overall update error exceeds ERROR_WARNING times the level the download
+# fit gives a well-conditioned factor: 1 for "lstsq" (it cannot do worse than sending
+# nothing), 1 / sqrt(1 - p) for "dare" (a fit error of at most 1 plus the mask's variance
+# p / (1 - p)).
+ERROR_WARNING = 1.5
+
+
+class BroadcastDiagnostics:
+    """Collects the update error and step of every module of one broadcast."""
+
+    def __init__(self) -> None:
+        self.errors: dict[str, float] = {}
+        self.steps: dict[str, float] = {}
+        self._miss2 = 0.0
+        self._target2 = 0.0
+
+    def add(
+        self,
+        module: str,
+        left: torch.Tensor,
+        right: torch.Tensor,
+        before: dict[str, torch.Tensor],
+        after: dict[str, torch.Tensor],
+    ) -> None:
+        """One module: target W = left (d_out, k) @ right (k, d_in); before/after: {"A": (r, d_in),
+        "B": (d_out, r)}, the factors before the broadcast and after it is applied."""
+        b_prev, a_prev = before["B"].double(), before["A"].double()
+        miss, target = update_error_norms(
+            left, right, b_prev, a_prev, after["B"].double(), after["A"].double()
+        )
+        self.errors[module] = round(miss / target, 6) if target > 0 else 0.0
+        self._miss2 += miss**2
+        self._target2 += target**2
+        for factor in ("A", "B"):
+            size = float(before[factor].norm())
+            change = float((after[factor] - before[factor]).norm())
+            if change > 0 and size > 0:
+                self.steps[f"{module}.lora_{factor}"] = round(change / size, 6)
+
+    def record(self) -> dict[str, Any]:
+        """The header's info entries "update_error" and "update_step"."""
+        overall = math.sqrt(self._miss2 / self._target2) if self._target2 > 0 else 0.0
+        return {
+            "update_error": {"overall": round(overall, 6), "modules": self.errors},
+            "update_step": {"max": max(self.steps.values(), default=0.0), "factors": self.steps},
+        }
+
+
+def error_level(header: Header) -> float | None:
+    """The overall update error a well-conditioned factor gives under this broadcast's download
+    fit; None for broadcasts that send whole factors (their error is rounding only)."""
+    fit = header.info.get("download_fit")
+    if fit == "lstsq":
+        return 1.0
+    if fit == "dare":
+        return 1.0 / math.sqrt(1.0 - header.download_sparsity)
+    return None
+
+
+def update_error_warning(header: Header) -> str | None:
+    """One line when a broadcast looks like the start of a divergence, else None."""
+    info = header.info
+    steps = info.get("update_step", {}).get("factors", {})
+    if header.round >= STEP_WARN_FROM_ROUND and steps:
+        name = max(steps, key=steps.__getitem__)
+        if steps[name] > STEP_WARNING:
+            return (
+                f"round {header.round} changes {name} by {steps[name]:.3g} times its own size: the"
+                " one-factor solve is inverting a weak factor and may diverge (see docs/algorithms.md:"
+                " fewer local steps or a lower --lr, or a larger --damping)"
+            )
+    level = error_level(header)
+    error = info.get("update_error", {}).get("overall")
+    if level is not None and error is not None and error > ERROR_WARNING * level:
+        return (
+            f"round {header.round}'s update lands {error:.3g} (relative) from its target, above"
+            f" {ERROR_WARNING * level:.3g}, {ERROR_WARNING:g} times what {info['download_fit']} gives a"
+            " well-conditioned factor; check `fedsrd inspect` of this broadcast for the worst modules"
+        )
+    return None

@@ -1,0 +1,125 @@
+"""broadcast's download settings and diagnostics through the command line, and their warning."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from fedsrd_cli.algorithms.diagnostics import STEP_WARNING, update_error_warning
+from fedsrd_cli.artifacts import read_artifact
+from fedsrd_cli.config import BroadcastConfig
+
+from .conftest import make_global
+from .test_cli import run, run_round
+
+
+def _broadcast(tmp: Path, g0: Path, tag: str, *flags: str) -> tuple[dict, Path, Path]:
+    agg = tmp / f"agg-{tag}.safetensors"
+    if not agg.exists():
+        run_round(tmp, g0, tag=tag)
+    bc, nxt = tmp / f"bc-{tag}-x.safetensors", tmp / f"g-{tag}-x.safetensors"
+    out = run(
+        "broadcast", "--global", g0, "--aggregate", agg, "--out", bc, "--out-global", nxt, "--json", *flags
+    )
+    return json.loads(out.stdout), bc, nxt
+
+
+def test_broadcast_records_its_download_settings_and_update_error(tmp_path):
+    g0 = make_global(tmp_path / "g0.safetensors")
+    report, bc, g1 = _broadcast(tmp_path, g0, "a")
+    info = read_artifact(bc).header.info
+    defaults = BroadcastConfig()
+    assert (info["damping"], info["download_fit"], info["factor_choice"]) == (
+        defaults.damping,
+        defaults.download_fit,
+        defaults.factor_choice,
+    )
+    assert report["update_error"] == info["update_error"]["overall"] > 0
+    assert set(info["update_error"]["modules"]) == set(read_artifact(g0).modules())
+    # Round 1 grows B from zero: no step is defined yet, and A is not sent.
+    assert info["update_step"] == {"max": 0.0, "factors": {}}
+
+    report, bc, _ = _broadcast(  # round 2, from round 1's state
+        tmp_path, g1, "b", "--damping", "0.01", "--download-fit", "lstsq", "--factor-choice", "parity"
+    )
+    info = read_artifact(bc).header.info
+    assert (info["damping"], info["download_fit"], info["factor_choice"]) == (0.01, "lstsq", "parity")
+    assert info["update_error"]["overall"] <= 1.0 + 1e-4  # least squares on the kept elements
+    sent = {name.removesuffix(".weight") for name in read_artifact(bc).header.layout}
+    assert set(info["update_step"]["factors"]) == sent  # a step for every factor sent
+    human = run("inspect", bc).stdout
+    assert "fit lstsq, factor choice parity, damping 0.01" in human
+    assert "update error" in human and "largest step" in human
+
+
+def test_paper_download_flags_give_the_same_files_on_a_rerun(tmp_path):
+    g0 = make_global(tmp_path / "g0.safetensors")
+    paper = ("--damping", "0", "--download-fit", "dare", "--factor-choice", "parity")
+    _, bc, nxt = _broadcast(tmp_path, g0, "p1", *paper)
+    first = bc.read_bytes(), nxt.read_bytes()
+    _broadcast(tmp_path, g0, "p1", *paper, "--force")
+    assert (bc.read_bytes(), nxt.read_bytes()) == first
+
+
+def test_bad_download_flags_are_usage_errors_with_no_output(tmp_path):
+    g0 = make_global(tmp_path / "g0.safetensors")
+    agg = run_round(tmp_path, g0)["aggregate"]
+    for flags, words in (
+        (("--damping", "-1"), "--damping must be in [0, 1]"),
+        (("--damping", "nan"), "--damping must be in [0, 1]"),
+        (("--download-fit", "exact"), "--download-fit must be one of"),
+        (("--factor-choice", "odd"), "--factor-choice must be one of"),
+    ):
+        bc, nxt = tmp_path / "bc-bad.safetensors", tmp_path / "g-bad.safetensors"
+        result = run(
+            "broadcast", "--global", g0, "--aggregate", agg, "--out", bc, "--out-global", nxt, *flags, code=2
+        )
+        assert words in result.output
+        assert not bc.exists() and not nxt.exists()
+
+
+def test_warning_names_a_factor_that_moved_more_than_its_own_size(tmp_path):
+    g0 = make_global(tmp_path / "g0.safetensors")
+    _, bc, _ = _broadcast(tmp_path, g0, "w")
+    header = read_artifact(bc).header
+    quiet = replace(
+        header,
+        round=5,
+        info={**header.info, "update_step": {"max": 0.5, "factors": {"m.lora_A": 0.5}}},
+    )
+    assert update_error_warning(quiet) is None
+    early = replace(
+        header, round=2, info={**header.info, "update_step": {"max": 9.0, "factors": {"m.lora_A": 9.0}}}
+    )
+    assert update_error_warning(early) is None  # round 2 still grows B from zero
+    jump = replace(
+        header,
+        round=5,
+        info={**header.info, "update_step": {"max": 3.0, "factors": {"m.lora_A": 3.0, "m.lora_B": 0.2}}},
+    )
+    warning = update_error_warning(jump)
+    assert warning and "m.lora_A by 3 times its own size" in warning and STEP_WARNING < 3.0
+    off_target = replace(
+        header,
+        round=5,
+        info={**quiet.info, "download_fit": "lstsq", "update_error": {"overall": 2.0, "modules": {}}},
+    )
+    assert "lands 2 (relative) from its target" in update_error_warning(off_target)
+
+
+def test_broadcast_prints_the_warning_when_a_round_diverges(tmp_path):
+    """Round 3 of the paper's download on the fixture's noisy clients inverts a weak B."""
+    g0 = make_global(tmp_path / "g0.safetensors")
+    paper = ("--damping", "0", "--download-fit", "dare", "--factor-choice", "parity")
+    state = g0
+    outputs = []
+    for r in (1, 2, 3):
+        agg = run_round(tmp_path, state, tag=f"d{r}")["aggregate"]
+        bc, nxt = tmp_path / f"bc-d{r}-p.safetensors", tmp_path / f"g-d{r}-p.safetensors"
+        result = run(
+            "broadcast", "--global", state, "--aggregate", agg, "--out", bc, "--out-global", nxt, *paper
+        )
+        outputs.append(result.output)
+        state = nxt
+    assert any("warning: round" in out and "times its own size" in out for out in outputs), outputs
