@@ -54,6 +54,9 @@ class SimulateConfig:
     demo_model: the demo's base model ("smollm2" or "toy") when the run is the demo; None for
     your own --base. The demo's base is always RESULTS_DIR/assets/base, so its path cannot tell
     the two apart: the model is recorded instead.
+    value_dtype: dtype of the values every upload and broadcast carries; damping, download_fit,
+    factor_choice: the one-factor download's settings (config.BroadcastConfig). None = the
+    commands' defaults.
     """
 
     base: str
@@ -78,6 +81,10 @@ class SimulateConfig:
     device: str = "auto"
     base_sparsity: float | None = None
     demo_model: str | None = None
+    value_dtype: str | None = None
+    damping: float | None = None
+    download_fit: str | None = None
+    factor_choice: str | None = None
 
     def __post_init__(self) -> None:
         from fedsrd_cli.algorithms import get_algorithm
@@ -85,6 +92,7 @@ class SimulateConfig:
 
         if self.base_sparsity is not None:
             SparsifyConfig(base_sparsity=self.base_sparsity)  # its checks and messages
+        self.broadcast_config(0.0, 0)  # its checks and messages for the download settings
 
         _require(len(self.algorithms) > 0, "--algorithms names no algorithm")
         for name in self.algorithms:
@@ -124,13 +132,40 @@ class SimulateConfig:
     def seed_values(self) -> list[int]:
         return [self.seed + k for k in range(self.seeds)]
 
+    def sparsify_config(self, algorithm_base_sparsity: float) -> Any:
+        """The upload settings of every client (base sparsity: this run's, else the method's)."""
+        from fedsrd_cli.config import SparsifyConfig
+
+        base_sparsity = algorithm_base_sparsity if self.base_sparsity is None else self.base_sparsity
+        given = {} if self.value_dtype is None else {"value_dtype": self.value_dtype}
+        return SparsifyConfig(base_sparsity=base_sparsity, **given)
+
+    def broadcast_config(self, download_sparsity: float, seed: int) -> Any:
+        """The coordinator's broadcast settings: this run's where given, else broadcast's defaults."""
+        from fedsrd_cli.config import BroadcastConfig
+
+        given = {
+            key: value
+            for key, value in (
+                ("value_dtype", self.value_dtype),
+                ("damping", self.damping),
+                ("download_fit", self.download_fit),
+                ("factor_choice", self.factor_choice),
+            )
+            if value is not None
+        }
+        return BroadcastConfig(download_sparsity=download_sparsity, seed=seed, **given)
+
     def record(self) -> dict[str, Any]:
         """The settings a resumed run must share (everything but --rounds and --device)."""
         data = asdict(self)
         for key in ("rounds", "device"):
             data.pop(key)
-        if data["base_sparsity"] is None:  # runs recorded before the flag existed still resume
-            data.pop("base_sparsity")
+        # Settings given as None (the defaults) are left out, so runs recorded before the
+        # flag existed still resume.
+        for key in ("base_sparsity", "value_dtype", "damping", "download_fit", "factor_choice"):
+            if data[key] is None:
+                data.pop(key)
         if data["demo_model"] in (None, "toy"):  # demo runs recorded before --model existed were toy
             data.pop("demo_model")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
@@ -231,7 +266,7 @@ def simulate(
     from fedsrd_cli.algorithms import get_algorithm
     from fedsrd_cli.algorithms.protocol import apply_broadcast, initial_state
     from fedsrd_cli.artifacts import read_artifact, read_local, write_artifact
-    from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
+    from fedsrd_cli.config import AggregateConfig
     from fedsrd_cli.model_spec import lora_module_shapes
     from fedsrd_cli.training import (
         TrainConfig,
@@ -277,10 +312,7 @@ def simulate(
 
     for name in config.algorithms:
         algorithm = get_algorithm(name)
-        base_sparsity = config.base_sparsity
-        if base_sparsity is None:
-            base_sparsity = algorithm.default_base_sparsity
-        sparsify_config = SparsifyConfig(base_sparsity=base_sparsity)
+        sparsify_config = config.sparsify_config(algorithm.default_base_sparsity)
         for seed in seeds:
             records = runs.setdefault(name, {}).setdefault(str(seed), [])
             run_dir = out_dir / "work" / name / f"seed-{seed}"
@@ -363,9 +395,9 @@ def simulate(
                     aggregate_path, aggregate.header, aggregate.tensors, force=True
                 )
                 aggregate_file = read_artifact(aggregate_path, kind="aggregate")
-                broadcast_config = BroadcastConfig(
-                    download_sparsity=algorithm.default_download_sparsity,
-                    seed=int(aggregate_head.content_hash.removeprefix("sha256:")[:15], 16),
+                broadcast_config = config.broadcast_config(
+                    algorithm.default_download_sparsity,
+                    int(aggregate_head.content_hash.removeprefix("sha256:")[:15], 16),
                 )
                 start = time.perf_counter()
                 broadcast, next_state = algorithm.broadcast(global_state, aggregate_file, broadcast_config)
@@ -399,7 +431,11 @@ def simulate(
                             train_loss=sum(train_losses) / len(train_losses),
                             global_state=str(next_path.relative_to(out_dir)),
                             global_hash=next_head.content_hash,
-                            extra={"download_sparsity": broadcast_config.download_sparsity}
+                            extra={
+                                "download_sparsity": broadcast_config.download_sparsity,
+                                "update_error": broadcast.header.info["update_error"]["overall"],
+                                "update_step": broadcast.header.info["update_step"]["max"],
+                            }
                             | ({"prox_mu": config.prox_mu} if name == "fedprox" else {})
                             | ({"trained_factor": only} if only else {}),
                         )
