@@ -508,13 +508,18 @@ def evaluate(
     generate: bool = False,
     max_new_tokens: int = 32,
     on_batch: Callable[[], None] | None = None,
+    answers: int = 0,
 ) -> dict[str, Any]:
     """Loss and perplexity on response tokens, per file and their mean; exact match with generate.
 
     loss(file) = sum of token cross-entropies over response tokens / their count;
     perplexity = exp(loss); "mean" averages the per-file figures (one file per domain).
     exact_match: greedy generation from the prompt, compared with the reference after strip().
+    answers: also the greedy answers to the first `answers` examples of each file, as
+    {"prompt", "reference", "answer"} records under the file's "answers".
     """
+    if answers < 0:
+        raise UsageError("--answers must be >= 0")
     if batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     if max_new_tokens < 1:
@@ -548,6 +553,13 @@ def evaluate(
         }
         if generate and ds.format != "text":
             metrics["exact_match"] = _exact_match(base, ds, batch_size, max_length, max_new_tokens, pad)
+        if answers:
+            shown = ds.examples[:answers]
+            texts = generate_answers(base, shown, batch_size, max_length, max_new_tokens, pad)
+            metrics["answers"] = [
+                {"prompt": ex.prompt, "reference": ex.response, "answer": text}
+                for ex, text in zip(shown, texts, strict=True)
+            ]
         files[names[index]] = metrics
     result: dict[str, Any] = {"files": files}
     result["mean"] = {
@@ -573,10 +585,24 @@ def file_labels(paths: Sequence[Path]) -> list[str]:
 def _exact_match(
     base: BaseModel, ds: data_mod.Dataset, batch_size: int, max_length: int, max_new_tokens: int, pad: int
 ) -> float:
+    answers = generate_answers(base, ds.examples, batch_size, max_length, max_new_tokens, pad)
+    hits = sum(a.strip() == ex.response.strip() for a, ex in zip(answers, ds.examples, strict=True))
+    return hits / len(ds.examples)
+
+
+def generate_answers(
+    base: BaseModel,
+    examples: Sequence[data_mod.Example],
+    batch_size: int,
+    max_length: int,
+    max_new_tokens: int,
+    pad: int,
+) -> list[str]:
+    """Greedy answers of the model to the examples' prompts (special tokens removed)."""
     tokenizer, model = base.tokenizer, base.model
-    hits = 0
-    for start in range(0, len(ds.examples), batch_size):
-        chunk = ds.examples[start : start + batch_size]
+    answers = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
         prompts = [data_mod.prompt_ids(tokenizer, ex)[-max_length:] for ex in chunk]
         batch = data_mod.collate([(p, p) for p in prompts], pad, left=True)
         input_ids = batch["input_ids"].to(base.device)
@@ -589,7 +615,6 @@ def _exact_match(
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
         )
-        for example, row in zip(chunk, output[:, input_ids.shape[1] :], strict=True):
-            text = tokenizer.decode(row.tolist(), skip_special_tokens=True)
-            hits += int(text.strip() == example.response.strip())
-    return hits / len(ds.examples)
+        for row in output[:, input_ids.shape[1] :]:
+            answers.append(tokenizer.decode(row.tolist(), skip_special_tokens=True))
+    return answers
