@@ -300,19 +300,21 @@ def alternating_update(
     Every solve is ridge-damped by download.damping (0: the exact pseudo-inverse).
     """
     whole = {"B": update_b, "A": update_a}
+    deltas: dict[str, torch.Tensor] = {}  # whole-factor least-squares updates, as far as needed
     if download.factor_choice == "parity":
         factor = choose_factor(round_index, b_prev, a_prev)
-        delta = whole[factor](left, right, b_prev, a_prev, download.damping)
     else:
         deltas = {f: whole[f](left, right, b_prev, a_prev, download.damping) for f in ("B", "A")}
         misses = {f: _least_squares_miss(f, d, left, right, b_prev, a_prev) for f, d in deltas.items()}
         factor = "B" if misses["B"] <= misses["A"] else "A"
-        delta = deltas[factor]
     keep = download.keep(factor)
     if download.fit == "lstsq":
         masked = masked_update_b if factor == "B" else masked_update_a
         sent = masked(left, right, b_prev, a_prev, keep, download.damping)
     else:
+        delta = deltas.get(factor)
+        if delta is None:
+            delta = whole[factor](left, right, b_prev, a_prev, download.damping)
         sent = torch.where(keep, delta / download.keep_prob, torch.zeros((), dtype=delta.dtype))
     fell_back = download.factor_choice == "parity" and factor != scheduled_factor(round_index)
     return ModuleUpdate([(factor, sent)], fell_back)
