@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from fedsrd_cli import __version__
-from fedsrd_cli.cli.exits import guarded, set_debug
+from fedsrd_cli.cli.exits import guarded, start_run
 from fedsrd_cli.cli.options import DebugOpt
 
 app = typer.Typer(
@@ -44,7 +44,7 @@ def _root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
-    set_debug(debug)
+    start_run(debug)
 
 
 def main() -> None:

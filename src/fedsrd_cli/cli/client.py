@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -25,16 +25,7 @@ from fedsrd_cli.cli.options import (
 )
 from fedsrd_cli.cli.render import written
 from fedsrd_cli.errors import UsageError
-from fedsrd_cli.output import Output, human_bytes, key_value_table
-
-
-def _write_log(path: Path, records: list[dict[str, Any]], force: bool) -> None:
-    import json
-
-    from fedsrd_cli.artifacts import write_bytes_atomic
-
-    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    write_bytes_atomic(path, text.encode("utf-8"), force)
+from fedsrd_cli.output import Output, data_table, human_bytes, key_value_table
 
 
 @command("train-local")
@@ -80,7 +71,9 @@ def train_local_cmd(
 
     With --trust, the global state must be signed by `coordinator` (or by this client's key).
     """
-    from fedsrd_cli.artifacts import ensure_writable, write_artifact
+    import json
+
+    from fedsrd_cli.artifacts import FileWrite, ensure_writable, write_artifact
     from fedsrd_cli.signing import COORDINATOR, read_verified
     from fedsrd_cli.training import (
         TrainConfig,
@@ -142,8 +135,10 @@ def train_local_cmd(
         }
     }
     header = local_header(global_state, stats.samples, client or "", info)
-    header = write_artifact(out_path, header, tensors, force, sign=sign_with(signer))
-    _write_log(log_path, stats.log, force)
+    log = "".join(json.dumps(r, sort_keys=True) + "\n" for r in stats.log).encode("utf-8")
+    header = write_artifact(
+        out_path, header, tensors, force, sign=sign_with(signer), also=[FileWrite(log_path, log)]
+    )
     written(
         out,
         out_path,
@@ -192,9 +187,10 @@ def sparsify_cmd(
 ) -> None:
     """Client: turn a locally trained adapter into this round's upload (sparse for FedSRD)."""
     from fedsrd_cli.algorithms import get_algorithm
-    from fedsrd_cli.artifacts import ensure_writable, read_local, write_artifact
+    from fedsrd_cli.artifacts import ensure_writable, write_artifact
     from fedsrd_cli.config import SparsifyConfig
     from fedsrd_cli.signing import COORDINATOR, read_verified
+    from fedsrd_cli.uploads import make_upload
 
     out = Output(json_mode)
     check_client_id(client)
@@ -214,10 +210,7 @@ def sparsify_cmd(
     )
     ensure_writable(out_path, force)
     global_state = read_verified(global_path, "state", trust, accept=(COORDINATOR, client))
-    local_adapter = read_local(local)
-    if samples is None:
-        samples = local_adapter.header.num_samples if local_adapter.header else 0
-    payload = algorithm.upload(global_state, local_adapter, client, samples, config, out.track)
+    payload, samples = make_upload(global_state, local, client, samples, method, config, out.track)
     header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
     if samples == 0:
         out.note("note: no sample count recorded; --weighting samples will refuse this upload")
@@ -305,6 +298,7 @@ def eval_cmd(
     from fedsrd_cli.artifacts import ensure_writable, short, write_bytes_atomic
     from fedsrd_cli.signing import read_verified
     from fedsrd_cli.training import (
+        check_adapter_base,
         check_fingerprint,
         evaluate,
         load_adapter,
@@ -324,6 +318,8 @@ def eval_cmd(
     if global_path is not None:
         global_state = read_verified(global_path, "state", trust)
         check_fingerprint(base, global_state)
+    if adapter is not None:
+        check_adapter_base(adapter, base)
     model = load_base(base, device, dtype)
     if global_state is not None:
         set_global(model, global_state)
@@ -342,19 +338,14 @@ def eval_cmd(
     if out_path is not None:
         text = json.dumps(result, indent=2, sort_keys=True) + "\n"
         write_bytes_atomic(out_path, text.encode("utf-8"), force)
-    from rich.table import Table
-
     label = (
         f"round {global_state.header.round} ({short(global_state.header.content_hash)})"
         if global_state is not None
         else (str(adapter) if adapter is not None else "base model only")
     )
-    table = Table(
-        "data", "examples", "tokens", "loss", "perplexity", title=f"eval: {label}", title_justify="left"
-    )
     show_em = "exact_match" in metrics["mean"]
-    if show_em:
-        table.add_column("exact match")
+    headers = ["data", "examples", "tokens", "loss", "perplexity"] + (["exact match"] if show_em else [])
+    table = data_table(*headers, title=f"eval: {label}")
     for name, m in metrics["files"].items():
         row = [name, str(m["examples"]), str(m["tokens"]), f"{m['loss']:.4f}", f"{m['perplexity']:.2f}"]
         if show_em:
@@ -370,7 +361,7 @@ def eval_cmd(
     if not shown:
         out.result(result, table)
         return
-    answers_table = Table("data", "prompt", "reference", "answer", title="answers", title_justify="left")
+    answers_table = data_table("data", "prompt", "reference", "answer", title="answers")
     for name, a in shown:
         answers_table.add_row(name, a["prompt"].strip(), a["reference"], a["answer"].strip())
     out.result(result, table, answers_table)

@@ -22,7 +22,7 @@ from fedsrd_cli.cli.options import (
 )
 from fedsrd_cli.cli.render import worst, written
 from fedsrd_cli.errors import UsageError
-from fedsrd_cli.output import Output, key_value_table
+from fedsrd_cli.output import Output, data_table, key_value_table
 
 
 @command("init")
@@ -44,14 +44,16 @@ def init_cmd(
     """Create the round-0 global state for a base model (reads only its config, or a GGUF's metadata)."""
     from fedsrd_cli.algorithms.protocol import initial_state
     from fedsrd_cli.artifacts import ensure_writable, write_artifact
+    from fedsrd_cli.config import InitConfig
     from fedsrd_cli.model_spec import fingerprint_base, lora_module_shapes
 
     out = Output(json_mode)
+    config = InitConfig(rank, alpha, targets, seed)
     signer, _ = trust_from_flags(sign_key, None)
     ensure_writable(out_path, force)
     fingerprint = fingerprint_base(base)
-    lora, shapes = lora_module_shapes(base, targets, rank, alpha)
-    payload = initial_state(shapes, lora, seed, fingerprint)
+    lora, shapes = lora_module_shapes(base, config.targets, config.rank, config.alpha)
+    payload = initial_state(shapes, lora, config.seed, fingerprint)
     header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
     params = sum(t.numel() for t in payload.tensors.values())
     written(
@@ -186,12 +188,14 @@ def broadcast_cmd(
 ) -> None:
     """Coordinator: turn the aggregate into the update to send and the next global state.
 
-    The next state is written first, then the broadcast. A rerun after a crash between
-    the two accepts an existing next-state file holding exactly the same bytes.
+    Both files are written or neither: the next state is placed first, then the broadcast,
+    and if the broadcast cannot be written the next state is removed again (unless it was
+    there before). A rerun after a crash between the two accepts an existing next-state
+    file holding exactly the same bytes.
     """
     from fedsrd_cli.algorithms import get_algorithm
     from fedsrd_cli.algorithms.diagnostics import update_error_warning
-    from fedsrd_cli.artifacts import ensure_writable, write_artifact
+    from fedsrd_cli.artifacts import ensure_writable, write_artifacts
     from fedsrd_cli.config import BroadcastConfig
     from fedsrd_cli.signing import read_verified
 
@@ -214,11 +218,14 @@ def broadcast_cmd(
         download_sparsity, seed, value_dtype, **{k: v for k, v in given.items() if v is not None}
     )
     broadcast, next_state = algorithm.broadcast(global_state, agg, config, out.track)
-    sign = sign_with(signer)
-    state_header = write_artifact(
-        out_global, next_state.header, next_state.tensors, force, sign=sign, allow_identical=True
+    state_header, header = write_artifacts(
+        [
+            (out_global, next_state.header, next_state.tensors, True),
+            (out_path, broadcast.header, broadcast.tensors, False),
+        ],
+        force,
+        sign=sign_with(signer),
     )
-    header = write_artifact(out_path, broadcast.header, broadcast.tensors, force, sign=sign)
     factors = sorted({name.rsplit(".", 2)[-2] for name in header.layout})
     error = header.info["update_error"]
     warning = update_error_warning(header)
@@ -256,14 +263,15 @@ def status_cmd(
 ) -> None:
     """Coordinator: which uploads of this round are in INBOX, valid and signed; is the round ready?
 
-    Exit codes for cron: 0 ready to aggregate; 10 waiting (expected uploads missing,
-    nothing invalid); 11 invalid files present (corrupt, stale, unsigned, forged,
-    duplicate or unexpected client). Without --expect/--clients, one valid upload is
-    enough. Errors with the flags or the global state keep their usual codes (2-7).
+    Uploads of earlier rounds are listed as old and do not count. Exit codes for cron:
+    0 ready to aggregate; 10 waiting (expected uploads missing, nothing invalid); 11
+    invalid files present (corrupt, stale, unsigned, forged, duplicate or unexpected
+    client), or with --trust a global state not signed by the coordinator. Without
+    --expect/--clients, one valid upload is enough. Other errors with the flags or the
+    global state keep their usual codes (2-6).
     """
     from fedsrd_cli.artifacts import short
-    from fedsrd_cli.round_status import round_status
-    from fedsrd_cli.signing import read_verified
+    from fedsrd_cli.round_status import read_global, round_status
 
     out = Output(json_mode)
     if expect is not None and clients is not None:
@@ -278,11 +286,8 @@ def status_cmd(
     if not inbox.is_dir():
         raise UsageError(f"{inbox}: not a directory")
     _, trust = trust_from_flags(None, trust_dir)
-    global_state = read_verified(global_path, "state", trust)
-    report, code = round_status(inbox, global_state, trust, expect, client_list)
-    from rich.table import Table
-
-    table = Table("file", "status", "client", "round", "signer", "problem")
+    report, code = round_status(inbox, read_global(global_path, trust), trust, expect, client_list)
+    table = data_table("file", "status", "client", "round", "signer", "problem")
     for f in report["files"]:
         signer = f["signer"] or "-"
         if f["signer"] and not f["signature_verified"]:
@@ -305,6 +310,7 @@ def status_cmd(
                 or (str(report["waiting_for"]) if report["waiting_for"] else "-"),
             ),
             ("invalid files", report["invalid_files"]),
+            *([("old files", f"{report['old_files']} (earlier rounds)")] if report["old_files"] else []),
             ("status", report["status"]),
         ]
     )

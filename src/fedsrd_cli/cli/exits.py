@@ -26,13 +26,16 @@ from fedsrd_cli.errors import FedsrdError
 from fedsrd_cli.output import Output
 
 EXIT_INTERRUPTED = 130
-_state = {"debug": os.environ.get("FEDSRD_DEBUG", "") not in ("", "0")}
+_state = {"debug": False}
 
 
-def set_debug(on: bool) -> None:
-    """`fedsrd --debug COMMAND` and `fedsrd COMMAND --debug` both land here."""
-    if on:
-        _state["debug"] = True
+def start_run(debug: bool) -> None:
+    """Called first in every run (the root callback): `fedsrd --debug`, or FEDSRD_DEBUG=1.
+
+    It sets the flag afresh, so a run in the same process (a test's CliRunner) never
+    inherits the previous run's --debug.
+    """
+    _state["debug"] = debug or os.environ.get("FEDSRD_DEBUG", "") not in ("", "0")
 
 
 def one_line(message: str) -> str:
@@ -45,7 +48,8 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, debug: bool = False, **kwargs: Any) -> Any:
-        set_debug(debug)
+        if debug:  # `fedsrd COMMAND --debug`
+            _state["debug"] = True
         try:
             return fn(*args, **kwargs)
         except FedsrdError as err:

@@ -11,7 +11,7 @@ import typer
 from fedsrd_cli.cli.app import command
 from fedsrd_cli.cli.options import METHODS_HELP, DemoModelOpt, ForceOpt, JsonOpt
 from fedsrd_cli.errors import UsageError
-from fedsrd_cli.output import Output, key_value_table
+from fedsrd_cli.output import Output, data_table, key_value_table
 
 
 @command("demo-assets")
@@ -25,6 +25,7 @@ def demo_assets_cmd(
     json_mode: JsonOpt = False,
 ) -> None:
     """Make the demo's base model and 4 clients' data (offline, deterministic)."""
+    from fedsrd_cli.artifacts import ensure_output_dir
     from fedsrd_cli.demo import DEFAULT_RECIPE, MODELS, SMOLLM2_NAME, cache_root, demo_assets
 
     out = Output(json_mode)
@@ -37,6 +38,7 @@ def demo_assets_cmd(
         if pretrain_steps < 1:
             raise UsageError("--pretrain-steps must be >= 1")
         recipe["pretrain_steps"] = pretrain_steps
+    ensure_output_dir(out_dir)
     out.note(f"base model cache: {cache_root()}")
     if model == "toy":
         with out.steps(recipe["pretrain_steps"], "pretraining the demo base (first run only)") as progress:
@@ -141,10 +143,12 @@ def simulate_cmd(
     results.json, results.md and traffic_vs_loss.png into --out; rerunning with the same
     --out continues where it stopped (only --rounds may change).
     """
+    from fedsrd_cli.artifacts import ensure_output_dir
     from fedsrd_cli.simulate import SimulateConfig, output_is_new, simulate
 
     out = Output(json_mode)
     names = tuple(a.strip() for a in algorithms.split(",") if a.strip())
+    ensure_output_dir(out_dir)
     output_is_new(out_dir)
     demo_model = None
     if base is None and not clients_data and not eval_data:
@@ -211,9 +215,7 @@ def simulate_cmd(
             out.note(f"[{done}/{total}] {label}")
 
         summary = simulate(config, out_dir, on_progress)
-    from rich.table import Table
-
-    table = Table("algorithm", "mean eval loss", "MB / round / client", "server s / round")
+    table = data_table("algorithm", "mean eval loss", "MB / round / client", "server s / round")
     for row in summary["summary"]:
         mean, std = row["mean_eval_loss"]
         table.add_row(
