@@ -22,8 +22,11 @@ def written(out: Output, path: Path, header: Any, extra: dict[str, Any] | None =
         "bytes": size,
         **(extra or {}),
     }
+    kind = header.kind
+    if kind == "state" and (header.client_id or header.num_samples):
+        kind = "local state"  # train-local's: it keeps the round of the state it was trained from
     rows = [
-        ("wrote", f"{path} ({header.kind}, round {header.round}, {human_bytes(size)})"),
+        ("wrote", f"{path} ({kind}, round {header.round}, {human_bytes(size)})"),
         ("hash", short(header.content_hash)),
     ]
     if header.parent_hash:
