@@ -255,6 +255,49 @@ def test_broadcast_keeps_an_identical_next_state_that_was_there_before(world, mo
     )
 
 
+def test_other_commands_with_several_outputs_write_all_or_none(world, tiny_model, tiny_data, monkeypatch):
+    """keygen (key, pub), export (weights, config, lineage) and train-local (state, log): a
+    failure on the last file leaves none of them, nor a folder the command created."""
+    tmp = world["tmp"]
+    _fail_placing(monkeypatch, "alice.pub")
+    refused(
+        ["keygen", "--out", tmp / "new-keys" / "alice"],
+        5,
+        "alice.pub: cannot be written",
+        watch=(tmp / "new-keys",),
+    )
+    _fail_placing(monkeypatch, "fedsrd_lineage.json")
+    refused(
+        ["export", "--global", world["g1"], "--out", tmp / "adapter"],
+        5,
+        "cannot be written",
+        watch=(tmp / "adapter",),
+    )
+    g0 = tmp / "tiny-g0.safetensors"
+    run("init", "--base", tiny_model, "--rank", 4, "--targets", "q_proj,v_proj", "--out", g0)
+    _fail_placing(monkeypatch, "local.safetensors.log.jsonl")
+    out = tmp / "local.safetensors"
+    refused(
+        [
+            "train-local",
+            "--base",
+            tiny_model,
+            "--global",
+            g0,
+            "--data",
+            tiny_data,
+            "--steps",
+            1,
+            "--out",
+            out,
+        ],
+        5,
+        "log.jsonl: cannot be written",
+        watch=(out, Path(str(out) + ".log.jsonl")),
+        root=tmp,
+    )
+
+
 # ------------------------------------------------------------- row 3: status and older rounds
 
 
