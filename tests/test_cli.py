@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import fedsrd_cli
 from fedsrd_cli.artifacts import encode_safetensors, read_artifact, write_artifact
 from fedsrd_cli.cli import app
 from fedsrd_cli.config import LoraSpec
@@ -435,12 +436,15 @@ def test_init_and_a_peft_adapter_saved_by_save_pretrained(tmp_path):
 
 def _console(*args, cwd: Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("fedsrd")
+    # This checkout's package, whatever the cwd (a relative PYTHONPATH would not follow it).
+    src = str(Path(fedsrd_cli.__file__).resolve().parents[1])
+    pythonpath = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
     return subprocess.run(
         [str(exe), *map(str, args)],
         cwd=cwd,
         capture_output=True,
         text=True,
-        env={**os.environ, "COLUMNS": "120"},
+        env={**os.environ, "COLUMNS": "120", "PYTHONPATH": pythonpath},
     )
 
 

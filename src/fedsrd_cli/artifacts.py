@@ -13,6 +13,7 @@ can be read as a local state with `read_local`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -20,7 +21,7 @@ import os
 import re
 import socket
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from safetensors import safe_open
 
 from fedsrd_cli import naming
 from fedsrd_cli.config import LoraSpec
-from fedsrd_cli.errors import ArtifactError, MismatchError, OutputExistsError
+from fedsrd_cli.errors import ArtifactError, MismatchError, OutputError, OutputExistsError
 from fedsrd_cli.math.masks import (
     count_kept,
     count_set_bits,
@@ -44,6 +45,7 @@ KINDS = ("state", "upload", "aggregate", "broadcast")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 HASH_PREFIX = "sha256:"
 MAX_METADATA_CHARS = 16 * 2**20
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
 # Keeps a broadcast's layout within ~1000x its stored values, so checking its mask stays cheap.
 MAX_DOWNLOAD_SPARSITY = 0.999
 
@@ -448,7 +450,7 @@ def read_artifact(path: str | os.PathLike, kind: str | None = None, verify: bool
         raise ArtifactError(f"{path}: no such file")
     if path.is_dir():
         raise ArtifactError(f"{path}: is a directory, expected a .safetensors file")
-    handle = _open_safetensors(path)
+    handle = open_safetensors(path)
     header = Header.from_metadata(handle.metadata() or {}, str(path))
     if kind is not None and header.kind != kind:
         raise MismatchError(f"{path}: is a {header.kind} artifact, expected a {kind}")
@@ -468,7 +470,43 @@ def _exists(path: Path) -> bool:
         raise ArtifactError(f"{path}: cannot access ({err.strerror or err})") from None
 
 
-def _open_safetensors(path: Path) -> Any:
+def check_safetensors_start(path: str | os.PathLike) -> int:
+    """Refuse, in words, a file that is no safetensors file at all; returns its header length.
+
+    A safetensors file starts with an 8-byte little-endian header length N, then N bytes of
+    JSON beginning with '{'. A text file, an image or a pickle does not, and is "not a
+    safetensors file"; a file whose header runs past its end is a truncated copy.
+    """
+    path = Path(path)
+    if not _exists(path):
+        raise ArtifactError(f"{path}: no such file")
+    if path.is_dir():
+        raise ArtifactError(f"{path}: is a directory, expected a .safetensors file")
+    try:
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            start = handle.read(9)
+    except OSError as err:
+        raise ArtifactError(f"{path}: cannot be read ({err.strerror or err})") from None
+    if size == 0:
+        raise ArtifactError(f"{path}: is empty, not a safetensors file")
+    length = int.from_bytes(start[:8], "little")
+    if len(start) < 9 or start[8:9] != b"{" or not 2 <= length <= MAX_HEADER_BYTES:
+        raise ArtifactError(
+            f"{path}: not a safetensors file (it does not start with a safetensors header;"
+            " fedsrd reads and writes .safetensors files only)"
+        )
+    if 8 + length > size:
+        raise ArtifactError(
+            f"{path}: not a readable safetensors file (its {length}-byte header runs past the end of"
+            f" the {size}-byte file); truncated or corrupt copy?"
+        )
+    return length
+
+
+def open_safetensors(path: Path) -> Any:
+    """safe_open a file, with every way it can fail as one ArtifactError."""
+    check_safetensors_start(path)
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as err:  # SafetensorError, OSError: anything here means an unusable file
@@ -497,52 +535,134 @@ def _dtype_from_name(dtype_name: str, name: str) -> torch.dtype:
 # --------------------------------------------------------------------------- local adapters
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# `fedsrd export` records the state an adapter directory was exported from (docs/format.md,
+# "Exported adapters"), in this file beside the weights and in the weights' metadata.
+LINEAGE_FILE = "fedsrd_lineage.json"
+EXPORTED_FROM_KEY = "fedsrd.exported_from"
+
+
+@dataclass(frozen=True)
+class ExportLineage:
+    """What `fedsrd export` recorded: the state's content hash, round and base fingerprint."""
+
+    exported_from: str
+    round: int
+    base_fingerprint: str = ""
+    source: str = ""  # the file it was read from, for messages
+
+
 @dataclass
 class LocalAdapter:
     """A client's trained factors: a fedsrd state, or a PEFT adapter saved elsewhere.
 
-    header is None for a PEFT adapter (it carries no lineage or fingerprint).
+    header is None for a PEFT adapter (it carries no lineage or fingerprint of its own);
+    lineage is what `fedsrd export` recorded when the adapter started as an export, else None.
+    lora_from: where the LoRA settings came from (the header, adapter_config.json, or the
+    global state when a bare weights file has no config beside it).
     """
 
     path: Path
     lora: LoraSpec
     header: Header | None
     artifact: Artifact
+    lineage: ExportLineage | None = None
+    lora_from: str = ""
 
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.artifact.factors(module)
 
 
-def read_local(path: str | os.PathLike) -> LocalAdapter:
-    """Read a local adapter: a fedsrd state file, a PEFT adapter directory, or its weights file."""
+def read_local(path: str | os.PathLike, like: Artifact | None = None) -> LocalAdapter:
+    """Read a local adapter: a fedsrd state file, a PEFT adapter directory, or its weights file.
+
+    like: the global state the adapter was trained from. A PEFT weights file without an
+    adapter_config.json beside it is read with `like`'s LoRA settings when its tensor names
+    and shapes are exactly `like`'s (a rank or alpha cannot be told from the tensors alone
+    otherwise).
+    """
     path = Path(path)
     if _exists(path) and path.is_dir():
-        weights = path / "adapter_model.safetensors"
+        weights = path / ADAPTER_WEIGHTS
         if not weights.exists():
             raise ArtifactError(
-                f"{path}: directory without adapter_model.safetensors (expected a PEFT adapter"
+                f"{path}: directory without {ADAPTER_WEIGHTS} (expected a PEFT adapter"
                 " saved with save_pretrained, or a fedsrd state file)"
             )
-        return _read_peft(weights, path / "adapter_config.json")
+        return _read_peft(weights, path / ADAPTER_CONFIG, like)
     if not path.exists():
         raise ArtifactError(f"{path}: no such file")
-    handle = _open_safetensors(path)
+    handle = open_safetensors(path)
     if "fedsrd.kind" in (handle.metadata() or {}):
         artifact = read_artifact(path, kind="state")
-        return LocalAdapter(path, artifact.header.lora, artifact.header, artifact)
-    return _read_peft(path, path.parent / "adapter_config.json")
+        return LocalAdapter(path, artifact.header.lora, artifact.header, artifact, lora_from="its header")
+    return _read_peft(path, path.parent / ADAPTER_CONFIG, like)
 
 
-def _read_peft(weights: Path, config_path: Path) -> LocalAdapter:
-    if not config_path.exists():
+def read_lineage(weights: str | os.PathLike) -> ExportLineage | None:
+    """The export lineage of an adapter weights file: its own metadata (a file as `export` wrote
+    it), else the lineage file beside it (kept when PEFT saves a trained adapter over the
+    export); None when neither is there."""
+    weights = Path(weights)
+    meta = open_safetensors(weights).metadata() or {}
+    if EXPORTED_FROM_KEY in meta:
+        try:
+            round_index = int(meta.get("fedsrd.round", "0"))
+        except ValueError:
+            raise ArtifactError(f"{weights}: unreadable fedsrd.round in its metadata") from None
+        return ExportLineage(
+            meta[EXPORTED_FROM_KEY], round_index, meta.get("fedsrd.base_fingerprint", ""), str(weights)
+        )
+    record_path = weights.parent / LINEAGE_FILE
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+        return ExportLineage(
+            str(record["exported_from"]),
+            int(record["round"]),
+            str(record.get("base_fingerprint", "")),
+            str(record_path),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise ArtifactError(
-            f"{weights}: no fedsrd metadata and no adapter_config.json beside it; cannot tell its"
+            f"{record_path}: unreadable export lineage ({type(err).__name__}: {err})"
+        ) from None
+
+
+def _read_peft(weights: Path, config_path: Path, like: Artifact | None) -> LocalAdapter:
+    handle = open_safetensors(weights)
+    shapes, dtypes = _describe(handle)
+    if config_path.exists():
+        lora = _peft_lora(config_path)
+        lora_from = str(config_path)
+    elif like is not None:
+        _check_same_tensors_as(like, shapes, weights)
+        lora = like.header.lora
+        lora_from = f"{like.path} (no {ADAPTER_CONFIG} beside it; every tensor matches)"
+    else:
+        raise ArtifactError(
+            f"{weights}: no fedsrd metadata and no {ADAPTER_CONFIG} beside it; cannot tell its"
             " LoRA configuration"
         )
+    placeholder = Header(kind="state", round=0, lora=lora, base_fingerprint="")
+    check_layout(placeholder, shapes, dtypes, str(weights))
+    artifact = Artifact(weights, placeholder, handle, shapes, dtypes)
+    for name, tensor in artifact.iter_tensors():
+        if not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"{weights}: tensor {name} contains NaN or Inf")
+    return LocalAdapter(weights, lora, None, artifact, read_lineage(weights), lora_from)
+
+
+def _peft_lora(config_path: Path) -> LoraSpec:
+    """The LoRA settings of a PEFT adapter_config.json."""
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as err:
         raise ArtifactError(f"{config_path}: unreadable adapter config ({err})") from None
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{config_path}: not a PEFT adapter config (not a JSON object)")
     if config.get("peft_type", "LORA") != "LORA":
         raise MismatchError(f"{config_path}: a {config.get('peft_type')} adapter, expected LoRA")
     if config.get("use_dora"):
@@ -551,18 +671,26 @@ def _read_peft(weights: Path, config_path: Path) -> LocalAdapter:
     if isinstance(targets, str):
         targets = [targets]
     try:
-        lora = LoraSpec(int(config["r"]), float(config["lora_alpha"]), tuple(targets))
+        return LoraSpec(int(config["r"]), float(config["lora_alpha"]), tuple(targets))
     except (KeyError, ValueError, TypeError) as err:
         raise ArtifactError(f"{config_path}: incomplete LoRA config ({err})") from None
-    handle = _open_safetensors(weights)
-    shapes, dtypes = _describe(handle)
-    placeholder = Header(kind="state", round=0, lora=lora, base_fingerprint="")
-    check_layout(placeholder, shapes, dtypes, str(weights))
-    artifact = Artifact(weights, placeholder, handle, shapes, dtypes)
-    for name, tensor in artifact.iter_tensors():
-        if not bool(torch.isfinite(tensor).all()):
-            raise ArtifactError(f"{weights}: tensor {name} contains NaN or Inf")
-    return LocalAdapter(weights, lora, None, artifact)
+
+
+def _check_same_tensors_as(like: Artifact, shapes: Mapping[str, tuple[int, ...]], weights: Path) -> None:
+    """A bare weights file must hold exactly `like`'s tensor names and shapes to borrow its LoRA."""
+    why = f"{weights}: has no {ADAPTER_CONFIG} beside it, and"
+    missing = sorted(set(like.shapes) - set(shapes))
+    unknown = sorted(set(shapes) - set(like.shapes))
+    if unknown:
+        raise MismatchError(f"{why} holds {len(unknown)} tensors {like.path} does not, e.g. {unknown[0]}")
+    if missing:
+        raise MismatchError(f"{why} lacks {len(missing)} of {like.path}'s LoRA tensors, e.g. {missing[0]}")
+    for name, shape in like.shapes.items():
+        if tuple(shapes[name]) != tuple(shape):
+            raise MismatchError(
+                f"{why} its {name} has shape {list(shapes[name])}, {like.path}'s {list(shape)}; cannot"
+                " take the LoRA settings from the global state"
+            )
 
 
 # --------------------------------------------------------------------------- writing
@@ -626,19 +754,75 @@ def encode_header(entries: Mapping[str, Any]) -> bytes:
 
 
 def ensure_writable(path: str | os.PathLike, force: bool) -> None:
-    """Fail early, before any work, if `path` exists and --force was not given."""
+    """Fail early, before any work, if `path` exists and --force was not given, or if its folder
+    cannot take a new file (missing, not a folder, no write permission, read-only)."""
     path = Path(path)
     try:
-        path.exists()
+        exists = path.exists()
     except OSError as err:
-        raise OutputExistsError(f"{path}: cannot be written ({err.strerror or err})") from None
-    if path.exists() and not force:
+        raise OutputError(f"{path}: cannot be written ({err.strerror or err})") from None
+    if exists and not force:
         remove_stale_temp_files(path)  # a rerun after a crash that had finished the file
         raise OutputExistsError(f"{path}: already exists (pass --force to replace it)")
-    if path.exists() and path.is_dir():
-        raise OutputExistsError(f"{path}: is a directory")
-    if not path.parent.exists():
-        raise OutputExistsError(f"{path.parent}: output directory does not exist")
+    if exists and path.is_dir():
+        raise OutputError(f"{path}: is a directory")
+    check_output_folder(path.parent)
+
+
+def check_output_folder(folder: str | os.PathLike) -> None:
+    """OutputError unless `folder` exists, is a folder and this process may create files in it.
+
+    os.access also reports a read-only file system (for root too). What it cannot foresee
+    (a pseudo file system such as /proc, a full disk) is caught when the file is written.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise OutputError(f"{folder}: output directory does not exist")
+    if not folder.is_dir():
+        raise OutputError(f"{folder}: is not a directory, so no output can be written inside it")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"{folder}: output directory is not writable (no permission, or a read-only file system)"
+        )
+
+
+def ensure_output_dir(path: str | os.PathLike) -> None:
+    """For a command whose output is a directory (created if absent): fail early unless it can be.
+
+    An existing directory must be writable; for a missing one, its nearest existing parent
+    must be, and creating (then removing) the first missing folder is tried, so a path the
+    system refuses (/proc/x) fails here rather than after the work.
+    """
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise OutputError(f"{path}: exists and is not a directory")
+        check_output_folder(path)
+        return
+    first_missing = path
+    while not first_missing.parent.exists() and first_missing.parent != first_missing:
+        first_missing = first_missing.parent
+    check_output_folder(first_missing.parent)
+    try:
+        first_missing.mkdir()
+        first_missing.rmdir()
+    except OSError as err:
+        raise OutputError(f"{first_missing}: cannot be created ({err.strerror or err})") from None
+
+
+@dataclass(frozen=True)
+class FileWrite:
+    """One file of `write_files_atomic`: its path and bytes (or a list of byte parts).
+
+    allow_identical: an existing file holding exactly these bytes counts as written (a
+    rerun after a crash between the writes of one command). The temporary file is created
+    with mode 0600 and given `mode` (less the umask) before it is renamed into place.
+    """
+
+    path: Path
+    data: bytes | list[Any]
+    allow_identical: bool = False
+    mode: int = 0o666  # file mode before the umask; 0o600 for a private key
 
 
 def write_bytes_atomic(
@@ -649,58 +833,119 @@ def write_bytes_atomic(
     Without force the final step is a hard link, which fails if `path` appeared in
     the meantime, so an existing file is never replaced. With `allow_identical`, an
     existing file holding exactly `data` counts as written (a rerun after a crash).
+    A folder that refuses the file is an OutputError (exit 5), like an existing file.
 
     The temporary file is named `.NAME.PID@HOST.XXXXXXXX.tmp`. A process killed
     before the rename leaves it behind; the next write of NAME on the same host
     removes the ones whose process no longer runs (see docs/security.md).
     """
-    path = Path(path)
-    parts = [data] if isinstance(data, bytes) else data
-    if allow_identical and not force and path.is_file() and _same_bytes(path, parts):
-        return
-    ensure_writable(path, force)
-    remove_stale_temp_files(path)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{path.name}.{os.getpid()}@{_host()}.", suffix=".tmp", dir=path.parent
-    )
+    write_files_atomic([FileWrite(Path(path), data, allow_identical)], force)
+
+
+def write_files_atomic(writes: Sequence[FileWrite], force: bool) -> None:
+    """Write several files, all or none: every file is staged (written to its temporary file and
+    fsynced) before the first is renamed into place.
+
+    If staging fails nothing is placed. If placing a later file fails, the files this call
+    placed before it are removed again, except those that existed before (an identical file
+    accepted by `allow_identical`, or one replaced under `force`, which cannot be restored).
+    A kill between two renames can leave the earlier files: `allow_identical` lets the
+    rerun accept them.
+    """
+    pending: list[tuple[Path, list[Any], int]] = []
+    for write in writes:
+        parts = [write.data] if isinstance(write.data, bytes) else list(write.data)
+        path = Path(write.path)
+        if write.allow_identical and not force and _holds(path, parts):
+            continue
+        ensure_writable(path, force)
+        pending.append((path, parts, write.mode))
+    staged: list[tuple[Path, str]] = []
+    placed: list[Path] = []
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        for path, parts, mode in pending:
+            remove_stale_temp_files(path)
+            staged.append((path, _stage(path, parts, mode)))
+        for path, tmp_name in staged:
+            existed = path.exists()
+            _place(path, tmp_name, force)
+            if not existed:
+                placed.append(path)
+        for folder in dict.fromkeys(path.parent for path, _ in staged):
+            _fsync_dir(folder)
+    except BaseException:
+        for path in placed:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise
+    finally:
+        for _, tmp_name in staged:
+            if os.path.exists(tmp_name):
+                os.unlink(tmp_name)
+
+
+def _stage(path: Path, parts: list[Any], mode: int = 0o666) -> str:
+    """Write `parts` to a new temporary file beside `path` and fsync it; returns its name."""
+    try:
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{path.name}.{os.getpid()}@{_host()}.", suffix=".tmp", dir=path.parent
+        )
+    except OSError as err:
+        raise OutputError(f"{path}: cannot be written ({err.strerror or err})") from None
+    try:
+        os.fchmod(fd, mode & ~_umask())
         with os.fdopen(fd, "wb") as tmp:
             for part in parts:
                 tmp.write(part)
             tmp.flush()
             os.fsync(tmp.fileno())
+    except OSError as err:
+        os.unlink(tmp_name)
+        raise OutputError(f"{path}: cannot be written ({err.strerror or err})") from None
+    except BaseException:
+        os.unlink(tmp_name)
+        raise
+    return tmp_name
+
+
+def _place(path: Path, tmp_name: str, force: bool) -> None:
+    """Rename a staged file into place; without force never replace a file that exists."""
+    try:
         if force:
             os.replace(tmp_name, path)
+            return
+        try:
+            os.link(tmp_name, path)
+        except FileExistsError:
+            raise OutputExistsError(f"{path}: already exists (pass --force to replace it)") from None
+        except OSError:  # file systems without hard links
+            if path.exists():
+                raise OutputExistsError(f"{path}: already exists (pass --force)") from None
+            os.replace(tmp_name, path)
         else:
-            try:
-                os.link(tmp_name, path)
-            except FileExistsError:
-                raise OutputExistsError(f"{path}: already exists (pass --force to replace it)") from None
-            except OSError:  # file systems without hard links
-                if path.exists():
-                    raise OutputExistsError(f"{path}: already exists (pass --force)") from None
-                os.replace(tmp_name, path)
-            else:
-                os.unlink(tmp_name)  # before the directory fsync: a kill there leaves no temp file
-        _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+            os.unlink(tmp_name)  # before the directory fsync: a kill there leaves no temp file
+    except OutputExistsError:
+        raise
+    except OSError as err:
+        raise OutputError(f"{path}: cannot be written ({err.strerror or err})") from None
 
 
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
 
 
-def _same_bytes(path: Path, parts: list[Any]) -> bool:
-    if path.stat().st_size != sum(len(memoryview(p).cast("B")) for p in parts):
+def _holds(path: Path, parts: list[Any]) -> bool:
+    """Whether `path` is a file holding exactly the concatenated parts (False when unreadable)."""
+    try:
+        if not path.is_file() or path.stat().st_size != sum(len(memoryview(p).cast("B")) for p in parts):
+            return False
+        with path.open("rb") as handle:
+            for part in parts:
+                view = memoryview(part).cast("B")
+                if handle.read(view.nbytes) != view.tobytes():
+                    return False
+    except OSError:
         return False
-    with path.open("rb") as handle:
-        for part in parts:
-            view = memoryview(part).cast("B")
-            if handle.read(view.nbytes) != view.tobytes():
-                return False
     return True
 
 
@@ -767,14 +1012,35 @@ def write_artifact(
     force: bool = False,
     sign: Callable[[list[Any]], list[Any]] | None = None,
     allow_identical: bool = False,
+    also: Sequence[FileWrite] = (),
 ) -> Header:
     """Validate, hash and atomically write an artifact; returns the header as written.
 
     sign: turns the canonical file parts into signed parts (signing.SigningKey.sign_parts);
     it adds signature metadata only, so the content hash and the header are unchanged.
+    also: other files written with it, all or none (train-local's loss log).
     """
     header, data = serialize(header, tensors)
     if sign is not None:
         data = sign(data)
-    write_bytes_atomic(path, data, force, allow_identical)
+    write_files_atomic([FileWrite(Path(path), data, allow_identical), *also], force)
     return header
+
+
+def write_artifacts(
+    writes: Sequence[tuple[str | os.PathLike, Header, Mapping[str, torch.Tensor], bool]],
+    force: bool = False,
+    sign: Callable[[list[Any]], list[Any]] | None = None,
+) -> list[Header]:
+    """write_artifact for several artifacts, all or none (see write_files_atomic).
+
+    writes: (path, header, tensors, allow_identical) per artifact, placed in this order.
+    Returns the headers as written, in the same order.
+    """
+    headers, files = [], []
+    for path, header, tensors, allow_identical in writes:
+        header, data = serialize(header, tensors)
+        headers.append(header)
+        files.append(FileWrite(Path(path), sign(data) if sign is not None else data, allow_identical))
+    write_files_atomic(files, force)
+    return headers

@@ -83,6 +83,26 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
+class InitConfig:
+    """`fedsrd init`: the LoRA rank, alpha and target modules, and the seed of the A factors.
+
+    Checked before the model is read, so a bad value is a usage error (exit 2) naming its
+    flag; whether the targets exist and the rank fits them is checked against the model
+    (model_spec.lora_module_shapes).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: str = "all-linear"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, f"--rank must be >= 1, got {self.rank}")
+        _require(math.isfinite(self.alpha) and self.alpha > 0, f"--alpha must be > 0, got {self.alpha}")
+        _require(any(t.strip() for t in self.targets.split(",")), "--targets names no module")
+
+
+@dataclass(frozen=True)
 class SparsifyConfig:
     """Upload settings (method section 1). Defaults are the authors' runs.
 

@@ -128,6 +128,8 @@ def read_jsonl(path: str | Path) -> Dataset:
     field or a line in another format than the first record's is an error.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give JSON-lines files (repeat --data for each file)")
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     examples: list[Example] = []

@@ -1,20 +1,28 @@
-"""Reports on artifacts: what `inspect` shows and what `unpack` writes.
+"""Reports on files: what `inspect` shows and what `unpack` writes.
 
-Traffic is reported two ways: bytes on disk (what actually travels) and the
-paper's accounting, where a sparse tensor costs fp32 values plus a 1-bit mask per
-element and a dense tensor costs fp32 values; both are compared with dense fp32
-LoRA factors (what FedAvg sends each way).
+A fedsrd artifact is described as one (`describe`): identity, lineage, LoRA config,
+tensors and traffic. Traffic is reported two ways: bytes on disk (what actually
+travels) and the paper's accounting, where a sparse tensor costs fp32 values plus a
+1-bit mask per element and a dense tensor costs fp32 values; both are compared with
+dense fp32 LoRA factors (what FedAvg sends each way).
+
+Any other safetensors file (an exported adapter, unpack's output, a model's weights)
+is described by `describe_plain`: its tensors, shapes and dtypes, its metadata, what
+fedsrd recorded in it, and the PEFT adapter_config.json beside it, if any.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedsrd_cli import naming
-from fedsrd_cli.artifacts import Artifact
+from fedsrd_cli.artifacts import ADAPTER_CONFIG, Artifact, open_safetensors, read_lineage
+from fedsrd_cli.signing import Trust, describe_signature, read_verified
 
 FP32_BYTES = 4
 
@@ -89,6 +97,11 @@ def describe(artifact: Artifact) -> dict[str, Any]:
     }
     if head.kind == "upload":
         report.update(client_id=head.client_id, num_samples=head.num_samples)
+    if head.kind == "state":
+        local = bool(head.client_id or head.num_samples or "train" in head.info)
+        report["state_role"] = "local" if local else "global"
+        if local:
+            report.update(client_id=head.client_id or None, num_samples=head.num_samples)
     if head.kind == "broadcast":
         report.update(
             result_hash=head.result_hash,
@@ -114,3 +127,101 @@ def dense_tensors(artifact: Artifact) -> dict[str, torch.Tensor]:
             out[name] = delta
         return out
     return dict(artifact.iter_tensors())
+
+
+def inspect_file(path: str | Path, trust: Trust | None = None) -> dict[str, Any]:
+    """What `inspect` reports on any safetensors file: `describe` for a fedsrd artifact
+    (with its signature), `describe_plain` for any other file.
+
+    With `trust`, the file must be a fedsrd artifact signed by a trusted party (an upload
+    by the client it names); a plain safetensors file carries no signature and is refused.
+    """
+    path = Path(path)
+    if trust is None and not is_artifact(path):
+        return describe_plain(path)
+    report = describe(read_verified(path, None, trust, accept=tuple(trust.keys) if trust else None))
+    report["signature"] = describe_signature(path, verified=trust is not None)
+    return report
+
+
+def is_artifact(path: Path) -> bool:
+    """Whether a safetensors file carries fedsrd metadata (ArtifactError if it is unreadable)."""
+    return "fedsrd.kind" in (open_safetensors(path).metadata() or {})
+
+
+def describe_plain(path: str | Path) -> dict[str, Any]:
+    """A JSON-ready summary of a safetensors file that is not a fedsrd artifact.
+
+    kind is None; `what` says in words what the file looks like (PEFT adapter weights,
+    an export, unpack's output, or just tensors).
+    """
+    path = Path(path)
+    handle = open_safetensors(path)
+    meta = dict(handle.metadata() or {})
+    tensors = []
+    for name in naming.sorted_modules(handle.keys()):  # noqa: SIM118 (safe_open is not a dict)
+        piece = handle.get_slice(name)
+        shape = [int(d) for d in piece.get_shape()]
+        tensors.append({"name": name, "shape": shape, "dtype": piece.get_dtype(), "numel": math.prod(shape)})
+    dtypes: dict[str, int] = {}
+    for tensor in tensors:
+        dtypes[tensor["dtype"]] = dtypes.get(tensor["dtype"], 0) + 1
+    lora_tensors = sum(naming.parse_factor_key(t["name"]) is not None for t in tensors)
+    report: dict[str, Any] = {
+        "path": str(path),
+        "kind": None,
+        "format": "safetensors",
+        "tensor_count": len(tensors),
+        "parameters": sum(t["numel"] for t in tensors),
+        "dtypes": dtypes,
+        "lora_tensors": lora_tensors,
+        "tensors": tensors,
+        "metadata": meta,
+        "bytes_on_disk": path.stat().st_size,
+    }
+    lineage = read_lineage(path) if lora_tensors else None
+    if lineage is not None:
+        report["exported_from"] = {
+            "content_hash": lineage.exported_from,
+            "round": lineage.round,
+            "base_fingerprint": lineage.base_fingerprint or None,
+            "recorded_in": lineage.source,
+        }
+    if "fedsrd.unpacked_from" in meta:
+        report["unpacked_from"] = {
+            "kind": meta["fedsrd.unpacked_from"],
+            "content_hash": meta.get("fedsrd.source_hash"),
+            "round": int(meta["fedsrd.round"]) if meta.get("fedsrd.round", "").isdigit() else None,
+        }
+    config_path = path.parent / ADAPTER_CONFIG
+    if config_path.is_file():
+        report["peft_config"] = _peft_config_summary(config_path)
+    report["what"] = _what(report, lora_tensors)
+    return report
+
+
+def _peft_config_summary(config_path: Path) -> dict[str, Any]:
+    """The LoRA fields of an adapter_config.json, or {"path", "error"} when it cannot be read."""
+    try:
+        config = json.loads(config_path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        return {"path": str(config_path), "error": f"unreadable ({err})"}
+    keys = ("peft_type", "r", "lora_alpha", "target_modules", "base_model_name_or_path", "task_type")
+    return {"path": str(config_path), **{key: config.get(key) for key in keys}}
+
+
+def _what(report: dict[str, Any], lora_tensors: int) -> str:
+    if "unpacked_from" in report:
+        source = report["unpacked_from"]
+        return f"dense tensors unpacked from a fedsrd {source['kind']} (round {source['round']})"
+    if not lora_tensors or lora_tensors != report["tensor_count"]:
+        return "safetensors file (not a fedsrd artifact)"
+    what = "PEFT LoRA adapter weights"
+    lineage = report.get("exported_from")
+    if lineage is None:
+        return what + (f" ({ADAPTER_CONFIG} beside it)" if "peft_config" in report else "")
+    if lineage["recorded_in"] == report["path"]:
+        return f"{what} exported by fedsrd from a round-{lineage['round']} state"
+    return f"{what} in a folder fedsrd exported from a round-{lineage['round']} state"

@@ -11,13 +11,15 @@ Exit codes:
     4  mismatch: a valid file that does not belong here (wrong kind, round, run,
        LoRA config, model, shapes, modules, duplicate client)
     5  output: the output path exists (pass --force) or cannot be written
-    6  data: training/eval data or a model directory that cannot be used
+    6  data: training/eval data or a model directory that cannot be used, or
+       training that diverged
     7  trust: missing, unknown or invalid signatures
 
 `fedsrd status` also exits (see round_status.py), for cron:
     0   the round is ready to aggregate
     10  waiting: expected uploads are missing, nothing invalid
-    11  invalid upload files are present in the inbox
+    11  invalid upload files are present in the inbox, or (with --trust) the
+        global state itself is not trusted (RoundInvalidError)
 """
 
 from __future__ import annotations
@@ -51,10 +53,14 @@ class StaleUploadError(MismatchError):
     """An upload (or broadcast) that derives from another global state than the one given."""
 
 
-class OutputExistsError(FedsrdError):
-    """Refusing to overwrite an existing file without --force."""
+class OutputError(FedsrdError):
+    """An output that cannot be written: it exists (without --force), or its folder refuses it."""
 
     exit_code = 5
+
+
+class OutputExistsError(OutputError):
+    """Refusing to overwrite an existing file without --force."""
 
 
 class DataError(FedsrdError):
@@ -63,7 +69,17 @@ class DataError(FedsrdError):
     exit_code = 6
 
 
+class TrainingDivergedError(DataError):
+    """Local training that diverged: a NaN or Inf loss or factor (the cure is a lower --lr)."""
+
+
 class TrustError(FedsrdError):
     """A signature that is missing, unknown, or does not verify."""
 
     exit_code = 7
+
+
+class RoundInvalidError(FedsrdError):
+    """`fedsrd status`: the round cannot go ahead as it stands (exit 11, like invalid uploads)."""
+
+    exit_code = 11

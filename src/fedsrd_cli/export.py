@@ -1,22 +1,36 @@
 """Export a global state as a standard PEFT adapter directory.
 
 The directory holds adapter_config.json (PEFT's LoraConfig, dropout 0, task
-CAUSAL_LM) and adapter_model.safetensors (the state's tensors under the same
+CAUSAL_LM), adapter_model.safetensors (the state's tensors under the same
 names: a fedsrd state already uses PEFT's adapter keys), so
-`PeftModel.from_pretrained(base, DIR)` loads it. peft is imported inside.
+`PeftModel.from_pretrained(base, DIR)` loads it, and fedsrd_lineage.json: the
+exported state's content hash, round and base fingerprint (PEFT ignores the file).
+peft is imported inside.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
-from fedsrd_cli.artifacts import Artifact, encode_safetensors, ensure_writable, write_bytes_atomic
+from fedsrd_cli.artifacts import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    EXPORTED_FROM_KEY,
+    FORMAT_VERSION,
+    LINEAGE_FILE,
+    Artifact,
+    FileWrite,
+    encode_safetensors,
+    ensure_output_dir,
+    write_files_atomic,
+)
 from fedsrd_cli.errors import OutputExistsError
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = ADAPTER_CONFIG
+WEIGHTS_FILE = ADAPTER_WEIGHTS
 
 
 def _jsonable(value: Any) -> Any:
@@ -46,33 +60,68 @@ def adapter_config(global_state: Artifact, base_name: str | None) -> dict[str, A
     return _jsonable(config.to_dict())
 
 
+def lineage_record(global_state: Artifact) -> dict[str, Any]:
+    """What an exported adapter directory records about its state (LINEAGE_FILE)."""
+    head = global_state.header
+    return {
+        "format_version": FORMAT_VERSION,
+        "exported_from": head.content_hash,
+        "round": head.round,
+        "base_fingerprint": head.base_fingerprint,
+        "lora": json.loads(head.lora.to_json()),
+    }
+
+
 def export_adapter(
     global_state: Artifact, out_dir: str | Path, base_name: str | None = None, force: bool = False
 ) -> dict[str, Any]:
-    """Write out_dir/adapter_config.json and out_dir/adapter_model.safetensors (fp32)."""
+    """Write out_dir/adapter_config.json, out_dir/adapter_model.safetensors (fp32) and
+    out_dir/fedsrd_lineage.json (the state's hash, round and base), all three or none.
+
+    The weights' metadata records the same lineage (fedsrd.exported_from, fedsrd.round,
+    fedsrd.base_fingerprint); the lineage file stays when PEFT saves a trained adapter
+    over the export, so `sparsify` can tell which state the adapter was trained from.
+    """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputExistsError(f"{out_dir}: exists and is not a directory")
+    ensure_output_dir(out_dir)
     config_path, weights_path = out_dir / CONFIG_FILE, out_dir / WEIGHTS_FILE
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ensure_writable(config_path, force)
-    ensure_writable(weights_path, force)
+    lineage_path = out_dir / LINEAGE_FILE
+    for path in (config_path, weights_path, lineage_path):
+        if path.exists() and not force:
+            raise OutputExistsError(f"{path}: already exists (pass --force to replace it)")
     config = adapter_config(global_state, base_name)
+    head = global_state.header
     tensors = {name: tensor.float() for name, tensor in global_state.iter_tensors()}
     metadata = {
         "format": "pt",
-        "fedsrd.exported_from": global_state.header.content_hash,
-        "fedsrd.round": str(global_state.header.round),
+        EXPORTED_FROM_KEY: head.content_hash,
+        "fedsrd.round": str(head.round),
+        "fedsrd.base_fingerprint": head.base_fingerprint,
     }
-    write_bytes_atomic(weights_path, encode_safetensors(tensors, metadata), force)
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    write_bytes_atomic(config_path, text.encode("utf-8"), force)
+    files = [
+        FileWrite(weights_path, encode_safetensors(tensors, metadata)),
+        FileWrite(config_path, _json_bytes(config)),
+        FileWrite(lineage_path, _json_bytes(lineage_record(global_state))),
+    ]
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        write_files_atomic(files, force)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return {
         "path": str(out_dir),
         "config": str(config_path),
         "weights": str(weights_path),
+        "lineage": str(lineage_path),
         "tensors": len(tensors),
         "bytes": weights_path.stat().st_size,
-        "round": global_state.header.round,
-        "source_hash": global_state.header.content_hash,
+        "round": head.round,
+        "source_hash": head.content_hash,
     }
+
+
+def _json_bytes(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")

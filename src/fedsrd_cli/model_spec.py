@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsrd_cli.config import LoraSpec
-from fedsrd_cli.errors import DataError
+from fedsrd_cli.errors import DataError, UsageError
 
 _FINGERPRINT_SKIP_SUFFIX = "_token_id"
 GGUF_MAGIC = b"GGUF"  # the first 4 bytes of every GGUF file
@@ -136,7 +136,7 @@ def parse_targets(targets: str) -> list[str] | str:
         return "all-linear"
     names = [t.strip() for t in targets.split(",") if t.strip()]
     if not names:
-        raise DataError("--targets names no module")
+        raise UsageError("--targets names no module")
     return names
 
 
@@ -146,7 +146,9 @@ def lora_module_shapes(
     """PEFT's adapted modules of a local model: (LoRA spec with expanded targets, {module: (d_out, d_in)}).
 
     Module names are PEFT's state-dict prefixes (base_model.model.<path>). `model_dir` may
-    also be a GGUF file: only its metadata is read (no tensor is dequantized).
+    also be a GGUF file: only its metadata is read (no tensor is dequantized). UsageError
+    (exit 2): a target the model has no module of (naming its linear modules), a module
+    PEFT cannot adapt, or a rank above min(d_in, d_out) of a targeted module.
     """
     source = resolve_base(model_dir)
     import torch
@@ -158,15 +160,17 @@ def lora_module_shapes(
         config = AutoConfig.from_pretrained(source.folder, local_files_only=True, **extra)
     except Exception as err:  # transformers raises many types for a bad directory or file
         raise DataError(f"{model_dir}: transformers cannot read this model config ({err})") from None
+    wanted = parse_targets(targets)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config)
+        if isinstance(wanted, list):
+            _check_targets_exist(model, wanted, model_dir)
         try:
-            peft_model = get_peft_model(
-                model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=parse_targets(targets))
-            )
+            peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=wanted))
         except ValueError as err:
-            raise DataError(f"--targets {targets}: {err}") from None
+            first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise UsageError(f"--targets {targets}: PEFT cannot adapt these modules ({first})") from None
     shapes: dict[str, tuple[int, int]] = {}
     for name, param in peft_model.named_parameters():
         if name.endswith(".lora_A.default.weight"):
@@ -174,6 +178,38 @@ def lora_module_shapes(
             b_param = peft_model.get_parameter(module + ".lora_B.default.weight")
             shapes[module] = (int(b_param.shape[0]), int(param.shape[1]))
     if not shapes:
-        raise DataError(f"--targets {targets}: no module of {model_dir} matches")
+        raise UsageError(f"--targets {targets}: no module of {model_dir} matches")
+    _check_rank_fits(rank, shapes)
     leaf_names = tuple(sorted({module.rsplit(".", 1)[-1] for module in shapes}))
     return LoraSpec(rank, alpha, leaf_names), shapes
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """The leaf names of a model's linear layers (what --targets usually lists), lm_head aside."""
+    found = set()
+    for name, module in model.named_modules():
+        if type(module).__name__ in ("Linear", "Conv1D") and name and name.rsplit(".", 1)[-1] != "lm_head":
+            found.add(name.rsplit(".", 1)[-1])
+    return sorted(found)
+
+
+def _check_targets_exist(model: Any, targets: list[str], model_dir: str | Path) -> None:
+    """Every --targets name must be the name, or the last dotted part(s), of some module."""
+    names = [name for name, _ in model.named_modules() if name]
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            linear = ", ".join(linear_module_names(model)) or "none"
+            raise UsageError(
+                f"--targets {target}: {model_dir} has no module named {target!r}; its linear modules"
+                f" are {linear} (or give --targets all-linear)"
+            )
+
+
+def _check_rank_fits(rank: int, shapes: dict[str, tuple[int, int]]) -> None:
+    """A rank above min(d_in, d_out) adds parameters but no expressiveness: refuse it."""
+    module, (d_out, d_in) = min(shapes.items(), key=lambda item: min(item[1]))
+    if rank > min(d_out, d_in):
+        raise UsageError(
+            f"--rank {rank} is above min(d_in, d_out) = {min(d_out, d_in)} of the targeted module"
+            f" {module} ({d_out}x{d_in}); use --rank {min(d_out, d_in)} or less"
+        )

@@ -2,6 +2,11 @@
 
 Results go to stdout; progress, notes and errors go to stderr, so `--json` output
 can be piped as is.
+
+On a terminal, tables fit its width and fold a long cell onto more lines; no column ever
+cuts a name with "...". Anywhere else (a pipe, a log file, cron) nothing is wrapped at all:
+each row is one line, whatever COLUMNS says, without trailing spaces, so a path or a hash
+can be copied or grepped from the output as is.
 """
 
 from __future__ import annotations
@@ -13,10 +18,21 @@ from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 T = TypeVar("T")
 PROGRESS_DELAY_S = 1.0
+# The width rich lays out for when the stream is not a terminal: wider than any line we print.
+UNWRAPPED_WIDTH = 100_000
+
+
+def _console(stderr: bool) -> Console:
+    """A console of stdout or stderr: the terminal's width on a terminal, no wrapping elsewhere."""
+    console = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, highlight=False, soft_wrap=True, width=UNWRAPPED_WIDTH)
+    return console
 
 
 class Output:
@@ -25,8 +41,8 @@ class Output:
     def __init__(self, json_mode: bool = False, quiet: bool = False):
         self.json_mode = json_mode
         self.quiet = quiet
-        self.out = Console(highlight=False, soft_wrap=True)
-        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.out = _console(stderr=False)
+        self.err = _console(stderr=True)
 
     def result(self, data: dict[str, Any], *renderables: Any) -> None:
         """The command's result: `data` as JSON with --json, else the renderables (str or rich)."""
@@ -37,16 +53,26 @@ class Output:
         if self.quiet:
             return
         for item in renderables:
+            self._print(item)
+
+    def _print(self, item: Any) -> None:
+        if self.out.is_terminal:
             self.out.print(item)
+            return
+        with self.out.capture() as captured:
+            self.out.print(item)
+        lines = [line.rstrip() for line in captured.get().splitlines()]
+        sys.stdout.write("".join(line + "\n" for line in lines))
+        sys.stdout.flush()
 
     def note(self, message: str) -> None:
         """A side remark for people (stderr); silent with --json or --quiet."""
         if not (self.json_mode or self.quiet):
-            self.err.print(message)
+            self.err.print(message, markup=False)
 
     def error(self, message: str) -> None:
         """One line on stderr: always printed, whatever the mode."""
-        self.err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+        self.err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
 
     def steps(self, total: int, label: str) -> StepProgress:
         """A progress bar for a loop of `total` steps with a status text (terminal only)."""
@@ -126,6 +152,15 @@ def key_value_table(rows: Iterable[tuple[str, Any]], title: str | None = None) -
     for key, value in rows:
         table.add_row(key, str(value))
     return table
+
+
+def data_table(*headers: str, title: str | None = None, **options: Any) -> Table:
+    """A table whose columns never cut a value: on a narrow terminal a long cell folds onto
+    more lines instead of ending in "..."."""
+    result = Table(title=title, title_justify="left", **options)
+    for header in headers:
+        result.add_column(header, overflow="fold")
+    return result
 
 
 def human_bytes(n: float) -> str:

@@ -1,12 +1,15 @@
 """The state of a coordinator's inbox: which uploads are there, valid, signed, and is the round ready.
 
-Used by `fedsrd status` (and cron jobs around it). Every file is checked exactly as
-`aggregate` would check it, but a bad file is reported instead of stopping the scan.
+Used by `fedsrd status` (and cron jobs around it). Every upload of the round being
+collected is checked exactly as `aggregate` would check it, but a bad file is reported
+instead of stopping the scan. Uploads of earlier rounds (an inbox that keeps every round's
+files) are listed as "old" and otherwise left alone; other kinds are "ignored".
 
 Exit codes of `fedsrd status` (also in errors.py):
     0   ready: every expected upload is present and valid, and nothing invalid lies beside them
     10  waiting: no invalid file, but expected uploads are missing
-    11  invalid files present (corrupt, stale, wrong run, unsigned/forged, duplicate or unexpected client)
+    11  invalid files present (corrupt, stale, wrong run, unsigned/forged, duplicate or unexpected
+        client), or, with --trust, a global state that is not signed by the coordinator
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from typing import Any
 
 from fedsrd_cli.algorithms.protocol import check_uploads
 from fedsrd_cli.artifacts import Artifact, read_artifact
-from fedsrd_cli.errors import FedsrdError, StaleUploadError
-from fedsrd_cli.signing import Trust, check_signer, read_signature
+from fedsrd_cli.errors import FedsrdError, RoundInvalidError, StaleUploadError, TrustError
+from fedsrd_cli.signing import Trust, check_signer, read_signature, read_verified
 
 EXIT_READY = 0
 EXIT_WAITING = 10
@@ -28,7 +31,11 @@ EXIT_INVALID = 11
 
 @dataclass
 class InboxFile:
-    """One `*.safetensors` file of the inbox. status: valid | invalid | stale | ignored."""
+    """One `*.safetensors` file of the inbox. status: valid | invalid | stale | old | ignored.
+
+    old: an upload of an earlier round than the one being collected (not checked further);
+    stale: an upload that claims this round or a later one but was made from another state.
+    """
 
     path: str
     status: str
@@ -40,7 +47,21 @@ class InboxFile:
     problem: str | None = None
 
 
+def _earlier_upload(path: Path, round_index: int) -> InboxFile | None:
+    """An entry "old" for a readable upload of a round before `round_index`, else None."""
+    try:
+        head = read_artifact(path, verify=False).header
+    except FedsrdError:
+        return None  # unreadable: the full check reports it
+    if head.kind != "upload" or head.round >= round_index:
+        return None
+    return InboxFile(str(path), "old", head.kind, head.client_id, head.round, signer=_claimed_signer(path))
+
+
 def _inspect_file(path: Path, global_state: Artifact, trust: Trust | None) -> InboxFile:
+    old = _earlier_upload(path, global_state.header.round + 1)
+    if old is not None:
+        return old
     entry = InboxFile(str(path), "invalid")
     try:
         if trust is not None:
@@ -77,6 +98,15 @@ def _claimed_signer(path: Path) -> str | None:
     return found.signer if found else None
 
 
+def read_global(path: Path, trust: Trust | None) -> Artifact:
+    """The global state for `status`; with --trust, one the coordinator did not sign is
+    RoundInvalidError (exit 11, as for an untrusted upload), so cron sees one of status's codes."""
+    try:
+        return read_verified(path, "state", trust)
+    except TrustError as err:
+        raise RoundInvalidError(f"{err} (status cannot vouch for this round's uploads)") from None
+
+
 def round_status(
     inbox: Path,
     global_state: Artifact,
@@ -108,6 +138,7 @@ def round_status(
         missing = []
         waiting_for = max(0, (expect if expect is not None else 1) - len(valid))
     invalid = [e for e in entries if e.status in ("invalid", "stale")]
+    old = [e for e in entries if e.status == "old"]
     ready = not invalid and waiting_for == 0
     code = EXIT_INVALID if invalid else (EXIT_READY if ready else EXIT_WAITING)
     report = {
@@ -121,6 +152,7 @@ def round_status(
         "missing_clients": missing,
         "waiting_for": waiting_for,
         "invalid_files": len(invalid),
+        "old_files": len(old),
         "ready": ready,
         "status": {EXIT_READY: "ready", EXIT_WAITING: "waiting", EXIT_INVALID: "invalid"}[code],
         "exit_code": code,

@@ -26,13 +26,25 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsrd_cli.artifacts import Artifact, encode_header, read_artifact, write_bytes_atomic
-from fedsrd_cli.errors import ArtifactError, OutputExistsError, TrustError, UsageError
+from fedsrd_cli.artifacts import (
+    Artifact,
+    FileWrite,
+    Header,
+    check_output_folder,
+    check_safetensors_start,
+    encode_header,
+    ensure_writable,
+    read_artifact,
+    write_artifact,
+    write_files_atomic,
+)
+from fedsrd_cli.errors import ArtifactError, OutputError, OutputExistsError, TrustError, UsageError
 
 COORDINATOR = "coordinator"
 SIGNER_KEY = "fedsrd.signer"
@@ -41,7 +53,6 @@ SIGNATURE_KEY = "fedsrd.signature"
 SIGNATURE_FIELDS = (SIGNER_KEY, SIGNER_KEY_ID, SIGNATURE_KEY)
 MESSAGE_PREFIX = b"fedsrd-signature-v1\n"
 PARTY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 _CHUNK = 2**20
 
 
@@ -74,9 +85,11 @@ def _raw_public(public_key: Any) -> bytes:
 
 
 def generate_keypair(out: str | os.PathLike, force: bool = False) -> tuple[Path, Path, str]:
-    """Write OUT.key (PKCS#8 PEM, mode 0600) and OUT.pub (SubjectPublicKeyInfo PEM).
+    """Write OUT.key (PKCS#8 PEM, mode 0600) and OUT.pub (SubjectPublicKeyInfo PEM), both or neither.
 
-    The party name is the last path component of OUT. Returns (key path, pub path, key id).
+    The party name is the last path component of OUT. A missing folder of OUT is created
+    with mode 0700 (keys are private), and removed again if the keys cannot be written.
+    Returns (key path, pub path, key id).
     """
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -84,8 +97,6 @@ def generate_keypair(out: str | os.PathLike, force: bool = False) -> tuple[Path,
     out = Path(out)
     check_party_name(out.name, "--out")
     key_path, pub_path = out.with_name(out.name + ".key"), out.with_name(out.name + ".pub")
-    if not out.parent.is_dir():
-        raise OutputExistsError(f"{out.parent}: output directory does not exist")
     for path in (key_path, pub_path):
         if path.exists() and not force:
             raise OutputExistsError(f"{path}: already exists (pass --force to replace it)")
@@ -96,30 +107,34 @@ def generate_keypair(out: str | os.PathLike, force: bool = False) -> tuple[Path,
     public_pem = private.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _write_private(key_path, private_pem, force)
-    write_bytes_atomic(pub_path, public_pem, force)
+    created = _make_key_folder(out.parent)
+    try:
+        write_files_atomic(
+            [FileWrite(key_path, private_pem, mode=0o600), FileWrite(pub_path, public_pem)], force
+        )
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     return key_path, pub_path, key_id(_raw_public(private.public_key()))
 
 
-def _write_private(path: Path, data: bytes, force: bool) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def _make_key_folder(folder: Path) -> Path | None:
+    """Create `folder` (and missing parents) with mode 0700; returns the topmost folder created."""
+    if folder.is_dir():
+        return None
+    if folder.exists():
+        raise OutputError(f"{folder}: is not a directory, so no key can be written inside it")
+    top = folder
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    check_output_folder(top.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o600)
-        if force:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise OutputExistsError(f"{path}: already exists (pass --force to replace it)") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        folder.mkdir(mode=0o700, parents=True)
+        folder.chmod(0o700)  # mkdir's mode is reduced by the umask
+    except OSError as err:
+        raise OutputError(f"{folder}: cannot create the key folder ({err.strerror or err})") from None
+    return top
 
 
 @dataclass(frozen=True)
@@ -184,18 +199,13 @@ def read_signature(path: str | os.PathLike) -> FileSignature | None:
     TrustError for one that is not in canonical form or has malformed signature fields.
     """
     path = Path(path)
+    length = check_safetensors_start(path)
     try:
         handle = path.open("rb")
     except OSError as err:
         raise ArtifactError(f"{path}: cannot open ({err.strerror or err})") from None
     with handle:
-        size = os.fstat(handle.fileno()).st_size
-        first = handle.read(8)
-        if len(first) < 8:
-            raise ArtifactError(f"{path}: not a readable safetensors file (shorter than 8 bytes)")
-        length = int.from_bytes(first, "little")
-        if length > MAX_HEADER_BYTES or 8 + length > size:
-            raise ArtifactError(f"{path}: not a readable safetensors file (header length {length})")
+        handle.seek(8)
         text = handle.read(length)
         try:
             entries = json.loads(text)
@@ -335,6 +345,64 @@ def describe_signature(path: str | os.PathLike, verified: bool) -> dict[str, Any
     if found is None:
         return None
     return {"signer": found.signer, "key_id": found.key_id, "verified": verified}
+
+
+@dataclass(frozen=True)
+class SignedFile:
+    """What `sign_file` did: the file written, its header, and the signature it replaced."""
+
+    path: Path
+    header: Header
+    replaced: str | None  # the earlier signer, when the file was signed by someone else
+
+
+def sign_file(
+    path: str | os.PathLike, key: SigningKey, out: str | os.PathLike | None = None, force: bool = False
+) -> SignedFile:
+    """Sign an existing artifact as `key`'s party: in place (atomically) or into `out`.
+
+    The artifact is read and validated first, then written again canonically with the
+    signature (the tensors and the content hash do not change). Refused: an upload signed
+    by anyone but the client it names (UsageError); a file already signed by another party,
+    or by this party with another key, unless `force` (TrustError); an existing `out`
+    without `force` (OutputExistsError). Signing a file again with the same key rewrites
+    the same bytes.
+    """
+    path = Path(path)
+    target = path if out is None else Path(out)
+    in_place = target == path or (target.exists() and path.exists() and target.samefile(path))
+    if not in_place:
+        ensure_writable(target, force)
+    artifact = read_artifact(path)
+    head = artifact.header
+    if head.kind == "upload" and key.name != head.client_id:
+        raise UsageError(
+            f"{path}: is the upload of client {head.client_id!r}; --sign-key signs as {key.name!r}, and an"
+            " upload is accepted only when signed by the client it names"
+        )
+    found = _current_signature(path, force)
+    replaced = None
+    if found is not None and (found.signer, found.key_id) != (key.name, key.key_id):
+        if not force:
+            same = "another key of" if found.signer == key.name else "party"
+            raise TrustError(
+                f"{path}: is already signed by {same} {found.signer!r}"
+                f" ({found.key_id.removeprefix('sha256:')[:12]}); pass --force to replace that"
+                f" signature with one by {key.name!r}"
+            )
+        replaced = found.signer
+    write_artifact(target, head, dict(artifact.iter_tensors()), force or in_place, sign=key.sign_parts)
+    return SignedFile(target, head, replaced)
+
+
+def _current_signature(path: Path, force: bool) -> FileSignature | None:
+    """The file's signature; with force, a malformed one counts as none (it is replaced)."""
+    if not force:
+        return read_signature(path)
+    try:
+        return read_signature(path)
+    except TrustError:
+        return None
 
 
 def _names(names: Iterable[str]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import random
@@ -25,14 +26,24 @@ from typing import Any
 import torch
 
 from fedsrd_cli import data as data_mod
-from fedsrd_cli.artifacts import Artifact, Header, short
+from fedsrd_cli import naming
+from fedsrd_cli.artifacts import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    Artifact,
+    Header,
+    open_safetensors,
+    read_lineage,
+    short,
+)
 from fedsrd_cli.config import LoraSpec, _require
-from fedsrd_cli.errors import DataError, MismatchError, UsageError
+from fedsrd_cli.errors import DataError, MismatchError, TrainingDivergedError, UsageError
 from fedsrd_cli.math.lowrank import scheduled_factor
 from fedsrd_cli.model_spec import fingerprint_base, resolve_base
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the largest learning rate AdamW can apply
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,7 @@ class TrainConfig:
             f"--epochs must be > 0, got {self.epochs}",
         )
         _require(math.isfinite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _require(self.lr <= FLOAT32_MAX, f"--lr must be at most {FLOAT32_MAX:.4g} (float32), got {self.lr:g}")
         _require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         _require(self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}")
         _require(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
@@ -428,8 +440,7 @@ def train_local(
             torch.nn.utils.clip_grad_norm_(list(trained.values()), config.max_grad_norm)
             optimizer.step()
             step_loss = loss_sum / step_tokens
-            if not math.isfinite(step_loss):
-                raise DataError(f"training diverged at step {step} (loss {step_loss}); lower --lr")
+            _check_converging(step, total, step_loss, trained, config.lr)
             tokens_seen += step_tokens
             elapsed = time.monotonic() - step_start
             record = {"step": step, "loss": step_loss, "tokens": step_tokens, "seconds": round(elapsed, 4)}
@@ -462,6 +473,23 @@ def train_local(
     return {name: factors[name] for name in global_state.names}, stats
 
 
+def _check_converging(
+    step: int, total: int, loss: float, trained: dict[str, torch.nn.Parameter], lr: float
+) -> None:
+    """TrainingDivergedError (exit 6) once the loss or a trained factor is NaN or Inf."""
+    if math.isfinite(loss):
+        with torch.no_grad():
+            broken = next((name for name, p in trained.items() if not bool(torch.isfinite(p).all())), None)
+        if broken is None:
+            return
+        what = f"{broken} became NaN or Inf"
+    else:
+        what = f"loss {loss}"
+    raise TrainingDivergedError(
+        f"training diverged at step {step} of {total} ({what}) with --lr {lr:g}; lower --lr (try {lr / 10:g})"
+    )
+
+
 def local_header(global_state: Artifact, num_samples: int, client_id: str, info: dict) -> Header:
     """Header of a locally trained state: same round/LoRA/base as G, parent = G's hash."""
     head = global_state.header
@@ -481,11 +509,36 @@ def local_header(global_state: Artifact, num_samples: int, client_id: str, info:
 # --------------------------------------------------------------------------- evaluation
 
 
-def load_adapter(base: BaseModel, adapter_dir: str | Path) -> None:
-    """Load a PEFT adapter directory (e.g. from `fedsrd export`) onto the base with PEFT itself."""
+def check_adapter_base(adapter_dir: str | Path, base_path: str | Path) -> None:
+    """Before loading anything: a folder `fedsrd export` wrote records its state's base model
+    fingerprint, which must be --base's (MismatchError naming both, exit 4)."""
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise DataError(f"{adapter_dir}: no adapter_config.json (expected a PEFT adapter directory)")
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise DataError(f"{adapter_dir}: no {ADAPTER_CONFIG} (expected a PEFT adapter directory)")
+    if not weights.is_file():
+        raise DataError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (expected a PEFT adapter directory)")
+    lineage = read_lineage(weights)
+    if lineage is None or not lineage.base_fingerprint:
+        return
+    found = fingerprint_base(base_path)
+    if found != lineage.base_fingerprint:
+        raise MismatchError(
+            f"{adapter_dir}: was exported for another base model (fingerprint"
+            f" {short(lineage.base_fingerprint)}, recorded in {lineage.source}) than --base {base_path}"
+            f" ({short(found)})"
+        )
+
+
+def load_adapter(base: BaseModel, adapter_dir: str | Path) -> None:
+    """Load a PEFT adapter directory (e.g. from `fedsrd export`) onto the base with PEFT itself.
+
+    Every LoRA tensor must fit a module of the base (MismatchError naming both models, exit 4)
+    before PEFT sees the adapter; anything else PEFT refuses is one line, exit 6.
+    """
+    adapter_dir = Path(adapter_dir)
+    check_adapter_base(adapter_dir, base.path)
+    _check_adapter_fits(base, adapter_dir)
     from peft import PeftModel
 
     try:
@@ -493,10 +546,44 @@ def load_adapter(base: BaseModel, adapter_dir: str | Path) -> None:
             warnings.simplefilter("ignore")
             base.model = PeftModel.from_pretrained(base.model, str(adapter_dir), local_files_only=True)
     except Exception as err:
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
         raise DataError(
-            f"{adapter_dir}: PEFT cannot load this adapter ({type(err).__name__}: {err})"
+            f"{adapter_dir}: PEFT cannot load this adapter ({type(err).__name__}: {first})"
         ) from None
     base.model.eval()
+
+
+def _check_adapter_fits(base: BaseModel, adapter_dir: Path) -> None:
+    """Each lora_A (r, d_in) and lora_B (d_out, r) must sit on a linear module of that shape."""
+    try:
+        config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+        made_for = (config.get("base_model_name_or_path") if isinstance(config, dict) else None) or "?"
+    except (OSError, ValueError) as err:
+        raise DataError(f"{adapter_dir / ADAPTER_CONFIG}: unreadable ({err})") from None
+    handle = open_safetensors(adapter_dir / ADAPTER_WEIGHTS)
+    other = (
+        f"{adapter_dir}: was made for another base model ({ADAPTER_CONFIG} names {made_for})"
+        f" than --base {base.path}"
+    )
+    for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+        parsed = naming.parse_factor_key(name)
+        if parsed is None:
+            continue
+        module_name, factor = parsed
+        path = module_name.removeprefix("base_model.model.")
+        try:
+            module = base.model.get_submodule(path)
+        except AttributeError:
+            raise MismatchError(f"{other}: it adapts {path}, which --base does not have") from None
+        shape = list(handle.get_slice(name).get_shape())
+        if factor == "A" and getattr(module, "in_features", shape[1]) != shape[1]:
+            raise MismatchError(
+                f"{other}: its {path} takes {shape[1]} inputs, in --base {module.in_features}"
+            )
+        if factor == "B" and getattr(module, "out_features", shape[0]) != shape[0]:
+            raise MismatchError(
+                f"{other}: its {path} gives {shape[0]} outputs, in --base {module.out_features}"
+            )
 
 
 @torch.no_grad()

@@ -1,0 +1,404 @@
+"""A client's commands: train-local, sparsify, apply, eval, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedsrd_cli.cli.app import command
+from fedsrd_cli.cli.options import (
+    METHODS_HELP,
+    BaseOpt,
+    DataOpt,
+    ForceOpt,
+    GlobalOpt,
+    JsonOpt,
+    OutOpt,
+    QuietOpt,
+    SignKeyOpt,
+    TrustOpt,
+    check_client_id,
+    sign_with,
+    trust_from_flags,
+)
+from fedsrd_cli.cli.render import written
+from fedsrd_cli.errors import UsageError
+from fedsrd_cli.output import Output, data_table, human_bytes, key_value_table
+
+
+@command("train-local")
+def train_local_cmd(
+    base: BaseOpt,
+    global_path: GlobalOpt,
+    data: DataOpt,
+    out_path: Annotated[Path, typer.Option("--out", help="Local state file to write.")],
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="Epochs (default 1).")] = None,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate (AdamW).")] = 1e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per step.")] = 1,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 512,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the data order (same seed on CPU: same file).")
+    ] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, fp32, bf16 or fp16 (base weights).")] = "auto",
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing")] = False,
+    prox_mu: Annotated[
+        float, typer.Option("--prox-mu", help="FedProx: add mu/2 ||theta - theta_G||^2.")
+    ] = 0.0,
+    freeze_a: Annotated[
+        bool, typer.Option("--freeze-a", help="Keep every lora_A at the global value (FFA-LoRA).")
+    ] = False,
+    alternate: Annotated[
+        bool,
+        typer.Option(
+            "--alternate",
+            help="Train only the factor this round's broadcast updates: lora_B in odd rounds, lora_A"
+            " in even ones (for --method fedsrd-alternate).",
+        ),
+    ] = False,
+    client: Annotated[str | None, typer.Option("--client", help="This client's id (recorded).")] = None,
+    sign_key: SignKeyOpt = None,
+    trust_dir: TrustOpt = None,
+    quiet: QuietOpt = False,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Client: train the global state's LoRA on local data; writes a local state for sparsify.
+
+    With --trust, the global state must be signed by `coordinator` (or by this client's key).
+    """
+    import json
+
+    from fedsrd_cli.artifacts import FileWrite, ensure_writable, write_artifact
+    from fedsrd_cli.signing import COORDINATOR, read_verified
+    from fedsrd_cli.training import (
+        TrainConfig,
+        check_fingerprint,
+        load_base,
+        load_datasets,
+        local_header,
+        train_local,
+    )
+
+    out = Output(json_mode, quiet)
+    if client is not None:
+        check_client_id(client)
+    config = TrainConfig(
+        steps=steps,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_length=max_length,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        gradient_checkpointing=gradient_checkpointing,
+        prox_mu=prox_mu,
+        freeze_a=freeze_a,
+    )
+    if alternate and freeze_a:
+        raise UsageError("--alternate already decides which factor trains; leave out --freeze-a")
+    signer, trust = trust_from_flags(sign_key, trust_dir)
+    log_path = Path(str(out_path) + ".log.jsonl")
+    ensure_writable(out_path, force)
+    ensure_writable(log_path, force)
+    accept = (COORDINATOR,) if signer is None else (COORDINATOR, signer.name)
+    global_state = read_verified(global_path, "state", trust, accept=accept)
+    check_fingerprint(base, global_state)
+    if alternate:
+        config = config.alternating(global_state.header.round + 1)
+    datasets = load_datasets(data)
+    model = load_base(base, device, dtype)
+    total = config.total_steps(sum(len(d.examples) for d in datasets))
+    with out.steps(total, "training") as progress:
+
+        def on_step(step: int, _total: int, loss: float, tokens_per_s: float) -> None:
+            progress.update(step, f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s")
+
+        tensors, stats = train_local(model, global_state, datasets, config, on_step)
+    info = {
+        "train": {
+            "steps": stats.steps,
+            "lr": lr,
+            "batch_size": batch_size,
+            "grad_accum": grad_accum,
+            "seed": seed,
+            "prox_mu": prox_mu,
+            "freeze_a": config.freeze_a,
+            "freeze_b": config.freeze_b,
+            "final_loss": stats.final_loss,
+        }
+    }
+    header = local_header(global_state, stats.samples, client or "", info)
+    log = "".join(json.dumps(r, sort_keys=True) + "\n" for r in stats.log).encode("utf-8")
+    header = write_artifact(
+        out_path, header, tensors, force, sign=sign_with(signer), also=[FileWrite(log_path, log)]
+    )
+    written(
+        out,
+        out_path,
+        header,
+        {
+            **stats.summary(),
+            "log": str(log_path),
+            "client_id": client or None,
+            "device": str(model.device),
+        },
+    )
+
+
+@command("sparsify")
+def sparsify_cmd(
+    global_path: GlobalOpt,
+    local: Annotated[Path, typer.Option("--local", help="Trained local state, or a PEFT adapter dir/file.")],
+    client: Annotated[str, typer.Option("--client", help="This client's id.")],
+    out_path: OutOpt,
+    samples: Annotated[
+        int | None,
+        typer.Option("--samples", help="Training sample count (default: from the local state)."),
+    ] = None,
+    base_sparsity: Annotated[
+        float | None,
+        typer.Option(
+            "--base-sparsity",
+            help="Base pruning ratio alpha (default: the method's, 0.85; 0.7 for fedsrd-alternate).",
+            show_default=False,
+        ),
+    ] = None,
+    kurtosis_coeff: Annotated[float, typer.Option("--kurtosis-coeff")] = 0.1,
+    kurtosis_cap: Annotated[float, typer.Option("--kurtosis-cap")] = 0.11,
+    no_rescale: Annotated[
+        bool, typer.Option("--no-rescale", help="Do not restore the L1 norm of kept values.")
+    ] = False,
+    value_dtype: Annotated[str, typer.Option("--value-dtype", help="fp32, bf16 or fp16.")] = "fp32",
+    method: Annotated[str, typer.Option("--method", help=f"Method: {METHODS_HELP}.")] = "fedsrd",
+    upload_drop: Annotated[
+        float, typer.Option("--upload-drop", help="fed-dare: drop probability p of each upload element.")
+    ] = 0.9,
+    sign_key: SignKeyOpt = None,
+    trust_dir: TrustOpt = None,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Client: turn a locally trained adapter into this round's upload (sparse for FedSRD)."""
+    from fedsrd_cli.algorithms import get_algorithm
+    from fedsrd_cli.artifacts import ensure_writable, write_artifact
+    from fedsrd_cli.config import SparsifyConfig
+    from fedsrd_cli.signing import COORDINATOR, read_verified
+    from fedsrd_cli.uploads import make_upload
+
+    out = Output(json_mode)
+    check_client_id(client)
+    signer, trust = trust_from_flags(sign_key, trust_dir)
+    if signer is not None and signer.name != client:
+        raise UsageError(
+            f"--sign-key {sign_key} signs as {signer.name!r} but --client is {client!r}; the coordinator"
+            " accepts an upload only when signed by the client it names"
+        )
+    if samples is not None and samples < 0:
+        raise UsageError("--samples must be >= 0")
+    algorithm = get_algorithm(method)
+    if base_sparsity is None:
+        base_sparsity = algorithm.default_base_sparsity
+    config = SparsifyConfig(
+        base_sparsity, kurtosis_coeff, kurtosis_cap, not no_rescale, value_dtype, upload_drop
+    )
+    ensure_writable(out_path, force)
+    global_state = read_verified(global_path, "state", trust, accept=(COORDINATOR, client))
+    payload, samples = make_upload(global_state, local, client, samples, method, config, out.track)
+    header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
+    if samples == 0:
+        out.note("note: no sample count recorded; --weighting samples will refuse this upload")
+    written(
+        out,
+        out_path,
+        header,
+        {"client_id": client, "num_samples": samples, "tensors": len(header.layout)},
+    )
+
+
+@command("apply")
+def apply_cmd(
+    global_path: GlobalOpt,
+    broadcasts: Annotated[
+        list[Path],
+        typer.Option(
+            "--broadcast",
+            help="The coordinator's broadcast; repeat it to catch up on missed rounds, in round order.",
+        ),
+    ],
+    out_path: Annotated[Path, typer.Option("--out", help="Next global state file.")],
+    sign_key: SignKeyOpt = None,
+    trust_dir: TrustOpt = None,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Client: apply broadcasts to the global state and verify the coordinator's result hashes.
+
+    With --trust, broadcasts must be signed by `coordinator`, and the state by
+    `coordinator` or by the party of --sign-key (a state this client computed itself).
+    """
+    from fedsrd_cli.algorithms.catchup import apply_chain
+    from fedsrd_cli.artifacts import ensure_writable, write_artifact
+    from fedsrd_cli.signing import COORDINATOR, read_verified
+
+    out = Output(json_mode)
+    signer, trust = trust_from_flags(sign_key, trust_dir)
+    ensure_writable(out_path, force)
+    accept = (COORDINATOR,) if signer is None else (COORDINATOR, signer.name)
+    global_state = read_verified(global_path, "state", trust, accept=accept)
+    chain = [read_verified(path, "broadcast", trust) for path in broadcasts]
+    payload = apply_chain(global_state, chain)
+    header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
+    written(
+        out,
+        out_path,
+        header,
+        {"verified": True, "broadcasts_applied": len(chain), "from_round": global_state.header.round},
+    )
+
+
+@command("eval")
+def eval_cmd(
+    base: BaseOpt,
+    data: DataOpt,
+    global_path: Annotated[
+        Path | None, typer.Option("--global", help="A global (or local) state to evaluate.")
+    ] = None,
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", help="A PEFT adapter directory (e.g. from export).")
+    ] = None,
+    out_path: Annotated[Path | None, typer.Option("--out", help="Write the metrics as JSON.")] = None,
+    generate: Annotated[
+        bool, typer.Option("--generate", help="Also generate greedily and score exact match.")
+    ] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
+    answers: Annotated[
+        int, typer.Option("--answers", help="Show the greedy answers to the first N examples of each file.")
+    ] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 512,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, fp32, bf16 or fp16.")] = "auto",
+    trust_dir: TrustOpt = None,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Loss and perplexity on response tokens (per file and mean); the base alone without an adapter.
+
+    With --trust, --global must be signed by `coordinator`.
+    """
+    import json
+
+    from fedsrd_cli.artifacts import ensure_writable, short, write_bytes_atomic
+    from fedsrd_cli.signing import read_verified
+    from fedsrd_cli.training import (
+        check_adapter_base,
+        check_fingerprint,
+        evaluate,
+        load_adapter,
+        load_base,
+        load_datasets,
+        set_global,
+    )
+
+    out = Output(json_mode)
+    if global_path is not None and adapter is not None:
+        raise UsageError("give --global or --adapter, not both")
+    if out_path is not None:
+        ensure_writable(out_path, force)
+    _, trust = trust_from_flags(None, trust_dir)
+    datasets = load_datasets(data)
+    global_state = None
+    if global_path is not None:
+        global_state = read_verified(global_path, "state", trust)
+        check_fingerprint(base, global_state)
+    if adapter is not None:
+        check_adapter_base(adapter, base)
+    model = load_base(base, device, dtype)
+    if global_state is not None:
+        set_global(model, global_state)
+        source = {
+            "global": str(global_path),
+            "round": global_state.header.round,
+            "content_hash": global_state.header.content_hash,
+        }
+    elif adapter is not None:
+        load_adapter(model, adapter)
+        source = {"adapter": str(adapter)}
+    else:
+        source = {"base_only": True}
+    metrics = evaluate(model, datasets, batch_size, max_length, generate, max_new_tokens, answers=answers)
+    result = {**source, "base": str(base), **metrics}
+    if out_path is not None:
+        text = json.dumps(result, indent=2, sort_keys=True) + "\n"
+        write_bytes_atomic(out_path, text.encode("utf-8"), force)
+    label = (
+        f"round {global_state.header.round} ({short(global_state.header.content_hash)})"
+        if global_state is not None
+        else (str(adapter) if adapter is not None else "base model only")
+    )
+    show_em = "exact_match" in metrics["mean"]
+    headers = ["data", "examples", "tokens", "loss", "perplexity"] + (["exact match"] if show_em else [])
+    table = data_table(*headers, title=f"eval: {label}")
+    for name, m in metrics["files"].items():
+        row = [name, str(m["examples"]), str(m["tokens"]), f"{m['loss']:.4f}", f"{m['perplexity']:.2f}"]
+        if show_em:
+            row.append(f"{m['exact_match']:.2%}")
+        table.add_row(*row)
+    if len(metrics["files"]) > 1:
+        mean = metrics["mean"]
+        row = ["mean", "", "", f"{mean['loss']:.4f}", f"{mean['perplexity']:.2f}"]
+        if show_em:
+            row.append(f"{mean['exact_match']:.2%}")
+        table.add_row(*row)
+    shown = [(name, a) for name, m in metrics["files"].items() for a in m.get("answers", [])]
+    if not shown:
+        out.result(result, table)
+        return
+    answers_table = data_table("data", "prompt", "reference", "answer", title="answers")
+    for name, a in shown:
+        answers_table.add_row(name, a["prompt"].strip(), a["reference"], a["answer"].strip())
+    out.result(result, table, answers_table)
+
+
+@command("export")
+def export_cmd(
+    global_path: GlobalOpt,
+    out_dir: Annotated[Path, typer.Option("--out", help="PEFT adapter directory to write.")],
+    base: Annotated[
+        Path | None,
+        typer.Option("--base", help="Base model dir or .gguf file (checked, and recorded in the config)."),
+    ] = None,
+    trust_dir: TrustOpt = None,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Write a global state as a PEFT adapter directory (PeftModel.from_pretrained loads it)."""
+    from fedsrd_cli.export import export_adapter
+    from fedsrd_cli.signing import read_verified
+    from fedsrd_cli.training import check_fingerprint
+
+    out = Output(json_mode)
+    _, trust = trust_from_flags(None, trust_dir)
+    global_state = read_verified(global_path, "state", trust)
+    if base is not None:
+        check_fingerprint(base, global_state)
+    report = export_adapter(global_state, out_dir, str(base) if base is not None else None, force)
+    out.result(
+        report,
+        key_value_table(
+            [
+                (
+                    "wrote",
+                    f"{out_dir} (PEFT adapter, {report['tensors']} tensors, {human_bytes(report['bytes'])})",
+                ),
+                ("from", f"{global_path} (round {report['round']})"),
+            ]
+        ),
+    )

@@ -1,0 +1,319 @@
+"""The coordinator's commands: init, aggregate, broadcast, status."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fedsrd_cli.cli.app import command
+from fedsrd_cli.cli.options import (
+    METHODS_HELP,
+    ForceOpt,
+    GlobalOpt,
+    JsonOpt,
+    OutOpt,
+    SignKeyOpt,
+    TrustOpt,
+    check_client_id,
+    sign_with,
+    trust_from_flags,
+)
+from fedsrd_cli.cli.render import worst, written
+from fedsrd_cli.errors import UsageError
+from fedsrd_cli.output import Output, data_table, key_value_table
+
+
+@command("init")
+def init_cmd(
+    base: Annotated[
+        Path, typer.Option("--base", help="Local base model: a save_pretrained directory or a .gguf file.")
+    ],
+    out_path: OutOpt,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = 8,
+    alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha.")] = 16.0,
+    targets: Annotated[
+        str, typer.Option("--targets", help="all-linear, or module names like q_proj,v_proj.")
+    ] = "all-linear",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random A factors.")] = 0,
+    sign_key: SignKeyOpt = None,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Create the round-0 global state for a base model (reads only its config, or a GGUF's metadata)."""
+    from fedsrd_cli.algorithms.protocol import initial_state
+    from fedsrd_cli.artifacts import ensure_writable, write_artifact
+    from fedsrd_cli.config import InitConfig
+    from fedsrd_cli.model_spec import fingerprint_base, lora_module_shapes
+
+    out = Output(json_mode)
+    config = InitConfig(rank, alpha, targets, seed)
+    signer, _ = trust_from_flags(sign_key, None)
+    ensure_writable(out_path, force)
+    fingerprint = fingerprint_base(base)
+    lora, shapes = lora_module_shapes(base, config.targets, config.rank, config.alpha)
+    payload = initial_state(shapes, lora, config.seed, fingerprint)
+    header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
+    params = sum(t.numel() for t in payload.tensors.values())
+    written(
+        out,
+        out_path,
+        header,
+        {"modules": len(shapes), "lora_parameters": params, "lora": lora.describe()},
+    )
+
+
+@command("aggregate")
+def aggregate_cmd(
+    global_path: GlobalOpt,
+    out_path: OutOpt,
+    uploads: Annotated[list[Path], typer.Argument(help="Upload files of this round.")],
+    method: Annotated[str, typer.Option("--method", help=f"Method: {METHODS_HELP}.")] = "fedsrd",
+    weighting: Annotated[str, typer.Option("--weighting", help="uniform or samples.")] = "uniform",
+    max_update_norm: Annotated[
+        float | None,
+        typer.Option(
+            "--max-update-norm",
+            help="Bound on each client's update norm ||B_i A_i - B A||_F (all modules in quadrature).",
+        ),
+    ] = None,
+    on_outlier: Annotated[
+        str,
+        typer.Option(
+            "--on-outlier", help="refuse (error naming the client) or clip (scale it to the bound)."
+        ),
+    ] = "refuse",
+    sign_key: SignKeyOpt = None,
+    trust_dir: TrustOpt = None,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Coordinator: aggregate this round's uploads (FedSRD: reconstruct in full-rank space).
+
+    With --trust, every upload must be signed by the client it names.
+    """
+    from fedsrd_cli.algorithms import get_algorithm
+    from fedsrd_cli.artifacts import ensure_writable, write_artifact
+    from fedsrd_cli.config import AggregateConfig
+    from fedsrd_cli.signing import read_verified
+
+    out = Output(json_mode)
+    config = AggregateConfig(method, weighting, max_update_norm, on_outlier)
+    algorithm = get_algorithm(method)
+    signer, trust = trust_from_flags(sign_key, trust_dir)
+    ensure_writable(out_path, force)
+    global_state = read_verified(global_path, "state", trust)
+    artifacts = [read_verified(path, "upload", trust) for path in uploads]
+    payload = algorithm.aggregate(global_state, artifacts, config, out.track)
+    header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
+    decisions = header.info.get("update_norms", [])
+    for d in decisions:
+        if d["action"] == "clipped":
+            out.note(
+                f"clipped client {d['client_id']!r}: update norm {d['update_norm']:.6g} scaled by"
+                f" {d['scale']:.4g} to {max_update_norm:g}"
+            )
+    written(
+        out,
+        out_path,
+        header,
+        {
+            "method": method,
+            "weighting": weighting,
+            "clients": [a.header.client_id for a in artifacts],
+            **({"update_norms": decisions} if decisions else {}),
+            **({"norm_guard": _norm_summary(decisions)} if decisions else {}),
+        },
+    )
+
+
+def _norm_summary(decisions: list[dict[str, Any]]) -> str:
+    return ", ".join(
+        f"{d['client_id']} {d['update_norm']:.4g} {d['action']}"
+        + (f" x{d['scale']:.4g}" if d["action"] == "clipped" else "")
+        for d in decisions
+    )
+
+
+@command("broadcast")
+def broadcast_cmd(
+    global_path: GlobalOpt,
+    aggregate: Annotated[Path, typer.Option("--aggregate", help="This round's aggregate file.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Broadcast file to send to clients.")],
+    out_global: Annotated[Path, typer.Option("--out-global", help="Next global state file.")],
+    download_sparsity: Annotated[
+        float | None,
+        typer.Option(
+            "--download-sparsity",
+            help="Fraction of the update dropped at random (default 0.8; dense methods: only 0).",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option("--seed", help="Download-mask seed (default: from the aggregate's hash)."),
+    ] = None,
+    value_dtype: Annotated[str, typer.Option("--value-dtype", help="fp32, bf16 or fp16.")] = "fp32",
+    damping: Annotated[
+        float | None,
+        typer.Option(
+            "--damping",
+            help="Ridge weight of the one-factor solve, relative to sigma_max^2 of the inverted factor"
+            " (default 1e-3; 0 = the paper's exact pinv).",
+            show_default=False,
+        ),
+    ] = None,
+    download_fit: Annotated[
+        str | None,
+        typer.Option(
+            "--download-fit",
+            help="dare (default, the paper: whole-factor least squares, kept elements divided by"
+            " 1 - p) or lstsq (least squares on the kept elements alone).",
+            show_default=False,
+        ),
+    ] = None,
+    factor_choice: Annotated[
+        str | None,
+        typer.Option(
+            "--factor-choice",
+            help="fit (default: per module, the factor whose least squares fits the target better)"
+            " or parity (the paper: B in odd rounds, A in even ones).",
+            show_default=False,
+        ),
+    ] = None,
+    sign_key: SignKeyOpt = None,
+    trust_dir: TrustOpt = None,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Coordinator: turn the aggregate into the update to send and the next global state.
+
+    Both files are written or neither: the next state is placed first, then the broadcast,
+    and if the broadcast cannot be written the next state is removed again (unless it was
+    there before). A rerun after a crash between the two accepts an existing next-state
+    file holding exactly the same bytes.
+    """
+    from fedsrd_cli.algorithms import get_algorithm
+    from fedsrd_cli.algorithms.diagnostics import update_error_warning
+    from fedsrd_cli.artifacts import ensure_writable, write_artifacts
+    from fedsrd_cli.config import BroadcastConfig
+    from fedsrd_cli.signing import read_verified
+
+    out = Output(json_mode)
+    if out_path.resolve() == out_global.resolve():
+        raise UsageError("--out and --out-global must be different files")
+    signer, trust = trust_from_flags(sign_key, trust_dir)
+    ensure_writable(out_path, force)
+    if out_path.exists() or not out_global.exists():
+        ensure_writable(out_global, force)
+    global_state = read_verified(global_path, "state", trust)
+    agg = read_verified(aggregate, "aggregate", trust)
+    if seed is None:
+        seed = int(agg.header.content_hash.removeprefix("sha256:")[:15], 16)
+    algorithm = get_algorithm(agg.header.method)
+    if download_sparsity is None:
+        download_sparsity = algorithm.default_download_sparsity
+    given = {"damping": damping, "download_fit": download_fit, "factor_choice": factor_choice}
+    config = BroadcastConfig(
+        download_sparsity, seed, value_dtype, **{k: v for k, v in given.items() if v is not None}
+    )
+    broadcast, next_state = algorithm.broadcast(global_state, agg, config, out.track)
+    state_header, header = write_artifacts(
+        [
+            (out_global, next_state.header, next_state.tensors, True),
+            (out_path, broadcast.header, broadcast.tensors, False),
+        ],
+        force,
+        sign=sign_with(signer),
+    )
+    factors = sorted({name.rsplit(".", 2)[-2] for name in header.layout})
+    error = header.info["update_error"]
+    warning = update_error_warning(header)
+    if warning:
+        out.note(f"warning: {warning}")
+    written(
+        out,
+        out_path,
+        header,
+        {
+            "next_global": str(out_global),
+            "next_global_hash": state_header.content_hash,
+            "factors_sent": ",".join(factors),
+            "fallback_modules": len(header.info.get("factor_fallbacks", [])),
+            "seed": seed,
+            "update_error": error["overall"],
+            "worst_module": worst(error["modules"]),
+            **({"warning": warning} if warning else {}),
+        },
+    )
+
+
+@command("status")
+def status_cmd(
+    inbox: Annotated[Path, typer.Argument(help="The coordinator's inbox directory of uploads.")],
+    global_path: GlobalOpt,
+    expect: Annotated[
+        int | None, typer.Option("--expect", help="Number of uploads the round waits for.")
+    ] = None,
+    clients: Annotated[
+        str | None, typer.Option("--clients", help="Comma-separated client ids the round waits for.")
+    ] = None,
+    trust_dir: TrustOpt = None,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Coordinator: which uploads of this round are in INBOX, valid and signed; is the round ready?
+
+    Uploads of earlier rounds are listed as old and do not count. Exit codes for cron:
+    0 ready to aggregate; 10 waiting (expected uploads missing, nothing invalid); 11
+    invalid files present (corrupt, stale, unsigned, forged, duplicate or unexpected
+    client), or with --trust a global state not signed by the coordinator. Without
+    --expect/--clients, one valid upload is enough. Other errors with the flags or the
+    global state keep their usual codes (2-6).
+    """
+    from fedsrd_cli.artifacts import short
+    from fedsrd_cli.round_status import read_global, round_status
+
+    out = Output(json_mode)
+    if expect is not None and clients is not None:
+        raise UsageError("give --expect or --clients, not both")
+    if expect is not None and expect < 1:
+        raise UsageError("--expect must be >= 1")
+    client_list = None
+    if clients is not None:
+        client_list = [check_client_id(c.strip()) for c in clients.split(",") if c.strip()]
+        if not client_list:
+            raise UsageError("--clients names no client")
+    if not inbox.is_dir():
+        raise UsageError(f"{inbox}: not a directory")
+    _, trust = trust_from_flags(None, trust_dir)
+    report, code = round_status(inbox, read_global(global_path, trust), trust, expect, client_list)
+    table = data_table("file", "status", "client", "round", "signer", "problem")
+    for f in report["files"]:
+        signer = f["signer"] or "-"
+        if f["signer"] and not f["signature_verified"]:
+            signer += " (unverified)"
+        table.add_row(
+            Path(f["path"]).name,
+            f["status"] if f["kind"] in (None, "upload") else f"ignored ({f['kind']})",
+            f["client_id"] or "-",
+            "-" if f["round"] is None else str(f["round"]),
+            signer,
+            f["problem"] or "",
+        )
+    summary = key_value_table(
+        [
+            ("round", f"{report['round']} (global {short(report['global_hash'])})"),
+            ("present", ", ".join(report["present_clients"]) or "-"),
+            (
+                "missing",
+                ", ".join(report["missing_clients"])
+                or (str(report["waiting_for"]) if report["waiting_for"] else "-"),
+            ),
+            ("invalid files", report["invalid_files"]),
+            *([("old files", f"{report['old_files']} (earlier rounds)")] if report["old_files"] else []),
+            ("status", report["status"]),
+        ]
+    )
+    out.result(report, table, summary)
+    if code:
+        raise typer.Exit(code)

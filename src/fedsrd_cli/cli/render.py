@@ -1,0 +1,41 @@
+"""Result views several commands share, printed through output.Output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedsrd_cli.output import Output, human_bytes, key_value_table
+
+
+def written(out: Output, path: Path, header: Any, extra: dict[str, Any] | None = None) -> None:
+    """The result of a command that wrote one artifact: path, kind, round, size, hashes, `extra`."""
+    from fedsrd_cli.artifacts import short
+
+    size = path.stat().st_size
+    data = {
+        "path": str(path),
+        "kind": header.kind,
+        "round": header.round,
+        "content_hash": header.content_hash,
+        "parent_hash": header.parent_hash or None,
+        "bytes": size,
+        **(extra or {}),
+    }
+    kind = header.kind
+    if kind == "state" and (header.client_id or header.num_samples):
+        kind = "local state"  # train-local's: it keeps the round of the state it was trained from
+    rows = [
+        ("wrote", f"{path} ({kind}, round {header.round}, {human_bytes(size)})"),
+        ("hash", short(header.content_hash)),
+    ]
+    if header.parent_hash:
+        rows.append(("parent", short(header.parent_hash)))
+    rows += [(k, v) for k, v in (extra or {}).items() if not isinstance(v, (dict, list))]
+    out.result(data, key_value_table(rows))
+
+
+def worst(values: dict[str, float]) -> str:
+    """The largest value and its key, as "0.9731 (key)"."""
+    key = max(values, key=values.__getitem__)
+    return f"{values[key]:.4g} ({key})"

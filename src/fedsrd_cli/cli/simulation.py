@@ -1,0 +1,239 @@
+"""The demo and the simulation: demo-assets, simulate."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedsrd_cli.cli.app import command
+from fedsrd_cli.cli.options import METHODS_HELP, DemoModelOpt, ForceOpt, JsonOpt
+from fedsrd_cli.errors import UsageError
+from fedsrd_cli.output import Output, data_table, key_value_table
+
+
+@command("demo-assets")
+def demo_assets_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for the base model and client data.")],
+    model: DemoModelOpt = "smollm2",
+    pretrain_steps: Annotated[
+        int | None, typer.Option("--pretrain-steps", hidden=True, help="Testing only: fewer steps (toy).")
+    ] = None,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Make the demo's base model and 4 clients' data (offline, deterministic)."""
+    from fedsrd_cli.artifacts import ensure_output_dir
+    from fedsrd_cli.demo import DEFAULT_RECIPE, MODELS, SMOLLM2_NAME, cache_root, demo_assets
+
+    out = Output(json_mode)
+    if model not in MODELS:
+        raise UsageError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
+    recipe = dict(DEFAULT_RECIPE)
+    if pretrain_steps is not None:
+        if model != "toy":
+            raise UsageError("--pretrain-steps applies to --model toy only")
+        if pretrain_steps < 1:
+            raise UsageError("--pretrain-steps must be >= 1")
+        recipe["pretrain_steps"] = pretrain_steps
+    ensure_output_dir(out_dir)
+    out.note(f"base model cache: {cache_root()}")
+    if model == "toy":
+        with out.steps(recipe["pretrain_steps"], "pretraining the demo base (first run only)") as progress:
+
+            def on_step(step: int, _total: int, loss: float) -> None:
+                progress.update(step, f"loss {loss:.3f}")
+
+            manifest = demo_assets(out_dir, force, recipe, on_step, model="toy")
+    else:
+        with out.steps(3, f"converting {SMOLLM2_NAME} (first run only)") as progress:
+
+            def on_stage(done: int, total: int, label: str) -> None:
+                progress.update(done, label)
+                out.note(f"[{done + 1}/{total}] {SMOLLM2_NAME}: {label}")
+
+            manifest = demo_assets(out_dir, force, recipe, model="smollm2", on_stage=on_stage)
+    how = "pretrained now" if model == "toy" else "converted now"
+    rows = [
+        ("wrote", str(out_dir)),
+        (
+            "base",
+            f"{out_dir / 'base'} ({manifest.get('base_name', 'toy Llama')},"
+            f" {manifest['base_parameters']:,} parameters,"
+            f" {'from cache' if manifest['base_was_cached'] else how})",
+        ),
+        ("clients", ", ".join(manifest["domains"])),
+    ]
+    out.result({"path": str(out_dir), **manifest}, key_value_table(rows))
+
+
+@command("simulate")
+def simulate_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", help="Results directory (rerun it to resume).")],
+    algorithms: Annotated[
+        str, typer.Option("--algorithms", help=f"Comma-separated methods: {METHODS_HELP}.")
+    ] = "fedavg,fedprox,ffa-lora,flexlora,fed-dare,fedsrd-e,fedsrd",
+    rounds: Annotated[int, typer.Option("--rounds", help="Rounds per algorithm and seed.")] = 5,
+    base: Annotated[
+        Path | None,
+        typer.Option("--base", help="Local base model directory or .gguf file (default: the demo's)."),
+    ] = None,
+    model: DemoModelOpt = "smollm2",
+    clients_data: Annotated[
+        list[Path] | None,
+        typer.Option("--clients-data", help="One client's JSON-lines training file (repeat per client)."),
+    ] = None,
+    eval_data: Annotated[
+        list[Path] | None, typer.Option("--eval-data", help="A JSON-lines eval file (repeatable).")
+    ] = None,
+    sample_clients: Annotated[
+        int | None, typer.Option("--sample-clients", help="Clients that train per round (default: all).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="First seed.")] = 0,
+    seeds: Annotated[int, typer.Option("--seeds", help="Repetitions with seeds seed, seed+1, ...")] = 1,
+    local_steps: Annotated[int, typer.Option("--local-steps", help="Optimizer steps per client round.")] = 30,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate (AdamW).")] = 1e-3,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = 16,
+    alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha.")] = 32.0,
+    targets: Annotated[str, typer.Option("--targets", help="all-linear, or module names.")] = "all-linear",
+    prox_mu: Annotated[float, typer.Option("--prox-mu", help="FedProx's proximal weight mu.")] = 0.01,
+    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 512,
+    base_sparsity: Annotated[
+        float | None,
+        typer.Option(
+            "--base-sparsity",
+            help="Upload base sparsity of the importance-sparsifying methods (default: each"
+            " method's, 0.85; 0.7 for fedsrd-alternate).",
+            show_default=False,
+        ),
+    ] = None,
+    value_dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--value-dtype",
+            help="Values of uploads and broadcasts: fp32, bf16 or fp16 (default fp32).",
+            show_default=False,
+        ),
+    ] = None,
+    damping: Annotated[
+        float | None,
+        typer.Option("--damping", help="broadcast --damping (default: broadcast's).", show_default=False),
+    ] = None,
+    download_fit: Annotated[
+        str | None,
+        typer.Option(
+            "--download-fit", help="broadcast --download-fit (default: broadcast's).", show_default=False
+        ),
+    ] = None,
+    factor_choice: Annotated[
+        str | None,
+        typer.Option(
+            "--factor-choice", help="broadcast --factor-choice (default: broadcast's).", show_default=False
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
+    json_mode: JsonOpt = False,
+) -> None:
+    """Simulate every client and the coordinator in one process and compare methods.
+
+    Without --base/--clients-data it runs the demo (4 clients, 4 domains) on --model. Writes
+    results.json, results.md and traffic_vs_loss.png into --out; rerunning with the same
+    --out continues where it stopped (only --rounds may change).
+    """
+    from fedsrd_cli.artifacts import ensure_output_dir
+    from fedsrd_cli.simulate import SimulateConfig, output_is_new, simulate
+
+    out = Output(json_mode)
+    names = tuple(a.strip() for a in algorithms.split(",") if a.strip())
+    ensure_output_dir(out_dir)
+    output_is_new(out_dir)
+    demo_model = None
+    if base is None and not clients_data and not eval_data:
+        from fedsrd_cli.demo import DOMAINS, MODELS, demo_assets, demo_assets_model
+
+        if model not in MODELS:
+            raise UsageError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
+        demo_model = model
+        assets = out_dir / "assets"
+        if (assets / "manifest.json").is_file():
+            found = demo_assets_model(assets)
+            if found != model:
+                raise UsageError(
+                    f"{assets}: holds the demo for --model {found}; rerun with --model {found}"
+                    " or choose another --out"
+                )
+        else:
+            out.note(f"writing the demo's base model ({model}) and data into {assets}")
+            demo_assets(assets, model=model)
+        base = assets / "base"
+        clients_data = [assets / "clients" / d / "train.jsonl" for d in DOMAINS]
+        eval_data = [assets / "clients" / d / "eval.jsonl" for d in DOMAINS]
+        client_ids = tuple(DOMAINS)
+        eval_names = tuple(DOMAINS)
+    else:
+        if base is None or not clients_data or not eval_data:
+            raise UsageError("give --base, --clients-data and --eval-data together (or none, for the demo)")
+        from fedsrd_cli.training import file_labels
+
+        client_ids = tuple(re.sub(r"[^A-Za-z0-9._-]", "-", label) for label in file_labels(clients_data))
+        eval_names = tuple(file_labels(eval_data))
+    config = SimulateConfig(
+        base=str(base.resolve()),
+        demo_model=demo_model,
+        client_data=tuple(str(p.resolve()) for p in clients_data),
+        client_ids=client_ids,
+        eval_data=tuple(str(p.resolve()) for p in eval_data),
+        eval_names=eval_names,
+        algorithms=names,
+        rounds=rounds,
+        sample_clients=sample_clients,
+        seed=seed,
+        seeds=seeds,
+        local_steps=local_steps,
+        lr=lr,
+        batch_size=batch_size,
+        rank=rank,
+        alpha=alpha,
+        targets=targets,
+        prox_mu=prox_mu,
+        max_length=max_length,
+        device=device,
+        base_sparsity=base_sparsity,
+        value_dtype=value_dtype,
+        damping=damping,
+        download_fit=download_fit,
+        factor_choice=factor_choice,
+    )
+    total = len(names) * seeds * rounds
+    with out.steps(total, "simulating") as progress:
+
+        def on_progress(done: int, _total: int, label: str) -> None:
+            progress.update(done, label)
+            out.note(f"[{done}/{total}] {label}")
+
+        summary = simulate(config, out_dir, on_progress)
+    table = data_table("algorithm", "mean eval loss", "MB / round / client", "server s / round")
+    for row in summary["summary"]:
+        mean, std = row["mean_eval_loss"]
+        table.add_row(
+            row["algorithm"],
+            f"{mean:.4f}" + (f" ± {std:.4f}" if seeds > 1 else ""),
+            f"{row['traffic_mb_per_round'][0]:.4f}",
+            f"{row['server_seconds_per_round'][0]:.3f}",
+        )
+    ran = len(summary["rounds_run_now"])
+    out.result(
+        summary,
+        table,
+        key_value_table(
+            [
+                ("rounds run now", f"{ran} ({summary['rounds_already_done']} were already done)"),
+                ("results", summary["results"]),
+                ("table", summary["table"]),
+                ("plot", summary["plot"]),
+            ]
+        ),
+    )
