@@ -2,7 +2,8 @@
 
 A round, as messages (docs/flower.md has the full table):
 
-1. `query.fedsrd_state` to every node: which client are you, do you hold the current state?
+1. `query.fedsrd_state` to every node seen for the first time: which client are you, do you hold
+   the current state? (Later, the replies below tell what each node holds.)
 2. `train` to the sampled clients: the flags of `train-local` and `sparsify`, plus the global
    state file for a node that does not hold it; the reply carries the upload file.
 3. the coordinator checks each upload (a refused one is reported, the round goes on), then
@@ -45,6 +46,7 @@ class FedSRDStrategy(Strategy):
         self.min_clients = settings.min_clients or len(settings.client_list) or 1
         self.clients: dict[int, str] = {}  # node id -> client id, from the last query
         self.holds: dict[int, bool] = {}  # node id -> holds the current global state
+        self.left_out: set[int] = set()  # nodes that did not answer who they are, or not as expected
 
     # ------------------------------------------------------------------ Strategy
 
@@ -150,10 +152,12 @@ class FedSRDStrategy(Strategy):
         assert round_state is not None
         answered = set()
         for reply in replies:
-            client = self.clients.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
+            node = reply.metadata.src_node_id
+            client = self.clients.get(node, f"node {node}")
             answered.add(client)
             if reply.has_error():
                 coordinator.failed(client, f"error on the client: {_reason(reply)}")
+                self.holds[node] = False  # perhaps it lost its state: send it next time
                 continue
             try:
                 data = wire.artifact_bytes(reply.content, wire.UPLOAD)
@@ -242,7 +246,8 @@ class FedSRDStrategy(Strategy):
     # ------------------------------------------------------------------ helpers
 
     def _discover(self, grid: Grid) -> None:
-        """Wait for min_clients nodes, then ask every node its client id and whether it holds the state."""
+        """Wait for min_clients nodes; ask each node seen for the first time who it is and whether it
+        holds the current state. Later rounds learn what a node holds from its replies."""
         coordinator = self.coordinator
         deadline = time.monotonic() + self.connect_timeout
         nodes = sorted(grid.get_node_ids())
@@ -254,37 +259,38 @@ class FedSRDStrategy(Strategy):
 
             raise UsageError(f"no SuperNode connected within {self.connect_timeout:g} s")
         if len(nodes) < self.min_clients:
-            log(
-                WARNING,
-                "only %s of %s expected nodes connected; going on with them",
-                len(nodes),
-                self.min_clients,
-            )
-        question = {"round": coordinator.round, "state-hash": coordinator.state.header.content_hash}  # type: ignore[union-attr]
+            log(WARNING, "only %s of %s expected nodes connected; going on", len(nodes), self.min_clients)
+        for node in sorted(set(self.clients) - set(nodes)):
+            log(INFO, "client %r (node %s) is no longer connected", self.clients.pop(node), node)
+            self.holds.pop(node, None)
+        new = [n for n in nodes if n not in self.clients and n not in self.left_out]
+        if not new:
+            return
+        state = coordinator.state
+        assert state is not None
+        question = {"round": state.header.round, "state-hash": state.header.content_hash}
         messages = [
-            self._message(grid, wire.content(config=question), node, wire.QUERY_STATE, coordinator.round)
-            for node in nodes
+            self._message(grid, wire.content(config=question), node, wire.QUERY_STATE, state.header.round)
+            for node in new
         ]
-        self.clients, self.holds = {}, {}
+        listed = coordinator.settings.client_list
         for reply in self._exchange(grid, messages, timeout=min(self.timeout, 300.0)):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                log(WARNING, "node %s did not say who it is: %s", node, _reason(reply))
+                log(WARNING, "node %s did not say who it is, left out: %s", node, _reason(reply))
+                self.left_out.add(node)
                 continue
             answer = wire.config_of(reply.content)
             client = str(answer.get("client-id", ""))
             if client in self.clients.values():
-                log(WARNING, "node %s also claims to be client %r; ignoring it", node, client)
-                continue
-            self.clients[node] = client
-            self.holds[node] = bool(answer.get("holds", False))
-        listed = coordinator.settings.client_list
-        unknown = sorted(c for c in self.clients.values() if listed and c not in listed)
-        if unknown:
-            log(
-                WARNING, "connected clients not in the run's 'clients' list, left out: %s", ", ".join(unknown)
-            )
-            self.clients = {n: c for n, c in self.clients.items() if c not in unknown}
+                log(WARNING, "node %s also claims to be client %r, left out", node, client)
+                self.left_out.add(node)
+            elif listed and client not in listed:
+                log(WARNING, "node %s is client %r, not in the run's 'clients', left out", node, client)
+                self.left_out.add(node)
+            else:
+                self.clients[node] = client
+                self.holds[node] = bool(answer.get("holds", False))
 
     def _initial_evaluate_messages(self, grid: Grid) -> list[Message]:
         coordinator = self.coordinator
