@@ -26,10 +26,11 @@ pytest.importorskip("flwr", reason="Flower is not installed: pip install -e '.[f
 from fedsrd_cli.artifacts import read_artifact  # noqa: E402
 
 from ..conftest import TINY_RECORDS, write_jsonl  # noqa: E402
-from .support import cli_rounds, make_keys  # noqa: E402
+from .support import make_keys  # noqa: E402
 
 BIN = Path(sys.executable).parent
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flower"
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "flower"
 RUN_SECONDS = 240  # the whole `flwr run`; it takes about a minute on 2 busy cores
 CLIENTS = ("alice", "bob")
 
@@ -128,6 +129,32 @@ def run_cli_subprocess(env: dict[str, str]):  # noqa: ANN201
     return run
 
 
+# The CLI's rounds, in one process of their own (one import of torch instead of one per command),
+# with the environment the SuperNodes get.
+CLI_REFERENCE = """
+import json, sys
+from pathlib import Path
+from typer.testing import CliRunner
+from fedsrd_cli.cli import app
+from tests.flower.support import cli_rounds
+
+args = json.loads(sys.argv[1])
+runner = CliRunner()
+
+def run_cli(*command):
+    result = runner.invoke(app, [str(a) for a in command])
+    assert result.exit_code == 0, (command, result.output)
+
+keys = {k: Path(v) for k, v in args["keys"].items()}
+g0 = Path(args["cli"]) / "global-r0.safetensors"
+run_cli("init", "--base", args["model"], "--rank", 4, "--alpha", 8, "--seed", 5, "--out", g0,
+        "--sign-key", keys["keys"] / "coordinator.key")
+data = {c: Path(p) for c, p in args["data"].items()}
+cli_rounds(run_cli, Path(args["cli"]), Path(args["model"]), data, g0, [1, 2], seed=5, steps=2,
+           max_length=128, keys=keys)
+"""
+
+
 @pytest.mark.slow
 def test_two_flower_rounds_on_a_real_superlink_match_the_cli(tiny_model: Path, tmp_path: Path) -> None:
     env = {
@@ -149,12 +176,22 @@ def test_two_flower_rounds_on_a_real_superlink_match_the_cli(tiny_model: Path, t
     # ------------------------------------------------------------------ the CLI, on files
     cli = tmp_path / "cli"
     cli.mkdir()
-    g0 = cli / "global-r0.safetensors"
-    run_cli(
-        "init", "--base", tiny_model, "--rank", 4, "--alpha", 8, "--seed", 5, "--out", g0,
-        "--sign-key", keys["keys"] / "coordinator.key",
-    )  # fmt: skip
-    g2 = cli_rounds(run_cli, cli, tiny_model, data, g0, [1, 2], seed=5, steps=2, max_length=128, keys=keys)
+    reference = {
+        "cli": str(cli),
+        "model": str(tiny_model),
+        "data": {c: str(p) for c, p in data.items()},
+        "keys": {k: str(p) for k, p in keys.items()},
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", CLI_REFERENCE, json.dumps(reference)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=RUN_SECONDS,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    g2 = cli / "global-r2.safetensors"
 
     # ------------------------------------------------------------------ the same on Flower
     link_port = free_port()
