@@ -69,6 +69,15 @@ trap stop EXIT
 "$BIN/flower-superlink" --insecure --host 127.0.0.1 --port "$PORT" \
     --disable-runtime-dependency-installation > "$RUN/logs/superlink.log" 2>&1 &
 PIDS+=($!)
+python3 - "$PORT" <<'EOF'
+import socket, sys, time
+
+deadline = time.monotonic() + 120
+while socket.socket().connect_ex(("127.0.0.1", int(sys.argv[1]))) != 0:
+    if time.monotonic() > deadline:
+        sys.exit("run_local: the SuperLink did not start; see logs/superlink.log")
+    time.sleep(0.3)
+EOF
 for client in "${CLIENTS[@]}"; do
     node_config="client-id=\"$client\" base=\"$RUN/assets/base\""
     node_config+=" data=\"$RUN/assets/clients/$client/train.jsonl\" eval-data=\"$RUN/assets/clients/$client/eval.jsonl\""

@@ -91,3 +91,22 @@ def test_nothing_else_imports_flwr() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) > 20
+
+
+def test_a_site_never_keeps_a_state_that_fails_its_checks(tmp_path: Path) -> None:
+    from fedsrd_cli.artifacts import read_artifact
+    from fedsrd_cli.errors import ArtifactError
+    from fedsrd_cli.flower.site import Site
+
+    from ..conftest import make_global
+
+    good = make_global(tmp_path / "g0.safetensors").read_bytes()
+    digest = read_artifact(tmp_path / "g0.safetensors").header.content_hash
+    site = Site(SiteSettings(client_id="a", base="m", data="d.jsonl", state_dir=str(tmp_path / "site")))
+    tampered = bytearray(good)
+    tampered[-1] ^= 1
+    with pytest.raises(ArtifactError, match="content hash mismatch"):
+        site.state(0, digest, bytes(tampered))
+    assert not site.holds(0, digest) and not site.state_path(0).exists()
+    assert list((tmp_path / "site").iterdir()) == []
+    assert site.state(0, digest, good).header.content_hash == digest and site.holds(0, digest)

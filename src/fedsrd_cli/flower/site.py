@@ -93,19 +93,31 @@ class Site:
         """The round's global state: from `data` (the coordinator's file, saved here) or this site's own."""
         path = self.state_path(round_index)
         if data is not None:
-            write_bytes_atomic(path, data, force=True)
+            # checked under a temporary name first: a file that fails never takes the state's place
+            incoming = self.state_dir / f".incoming-{path.name}"
+            write_bytes_atomic(incoming, data, force=True)
+            try:
+                self._check_state(self.read_state(incoming), round_index, content_hash, incoming)
+            except Exception:
+                incoming.unlink(missing_ok=True)
+                raise
+            incoming.replace(path)
         elif not path.is_file():
             raise MismatchError(
                 f"{self.client_id}: holds no global state of round {round_index} ({short(content_hash)});"
                 " the coordinator must send it"
             )
         state = self.read_state(path)
+        self._check_state(state, round_index, content_hash, path)
+        return state
+
+    @staticmethod
+    def _check_state(state: Artifact, round_index: int, content_hash: str, path: Path) -> None:
         if state.header.content_hash != content_hash or state.header.round != round_index:
             raise MismatchError(
                 f"{path}: is state {short(state.header.content_hash)} of round {state.header.round}, not the"
                 f" coordinator's {short(content_hash)} of round {round_index}"
             )
-        return state
 
     # ------------------------------------------------------------------ model and data
 
