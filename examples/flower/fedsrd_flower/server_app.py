@@ -1,0 +1,5 @@
+"""The ServerApp: FedSRDStrategy over the run config ([tool.flwr.app.config] in pyproject.toml)."""
+
+from fedsrd_cli.flower.apps import server_app as app
+
+__all__ = ["app"]

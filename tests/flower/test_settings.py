@@ -1,0 +1,112 @@
+"""The parts of fedsrd_cli.flower that do not need Flower: settings, the sampler, and that nothing
+else imports flwr. These run without the [flower] extra."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from fedsrd_cli.errors import UsageError
+from fedsrd_cli.flower.coordinator import sample_clients
+from fedsrd_cli.flower.settings import ServerSettings, SiteSettings
+from fedsrd_cli.simulate import SimulateConfig, _choose
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flower" / "pyproject.toml"
+
+
+def test_sampler_draws_what_simulate_draws() -> None:
+    clients = ("a", "b", "c", "d", "e")
+    config = SimulateConfig(
+        base="m", client_data=clients, client_ids=clients, eval_data=("x",), eval_names=("x",),
+        algorithms=("fedsrd",), rounds=3, sample_clients=2, seed=7,
+    )  # fmt: skip
+    for round_index in range(1, 6):
+        expected = [clients[i] for i in _choose(config, 7, round_index)]
+        assert sample_clients(clients, 2, 7, round_index) == expected
+    assert sample_clients(clients, 0, 7, 1) == list(clients)  # 0: everyone
+
+
+def test_run_config_is_checked_with_the_flags_messages() -> None:
+    good = {"out": "o", "base": "b", "clients": "a, b ,c", "sample-clients": 2, "alpha": 8}
+    settings = ServerSettings.from_run_config(good)
+    assert settings.client_list == ("a", "b", "c") and settings.alpha == 8.0
+    assert settings.sparsify_config().base_sparsity == 0.85  # the method's default
+    assert ServerSettings.from_run_config({**good, "method": "fedavg"}).download_sparsity_for() == 0.0
+    for bad, message in (
+        ({"method": "nope"}, "unknown method"),
+        ({"sample-clients": 4}, "at most the 3 clients"),
+        ({"rank": "4"}, "expected an integer"),
+        ({"typo": 1}, "unknown key 'typo'"),
+        ({"value-dtype": "fp8"}, "value-dtype"),
+        ({"base": ""}, "initial-state"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            ServerSettings.from_run_config({**good, **bad})
+
+
+def test_node_config_is_checked() -> None:
+    node = {
+        "client-id": "site-a",
+        "base": "m",
+        "data": "x.jsonl, y.jsonl",
+        "state-dir": "s",
+        "partition-id": 0,
+    }
+    settings = SiteSettings.from_node_config(node)
+    assert settings.data_files == (Path("x.jsonl"), Path("y.jsonl")) and settings.eval_files == ()
+    with pytest.raises(UsageError, match="client-id"):
+        SiteSettings.from_node_config({**node, "client-id": "-bad"})
+    with pytest.raises(UsageError, match="state-dir"):
+        SiteSettings.from_node_config({**node, "state-dir": ""})
+
+
+def test_the_example_app_lists_every_run_config_key() -> None:
+    """`flwr run --run-config` overrides only keys the app declares, so it declares them all."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python >= 3.11 (so is Flower)")
+    declared = tomllib.loads(EXAMPLE.read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(declared) == {f.name.replace("_", "-") for f in fields(ServerSettings)}
+    defaults = {f.name.replace("_", "-"): f.default for f in fields(ServerSettings)}
+    for key, value in declared.items():
+        assert type(value) is type(defaults[key]), key  # a TOML int where a float is expected would stick
+    ServerSettings.from_run_config(declared)
+
+
+def test_nothing_else_imports_flwr() -> None:
+    """The CLI and every module outside fedsrd_cli.flower load without Flower; so do its flwr-free parts."""
+    code = (
+        "import sys, pkgutil, importlib, fedsrd_cli\n"
+        "names = [m.name for m in pkgutil.walk_packages(fedsrd_cli.__path__, 'fedsrd_cli.')]\n"
+        "skip = ('fedsrd_cli.flower.wire', 'fedsrd_cli.flower.strategy', 'fedsrd_cli.flower.apps')\n"
+        "for name in names:\n"
+        "    if name not in skip:\n"
+        "        importlib.import_module(name)\n"
+        "import fedsrd_cli.cli\n"
+        "assert not [m for m in sys.modules if m == 'flwr' or m.startswith('flwr.')], 'flwr was imported'\n"
+        "print(len(names))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) > 20
+
+
+def test_a_site_never_keeps_a_state_that_fails_its_checks(tmp_path: Path) -> None:
+    from fedsrd_cli.artifacts import read_artifact
+    from fedsrd_cli.errors import ArtifactError
+    from fedsrd_cli.flower.site import Site
+
+    from ..conftest import make_global
+
+    good = make_global(tmp_path / "g0.safetensors").read_bytes()
+    digest = read_artifact(tmp_path / "g0.safetensors").header.content_hash
+    site = Site(SiteSettings(client_id="a", base="m", data="d.jsonl", state_dir=str(tmp_path / "site")))
+    tampered = bytearray(good)
+    tampered[-1] ^= 1
+    with pytest.raises(ArtifactError, match="content hash mismatch"):
+        site.state(0, digest, bytes(tampered))
+    assert not site.holds(0, digest) and not site.state_path(0).exists()
+    assert list((tmp_path / "site").iterdir()) == []
+    assert site.state(0, digest, good).header.content_hash == digest and site.holds(0, digest)
