@@ -407,3 +407,13 @@ def _current_signature(path: Path, force: bool) -> FileSignature | None:
 
 def _names(names: Iterable[str]) -> str:
     return " or ".join(repr(n) for n in names)
+
+
+def load_signer_and_trust(
+    sign_key: Path | None, trust_dir: Path | None
+) -> tuple[SigningKey | None, Trust | None]:
+    """The signing key and trust directory a party was given (each may be None): the CLI's
+    --sign-key / --trust flags and Flower's node and run config use this one function."""
+    signer = SigningKey.load(sign_key) if sign_key is not None else None
+    trust = Trust.load(trust_dir) if trust_dir is not None else None
+    return signer, trust

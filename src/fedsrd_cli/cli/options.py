@@ -80,12 +80,10 @@ def check_client_id(client: str) -> str:
 def trust_from_flags(sign_key: Path | None, trust_dir: Path | None) -> tuple[SigningKey | None, Trust | None]:
     """Load the --sign-key and --trust flags (each may be None). Call it before any work."""
     if sign_key is None and trust_dir is None:
-        return None, None
-    from fedsrd_cli.signing import SigningKey, Trust
+        return None, None  # signing (and torch, through artifacts) is not imported for nothing
+    from fedsrd_cli.signing import load_signer_and_trust
 
-    signer = SigningKey.load(sign_key) if sign_key is not None else None
-    trust = Trust.load(trust_dir) if trust_dir is not None else None
-    return signer, trust
+    return load_signer_and_trust(sign_key, trust_dir)
 
 
 def sign_with(signer: SigningKey | None) -> Callable[[list[Any]], list[Any]] | None:

@@ -77,13 +77,13 @@ class Coordinator:
     """The server side of a Flower run: one global state, advanced one round at a time, on files."""
 
     def __init__(self, settings: ServerSettings, report: Report | None = None) -> None:
-        from fedsrd_cli.cli_trust import sign_with, trust_from_flags
+        from fedsrd_cli.signing import load_signer_and_trust
 
         self.settings = settings
         self.report: Report = report or (lambda line: None)
         self.algorithm = settings.algorithm()
         self.out = Path(settings.out)
-        signer, trust = trust_from_flags(
+        signer, trust = load_signer_and_trust(
             Path(settings.sign_key) if settings.sign_key else None,
             Path(settings.trust) if settings.trust else None,
         )
@@ -98,7 +98,7 @@ class Coordinator:
                 " only global states signed by the coordinator, so the coordinator must sign its own"
             )
         self.signer, self.trust = signer, trust
-        self.sign = sign_with(signer)
+        self.sign = None if signer is None else signer.sign_parts
         self.results: dict[str, Any] = {}
         self.state: Artifact | None = None
         self.current: RoundState | None = None

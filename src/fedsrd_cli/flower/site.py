@@ -43,11 +43,11 @@ class Site:
     """A client: its base model (loaded once, on first use), data, keys and state directory."""
 
     def __init__(self, settings: SiteSettings) -> None:
-        from fedsrd_cli.cli_trust import sign_with, trust_from_flags
+        from fedsrd_cli.signing import load_signer_and_trust
 
         self.settings = settings
         self.client_id = settings.client_id
-        signer, trust = trust_from_flags(
+        signer, trust = load_signer_and_trust(
             Path(settings.sign_key) if settings.sign_key else None,
             Path(settings.trust) if settings.trust else None,
         )
@@ -56,7 +56,7 @@ class Site:
                 f"node config 'sign-key' {settings.sign_key} signs as {signer.name!r} but 'client-id' is"
                 f" {self.client_id!r}; the coordinator accepts an upload only when signed by its client"
             )
-        self.signer, self.trust, self.sign = signer, trust, sign_with(signer)
+        self.signer, self.trust, self.sign = signer, trust, None if signer is None else signer.sign_parts
         self.state_dir = Path(settings.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._base: Any = None
