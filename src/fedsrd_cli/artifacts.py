@@ -39,6 +39,7 @@ from fedsrd_cli.math.masks import (
     seeded_keep_mask,
     unpack_bits,
 )
+from fedsrd_cli.math.positions import PositionCodeError, read_positions_tensor
 
 FORMAT_VERSION = 1
 KINDS = ("state", "upload", "aggregate", "broadcast")
@@ -287,13 +288,31 @@ def _check_delta_layout(
             raise ArtifactError(f"{where}: {values_name} has non-float dtype {dtypes[values_name]}")
         numel = math.prod(logical)
         values_shape = shapes[values_name]
-        if header.kind == "upload" and mask_name in shapes:
-            expected.add(mask_name)
-            if dtypes[mask_name] != torch.uint8 or shapes[mask_name] != (math.ceil(numel / 8),):
-                raise ArtifactError(
-                    f"{where}: {mask_name} should be {math.ceil(numel / 8)} bytes of uint8 for "
-                    f"shape {logical}"
-                )
+        positions_name = naming.positions_key(name)
+        if header.kind == "upload" and mask_name in shapes and positions_name in shapes:
+            raise ArtifactError(f"{where}: {name} has both a .mask and a .positions tensor (one at most)")
+        if header.kind == "upload" and (mask_name in shapes or positions_name in shapes):
+            if mask_name in shapes:
+                expected.add(mask_name)
+                if dtypes[mask_name] != torch.uint8 or shapes[mask_name] != (math.ceil(numel / 8),):
+                    raise ArtifactError(
+                        f"{where}: {mask_name} should be {math.ceil(numel / 8)} bytes of uint8 for "
+                        f"shape {logical}"
+                    )
+            else:
+                expected.add(positions_name)
+                limit = math.ceil(numel / 8) - 1  # coded positions are stored only when shorter
+                if (
+                    dtypes[positions_name] != torch.uint8
+                    or len(shapes[positions_name]) != 1
+                    or not 1 <= shapes[positions_name][0] <= limit
+                ):
+                    raise ArtifactError(
+                        f"{where}: {positions_name} should be 1 to {limit} bytes of uint8 for shape"
+                        f" {logical} (shorter than its {limit + 1}-byte bitmap), not"
+                        f" {_DTYPE_NAMES.get(dtypes[positions_name], dtypes[positions_name])}"
+                        f" {list(shapes[positions_name])}"
+                    )
             if len(values_shape) != 1 or values_shape[0] > numel:
                 raise ArtifactError(f"{where}: {values_name} has shape {list(values_shape)}")
         elif header.kind == "upload":
@@ -374,13 +393,40 @@ class Artifact:
             return None
         shape = tuple(self.header.layout[name])
         values = self.tensor(naming.values_key(name)).float()
-        mask_name = naming.mask_key(name)
-        if mask_name not in self.shapes:
+        keep = self.upload_kept(name)
+        if keep is None:
             return values.reshape(shape)
-        keep = unpack_bits(self.tensor(mask_name), math.prod(shape))
         dense = torch.zeros(math.prod(shape), dtype=torch.float32)
-        dense[keep] = values
+        dense[keep.reshape(-1)] = values
         return dense.reshape(shape)
+
+    def upload_kept(self, name: str) -> torch.Tensor | None:
+        """An upload's mask of layout tensor `name` (bool, its layout shape) from X.mask or
+        X.positions; None for a dense tensor. Coded positions are decoded and validated here
+        (ArtifactError), reading at most the layout's numel bits."""
+        shape = tuple(self.header.layout[name])
+        numel = math.prod(shape)
+        mask_name, positions_name = naming.mask_key(name), naming.positions_key(name)
+        if mask_name in self.shapes:
+            return unpack_bits(self.tensor(mask_name), numel).reshape(shape)
+        if positions_name not in self.shapes:
+            return None
+        count = self.shapes[naming.values_key(name)][0]
+        try:
+            return read_positions_tensor(self.tensor(positions_name), numel, count).reshape(shape)
+        except PositionCodeError as err:
+            raise ArtifactError(f"{self.where}: {positions_name} is corrupt: {err}") from None
+
+    def mask_storage(self, name: str) -> dict[str, Any] | None:
+        """How an upload stores the mask of layout tensor `name`: {"stored": "bitmap" | "positions",
+        "bytes": stored bytes, "rice_k": k (positions only)}; None for a dense tensor."""
+        if naming.mask_key(name) in self.shapes:
+            return {"stored": "bitmap", "bytes": self.shapes[naming.mask_key(name)][0]}
+        positions_name = naming.positions_key(name)
+        if positions_name not in self.shapes:
+            return None
+        k = int(self._handle.get_slice(positions_name)[0:1][0])
+        return {"stored": "positions", "bytes": self.shapes[positions_name][0], "rice_k": k}
 
     def broadcast_mask(self, name: str) -> torch.Tensor:
         """The seeded download mask of a broadcast tensor (bool, its layout shape)."""
@@ -407,6 +453,9 @@ class Artifact:
         for name, shape in self.header.layout.items():
             numel = math.prod(shape)
             if self.header.kind == "upload":
+                if naming.positions_key(name) in self.shapes:
+                    self.upload_kept(name)  # decoding checks everything, the count included
+                    continue
                 if naming.mask_key(name) not in self.shapes:
                     continue  # dense values: their shape was checked with the layout
                 packed = self.tensor(naming.mask_key(name))

@@ -8,6 +8,7 @@ where <module> is PEFT's path, e.g. base_model.model.model.layers.0.self_attn.q_
 Sparse and factored tensors add a suffix to those names:
     <module>.lora_X.weight.values   kept values (uploads, broadcasts)
     <module>.lora_X.weight.mask     packed 1-bit mask (uploads)
+    <module>.lora_X.weight.positions  or instead: Rice-coded kept positions (uploads)
     <module>.aggregate.left         (d_out, k) and .right (k, d_in): W_r = left @ right
 """
 
@@ -19,6 +20,7 @@ from collections.abc import Iterable
 FACTORS = ("A", "B")
 VALUES = ".values"
 MASK = ".mask"
+POSITIONS = ".positions"
 AGG_LEFT = ".aggregate.left"
 AGG_RIGHT = ".aggregate.right"
 
@@ -42,6 +44,10 @@ def values_key(name: str) -> str:
 
 def mask_key(name: str) -> str:
     return name + MASK
+
+
+def positions_key(name: str) -> str:
+    return name + POSITIONS
 
 
 def aggregate_keys(module: str) -> tuple[str, str]:

@@ -13,7 +13,6 @@ from fedsrd_cli.artifacts import read_artifact
 from fedsrd_cli.config import AggregateConfig, SparsifyConfig
 from fedsrd_cli.errors import MismatchError
 from fedsrd_cli.math.importance import importance_a, importance_b, keep_mask
-from fedsrd_cli.math.masks import unpack_bits
 
 from ..conftest import make_global
 from .rounds import PAPER_DOWNLOAD, make_locals, run_round, state_factors, upload, write
@@ -28,9 +27,7 @@ def _scores(global_file, local_file, name):
 
 
 def _kept(up, name):
-    return unpack_bits(up.tensor(naming.mask_key(name)), math.prod(up.header.layout[name])).reshape(
-        up.header.layout[name]
-    )
+    return up.upload_kept(name)  # from X.mask or X.positions, whichever the upload stores
 
 
 def test_fixed_ratio_keeps_exactly_the_base_sparsity_quantile(tmp_path):

@@ -37,7 +37,8 @@ from fedsrd_cli.algorithms.steps import (
 from fedsrd_cli.artifacts import Artifact, Header, LocalAdapter, content_hash
 from fedsrd_cli.config import VALUE_DTYPES, AggregateConfig, BroadcastConfig, SparsifyConfig
 from fedsrd_cli.errors import MismatchError, UsageError
-from fedsrd_cli.math.masks import pack_bits, seeded_keep_mask
+from fedsrd_cli.math.masks import seeded_keep_mask
+from fedsrd_cli.math.positions import store_mask
 
 Encoder = Callable[[FactorDelta, SparsifyConfig], Encoded]
 Combiner = Callable[[ClientFactors, Sequence[float], int], tuple[torch.Tensor, torch.Tensor]]
@@ -123,7 +124,7 @@ class Method(Algorithm):
                     tensors[naming.values_key(name)] = encoded.values.to(value_dtype)  # (rows, cols)
                 else:
                     tensors[naming.values_key(name)] = encoded.values[encoded.kept].to(value_dtype)
-                    tensors[naming.mask_key(name)] = pack_bits(encoded.kept)  # (ceil(n/8),)
+                    tensors.update({name + s: t for s, t in store_mask(encoded.kept).items()})  # smaller one
                 layout[name] = list(delta.shape)
                 if encoded.ratio is not None:
                     ratios[name] = round(encoded.ratio, 6)
