@@ -10,26 +10,31 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from fedsrd_cli import naming
 from fedsrd_cli.algorithms import get_algorithm
-from fedsrd_cli.artifacts import read_artifact, read_local, write_artifact
+from fedsrd_cli.artifacts import content_hash, encode_safetensors, read_artifact, read_local, write_artifact
 from fedsrd_cli.cli import app
 from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
-from fedsrd_cli.errors import FedsrdError
+from fedsrd_cli.errors import ArtifactError, FedsrdError
 from fedsrd_cli.signing import SigningKey, Trust, generate_keypair
 
 from .conftest import make_global, make_local
+from .math.test_positions import reference_read
 
 # FEDSRD_FUZZ_EXAMPLES=5000 runs a deeper, randomised search locally; CI runs the fixed 300.
 DEEP = int(os.environ.get("FEDSRD_FUZZ_EXAMPLES", "0"))
@@ -241,6 +246,46 @@ def test_mutated_fedsrd_metadata_never_crashes(corpus: dict, kind: str, changes:
         corpus["trust"].verify_file(path)
 
 
+bit_flips = st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 7)), max_size=3)
+
+
+@FUZZ
+@given(pick=st.integers(0, 10**6), flips=bit_flips, cut=st.integers(-2, 2), extra_values=st.integers(-2, 2))
+def test_crafted_positions_with_a_valid_hash_are_refused_or_read_as_specified(
+    corpus: dict, pick: int, flips: list, cut: int, extra_values: int
+) -> None:
+    """An attacker rewrites an upload's X.positions (and its value count) and fixes the content
+    hash: the reader refuses exactly what the plain-Python reference decoder refuses (one line),
+    and reads what it accepts as the reference does."""
+    upload = read_artifact(_write(corpus, corpus["bytes"]["upload"], "original.safetensors"))
+    coded = sorted(n for n in upload.header.layout if naming.positions_key(n) in upload.shapes)
+    name = coded[pick % len(coded)]
+    tensors = dict(upload.iter_tensors())
+    stored = bytearray(tensors[naming.positions_key(name)].tolist())
+    for at, bit in flips:
+        stored[at % len(stored)] ^= 1 << bit
+    stored = stored[: len(stored) + cut] if cut < 0 else stored + bytes(cut)
+    values = tensors[naming.values_key(name)]
+    values = (
+        values[: len(values) + extra_values]
+        if extra_values < 0
+        else torch.cat([values, values[:extra_values]])
+    )
+    tensors[naming.positions_key(name)] = torch.tensor(list(stored), dtype=torch.uint8)
+    tensors[naming.values_key(name)] = values
+    header = replace(upload.header, content_hash=content_hash(tensors))
+    path = _write(corpus, b"".join(bytes(p) for p in encode_safetensors(tensors, header.to_metadata())))
+    expected = reference_read(bytes(stored), math.prod(upload.header.layout[name]), len(values))
+    try:
+        crafted = read_artifact(path)
+    except ArtifactError as err:
+        assert expected is None, err
+        assert "\n" not in str(err)
+        return
+    assert expected is not None
+    assert crafted.upload_kept(name).reshape(-1).nonzero().reshape(-1).tolist() == expected
+
+
 @settings(max_examples=40, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(KINDS), cut=st.floats(0.0, 1.0, exclude_max=True), changes=flips)
 def test_cli_gives_one_error_line_never_a_traceback(
@@ -287,7 +332,7 @@ BOMBS = textwrap.dedent(
     import json, resource, sys, time
     from pathlib import Path
     from fedsrd_cli.artifacts import read_artifact
-    from fedsrd_cli.errors import FedsrdError
+    from fedsrd_cli.errors import ArtifactError, FedsrdError
 
     def join(header, body):
         text = json.dumps(header).encode()

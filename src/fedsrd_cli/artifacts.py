@@ -393,27 +393,36 @@ class Artifact:
             return None
         shape = tuple(self.header.layout[name])
         values = self.tensor(naming.values_key(name)).float()
-        keep = self.upload_kept(name)
-        if keep is None:
-            return values.reshape(shape)
         dense = torch.zeros(math.prod(shape), dtype=torch.float32)
-        dense[keep.reshape(-1)] = values
+        if naming.positions_key(name) in self.shapes:
+            dense[self._kept_positions(name)] = values
+        elif naming.mask_key(name) in self.shapes:
+            dense[unpack_bits(self.tensor(naming.mask_key(name)), math.prod(shape))] = values
+        else:
+            return values.reshape(shape)
         return dense.reshape(shape)
 
     def upload_kept(self, name: str) -> torch.Tensor | None:
         """An upload's mask of layout tensor `name` (bool, its layout shape) from X.mask or
-        X.positions; None for a dense tensor. Coded positions are decoded and validated here
-        (ArtifactError), reading at most the layout's numel bits."""
+        X.positions; None for a dense tensor."""
         shape = tuple(self.header.layout[name])
         numel = math.prod(shape)
-        mask_name, positions_name = naming.mask_key(name), naming.positions_key(name)
-        if mask_name in self.shapes:
-            return unpack_bits(self.tensor(mask_name), numel).reshape(shape)
-        if positions_name not in self.shapes:
+        if naming.mask_key(name) in self.shapes:
+            return unpack_bits(self.tensor(naming.mask_key(name)), numel).reshape(shape)
+        if naming.positions_key(name) not in self.shapes:
             return None
+        kept = torch.zeros(numel, dtype=torch.bool)
+        kept[self._kept_positions(name)] = True
+        return kept.reshape(shape)
+
+    def _kept_positions(self, name: str) -> torch.Tensor:
+        """The (count,) int64 row-major positions X.positions codes, decoded and validated
+        (ArtifactError) in memory bounded by the file: the stream and one index per value."""
+        positions_name = naming.positions_key(name)
+        numel = math.prod(self.header.layout[name])
         count = self.shapes[naming.values_key(name)][0]
         try:
-            return read_positions_tensor(self.tensor(positions_name), numel, count).reshape(shape)
+            return read_positions_tensor(self.tensor(positions_name), numel, count)
         except PositionCodeError as err:
             raise ArtifactError(f"{self.where}: {positions_name} is corrupt: {err}") from None
 
@@ -454,7 +463,7 @@ class Artifact:
             numel = math.prod(shape)
             if self.header.kind == "upload":
                 if naming.positions_key(name) in self.shapes:
-                    self.upload_kept(name)  # decoding checks everything, the count included
+                    self._kept_positions(name)  # decoding checks everything, the count included
                     continue
                 if naming.mask_key(name) not in self.shapes:
                     continue  # dense values: their shape was checked with the layout

@@ -4,7 +4,8 @@ A fedsrd artifact is described as one (`describe`): identity, lineage, LoRA conf
 tensors and traffic. Traffic is reported two ways: bytes on disk (what actually
 travels) and the paper's accounting, where a sparse tensor costs fp32 values plus a
 1-bit mask per element and a dense tensor costs fp32 values; both are compared with
-dense fp32 LoRA factors (what FedAvg sends each way).
+dense fp32 LoRA factors (what FedAvg sends each way). An upload's masks are also reported
+as stored: a bitmap (X.mask) or coded positions (X.positions), with their bytes.
 
 Any other safetensors file (an exported adapter, unpack's output, a model's weights)
 is described by `describe_plain`: its tensors, shapes and dtypes, its metadata, what
@@ -38,6 +39,7 @@ def describe(artifact: Artifact) -> dict[str, Any]:
     tensors = []
     paper_total = 0.0
     logical_numel = 0
+    mask_bytes, paper_mask_bytes = 0, 0.0
     if head.kind in ("upload", "broadcast"):
         for name, shape in sorted(head.layout.items()):
             numel = math.prod(shape)
@@ -48,12 +50,20 @@ def describe(artifact: Artifact) -> dict[str, Any]:
             kept = None if dense else values_shape[0]
             paper_total += paper_bytes(numel, kept)
             logical_numel += numel
+            if head.kind == "upload":
+                mask = artifact.mask_storage(name)  # X.mask or X.positions, as stored
+            else:
+                mask = None if dense else {"stored": "seeded", "bytes": 0}
+            if mask is not None:
+                mask_bytes += mask["bytes"]
+                paper_mask_bytes += numel / 8
             tensors.append(
                 {
                     "name": name,
                     "shape": shape,
                     "nonzeros": numel if kept is None else kept,
                     "density": 1.0 if kept is None else kept / numel,
+                    "mask": mask,
                 }
             )
     else:
@@ -97,6 +107,9 @@ def describe(artifact: Artifact) -> dict[str, Any]:
     }
     if head.kind == "upload":
         report.update(client_id=head.client_id, num_samples=head.num_samples)
+        # What the masks cost: bytes stored (bitmaps, or coded positions where shorter) and the
+        # paper's 1 bit per element, which paper_bytes counts whatever is stored.
+        report.update(mask_bytes=mask_bytes, paper_mask_bytes=paper_mask_bytes)
     if head.kind == "state":
         local = bool(head.client_id or head.num_samples or "train" in head.info)
         report["state_role"] = "local" if local else "global"

@@ -104,12 +104,22 @@ def encode_positions(mask: torch.Tensor) -> tuple[int, torch.Tensor]:
 def decode_positions(data: torch.Tensor, k: int, numel: int, count: int) -> torch.Tensor:
     """Inverse of encode_positions: (bytes,) uint8 stream -> (numel,) bool mask with `count` set.
 
+    The mask of decode_position_indices' positions (which validates the stream first).
+    """
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[decode_position_indices(data, k, numel, count)] = True
+    return mask
+
+
+def decode_position_indices(data: torch.Tensor, k: int, numel: int, count: int) -> torch.Tensor:
+    """The kept positions a stream codes: (bytes,) uint8 -> (count,) int64, increasing, < numel.
+
     Validates everything (PositionCodeError, one line): k in [0, 31], count in [0, numel],
     a stream long enough for count remainders, exactly count one bits in the quotient
     section (fewer: it ends early; more: another count), nothing but zero padding (fewer
     than 8 bits) after the last one, no quotient above (numel - 1) >> k, and a last
-    position below numel. Memory: O(8 * bytes + numel + count (k + 1)) for the stream,
-    the mask and the codewords, whatever the stream holds.
+    position below numel. Memory: O(16 * bytes + 8 * count * (k + 2)) for the stream and
+    the codewords, whatever the stream holds, and nothing of size numel.
     """
     if not 0 <= k <= MAX_RICE_K:
         raise PositionCodeError(f"Rice parameter k = {k} is outside [0, {MAX_RICE_K}]")
@@ -137,7 +147,7 @@ def decode_positions(data: torch.Tensor, k: int, numel: int, count: int) -> torc
             f"{data.numel() * 8 - used} bits follow the last codeword (at most 7 bits of padding allowed)"
         )
     if count == 0:
-        return torch.zeros(numel, dtype=torch.bool)
+        return torch.zeros(0, dtype=torch.int64)
     previous = torch.cat([torch.tensor([-1], dtype=torch.int64), ends[:-1]])
     quotients = ends - previous - 1  # (count,)
     longest = int(quotients.max())
@@ -154,10 +164,7 @@ def decode_positions(data: torch.Tensor, k: int, numel: int, count: int) -> torc
     last = (int(quotients.sum()) << k) + int(remainders.sum()) + count - 1
     if last >= numel:
         raise PositionCodeError(f"position {last} is past the tensor's {numel} elements")
-    positions = torch.cumsum((quotients << k) + remainders + 1, dim=0) - 1  # every partial sum <= last
-    mask = torch.zeros(numel, dtype=torch.bool)
-    mask[positions] = True
-    return mask
+    return torch.cumsum((quotients << k) + remainders + 1, dim=0) - 1  # every partial sum <= last
 
 
 # --------------------------------------------------------------------------- the stored tensors
@@ -174,10 +181,11 @@ def _with_parameter(k: int, stream: torch.Tensor) -> torch.Tensor:
 
 
 def read_positions_tensor(stored: torch.Tensor, numel: int, count: int) -> torch.Tensor:
-    """Inverse of positions_tensor: (1 + stream bytes,) uint8 -> (numel,) bool (PositionCodeError if bad).
+    """The positions an X.positions tensor codes: (1 + stream bytes,) uint8 -> (count,) int64.
 
-    The tensor must be shorter than the bitmap, ceil(numel / 8) bytes (writers store the
-    smaller), so decoding never reads more than numel bits.
+    Inverse of positions_tensor up to the mask (PositionCodeError if bad). The tensor must
+    be shorter than the bitmap, ceil(numel / 8) bytes (writers store the smaller), so
+    decoding never reads more than numel bits.
     """
     if stored.dtype != torch.uint8 or stored.dim() != 1:
         raise PositionCodeError(f"positions must be 1-D uint8, not {stored.dtype} {list(stored.shape)}")
@@ -186,7 +194,7 @@ def read_positions_tensor(stored: torch.Tensor, numel: int, count: int) -> torch
             f"{stored.numel()} bytes of positions for {numel} elements: must be 1 to"
             f" {math.ceil(numel / 8) - 1} bytes (shorter than the {math.ceil(numel / 8)}-byte bitmap)"
         )
-    return decode_positions(stored[1:], int(stored[0]), numel, count)
+    return decode_position_indices(stored[1:], int(stored[0]), numel, count)
 
 
 def store_mask(kept: torch.Tensor) -> dict[str, torch.Tensor]:
