@@ -15,7 +15,8 @@ It prints, all measured in this run:
 2. a full coordinator round through the real CLI (`fedsrd aggregate`, `fedsrd broadcast`, as
    subprocesses): wall time and peak RSS.
 3. bytes per client: upload and download files on disk, against the paper's 31 MB up and
-   43 MB down (MB = 2^20 bytes), and dense fp32 FedAvg.
+   43 MB down (MB = 2^20 bytes), and dense fp32 FedAvg; the upload's masks as stored and as
+   the paper's 1 bit per element.
 Targets (issue): ratio >= 50x with relative difference <= 1e-4; the 28-layer round <= 60 s
 with peak RSS <= 4 GB; bytes at most the paper's.
 """
@@ -38,6 +39,7 @@ from fedsrd_cli.algorithms import get_algorithm
 from fedsrd_cli.algorithms.protocol import initial_state
 from fedsrd_cli.artifacts import read_artifact, read_local, write_artifact
 from fedsrd_cli.config import LoraSpec, SparsifyConfig
+from fedsrd_cli.describe import describe
 from fedsrd_cli.math.lowrank import stack_factors, truncate_product, update_b
 
 MB = 2**20
@@ -208,6 +210,13 @@ def main() -> None:
         print(
             f"    upload:   {up_mb:7.2f} MB   paper {PAPER_UP_MB} MB   "
             f"(mean prune ratio {sum(ratios) / len(ratios):.3f} from these synthetic deltas)"
+        )
+        reports = [describe(read_artifact(p, verify=False)) for p in uploads]
+        stored_mb = sum(r["mask_bytes"] for r in reports) / len(reports) / MB
+        bitmap_mb = sum(r["paper_mask_bytes"] for r in reports) / len(reports) / MB
+        print(
+            f"    of which masks: {stored_mb:5.2f} MB stored (coded positions where shorter),"
+            f" {bitmap_mb:.2f} MB as the paper's 1 bit per element"
         )
         print(f"    download: {down_mb:7.2f} MB   paper {PAPER_DOWN_MB} MB")
         print(
