@@ -6,10 +6,10 @@ weights file of a PEFT adapter:
     <module>.lora_B.weight          (d_out, r)
 where <module> is PEFT's path, e.g. base_model.model.model.layers.0.self_attn.q_proj.
 Sparse and factored tensors add a suffix to those names:
-    <module>.lora_X.weight.values   kept values (uploads, broadcasts)
-    <module>.lora_X.weight.mask     packed 1-bit mask (uploads)
-    <module>.lora_X.weight.positions  or instead: Rice-coded kept positions (uploads)
-    <module>.aggregate.left         (d_out, k) and .right (k, d_in): W_r = left @ right
+    <module>.lora_X.weight.values     kept values (uploads, broadcasts)
+    <module>.lora_X.weight.mask       packed 1-bit mask (uploads), or instead
+    <module>.lora_X.weight.positions  Rice-coded kept positions (uploads), where shorter
+    <module>.aggregate.left           (d_out, k) and .right (k, d_in): W_r = left @ right
 """
 
 from __future__ import annotations
