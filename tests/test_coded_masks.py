@@ -88,9 +88,12 @@ def _tensors(artifact: Artifact) -> dict[str, torch.Tensor]:
     return dict(artifact.iter_tensors())
 
 
-def _craft(path: Path, upload: Artifact, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write `tensors` under upload's header with a correct content hash (what an attacker can do)."""
-    header = replace(upload.header, content_hash=content_hash(tensors))
+def _craft(
+    path: Path, upload: Artifact, tensors: dict[str, torch.Tensor], layout: dict | None = None
+) -> Path:
+    """Write `tensors` under upload's header (and `layout`) with a correct content hash (what an
+    attacker can do)."""
+    header = replace(upload.header, content_hash=content_hash(tensors), layout=layout or upload.header.layout)
     path.write_bytes(b"".join(bytes(part) for part in encode_safetensors(tensors, header.to_metadata())))
     return path
 
@@ -179,6 +182,11 @@ def test_crafted_layouts_are_refused_before_decoding(tmp_path):
     }
     for i, (words, crafted) in enumerate(cases.items()):
         _refused(_craft(tmp_path / f"layout-{i}.safetensors", upload, crafted), words)
+    # a tensor of at most 8 elements: its 1-byte bitmap is never longer, so positions are refused
+    tiny = {**tensors, naming.values_key(name): torch.ones(1)}
+    tiny = _with_positions(tiny, name, [0, 0x80])
+    small = {**upload.header.layout, name: [2, 4]}
+    _refused(_craft(tmp_path / "tiny.safetensors", upload, tiny, small), "never longer")
 
 
 def test_verifying_a_huge_declared_layout_reads_only_the_file(tmp_path):
@@ -193,10 +201,7 @@ def test_verifying_a_huge_declared_layout_reads_only_the_file(tmp_path):
         naming.values_key(name): torch.ones(len(positions)),
         naming.positions_key(name): mask_bytes,
     }
-    header = replace(upload.header, layout={**upload.header.layout, name: big})
-    path = tmp_path / "huge.safetensors"
-    header = replace(header, content_hash=content_hash(crafted))
-    path.write_bytes(b"".join(bytes(part) for part in encode_safetensors(crafted, header.to_metadata())))
+    path = _craft(tmp_path / "huge.safetensors", upload, crafted, {**upload.header.layout, name: big})
     script = textwrap.dedent(
         """
         import resource, sys

@@ -302,6 +302,11 @@ def _check_delta_layout(
             else:
                 expected.add(positions_name)
                 limit = math.ceil(numel / 8) - 1  # coded positions are stored only when shorter
+                if limit < 1:
+                    raise ArtifactError(
+                        f"{where}: {positions_name} for shape {logical}, whose 1-byte bitmap is never"
+                        " longer (a writer stores the bitmap)"
+                    )
                 if (
                     dtypes[positions_name] != torch.uint8
                     or len(shapes[positions_name]) != 1
