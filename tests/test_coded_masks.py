@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
 
 from fedsrd_cli import naming
 from fedsrd_cli.algorithms import get_algorithm
@@ -23,6 +26,7 @@ from fedsrd_cli.artifacts import (
     read_local,
     write_artifact,
 )
+from fedsrd_cli.cli import app
 from fedsrd_cli.config import LoraSpec, SparsifyConfig
 from fedsrd_cli.describe import dense_tensors, describe
 from fedsrd_cli.errors import ArtifactError
@@ -226,3 +230,23 @@ def positions_tensor_for(positions: list[int], numel: int) -> torch.Tensor:
     gaps = position_gaps(torch.tensor(positions))
     k = rice_parameter(gaps)
     return torch.cat([torch.tensor([k], dtype=torch.uint8), rice_stream(gaps, k)])
+
+
+def test_cli_inspects_and_unpacks_coded_uploads_and_refuses_a_crafted_one_in_one_line(tmp_path):
+    upload, name, tensors = _coded_upload(tmp_path)
+    runner = CliRunner()
+    report = json.loads(runner.invoke(app, ["inspect", str(upload.path), "--json"]).stdout)
+    assert report["mask_bytes"] < report["paper_mask_bytes"] and report["tensors"][0]["mask"]["rice_k"] >= 0
+    dense = tmp_path / "dense.safetensors"
+    assert runner.invoke(app, ["unpack", str(upload.path), "--out", str(dense)]).exit_code == 0
+    with safe_open(str(dense), framework="pt") as plain:
+        assert torch.equal(plain.get_tensor(name), upload.upload_delta(name))
+    stored = upload.tensor(naming.positions_key(name)).tolist()
+    crafted = _craft(tmp_path / "crafted.safetensors", upload, _with_positions(tensors, name, stored[:-1]))
+    result = runner.invoke(app, ["inspect", str(crafted)])
+    assert result.exit_code == 3
+    assert (
+        result.output.startswith("error: ")
+        and result.output.count("\n") == 1
+        and "ends early" in result.output
+    )
