@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -123,6 +124,19 @@ def test_plain_safetensors_and_future_versions_are_refused(tmp_path):
     (tmp_path / "v99.safetensors").write_bytes(b"".join(encode_safetensors(tensors, meta)))
     with pytest.raises(ArtifactError, match="format version 99"):
         read_artifact(tmp_path / "v99.safetensors")
+
+
+def test_version_1_files_still_read(tmp_path):
+    """Files written before coded positions (format version 1) read as they did."""
+    header, tensors = _state()
+    header = replace(header, content_hash=content_hash(tensors))
+    assert header.to_metadata()["fedsrd.format_version"] == "2"
+    meta = {**header.to_metadata(), "fedsrd.format_version": "1"}
+    (tmp_path / "v1.safetensors").write_bytes(b"".join(encode_safetensors(tensors, meta)))
+    state = read_artifact(tmp_path / "v1.safetensors")
+    assert state.header.kind == "state"
+    for name, tensor in tensors.items():
+        assert torch.equal(state.tensor(name), tensor)
 
 
 def test_malformed_metadata_is_an_artifact_error(tmp_path):

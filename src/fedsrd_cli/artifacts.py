@@ -41,7 +41,10 @@ from fedsrd_cli.math.masks import (
 )
 from fedsrd_cli.math.positions import PositionCodeError, read_positions_tensor
 
-FORMAT_VERSION = 1
+# Version 2 added coded upload positions (X.positions); version 1 files are read as before.
+# A reader of version 1 refuses version 2 files with a one-line "upgrade fedsrd".
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 KINDS = ("state", "upload", "aggregate", "broadcast")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 HASH_PREFIX = "sha256:"
@@ -129,9 +132,10 @@ class Header:
             version = int(meta.get("fedsrd.format_version", ""))
         except ValueError:
             raise ArtifactError(f"{where}: unreadable fedsrd.format_version") from None
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
+            readable = " and ".join(str(v) for v in READABLE_FORMAT_VERSIONS)
             raise ArtifactError(
-                f"{where}: format version {version}, this fedsrd reads version {FORMAT_VERSION}"
+                f"{where}: format version {version}, this fedsrd reads versions {readable}"
                 " (upgrade fedsrd, or re-create the file with this version)"
             )
         try:
