@@ -13,7 +13,13 @@ from fedsrd_cli.artifacts import read_artifact
 from fedsrd_cli.cli import app
 from fedsrd_cli.errors import OutputExistsError, UsageError
 from fedsrd_cli.model_spec import file_sha256
-from fedsrd_cli.simulate import SimulateConfig, _choose, client_train_seed, output_is_new
+from fedsrd_cli.simulate import (
+    SimulateConfig,
+    _choose,
+    client_train_seed,
+    local_training_defaults,
+    output_is_new,
+)
 
 from .conftest import TINY_RECORDS, build_tiny_model, write_jsonl
 
@@ -234,6 +240,13 @@ def test_demo_model_is_recorded_and_checked(tmp_path: Path) -> None:
         SimulateConfig(**good, demo_model="gpt2")
 
 
+def test_local_training_defaults_are_small_steps_except_on_the_toy() -> None:
+    real, toy = local_training_defaults("smollm2"), local_training_defaults("toy")
+    assert (real.local_steps, real.lr, real.batch_size, real.max_length) == (10, 1e-4, 8, 128)
+    assert (toy.local_steps, toy.lr, toy.batch_size, toy.max_length) == (30, 1e-3, 16, 512)
+    assert local_training_defaults(None) == real  # the user's own --base
+
+
 def test_demo_assets_of_another_model_are_refused(tmp_path: Path) -> None:
     """A run stopped after writing the toy's assets cannot go on with --model smollm2 (and vice versa)."""
     assets = tmp_path / "out" / "assets"
@@ -258,5 +271,8 @@ def test_simulate_on_a_gguf_base(tiny_gguf: Path, tiny_data: Path, tmp_path: Pat
     assert summary["rounds_run_now"]
     config = json.loads((tmp_path / "results" / "config.json").read_text())
     assert config["base"] == str(tiny_gguf.resolve()) and "demo_model" not in config
+    # flags not given take the real-model defaults (small local steps), not the toy's
+    assert (config["local_steps"], config["batch_size"]) == (2, 3)
+    assert (config["lr"], config["max_length"]) == (1e-4, 128)
     first = read_artifact(tmp_path / "results" / "work" / "fedavg" / "seed-0" / "global-r0.safetensors")
     assert first.header.base_fingerprint == "sha256:" + file_sha256(tiny_gguf)

@@ -93,14 +93,31 @@ def simulate_cmd(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="First seed.")] = 0,
     seeds: Annotated[int, typer.Option("--seeds", help="Repetitions with seeds seed, seed+1, ...")] = 1,
-    local_steps: Annotated[int, typer.Option("--local-steps", help="Optimizer steps per client round.")] = 30,
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate (AdamW).")] = 1e-3,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
+    local_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--local-steps",
+            help="Optimizer steps per client round [10; 30 for --model toy].",
+            show_default=False,
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", help="Learning rate (AdamW) [1e-4; 1e-3 for --model toy].", show_default=False),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="[8; 16 for --model toy]", show_default=False)
+    ] = None,
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = 16,
     alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha.")] = 32.0,
     targets: Annotated[str, typer.Option("--targets", help="all-linear, or module names.")] = "all-linear",
     prox_mu: Annotated[float, typer.Option("--prox-mu", help="FedProx's proximal weight mu.")] = 0.01,
-    max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 512,
+    max_length: Annotated[
+        int | None,
+        typer.Option(
+            "--max-length", help="Tokens per example [128; 512 for --model toy].", show_default=False
+        ),
+    ] = None,
     base_sparsity: Annotated[
         float | None,
         typer.Option(
@@ -144,7 +161,7 @@ def simulate_cmd(
     --out continues where it stopped (only --rounds may change).
     """
     from fedsrd_cli.artifacts import ensure_output_dir
-    from fedsrd_cli.simulate import SimulateConfig, output_is_new, simulate
+    from fedsrd_cli.simulate import SimulateConfig, local_training_defaults, output_is_new, simulate
 
     out = Output(json_mode)
     names = tuple(a.strip() for a in algorithms.split(",") if a.strip())
@@ -180,6 +197,7 @@ def simulate_cmd(
 
         client_ids = tuple(re.sub(r"[^A-Za-z0-9._-]", "-", label) for label in file_labels(clients_data))
         eval_names = tuple(file_labels(eval_data))
+    defaults = local_training_defaults(demo_model)
     config = SimulateConfig(
         base=str(base.resolve()),
         demo_model=demo_model,
@@ -192,14 +210,14 @@ def simulate_cmd(
         sample_clients=sample_clients,
         seed=seed,
         seeds=seeds,
-        local_steps=local_steps,
-        lr=lr,
-        batch_size=batch_size,
+        local_steps=defaults.local_steps if local_steps is None else local_steps,
+        lr=defaults.lr if lr is None else lr,
+        batch_size=defaults.batch_size if batch_size is None else batch_size,
         rank=rank,
         alpha=alpha,
         targets=targets,
         prox_mu=prox_mu,
-        max_length=max_length,
+        max_length=defaults.max_length if max_length is None else max_length,
         device=device,
         base_sparsity=base_sparsity,
         value_dtype=value_dtype,
