@@ -211,6 +211,31 @@ class RoundRecord:
     global_hash: str
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def initial(
+        cls,
+        round_index: int,
+        eval_loss: dict[str, float],
+        mean_eval_loss: float,
+        global_state: str,
+        global_hash: str,
+    ) -> RoundRecord:
+        """The record of a run's starting state: evaluated, nothing trained or sent yet."""
+        return cls(
+            round=round_index,
+            eval_loss=eval_loss,
+            mean_eval_loss=mean_eval_loss,
+            participants=[],
+            upload_bytes=0.0,
+            download_bytes=0,
+            traffic_per_client=0.0,
+            cumulative_traffic_per_client=0.0,
+            server_seconds=0.0,
+            train_loss=None,
+            global_state=global_state,
+            global_hash=global_hash,
+        )
+
 
 def output_is_new(out_dir: Path) -> bool:
     """True for a missing or empty directory; False for an earlier simulate run; else refuse."""
@@ -347,19 +372,12 @@ def simulate(
                     initial_eval[seed] = dict(zip(("eval_loss", "mean"), scores(start_path), strict=True))
                 records.append(
                     asdict(
-                        RoundRecord(
-                            round=0,
-                            eval_loss=initial_eval[seed]["eval_loss"],
-                            mean_eval_loss=initial_eval[seed]["mean"],
-                            participants=[],
-                            upload_bytes=0.0,
-                            download_bytes=0,
-                            traffic_per_client=0.0,
-                            cumulative_traffic_per_client=0.0,
-                            server_seconds=0.0,
-                            train_loss=None,
-                            global_state=str(start_path.relative_to(out_dir)),
-                            global_hash=head.content_hash,
+                        RoundRecord.initial(
+                            0,
+                            initial_eval[seed]["eval_loss"],
+                            initial_eval[seed]["mean"],
+                            str(start_path.relative_to(out_dir)),
+                            head.content_hash,
                         )
                     )
                 )

@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedsrd_cli.artifacts import Artifact
 from fedsrd_cli.errors import FedsrdError
 from fedsrd_cli.flower import wire
 from fedsrd_cli.flower.coordinator import Coordinator
@@ -82,6 +83,16 @@ def _query_state(message: Message, context: Context) -> Message:
     return Message(wire.content(config={"client-id": site.client_id, "holds": holds}), reply_to=message)
 
 
+def _evaluation_reply(site: Site, state: Artifact, config: dict, message: Message) -> Message:
+    """Evaluate `state` on the site's eval data and answer `message` with its loss and hash."""
+    loss = site.evaluate(state, int(config.get("max-length", 512)))
+    answer = {"client-id": site.client_id, "state-hash": state.header.content_hash}
+    return Message(
+        wire.content(config=answer, metrics={"eval-loss": loss} if loss is not None else None),
+        reply_to=message,
+    )
+
+
 @client_app.evaluate()
 @_answers_errors
 def _evaluate(message: Message, context: Context) -> Message:
@@ -93,12 +104,7 @@ def _evaluate(message: Message, context: Context) -> Message:
         str(question["state-hash"]),
         wire.artifact_bytes(message.content, wire.STATE),
     )
-    loss = site.evaluate(state, int(question.get("max-length", 512)))
-    answer = {"client-id": site.client_id, "state-hash": state.header.content_hash}
-    return Message(
-        wire.content(config=answer, metrics={"eval-loss": loss} if loss is not None else None),
-        reply_to=message,
-    )
+    return _evaluation_reply(site, state, question, message)
 
 
 @client_app.train()
@@ -138,9 +144,4 @@ def _apply(message: Message, context: Context) -> Message:
             str(instructions["result-hash"]),
             wire.artifact_bytes(message.content, wire.STATE),
         )
-    loss = site.evaluate(state, int(instructions.get("max-length", 512)))
-    answer = {"client-id": site.client_id, "state-hash": state.header.content_hash}
-    return Message(
-        wire.content(config=answer, metrics={"eval-loss": loss} if loss is not None else None),
-        reply_to=message,
-    )
+    return _evaluation_reply(site, state, instructions, message)

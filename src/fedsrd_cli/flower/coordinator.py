@@ -410,19 +410,12 @@ class Coordinator:
         state = self.state
         assert state is not None
         record = asdict(
-            RoundRecord(
-                round=state.header.round,
-                eval_loss=dict(sorted(eval_loss.items())),
-                mean_eval_loss=statistics.fmean(eval_loss.values()) if eval_loss else 0.0,
-                participants=[],
-                upload_bytes=0.0,
-                download_bytes=0,
-                traffic_per_client=0.0,
-                cumulative_traffic_per_client=0.0,
-                server_seconds=0.0,
-                train_loss=None,
-                global_state=self.state_path.name,
-                global_hash=state.header.content_hash,
+            RoundRecord.initial(
+                state.header.round,
+                dict(sorted(eval_loss.items())),
+                statistics.fmean(eval_loss.values()) if eval_loss else 0.0,
+                self.state_path.name,
+                state.header.content_hash,
             )
         )
         if not eval_loss:
