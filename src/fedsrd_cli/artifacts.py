@@ -398,18 +398,30 @@ class Artifact:
 
     def upload_delta(self, name: str) -> torch.Tensor | None:
         """An upload's dense delta of PEFT tensor `name` (fp32), or None if not uploaded."""
+        found = self.upload_entries(name)
+        if found is None:
+            return None
+        positions, values = found
+        shape = tuple(self.header.layout[name])
+        if positions is None:
+            return values.reshape(shape)
+        dense = torch.zeros(math.prod(shape), dtype=torch.float32)
+        dense[positions] = values
+        return dense.reshape(shape)
+
+    def upload_entries(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """An upload's delta of PEFT tensor `name` as stored: (positions, values) with the
+        (count,) int64 row-major positions of the (count,) fp32 kept values, positions None for a
+        dense tensor (values then hold every element, row-major); None if not uploaded."""
         if name not in self.header.layout:
             return None
-        shape = tuple(self.header.layout[name])
         values = self.tensor(naming.values_key(name)).float()
-        dense = torch.zeros(math.prod(shape), dtype=torch.float32)
         if naming.positions_key(name) in self.shapes:
-            dense[self._kept_positions(name)] = values
-        elif naming.mask_key(name) in self.shapes:
-            dense[unpack_bits(self.tensor(naming.mask_key(name)), math.prod(shape))] = values
-        else:
-            return values.reshape(shape)
-        return dense.reshape(shape)
+            return self._kept_positions(name), values
+        if naming.mask_key(name) in self.shapes:
+            numel = math.prod(self.header.layout[name])
+            return unpack_bits(self.tensor(naming.mask_key(name)), numel).nonzero().reshape(-1), values
+        return None, values.reshape(-1)
 
     def upload_kept(self, name: str) -> torch.Tensor | None:
         """An upload's mask of layout tensor `name` (bool, its layout shape) from X.mask or

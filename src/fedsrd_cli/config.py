@@ -139,6 +139,13 @@ class SparsifyConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+# How the rank-r projection of W = sum_i w_i B_i A_i is computed (aggregate --truncation):
+#   exact       SVD from the stacked thin factors, O((d_out + d_in) (m r)^2): best for few clients
+#   randomized  randomized subspace iteration, 2 power iterations, sketch 2 r: linear in m
+#   auto        exact while m r <= 6 sketches (m <= 12 at the default sketch), randomized beyond
+TRUNCATIONS = ("auto", "exact", "randomized")
+
+
 @dataclass(frozen=True)
 class AggregateConfig:
     """Coordinator aggregation (method section 2)."""
@@ -147,8 +154,10 @@ class AggregateConfig:
     weighting: str = "uniform"
     max_update_norm: float | None = None
     on_outlier: str = "refuse"
+    truncation: str = "auto"
 
     def __post_init__(self) -> None:
+        _require(self.truncation in TRUNCATIONS, f"--truncation must be one of {list(TRUNCATIONS)}")
         _require(self.method in AGGREGATE_METHODS, f"--method must be one of {list(AGGREGATE_METHODS)}")
         _require(self.weighting in WEIGHTINGS, f"--weighting must be one of {list(WEIGHTINGS)}")
         _require(

@@ -10,7 +10,13 @@ import torch
 from fedsrd_cli import naming
 from fedsrd_cli.algorithms import ALGORITHMS, get_algorithm
 from fedsrd_cli.algorithms.protocol import apply_broadcast
-from fedsrd_cli.algorithms.steps import ClientFactors, FactorDelta, average_factors, encode_dare
+from fedsrd_cli.algorithms.steps import (
+    ClientFactors,
+    FactorDelta,
+    ReconstructedFactors,
+    average_factors,
+    encode_dare,
+)
 from fedsrd_cli.artifacts import read_artifact
 from fedsrd_cli.config import AGGREGATE_METHODS, AggregateConfig, BroadcastConfig, SparsifyConfig
 from fedsrd_cli.errors import MismatchError, UsageError
@@ -70,10 +76,17 @@ def test_fedavg_of_identical_clients_is_the_identity():
     a_prev, b_prev = torch.randn(4, 10, generator=generator), torch.zeros(6, 4)
     a_new = a_prev + 0.1 * torch.randn(4, 10, generator=generator)
     b_new = 0.1 * torch.randn(6, 4, generator=generator)
-    clients = ClientFactors(a_prev, b_prev, [a_new] * 3, [b_new] * 3, True, True)
+    a_prev, b_prev = a_prev.double(), b_prev.double()
+    clients = ClientFactors(
+        "m",
+        a_prev,
+        b_prev,
+        ReconstructedFactors.from_factors(a_prev, [a_new] * 3),
+        ReconstructedFactors.from_factors(b_prev, [b_new] * 3),
+    )
     mean_b, mean_a = average_factors(clients, [0.2, 0.3, 0.5], 4)
-    torch.testing.assert_close(mean_b, b_new, rtol=0, atol=1e-6)
-    torch.testing.assert_close(mean_a, a_new, rtol=0, atol=1e-6)
+    torch.testing.assert_close(mean_b, b_new.double(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(mean_a, a_new.double(), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["fedavg", "fedprox"])

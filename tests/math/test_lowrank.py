@@ -8,8 +8,10 @@ import torch
 from fedsrd_cli.math.lowrank import (
     balanced_truncation,
     choose_factor,
+    gram_basis,
     is_rank_deficient,
     product_svd,
+    randomized_svd,
     stack_factors,
     truncate_product,
     update_a,
@@ -102,3 +104,60 @@ def test_choose_factor_alternates_and_falls_back_on_rank_deficiency():
     deficient_a[2] = deficient_a[0]
     assert choose_factor(1, b, deficient_a) == "A"
     assert choose_factor(1, zero_b, deficient_a) == "B"  # both deficient: keep the schedule
+
+
+def test_gram_basis_spans_the_columns_and_drops_null_directions():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        3, 6, generator=g, dtype=torch.float64
+    )
+    v, sigma = gram_basis(x)  # x has rank 3 of 6 columns
+    q = x @ v / sigma
+    assert v.shape == (6, 3) and sigma.shape == (3,)
+    assert torch.allclose(q.T @ q, torch.eye(3, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(sigma, torch.linalg.svdvals(x)[:3], rtol=1e-10)
+    assert _rel(q @ torch.diag(sigma) @ v.T, x) < 1e-10
+    assert gram_basis(torch.zeros(5, 4, dtype=torch.float64))[1].numel() == 0
+
+
+def test_product_svd_of_zero_factors_is_empty_and_truncate_pads_with_zeros():
+    u, s, vh = product_svd(torch.zeros(7, 4, dtype=torch.float64), torch.ones(4, 5, dtype=torch.float64))
+    assert s.numel() == 0 and u.shape == (7, 0) and vh.shape == (0, 5)
+    left, right = truncate_product(
+        torch.zeros(7, 4, dtype=torch.float64), torch.ones(4, 5, dtype=torch.float64), 3
+    )
+    assert left.shape == (7, 3) and right.shape == (3, 5) and not left.any() and not right.any()
+
+
+def test_product_svd_resolves_an_update_that_is_small_against_the_state():
+    """Clients' factors that differ by 1e-5 of the shared state (near-collinear stacked columns):
+    the truncation still matches the dense one to 1e-8 of the update, not of W."""
+    g = torch.Generator().manual_seed(6)
+    b = torch.randn(60, 4, generator=g, dtype=torch.float64)
+    a = torch.randn(4, 50, generator=g, dtype=torch.float64)
+    bs = [b + 1e-5 * torch.randn(60, 4, generator=g, dtype=torch.float64) for _ in range(5)]
+    as_ = [a + 1e-5 * torch.randn(4, 50, generator=g, dtype=torch.float64) for _ in range(5)]
+    left, right = stack_factors(bs, as_, [0.2] * 5)
+    u, s, vh = torch.linalg.svd(left @ right)
+    reference = u[:, :4] @ torch.diag(s[:4]) @ vh[:4]
+    t_left, t_right = truncate_product(left, right, 4)
+    update = torch.linalg.matrix_norm(reference - b @ a)
+    assert (torch.linalg.matrix_norm(t_left @ t_right - reference) / update).item() < 1e-8
+
+
+@pytest.mark.parametrize("power_iterations", [0, 2])
+def test_randomized_svd_matches_the_dense_truncated_svd_of_a_decaying_spectrum(power_iterations):
+    g = torch.Generator().manual_seed(7)
+    u0, _ = torch.linalg.qr(torch.randn(80, 30, generator=g, dtype=torch.float64))
+    v0, _ = torch.linalg.qr(torch.randn(70, 30, generator=g, dtype=torch.float64))
+    spectrum = 0.5 ** torch.arange(30, dtype=torch.float64)  # sigma_{j+1} / sigma_j = 1/2
+    w = u0 @ torch.diag(spectrum) @ v0.T  # (80, 70)
+    u, s, vh = randomized_svd(lambda x: w @ x, lambda y: w.T @ y, (80, 70), 4, 14, power_iterations, 0)
+    assert u.shape == (80, 4) and s.shape == (4,) and vh.shape == (4, 70)
+    reference = u0[:, :4] @ torch.diag(spectrum[:4]) @ v0[:, :4].T
+    optimum = torch.linalg.matrix_norm(w - reference)
+    ours = torch.linalg.matrix_norm(w - u @ torch.diag(s) @ vh)
+    assert (ours / optimum).item() < (1.0 + 1e-3 if power_iterations == 0 else 1.0 + 1e-9)
+    assert torch.allclose(u.T @ u, torch.eye(4, dtype=torch.float64), atol=1e-10)
+    again = randomized_svd(lambda x: w @ x, lambda y: w.T @ y, (80, 70), 4, 14, power_iterations, 0)
+    assert torch.equal(again[1], s)  # same seed, same result

@@ -32,6 +32,9 @@ from fedsrd_cli.algorithms.steps import (
     ModuleUpdate,
     client_factors,
     clip_clients,
+    reconstruct_balanced,
+    reconstruct_truncated,
+    truncation_route,
     upload_seed,
 )
 from fedsrd_cli.artifacts import Artifact, Header, LocalAdapter, content_hash
@@ -41,7 +44,8 @@ from fedsrd_cli.math.masks import seeded_keep_mask
 from fedsrd_cli.math.positions import store_mask
 
 Encoder = Callable[[FactorDelta, SparsifyConfig], Encoded]
-Combiner = Callable[[ClientFactors, Sequence[float], int], tuple[torch.Tensor, torch.Tensor]]
+# (clients, weights, rank, truncation) -> the factored aggregate (left (d_out, k), right (k, d_in))
+Combiner = Callable[[ClientFactors, Sequence[float], int, str], tuple[torch.Tensor, torch.Tensor]]
 Decomposer = Callable[
     [str, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Download], ModuleUpdate
 ]
@@ -184,7 +188,7 @@ class Method(Algorithm):
             else:
                 if any(scale < 1.0 for scale in scales):
                     clients, module_weights = clip_clients(clients, weights, scales)
-                left, right = self.combine(clients, module_weights, rank)
+                left, right = self.combine(clients, module_weights, rank, config.truncation)
             left_name, right_name = naming.aggregate_keys(module)
             tensors[left_name] = left.float()  # (d_out, k)
             tensors[right_name] = right.float()  # (k, d_in)
@@ -202,6 +206,11 @@ class Method(Algorithm):
                     {"client_id": u.header.client_id, "upload": u.header.content_hash, "weight": w}
                     for u, w in zip(uploads, weights, strict=True)
                 ],
+                **(
+                    {"truncation": truncation_route(config.truncation, len(uploads) * rank, rank)}
+                    if self.combine in (reconstruct_truncated, reconstruct_balanced)
+                    else {}
+                ),
                 **(
                     {
                         "max_update_norm": config.max_update_norm,

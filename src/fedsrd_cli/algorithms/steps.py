@@ -34,13 +34,14 @@ from fedsrd_cli.math.importance import (
     sparsify_delta,
 )
 from fedsrd_cli.math.lowrank import (
-    balanced_truncation,
     choose_factor,
     masked_update_a,
     masked_update_b,
+    pad_factors,
+    product_svd,
+    randomized_svd,
     scheduled_factor,
     stack_factors,
-    truncate_product,
     update_a,
     update_b,
     update_error_norms,
@@ -151,36 +152,100 @@ def encode_dare(item: FactorDelta, config: SparsifyConfig) -> Encoded:
 # --------------------------------------------------------------------------- coordinator: combiners
 
 
+# A client's stored delta of one factor: (positions (c,) int32 or None when dense, values (c,) fp32).
+StoredDelta = tuple[torch.Tensor | None, torch.Tensor]
+
+
+class ReconstructedFactors(Sequence[torch.Tensor]):
+    """Every client's factor of one module, prev + delta_i (float64), rebuilt on each access.
+
+    prev (rows, cols) float64; entries[i] is client i's delta as its upload stores it
+    (StoredDelta), or None when client i left this factor unchanged. A module's m clients
+    cost what their uploads hold (8 bytes per kept element), not m dense float64 factors,
+    so routes that read the clients block by block (steps.truncated_svd) keep memory flat.
+    """
+
+    def __init__(self, prev: torch.Tensor, entries: Sequence[StoredDelta | None]):
+        self.prev = prev
+        self.entries = list(entries)
+
+    @classmethod
+    def from_factors(cls, prev: torch.Tensor, factors: Sequence[torch.Tensor]) -> ReconstructedFactors:
+        """From dense factors (rows, cols) each: their deltas to prev, stored dense."""
+        return cls(prev, [(None, (f.double() - prev).float().reshape(-1)) for f in factors])
+
+    @property
+    def changed(self) -> bool:
+        """Whether any client changed this factor."""
+        return any(entry is not None for entry in self.entries)
+
+    def extended(self, count: int) -> ReconstructedFactors:
+        """These clients, then `count` more that left the factor at prev."""
+        return ReconstructedFactors(self.prev, [*self.entries, *([None] * count)])
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        entry = self.entries[index]
+        if entry is None:
+            return self.prev
+        positions, values = entry
+        delta = values.double() if positions is None else _scatter(positions, values, self.prev.numel())
+        return self.prev + delta.reshape(self.prev.shape)
+
+
+def _scatter(positions: torch.Tensor, values: torch.Tensor, numel: int) -> torch.Tensor:
+    dense = torch.zeros(numel, dtype=torch.float64)
+    dense[positions.long()] = values.double()
+    return dense
+
+
 @dataclass(frozen=True)
 class ClientFactors:
     """One module's previous factors and every client's reconstructed ones (float64).
 
-    a_prev (r, d_in), b_prev (d_out, r); as_[i] = a_prev + dA_i, bs[i] = b_prev + dB_i
-    (a factor a client did not upload counts as unchanged); changed_a / changed_b: whether
-    any client uploaded that factor.
+    module: its name (seeds the randomized route); a_prev (r, d_in), b_prev (d_out, r);
+    as_[i] = a_prev + dA_i, bs[i] = b_prev + dB_i (a factor a client did not upload counts
+    as unchanged), rebuilt on access from the uploads' stored deltas.
     """
 
+    module: str
     a_prev: torch.Tensor
     b_prev: torch.Tensor
-    as_: list[torch.Tensor]
-    bs: list[torch.Tensor]
-    changed_a: bool
-    changed_b: bool
+    as_: ReconstructedFactors
+    bs: ReconstructedFactors
+
+    @property
+    def changed_a(self) -> bool:
+        return self.as_.changed
+
+    @property
+    def changed_b(self) -> bool:
+        return self.bs.changed
+
+
+def _stored(upload: Artifact, name: str) -> StoredDelta | None:
+    found = upload.upload_entries(name)
+    if found is None:
+        return None
+    positions, values = found
+    return (None if positions is None else positions.to(torch.int32)), values
 
 
 def client_factors(global_state: Artifact, uploads: Sequence[Artifact], module: str) -> ClientFactors:
     """Reconstruct every client's factors of `module` from the uploads (method section 2)."""
     a_prev, b_prev = (t.double() for t in global_state.factors(module))
     name_a, name_b = naming.factor_key(module, "A"), naming.factor_key(module, "B")
-    as_, bs = [], []
-    changed_a = changed_b = False
-    for upload in uploads:
-        delta_a, delta_b = upload.upload_delta(name_a), upload.upload_delta(name_b)
-        changed_a = changed_a or delta_a is not None
-        changed_b = changed_b or delta_b is not None
-        as_.append(a_prev if delta_a is None else a_prev + delta_a.double())
-        bs.append(b_prev if delta_b is None else b_prev + delta_b.double())
-    return ClientFactors(a_prev, b_prev, as_, bs, changed_a, changed_b)
+    return ClientFactors(
+        module,
+        a_prev,
+        b_prev,
+        ReconstructedFactors(a_prev, [_stored(u, name_a) for u in uploads]),
+        ReconstructedFactors(b_prev, [_stored(u, name_b) for u in uploads]),
+    )
 
 
 def clip_clients(
@@ -192,44 +257,111 @@ def clip_clients(
     full-rank update B_i A_i - B_prev A_prev is scaled by exactly s_i: the clipped client adds
     the pair (B_prev, A_prev) with weight w_i (1 - s_i). Unclipped clients are unchanged.
     """
-    as_, bs, out_weights = list(clients.as_), list(clients.bs), []
-    for weight, scale in zip(weights, scales, strict=True):
-        out_weights.append(weight * scale)
-    for weight, scale in zip(weights, scales, strict=True):
-        if scale < 1.0:
-            as_.append(clients.a_prev)
-            bs.append(clients.b_prev)
-            out_weights.append(weight * (1.0 - scale))
-    return replace(clients, as_=as_, bs=bs), out_weights
+    out_weights = [weight * scale for weight, scale in zip(weights, scales, strict=True)]
+    extra = [weight * (1.0 - scale) for weight, scale in zip(weights, scales, strict=True) if scale < 1.0]
+    clipped = replace(clients, as_=clients.as_.extended(len(extra)), bs=clients.bs.extended(len(extra)))
+    return clipped, out_weights + extra
+
+
+# The truncation routes (config.TRUNCATIONS): exact = product_svd of the stacked thin factors;
+# randomized = randomized_svd, reading the clients block by block.
+POWER_ITERATIONS = 2
+# The exact route costs ~2 (d_out + d_in) k^2 flops for k = m r inner columns, the randomized
+# one ~2 (d_out + d_in) k s (2 q + 2) for a sketch of s columns: exact is cheaper (and exact)
+# up to k = (2 q + 2) s.
+EXACT_UP_TO_SKETCHES = 2 * POWER_ITERATIONS + 2
+CLIENT_BLOCK = 32
+
+
+def sketch_columns(rank: int) -> int:
+    """Columns of the randomized route's sketch: 2 r, at least r + 10."""
+    return max(2 * rank, rank + 10)
+
+
+def truncation_route(setting: str, inner: int, rank: int) -> str:
+    """ "exact" or "randomized" for `setting` (config.TRUNCATIONS) and k = m r inner columns."""
+    if setting != "auto":
+        return setting
+    return "exact" if inner <= EXACT_UP_TO_SKETCHES * sketch_columns(rank) else "randomized"
+
+
+def module_seed(module: str) -> int:
+    """Seed of a module's randomized sketch: sha256(module) as a 60-bit integer."""
+    return int(hashlib.sha256(module.encode()).hexdigest()[:15], 16)
+
+
+def truncated_svd(
+    clients: ClientFactors, weights: Sequence[float], rank: int, truncation: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-`rank` SVD (U (d_out, q), S (q,), Vh (q, d_in)) of W = sum_i w_i B_i A_i, by the
+    route truncation_route picks. The randomized route multiplies W block by block,
+    W X = sum_blocks L_b (R_b X), so at most CLIENT_BLOCK clients' dense factors exist at once.
+    """
+    d_out, d_in = clients.b_prev.shape[0], clients.a_prev.shape[1]
+    if truncation_route(truncation, len(weights) * rank, rank) == "exact":
+        return product_svd(*stack_factors(clients.bs, clients.as_, weights), rank)
+    blocks = [slice(start, start + CLIENT_BLOCK) for start in range(0, len(weights), CLIENT_BLOCK)]
+
+    def factors(block: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return stack_factors(clients.bs[block], clients.as_[block], weights[block])
+
+    def multiply(x: torch.Tensor) -> torch.Tensor:  # (d_in, s) -> W x (d_out, s)
+        out = torch.zeros(d_out, x.shape[1], dtype=torch.float64)
+        for block in blocks:
+            left, right = factors(block)
+            out += left @ (right @ x)
+        return out
+
+    def multiply_t(y: torch.Tensor) -> torch.Tensor:  # (d_out, s) -> W^T y (d_in, s)
+        out = torch.zeros(d_in, y.shape[1], dtype=torch.float64)
+        for block in blocks:
+            left, right = factors(block)
+            out += right.mT @ (left.mT @ y)
+        return out
+
+    return randomized_svd(
+        multiply,
+        multiply_t,
+        (d_out, d_in),
+        rank,
+        sketch_columns(rank),
+        POWER_ITERATIONS,
+        module_seed(clients.module),
+    )
 
 
 def reconstruct_truncated(
-    clients: ClientFactors, weights: Sequence[float], rank: int
+    clients: ClientFactors, weights: Sequence[float], rank: int, truncation: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FedSRD: W = sum_i w_i B_i A_i projected to rank r, as (U S (d_out, q), Vh (q, d_in))."""
-    return truncate_product(*stack_factors(clients.bs, clients.as_, weights), rank)
+    """FedSRD: W = sum_i w_i B_i A_i projected to rank r, as (U S (d_out, q), Vh (q, d_in)),
+    q = min(r, d_out, d_in), zero beyond W's rank."""
+    u, s, vh = truncated_svd(clients, weights, rank, truncation)
+    inner = len(weights) * rank  # W = L R has k = m r inner columns
+    return pad_factors(u * s, vh, min(rank, u.shape[0], inner, vh.shape[1]))
 
 
 def reconstruct_exact(
-    clients: ClientFactors, weights: Sequence[float], rank: int
+    clients: ClientFactors, weights: Sequence[float], rank: int, truncation: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FedSRD-e: W = sum_i w_i B_i A_i itself, as ([w_i B_i] (d_out, m r), [A_i] (m r, d_in))."""
     return stack_factors(clients.bs, clients.as_, weights)
 
 
 def reconstruct_balanced(
-    clients: ClientFactors, weights: Sequence[float], rank: int
+    clients: ClientFactors, weights: Sequence[float], rank: int, truncation: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlexLoRA: W = sum_i w_i B_i A_i truncated to rank r and split evenly,
-    (B' = U sqrt(S) (d_out, r), A' = sqrt(S) Vh (r, d_in))."""
-    return balanced_truncation(*stack_factors(clients.bs, clients.as_, weights), rank)
+    (B' = U sqrt(S) (d_out, r), A' = sqrt(S) Vh (r, d_in)), zero beyond W's rank."""
+    u, s, vh = truncated_svd(clients, weights, rank, truncation)
+    root = s.sqrt()
+    return pad_factors(u * root, root[:, None] * vh, rank)
 
 
 def average_factors(
-    clients: ClientFactors, weights: Sequence[float], rank: int
+    clients: ClientFactors, weights: Sequence[float], rank: int, truncation: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FedAvg: (sum_i w_i B_i (d_out, r), sum_i w_i A_i (r, d_in)), each factor on its own.
-    A factor no client uploaded stays exactly the previous one."""
+    """FedAvg: (sum_i w_i B_i (d_out, r), sum_i w_i A_i (r, d_in)), each factor on its own,
+    one client at a time. A factor no client uploaded stays exactly the previous one."""
     mean_b = sum(w * b for w, b in zip(weights, clients.bs, strict=True)) if clients.changed_b else None
     mean_a = sum(w * a for w, a in zip(weights, clients.as_, strict=True)) if clients.changed_a else None
     return (

@@ -12,7 +12,7 @@ Nothing here ever allocates a (d_out, d_in) matrix. Pure torch; no files.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -31,35 +31,107 @@ def stack_factors(
     return left, right
 
 
+def gram_basis(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An orthonormal basis of x's column space, read off its Gram matrix (no QR).
+
+    x: (n, k) -> v (k, p), sigma (p,), p = numerical rank of x, sigma descending, with
+        x^T x = V diag(lam) V^T (eigendecomposition), sigma = sqrt(lam) for lam > tol,
+        Q = x v diag(1 / sigma) (n, p) orthonormal and x = Q diag(sigma) v^T.
+    tol = k * eps * lam_max: directions below it are numerically null and dropped, so a
+    zero or rank-deficient x is fine. Cost: one (k, k) Gram product, 2 n k^2 flops, and an
+    eigendecomposition of size k; about a third of a Householder QR for n >> k, since the
+    Gram product is one matrix multiply. Singular values below sqrt(tol) are lost, which
+    perturbs x v diag(sigma) by at most sqrt(tol) (relative to sigma_max) in each lost one.
+    """
+    gram = x.mT @ x  # (k, k)
+    lam, vecs = torch.linalg.eigh(gram)  # ascending
+    lam, vecs = lam.flip(0), vecs.flip(1)  # descending
+    tol = lam[0].clamp(min=0.0) * x.shape[1] * torch.finfo(x.dtype).eps
+    kept = lam > tol if bool(lam[0] > 0) else torch.zeros_like(lam, dtype=torch.bool)
+    return vecs[:, kept], lam[kept].sqrt()
+
+
 def product_svd(
     left: torch.Tensor, right: torch.Tensor, rank: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of W = left @ right from its factors, optionally only the top `rank` triplets.
 
-    left: (d_out, k), right: (k, d_in) -> U (d_out, q), S (q,), Vh (q, d_in),
-    q = min(k, d_out, d_in, rank); W = U diag(S) Vh exactly when rank is None; S descending.
-    left = Q_l R_l, right^T = Q_r R_r (reduced QR), core = R_l R_r^T = U_c S Vh_c,
-    U = Q_l U_c, Vh = Vh_c Q_r^T.
+    left: (d_out, k), right: (k, d_in) -> U (d_out, q), S (q,), Vh (q, d_in), S descending,
+    q = min(p, rank) where p <= min(k, d_out, d_in) is W's numerical rank (zero singular
+    values are left out: a zero W gives q = 0). W = U diag(S) Vh when rank is None.
+    With gram_basis: left = Q_l diag(s_l) V_l^T, right^T = Q_r diag(s_r) V_r^T, so
+        W = Q_l core Q_r^T,  core = diag(s_l) V_l^T V_r diag(s_r)  (p_l, p_r),
+    core = U_c S Vh_c (dense SVD), U = Q_l U_c = left (V_l diag(1/s_l) U_c) and
+    Vh = Vh_c Q_r^T = (Vh_c diag(1/s_r) V_r^T) right: only the kept triplets are formed.
     """
-    if left.stride(0) != 1:  # LAPACK works column-major: copy once here, not inside QR
-        left = left.mT.contiguous().mT
-    q_l, r_l = torch.linalg.qr(left)  # (d_out, p), (p, k)
-    q_r, r_r = torch.linalg.qr(right.mT)  # (d_in, s), (s, k)
-    core = r_l @ r_r.mT  # (p, s)
+    v_l, s_l = gram_basis(left)  # (k, p_l), (p_l,)
+    v_r, s_r = gram_basis(right.mT)  # (k, p_r), (p_r,)
+    core = s_l[:, None] * (v_l.mT @ v_r) * s_r[None, :]  # (p_l, p_r)
     u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)
+    q = int((s > s[0] * max(core.shape) * torch.finfo(s.dtype).eps).sum()) if s.numel() else 0
     if rank is not None:
-        u_c, s, vh_c = u_c[:, :rank], s[:rank], vh_c[:rank]
-    return q_l @ u_c, s, vh_c @ q_r.mT
+        q = min(q, rank)
+    u_c, s, vh_c = u_c[:, :q], s[:q], vh_c[:q]
+    u = left @ (v_l @ (u_c / s_l[:, None]))  # (d_out, q)
+    vh = ((vh_c / s_r[None, :]) @ v_r.mT) @ right  # (q, d_in)
+    return u, s, vh
 
 
 def truncate_product(left: torch.Tensor, right: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-`rank` approximation of W = left @ right, as factors.
 
     left: (d_out, k), right: (k, d_in) -> (d_out, q), (q, d_in), q = min(rank, k, d_out, d_in)
-    W_r = (U[:, :q] diag(S[:q])) @ Vh[:q]   (Eckart-Young)
+    W_r = (U[:, :q] diag(S[:q])) @ Vh[:q]   (Eckart-Young); when W has fewer than q nonzero
+    singular values, the missing columns and rows are zero.
     """
     u, s, vh = product_svd(left, right, rank)
-    return u * s, vh
+    return pad_factors(u * s, vh, min(rank, left.shape[0], left.shape[1], right.shape[1]))
+
+
+def pad_factors(left: torch.Tensor, right: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_out, p), (p, d_in) with p <= q -> (d_out, q), (q, d_in), zero beyond p."""
+    padded_left = left.new_zeros(left.shape[0], q)
+    padded_right = right.new_zeros(q, right.shape[1])
+    padded_left[:, : left.shape[1]] = left
+    padded_right[: right.shape[0]] = right
+    return padded_left, padded_right
+
+
+def randomized_svd(
+    multiply: Callable[[torch.Tensor], torch.Tensor],
+    multiply_t: Callable[[torch.Tensor], torch.Tensor],
+    shape: tuple[int, int],
+    rank: int,
+    sketch: int,
+    power_iterations: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-`rank` SVD of a W seen only through products (randomized subspace iteration).
+
+    multiply(X (d_in, s)) -> W X (d_out, s); multiply_t(Y (d_out, s)) -> W^T Y (d_in, s);
+    shape = (d_out, d_in); sketch s >= rank columns; power_iterations q >= 0; seed of the
+    Gaussian test matrix (so a rerun gives the same factors).
+    -> U (d_out, q), S (q,), Vh (q, d_in) float64, q = min(rank, s), S descending, with
+        Q_0 = orth(W Omega), Omega (d_in, s) Gaussian;  Q_j = orth(W orth(W^T Q_{j-1})), j <= q;
+        Q_q^T W = U_s S Vh (dense SVD of an (s, d_in) matrix);  U = Q_q U_s, W_r = U S Vh.
+    W is touched 2 q + 2 times, each a product with s columns: for W = L R with k inner columns,
+    O((d_out + d_in) k s (q + 1)) flops, linear in k, against O((d_out + d_in) k^2) for
+    product_svd. The error ||W - W_r|| is within a factor (1 + small) of Eckart-Young's
+    when sigma_{s+1} / sigma_r is small, and the factor shrinks like that ratio^(2q+1)
+    (Halko, Martinsson and Tropp 2011, section 10).
+    """
+    d_out, d_in = shape
+    s = min(sketch, d_out, d_in)
+    generator = torch.Generator().manual_seed(seed)
+    omega = torch.randn(d_in, s, generator=generator, dtype=torch.float64)  # (d_in, s)
+    basis = torch.linalg.qr(multiply(omega)).Q  # (d_out, s)
+    for _ in range(power_iterations):
+        co_basis = torch.linalg.qr(multiply_t(basis)).Q  # (d_in, s)
+        basis = torch.linalg.qr(multiply(co_basis)).Q  # (d_out, s)
+    projected = multiply_t(basis).mT  # (s, d_in) = Q^T W
+    u_s, sv, vh = torch.linalg.svd(projected, full_matrices=False)
+    q = min(rank, sv.numel())
+    return basis @ u_s[:, :q], sv[:q], vh[:q]
 
 
 def balanced_truncation(
@@ -72,14 +144,9 @@ def balanced_truncation(
     so B' A' = W_r (Eckart-Young). When q < rank the missing columns of B' and rows of A'
     are zero, so the factors always have LoRA's shapes.
     """
-    u, s, vh = product_svd(left, right)
-    q = min(rank, s.numel())
-    root = s[:q].sqrt()
-    new_b = left.new_zeros(left.shape[0], rank)
-    new_a = right.new_zeros(rank, right.shape[1])
-    new_b[:, :q] = u[:, :q] * root
-    new_a[:q] = root[:, None] * vh[:q]
-    return new_b, new_a
+    u, s, vh = product_svd(left, right, rank)
+    root = s.sqrt()
+    return pad_factors(u * root, root[:, None] * vh, rank)
 
 
 def is_rank_deficient(x: torch.Tensor) -> bool:
