@@ -1,10 +1,11 @@
-"""product_frobenius_norm against the dense reference."""
+"""product_frobenius_norm and one_factor_misses against dense references."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from fedsrd_cli.math.lowrank import product_frobenius_norm
+from fedsrd_cli.math.lowrank import one_factor_misses, product_frobenius_norm
 
 
 def test_matches_dense_norm() -> None:
@@ -24,3 +25,26 @@ def test_update_of_a_lora_pair_and_zero() -> None:
     dense = torch.linalg.matrix_norm(b_new @ a_new - b @ a)
     assert torch.allclose(product_frobenius_norm(left, right), dense, rtol=1e-10)
     assert float(product_frobenius_norm(torch.cat([b, -b], 1), torch.cat([a, a], 0))) < 1e-6
+
+
+def test_one_factor_misses_match_the_dense_residuals():
+    g = torch.Generator().manual_seed(3)
+    left = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    right = torch.randn(6, 20, generator=g, dtype=torch.float64)
+    b_prev = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    a_prev = torch.randn(3, 20, generator=g, dtype=torch.float64)
+    delta_b = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    delta_a = torch.randn(3, 20, generator=g, dtype=torch.float64)
+    w = left @ right
+    miss_b, miss_a = one_factor_misses(left, right, b_prev, a_prev, delta_b, delta_a)
+    assert miss_b == pytest.approx(
+        float(torch.linalg.matrix_norm((b_prev + delta_b) @ a_prev - w)), rel=1e-10
+    )
+    assert miss_a == pytest.approx(
+        float(torch.linalg.matrix_norm(b_prev @ (a_prev + delta_a) - w)), rel=1e-10
+    )
+    # W = B_prev A_prev and no update: nothing to miss (up to the cancellation of squares)
+    zero_b, zero_a = torch.zeros_like(b_prev), torch.zeros_like(a_prev)
+    assert one_factor_misses(b_prev, a_prev, b_prev, a_prev, zero_b, zero_a) == pytest.approx(
+        (0.0, 0.0), abs=1e-6
+    )

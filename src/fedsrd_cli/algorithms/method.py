@@ -16,7 +16,7 @@ from fedsrd_cli import naming
 from fedsrd_cli.algorithms.base import Algorithm, Payload, Track, no_progress
 from fedsrd_cli.algorithms.diagnostics import BroadcastDiagnostics
 from fedsrd_cli.algorithms.protocol import (
-    apply_update,
+    apply_values,
     check_aggregate,
     check_local,
     check_uploads,
@@ -249,6 +249,7 @@ class Method(Algorithm):
         layout: dict[str, list[int]] = {}
         fallbacks: list[str] = []
         diagnostics = BroadcastDiagnostics()
+        next_tensors: dict[str, torch.Tensor] = {}  # the next state, built as apply_update builds it
         modules = global_state.modules()
         for module in track(modules, len(modules), "broadcast"):
             prev = dict(zip(("A", "B"), global_state.factors(module), strict=True))  # fp32
@@ -276,10 +277,9 @@ class Method(Algorithm):
                 values = delta[mask].to(value_dtype)  # (kept,)
                 tensors[naming.values_key(name)] = values
                 layout[name] = list(delta.shape)
-                step = torch.zeros(delta.shape, dtype=torch.float32)
-                step[mask] = values.float()
-                after[factor] = prev[factor] + step  # what apply_update computes
+                after[factor] = apply_values(prev[factor], mask, values)  # as every client will
             diagnostics.add(module, left, right, prev, after)
+            next_tensors.update({naming.factor_key(module, f): t for f, t in after.items()})
         head = global_state.header
         header = Header(
             kind="broadcast",
@@ -310,6 +310,8 @@ class Method(Algorithm):
         )
         if not tensors:
             raise MismatchError(f"{aggregate.path}: the aggregate changes no module; nothing to send")
-        next_tensors = apply_update(global_state, header, tensors.__getitem__)
+        for name in global_state.names:  # anything no module owns is carried over, as apply_update does
+            next_tensors.setdefault(name, global_state.tensor(name))
+        next_tensors = {name: next_tensors[name] for name in global_state.names}
         header = replace(header, result_hash=content_hash(next_tensors))
         return Payload(header, tensors), Payload(next_state_header(global_state, self.name), next_tensors)

@@ -205,9 +205,9 @@ def apply_update(
     """The next global state's tensors: G + the broadcast's sparse deltas.
 
     For each tensor NAME in the broadcast layout:
-        next[NAME] = G[NAME] + scatter(mask(seed, NAME), values(NAME) as fp32)
-    Every other tensor is copied. The coordinator and every client run this same
-    function on the same bits, so they hold the same state.
+        next[NAME] = apply_values(G[NAME], mask(seed, NAME), values(NAME))
+    Every other tensor is copied. Every client runs this function, and the coordinator's
+    broadcast runs apply_values on the same bits, so they hold the same state.
     """
     out: dict[str, torch.Tensor] = {}
     for name in global_state.names:
@@ -217,10 +217,16 @@ def apply_update(
             continue
         shape = tuple(broadcast.layout[name])
         mask = seeded_keep_mask(broadcast.seed, name, shape, broadcast.download_sparsity)
-        update = torch.zeros(shape, dtype=current.dtype)
-        update[mask] = values(naming.values_key(name)).to(current.dtype)
-        out[name] = current + update
+        out[name] = apply_values(current, mask, values(naming.values_key(name)))
     return out
+
+
+def apply_values(current: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """One factor after a broadcast: current (rows, cols) + the (kept,) values scattered to the
+    bool mask (rows, cols), in current's dtype: next = current + scatter(mask, values)."""
+    update = torch.zeros(current.shape, dtype=current.dtype)
+    update[mask] = values.to(current.dtype)
+    return current + update
 
 
 def apply_broadcast(global_state: Artifact, broadcast: Artifact) -> Payload:

@@ -37,6 +37,7 @@ from fedsrd_cli.math.lowrank import (
     choose_factor,
     masked_update_a,
     masked_update_b,
+    one_factor_misses,
     pad_factors,
     product_svd,
     randomized_svd,
@@ -44,7 +45,6 @@ from fedsrd_cli.math.lowrank import (
     stack_factors,
     update_a,
     update_b,
-    update_error_norms,
 )
 from fedsrd_cli.math.masks import seeded_keep_mask
 
@@ -399,14 +399,6 @@ class Download:
     factor_choice: str
 
 
-def _least_squares_miss(
-    factor: str, delta: torch.Tensor, left: torch.Tensor, right: torch.Tensor, b_prev, a_prev
-) -> float:
-    """||(B_prev + dB) A_prev - W||_F for factor "B", ||B_prev (A_prev + dA) - W||_F for "A"."""
-    b_next, a_next = (b_prev + delta, a_prev) if factor == "B" else (b_prev, a_prev + delta)
-    return update_error_norms(left, right, b_prev, a_prev, b_next, a_next)[0]
-
-
 def alternating_update(
     module: str,
     round_index: int,
@@ -437,8 +429,8 @@ def alternating_update(
         factor = choose_factor(round_index, b_prev, a_prev)
     else:
         deltas = {f: whole[f](left, right, b_prev, a_prev, download.damping) for f in ("B", "A")}
-        misses = {f: _least_squares_miss(f, d, left, right, b_prev, a_prev) for f, d in deltas.items()}
-        factor = "B" if misses["B"] <= misses["A"] else "A"
+        miss_b, miss_a = one_factor_misses(left, right, b_prev, a_prev, deltas["B"], deltas["A"])
+        factor = "B" if miss_b <= miss_a else "A"
     keep = download.keep(factor)
     if download.fit == "lstsq":
         masked = masked_update_b if factor == "B" else masked_update_a

@@ -84,6 +84,14 @@ def aggregate_cmd(
             "--on-outlier", help="refuse (error naming the client) or clip (scale it to the bound)."
         ),
     ] = "refuse",
+    truncation: Annotated[
+        str,
+        typer.Option(
+            "--truncation",
+            help="Rank-r projection: exact (stacked factors, cost ~ m^2), randomized (linear in m),"
+            " or auto (exact up to 12 clients at the default sketch).",
+        ),
+    ] = "auto",
     sign_key: SignKeyOpt = None,
     trust_dir: TrustOpt = None,
     force: ForceOpt = False,
@@ -99,7 +107,7 @@ def aggregate_cmd(
     from fedsrd_cli.signing import read_verified
 
     out = Output(json_mode)
-    config = AggregateConfig(method, weighting, max_update_norm, on_outlier)
+    config = AggregateConfig(method, weighting, max_update_norm, on_outlier, truncation)
     algorithm = get_algorithm(method)
     signer, trust = trust_from_flags(sign_key, trust_dir)
     ensure_writable(out_path, force)

@@ -257,6 +257,42 @@ def product_frobenius_norm(left: torch.Tensor, right: torch.Tensor) -> torch.Ten
     return torch.sqrt(torch.clamp((gram_left * gram_right).sum(), min=0.0))
 
 
+def one_factor_misses(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    b_prev: torch.Tensor,
+    a_prev: torch.Tensor,
+    delta_b: torch.Tensor,
+    delta_a: torch.Tensor,
+) -> tuple[float, float]:
+    """How far each one-factor update lands from W = left @ right: (miss_B, miss_A).
+
+    left (d_out, k), right (k, d_in), b_prev (d_out, r), a_prev (r, d_in), delta_b (d_out, r),
+    delta_a (r, d_in) -> (||(B_prev + dB) A_prev - W||_F, ||B_prev (A_prev + dA) - W||_F).
+    With T = W - B_prev A_prev (the target), G_A = A_prev A_prev^T and G_B = B_prev^T B_prev:
+        miss_B^2 = sum((dB^T dB) * G_A) - 2 <dB, T A_prev^T> + ||T||^2
+        miss_A^2 = sum(G_B * (dA dA^T)) - 2 <dA, B_prev^T T> + ||T||^2
+        T A_prev^T = left (right A_prev^T) - B_prev G_A,  B_prev^T T = (B_prev^T left) right - G_B A_prev
+        ||T||^2 = sum((L^T L) * (R R^T)) - 2 sum((L^T B_prev) * (R A_prev^T)) + sum(G_B * G_A)
+    Only (k, k), (k, r) and (r, r) products and two thin ones are formed: no concatenation,
+    nothing of size (d_out, d_in). Squares that round below zero count as 0.
+    """
+    gram_a = a_prev @ a_prev.mT  # (r, r)
+    gram_b = b_prev.mT @ b_prev  # (r, r)
+    right_a = right @ a_prev.mT  # (k, r)
+    left_b = left.mT @ b_prev  # (k, r)
+    target2 = (
+        ((left.mT @ left) * (right @ right.mT)).sum()
+        - 2.0 * (left_b * right_a).sum()
+        + (gram_b * gram_a).sum()
+    )
+    along_b = left @ right_a - b_prev @ gram_a  # (d_out, r) = T A_prev^T
+    along_a = left_b.mT @ right - gram_b @ a_prev  # (r, d_in) = B_prev^T T
+    miss_b2 = ((delta_b.mT @ delta_b) * gram_a).sum() - 2.0 * (delta_b * along_b).sum() + target2
+    miss_a2 = (gram_b * (delta_a @ delta_a.mT)).sum() - 2.0 * (delta_a * along_a).sum() + target2
+    return float(miss_b2.clamp(min=0.0).sqrt()), float(miss_a2.clamp(min=0.0).sqrt())
+
+
 def update_error_norms(
     left: torch.Tensor,
     right: torch.Tensor,
