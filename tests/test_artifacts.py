@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import time
 from dataclasses import replace
 
 import pytest
@@ -156,3 +159,30 @@ def test_atomic_write_never_replaces_without_force_and_leaves_no_temp(tmp_path):
     write_bytes_atomic(target, b"third", force=True)
     assert target.read_bytes() == b"third"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_a_file_changed_after_it_was_read_is_refused_not_read(tmp_path):
+    path = make_global(tmp_path / "g.safetensors")
+    artifact = read_artifact(path)
+    name = artifact.names[0]
+    original = artifact.tensor(name)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size, different bytes, a later modification time
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    with pytest.raises(ArtifactError, match="changed while it was being read"):
+        artifact.tensor(name)
+    assert original.shape == artifact.shapes[name]
+
+
+def test_many_artifacts_hold_no_open_files(tmp_path):
+    """Reading keeps no descriptor or mapping open: 60 artifacts read under a limit of
+    (files open now + 8)."""
+    paths = [make_global(tmp_path / f"g{i}.safetensors", seed=i) for i in range(60)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+    try:
+        artifacts = [read_artifact(p) for p in paths]
+        assert all(a.tensor(a.names[0]).numel() > 0 for a in artifacts)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -111,7 +111,7 @@ def test_warning_names_a_factor_that_moved_more_than_its_own_size(tmp_path):
 def test_broadcast_prints_the_warning_when_a_round_diverges(tmp_path):
     """Round 3 of the paper's download on the fixture's noisy clients inverts a weak B."""
     g0 = make_global(tmp_path / "g0.safetensors")
-    paper = ("--damping", "0", "--download-fit", "dare", "--factor-choice", "parity")
+    paper = ("--damping", "0", "--download-fit", "dare", "--factor-choice", "parity", "--value-dtype", "fp32")
     state = g0
     outputs = []
     for r in (1, 2, 3):

@@ -52,7 +52,7 @@ def _upload(tmp_path: Path, method: str, base_sparsity: float) -> tuple[Path, Pa
     g0 = _global(tmp_path / "g0.safetensors")
     local = make_local(g0, tmp_path / "local.safetensors", seed=4)
     cap = 0.0 if method == "fedsrd-fixed-ratio" else 0.11  # the fixed ratio uses no kurtosis term
-    config = SparsifyConfig(base_sparsity=base_sparsity, kurtosis_cap=cap)
+    config = SparsifyConfig(base_sparsity=base_sparsity, kurtosis_cap=cap, value_dtype="fp32")
     payload = get_algorithm(method).upload(read_artifact(g0), read_local(local), "c0", 5, config)
     path = tmp_path / "up.safetensors"
     write_artifact(path, payload.header, payload.tensors)

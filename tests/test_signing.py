@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fedsrd_cli.artifacts import encode_safetensors, read_artifact, write_artifact
+from fedsrd_cli.artifacts import encode_safetensors, open_safetensors, read_artifact, write_artifact
 from fedsrd_cli.cli import app
 from fedsrd_cli.errors import TrustError
 from fedsrd_cli.signing import SIGNATURE_FIELDS, SigningKey, Trust, generate_keypair, read_signature
@@ -70,7 +70,7 @@ def test_signing_keeps_content_hash_and_only_adds_metadata(world: dict[str, Path
     state = read_artifact(make_global(tmp_path / "plain.safetensors"))
     signed = read_artifact(world["g0"])
     assert signed.header == state.header  # same header, content hash included
-    meta = signed._handle.metadata()
+    meta = open_safetensors(world["g0"]).metadata()
     assert set(SIGNATURE_FIELDS) <= set(meta)
     trust = Trust.load(world["ct"])
     assert trust.verify_file(world["g0"]) == "coordinator"

@@ -339,13 +339,73 @@ def _check_delta_layout(
 # --------------------------------------------------------------------------- reading
 
 
+class TensorFile:
+    """Reads one tensor of a safetensors file at a time, with plain reads: no mapping, no
+    descriptor held between reads (an aggregate of 1,000 uploads stays within the open-file
+    limit, and its memory holds what it decoded, not every file it touched).
+
+    The file is identified by (device, inode, size, modification time) when opened; a read
+    that finds another file, or this one changed, raises ArtifactError instead of returning
+    bytes that were never verified.
+    """
+
+    def __init__(self, path: Path, data_start: int, offsets: dict[str, tuple[int, int]], identity: tuple):
+        self.path = path
+        self.data_start = data_start  # 8 + header length
+        self.offsets = offsets  # name -> (start, end) in the data section
+        self.identity = identity
+
+    @classmethod
+    def open(cls, path: Path, header_length: int) -> TensorFile:
+        try:
+            with path.open("rb") as handle:
+                identity = _identity(os.fstat(handle.fileno()))
+                handle.seek(8)
+                entries = json.loads(handle.read(header_length))
+        except (OSError, ValueError) as err:
+            raise ArtifactError(f"{path}: cannot be read ({err})") from None
+        offsets = {
+            name: (int(entry["data_offsets"][0]), int(entry["data_offsets"][1]))
+            for name, entry in entries.items()
+            if name != "__metadata__"
+        }
+        return cls(path, 8 + header_length, offsets, identity)
+
+    def read(
+        self, name: str, dtype: torch.dtype, shape: tuple[int, ...], count: int | None = None
+    ) -> torch.Tensor:
+        """Tensor `name` (or only its first `count` elements, flat) as stored."""
+        start, end = self.offsets[name]
+        numel = math.prod(shape) if count is None else count
+        out = torch.empty(numel, dtype=dtype)
+        buffer = memoryview(out.view(torch.uint8).numpy()) if numel else memoryview(b"")
+        try:
+            with self.path.open("rb") as handle:
+                if _identity(os.fstat(handle.fileno())) != self.identity:
+                    raise ArtifactError(
+                        f"{self.path}: changed while it was being read (size or modification time"
+                        " differs); make sure nothing writes to it, then run the command again"
+                    )
+                handle.seek(self.data_start + start)
+                got = handle.readinto(buffer) if numel else 0
+        except OSError as err:
+            raise ArtifactError(f"{self.path}: cannot be read ({err.strerror or err})") from None
+        if got != min(len(buffer), end - start):
+            raise ArtifactError(f"{self.path}: ends inside tensor {name}; truncated copy?")
+        return out if count is not None else out.reshape(shape)
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
 class Artifact:
     """A validated artifact on disk. Tensors are read one at a time, on demand."""
 
-    def __init__(self, path: Path, header: Header, handle: Any, shapes: dict, dtypes: dict):
+    def __init__(self, path: Path, header: Header, reader: TensorFile, shapes: dict, dtypes: dict):
         self.path = path
         self.header = header
-        self._handle = handle
+        self._reader = reader
         self.shapes: dict[str, tuple[int, ...]] = shapes
         self.dtypes: dict[str, torch.dtype] = dtypes
 
@@ -358,7 +418,7 @@ class Artifact:
         return sorted(self.shapes)
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self._handle.get_tensor(name)
+        return self._reader.read(name, self.dtypes[name], self.shapes[name])
 
     def numel(self) -> int:
         """Total elements of all tensors (for a state: the LoRA parameter count)."""
@@ -455,7 +515,7 @@ class Artifact:
         positions_name = naming.positions_key(name)
         if positions_name not in self.shapes:
             return None
-        k = int(self._handle.get_slice(positions_name)[0:1][0])
+        k = int(self._reader.read(positions_name, torch.uint8, self.shapes[positions_name], count=1)[0])
         return {"stored": "positions", "bytes": self.shapes[positions_name][0], "rice_k": k}
 
     def broadcast_mask(self, name: str) -> torch.Tensor:
@@ -534,8 +594,9 @@ def read_artifact(path: str | os.PathLike, kind: str | None = None, verify: bool
     if kind is not None and header.kind != kind:
         raise MismatchError(f"{path}: is a {header.kind} artifact, expected a {kind}")
     shapes, dtypes = _describe(handle)
+    del handle  # validated; reads go through TensorFile, so nothing stays mapped
     check_layout(header, shapes, dtypes, str(path))
-    artifact = Artifact(path, header, handle, shapes, dtypes)
+    artifact = Artifact(path, header, TensorFile.open(path, check_safetensors_start(path)), shapes, dtypes)
     if verify:
         artifact.verify()
     return artifact
@@ -727,7 +788,8 @@ def _read_peft(weights: Path, config_path: Path, like: Artifact | None) -> Local
         )
     placeholder = Header(kind="state", round=0, lora=lora, base_fingerprint="")
     check_layout(placeholder, shapes, dtypes, str(weights))
-    artifact = Artifact(weights, placeholder, handle, shapes, dtypes)
+    reader = TensorFile.open(weights, check_safetensors_start(weights))
+    artifact = Artifact(weights, placeholder, reader, shapes, dtypes)
     for name, tensor in artifact.iter_tensors():
         if not bool(torch.isfinite(tensor).all()):
             raise ArtifactError(f"{weights}: tensor {name} contains NaN or Inf")

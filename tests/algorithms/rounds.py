@@ -57,13 +57,17 @@ def upload(tmp: Path, method: str, global_file: Path, local_file: Path, client: 
     global_state = read_artifact(global_file)
     local = read_local(local_file)
     num_samples = local.header.num_samples if local.header else 0
-    payload = algorithm.upload(global_state, local, client, num_samples, config or SparsifyConfig())
+    payload = algorithm.upload(
+        global_state, local, client, num_samples, config or SparsifyConfig(value_dtype="fp32")
+    )
     return read_artifact(
         write(payload, tmp / f"upload-{method}-{client}-{global_file.stem}-{next(_serial)}.safetensors")
     )
 
 
 # The paper's one-factor download: exact pseudo-inverse, DARE rescale, B odd / A even.
+# Rounds here carry fp32 values (the default is bf16), so dense fp32/fp64 references are exact;
+# tests/algorithms/test_value_dtype.py covers bf16.
 PAPER_DOWNLOAD = {"damping": 0.0, "download_fit": "dare", "factor_choice": "parity"}
 
 
@@ -91,7 +95,9 @@ def run_round(
         )
     )
     sparsity = algorithm.default_download_sparsity if download_sparsity is None else download_sparsity
-    bc, nxt = algorithm.broadcast(global_state, agg, BroadcastConfig(sparsity, seed=5, **(download or {})))
+    bc, nxt = algorithm.broadcast(
+        global_state, agg, BroadcastConfig(sparsity, seed=5, value_dtype="fp32", **(download or {}))
+    )
     bc_art = read_artifact(write(bc, tmp / f"bc-{method}-{tag}.safetensors"))
     next_file = write(nxt, tmp / f"g-{method}-{tag}.safetensors")
     return uploads, agg, bc_art, next_file

@@ -33,7 +33,7 @@ def _kept(up, name):
 def test_fixed_ratio_keeps_exactly_the_base_sparsity_quantile(tmp_path):
     g0 = make_global(tmp_path / "g0.safetensors")
     (local,) = make_locals(tmp_path, g0, 1, "x")
-    config = SparsifyConfig(base_sparsity=0.85)
+    config = SparsifyConfig(base_sparsity=0.85, value_dtype="fp32")
     fixed = upload(tmp_path, "fedsrd-fixed-ratio", g0, local, "c0", config)
     adaptive = upload(tmp_path, "fedsrd", g0, local, "c0", config)
     assert set(fixed.header.info["prune_ratio"].values()) == {0.85}

@@ -189,7 +189,7 @@ def test_fed_dare_keeps_about_a_tenth_and_rescales_exactly(tmp_path):
 def test_fed_dare_upload_drop_is_configurable(tmp_path):
     g0 = make_global(tmp_path / "g0.safetensors")
     (local,) = make_locals(tmp_path, g0, 1, "x")
-    up = upload(tmp_path, "fed-dare", g0, local, "c0", SparsifyConfig(upload_drop=0.5))
+    up = upload(tmp_path, "fed-dare", g0, local, "c0", SparsifyConfig(upload_drop=0.5, value_dtype="fp32"))
     kept = sum(up.shapes[naming.values_key(n)][0] for n in up.header.layout)
     numel = read_artifact(g0).numel()
     assert abs(kept / numel - 0.5) < 5 * math.sqrt(0.25 / numel)
@@ -200,7 +200,7 @@ def test_fed_dare_upload_drop_is_configurable(tmp_path):
 def test_fed_dare_is_unbiased():
     generator = torch.Generator().manual_seed(3)
     delta = torch.randn(8, 16, generator=generator)
-    config = SparsifyConfig(upload_drop=0.9)
+    config = SparsifyConfig(upload_drop=0.9, value_dtype="fp32")
     seeds = 2000
     total = torch.zeros_like(delta, dtype=torch.float64)
     for seed in range(seeds):

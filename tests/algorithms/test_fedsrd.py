@@ -32,7 +32,9 @@ def _uploads(tmp: Path, global_file: Path, n: int, tag: str) -> list[Path]:
     paths = []
     for i in range(n):
         local = make_local(global_file, tmp / f"local-{tag}-{i}.safetensors", seed=100 + i, num_samples=5 + i)
-        payload = algorithm.upload(global_state, read_local(local), f"c{i}", 5 + i, SparsifyConfig())
+        payload = algorithm.upload(
+            global_state, read_local(local), f"c{i}", 5 + i, SparsifyConfig(value_dtype="fp32")
+        )
         paths.append(_write(payload, tmp / f"upload-{tag}-{i}.safetensors"))
     return paths
 
@@ -54,7 +56,9 @@ def _round(
         algorithm.aggregate(global_state, uploads, AggregateConfig(method, weighting)),
         tmp / f"agg-{tag}.safetensors",
     )
-    config = BroadcastConfig(sparsity, seed=11, **(PAPER_DOWNLOAD if download is None else download))
+    config = BroadcastConfig(
+        sparsity, seed=11, value_dtype="fp32", **(PAPER_DOWNLOAD if download is None else download)
+    )
     broadcast, next_state = algorithm.broadcast(global_state, read_artifact(agg), config)
     bc_path = _write(broadcast, tmp / f"bc-{tag}.safetensors")
     next_path = _write(next_state, tmp / f"g-{tag}.safetensors")
@@ -274,7 +278,7 @@ def test_upload_keeps_exactly_the_elements_above_the_ratio_quantile(tmp_path):
     g0 = make_global(tmp_path / "g0.safetensors")
     local = make_local(g0, tmp_path / "local.safetensors", seed=9)
     state, trained = read_artifact(g0), read_artifact(local)
-    config = SparsifyConfig()
+    config = SparsifyConfig(value_dtype="fp32")
     upload = get_algorithm("fedsrd").upload(state, read_local(local), "c", 1, config)
     for module in state.modules():
         a0, b0 = state.factors(module)

@@ -175,7 +175,9 @@ def sparsify_cmd(
     no_rescale: Annotated[
         bool, typer.Option("--no-rescale", help="Do not restore the L1 norm of kept values.")
     ] = False,
-    value_dtype: Annotated[str, typer.Option("--value-dtype", help="fp32, bf16 or fp16.")] = "fp32",
+    value_dtype: Annotated[
+        str, typer.Option("--value-dtype", help="fp32 (the paper's accounting), bf16 or fp16.")
+    ] = "bf16",
     method: Annotated[str, typer.Option("--method", help=f"Method: {METHODS_HELP}.")] = "fedsrd",
     upload_drop: Annotated[
         float, typer.Option("--upload-drop", help="fed-dare: drop probability p of each upload element.")

@@ -15,10 +15,12 @@ from fedsrd_cli.cli.options import (
     JsonOpt,
     OutOpt,
     SignKeyOpt,
+    ThreadsOpt,
     TrustOpt,
     check_client_id,
     sign_with,
     trust_from_flags,
+    use_threads,
 )
 from fedsrd_cli.cli.render import worst, written
 from fedsrd_cli.errors import UsageError
@@ -92,6 +94,7 @@ def aggregate_cmd(
             " or auto (exact up to 12 clients at the default sketch).",
         ),
     ] = "auto",
+    threads: ThreadsOpt = None,
     sign_key: SignKeyOpt = None,
     trust_dir: TrustOpt = None,
     force: ForceOpt = False,
@@ -108,6 +111,7 @@ def aggregate_cmd(
 
     out = Output(json_mode)
     config = AggregateConfig(method, weighting, max_update_norm, on_outlier, truncation)
+    use_threads(threads)
     algorithm = get_algorithm(method)
     signer, trust = trust_from_flags(sign_key, trust_dir)
     ensure_writable(out_path, force)
@@ -130,6 +134,7 @@ def aggregate_cmd(
             "method": method,
             "weighting": weighting,
             "clients": [a.header.client_id for a in artifacts],
+            **({"truncation": header.info["truncation"]} if "truncation" in header.info else {}),
             **({"update_norms": decisions} if decisions else {}),
             **({"norm_guard": _norm_summary(decisions)} if decisions else {}),
         },
@@ -161,7 +166,9 @@ def broadcast_cmd(
         int | None,
         typer.Option("--seed", help="Download-mask seed (default: from the aggregate's hash)."),
     ] = None,
-    value_dtype: Annotated[str, typer.Option("--value-dtype", help="fp32, bf16 or fp16.")] = "fp32",
+    value_dtype: Annotated[
+        str, typer.Option("--value-dtype", help="fp32 (the paper's accounting), bf16 or fp16.")
+    ] = "bf16",
     damping: Annotated[
         float | None,
         typer.Option(
@@ -189,6 +196,7 @@ def broadcast_cmd(
             show_default=False,
         ),
     ] = None,
+    threads: ThreadsOpt = None,
     sign_key: SignKeyOpt = None,
     trust_dir: TrustOpt = None,
     force: ForceOpt = False,
@@ -207,6 +215,7 @@ def broadcast_cmd(
     from fedsrd_cli.config import BroadcastConfig
     from fedsrd_cli.signing import read_verified
 
+    use_threads(threads)
     out = Output(json_mode)
     if out_path.resolve() == out_global.resolve():
         raise UsageError("--out and --out-global must be different files")

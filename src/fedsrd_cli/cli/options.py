@@ -67,6 +67,27 @@ TrustOpt = Annotated[
 ]
 
 
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="Threads for the large matrix products (default: torch's, one per core); small"
+        " factorizations always run on one thread.",
+    ),
+]
+
+
+def use_threads(threads: int | None) -> None:
+    """Apply --threads: torch.set_num_threads(threads) when given (>= 1)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def check_client_id(client: str) -> str:
     """A --client value: 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit."""
     if not CLIENT_ID_RE.match(client):

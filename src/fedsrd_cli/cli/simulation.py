@@ -131,7 +131,7 @@ def simulate_cmd(
         str | None,
         typer.Option(
             "--value-dtype",
-            help="Values of uploads and broadcasts: fp32, bf16 or fp16 (default fp32).",
+            help="Values of uploads and broadcasts: fp32, bf16 or fp16 (default bf16).",
             show_default=False,
         ),
     ] = None,

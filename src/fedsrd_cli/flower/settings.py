@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fedsrd_cli.config import _require
+from fedsrd_cli.config import DEFAULT_VALUE_DTYPE, _require
 from fedsrd_cli.errors import UsageError
 
 Scalar = bool | int | float | str
@@ -97,7 +97,7 @@ class ServerSettings:
     kurtosis_cap: float = 0.11
     rescale: bool = True
     upload_drop: float = 0.9
-    value_dtype: str = "fp32"
+    value_dtype: str = DEFAULT_VALUE_DTYPE
     weighting: str = "uniform"
     max_update_norm: float = -1.0
     on_outlier: str = "refuse"

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from fedsrd_cli.math.threads import single_threaded
+
 
 def stack_factors(
     bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor], weights: Sequence[float]
@@ -44,7 +46,8 @@ def gram_basis(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     perturbs x v diag(sigma) by at most sqrt(tol) (relative to sigma_max) in each lost one.
     """
     gram = x.mT @ x  # (k, k)
-    lam, vecs = torch.linalg.eigh(gram)  # ascending
+    with single_threaded():
+        lam, vecs = torch.linalg.eigh(gram)  # ascending
     lam, vecs = lam.flip(0), vecs.flip(1)  # descending
     tol = lam[0].clamp(min=0.0) * x.shape[1] * torch.finfo(x.dtype).eps
     kept = lam > tol if bool(lam[0] > 0) else torch.zeros_like(lam, dtype=torch.bool)
@@ -67,7 +70,8 @@ def product_svd(
     v_l, s_l = gram_basis(left)  # (k, p_l), (p_l,)
     v_r, s_r = gram_basis(right.mT)  # (k, p_r), (p_r,)
     core = s_l[:, None] * (v_l.mT @ v_r) * s_r[None, :]  # (p_l, p_r)
-    u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)
+    with single_threaded():
+        u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)
     q = int((s > s[0] * max(core.shape) * torch.finfo(s.dtype).eps).sum()) if s.numel() else 0
     if rank is not None:
         q = min(q, rank)
@@ -124,14 +128,21 @@ def randomized_svd(
     s = min(sketch, d_out, d_in)
     generator = torch.Generator().manual_seed(seed)
     omega = torch.randn(d_in, s, generator=generator, dtype=torch.float64)  # (d_in, s)
-    basis = torch.linalg.qr(multiply(omega)).Q  # (d_out, s)
+    basis = _orthonormal(multiply(omega))  # (d_out, s)
     for _ in range(power_iterations):
-        co_basis = torch.linalg.qr(multiply_t(basis)).Q  # (d_in, s)
-        basis = torch.linalg.qr(multiply(co_basis)).Q  # (d_out, s)
+        co_basis = _orthonormal(multiply_t(basis))  # (d_in, s)
+        basis = _orthonormal(multiply(co_basis))  # (d_out, s)
     projected = multiply_t(basis).mT  # (s, d_in) = Q^T W
-    u_s, sv, vh = torch.linalg.svd(projected, full_matrices=False)
+    with single_threaded():
+        u_s, sv, vh = torch.linalg.svd(projected, full_matrices=False)
     q = min(rank, sv.numel())
     return basis @ u_s[:, :q], sv[:q], vh[:q]
+
+
+def _orthonormal(x: torch.Tensor) -> torch.Tensor:
+    """Q of the reduced QR of x (n, s), n >= s: an orthonormal basis of its columns."""
+    with single_threaded():
+        return torch.linalg.qr(x).Q
 
 
 def balanced_truncation(
@@ -154,12 +165,14 @@ def is_rank_deficient(x: torch.Tensor) -> bool:
 
     Uses torch.linalg.matrix_rank's default tolerance, max(rows, cols) * eps * sigma_max.
     """
-    return int(torch.linalg.matrix_rank(x)) < min(x.shape)
+    with single_threaded():
+        return int(torch.linalg.matrix_rank(x)) < min(x.shape)
 
 
 def _ridge_scale(gram: torch.Tensor, damping: float) -> torch.Tensor:
     """lam = damping * sigma_max(X)^2, read off the Gram matrix X^T X (or X X^T) of the factor."""
-    return damping * torch.linalg.eigvalsh(gram)[-1].clamp(min=0.0)
+    with single_threaded():
+        return damping * torch.linalg.eigvalsh(gram)[-1].clamp(min=0.0)
 
 
 def update_b(
@@ -182,15 +195,17 @@ def update_b(
     direction instead of ||dW|| / sigma_min(A_prev). A zero A_prev gives dB = 0, as pinv does.
     """
     if damping == 0.0:
-        a_pinv = torch.linalg.pinv(a_prev)  # (d_in, r)
+        with single_threaded():
+            a_pinv = torch.linalg.pinv(a_prev)  # (d_in, r)
         return left @ (right @ a_pinv) - b_prev @ (a_prev @ a_pinv)
     gram = a_prev @ a_prev.mT  # (r, r)
     lam = _ridge_scale(gram, damping)
     if float(lam) == 0.0:
         return torch.zeros_like(b_prev)
     rhs = left @ (right @ a_prev.mT) - b_prev @ gram  # (d_out, r) = dW A_prev^T
-    chol = torch.linalg.cholesky(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype))
-    return torch.cholesky_solve(rhs.mT, chol).mT  # (G + lam I) is symmetric
+    with single_threaded():
+        chol = torch.linalg.cholesky(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype))
+        return torch.cholesky_solve(rhs.mT, chol).mT  # (G + lam I) is symmetric
 
 
 def update_a(
@@ -211,15 +226,17 @@ def update_a(
     (the ridge solve of update_b, transposed). A zero B_prev gives dA = 0, as pinv does.
     """
     if damping == 0.0:
-        b_pinv = torch.linalg.pinv(b_prev)  # (r, d_out)
+        with single_threaded():
+            b_pinv = torch.linalg.pinv(b_prev)  # (r, d_out)
         return (b_pinv @ left) @ right - (b_pinv @ b_prev) @ a_prev
     gram = b_prev.mT @ b_prev  # (r, r)
     lam = _ridge_scale(gram, damping)
     if float(lam) == 0.0:
         return torch.zeros_like(a_prev)
     rhs = (b_prev.mT @ left) @ right - gram @ a_prev  # (r, d_in) = B_prev^T dW
-    chol = torch.linalg.cholesky(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype))
-    return torch.cholesky_solve(rhs, chol)
+    with single_threaded():
+        chol = torch.linalg.cholesky(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype))
+        return torch.cholesky_solve(rhs, chol)
 
 
 def scheduled_factor(round_index: int) -> str:
@@ -341,10 +358,11 @@ def _solve_on_kept(
     eye = torch.eye(q, dtype=gram.dtype).expand(n, q, q)
     system = torch.where(pair, sub + lam * eye, eye)  # padding: identity
     side = torch.where(used, rhs.gather(1, order), torch.zeros((), dtype=rhs.dtype))  # (n, q)
-    if float(lam) > 0.0:
-        solved = torch.linalg.solve(system, side.unsqueeze(-1)).squeeze(-1)  # (n, q)
-    else:  # undamped: a kept block of a rank-deficient factor is singular; take its pseudo-inverse
-        solved = (torch.linalg.pinv(system, hermitian=True) @ side.unsqueeze(-1)).squeeze(-1)
+    with single_threaded():
+        if float(lam) > 0.0:
+            solved = torch.linalg.solve(system, side.unsqueeze(-1)).squeeze(-1)  # (n, q)
+        else:  # undamped: a kept block of a rank-deficient factor is singular; take its pseudo-inverse
+            solved = (torch.linalg.pinv(system, hermitian=True) @ side.unsqueeze(-1)).squeeze(-1)
     x.scatter_(1, order, torch.where(used, solved, torch.zeros((), dtype=solved.dtype)))
     return x
 
