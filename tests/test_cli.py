@@ -569,3 +569,52 @@ def test_bf16_values_round_trip_through_a_round(tmp_path):
         tmp_path / "c1.safetensors",
     )
     assert (tmp_path / "g1.safetensors").read_bytes() == (tmp_path / "c1.safetensors").read_bytes()
+
+
+@pytest.fixture
+def keep_threads():
+    """Commands run in this process set torch's thread count; put it back afterwards."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_threads_are_reported_and_a_bad_count_refused(tmp_path, keep_threads):
+    g0 = make_global(tmp_path / "g0.safetensors")
+    local = make_local(g0, tmp_path / "l.safetensors", seed=1)
+    run("sparsify", "--global", g0, "--local", local, "--client", "c", "--out", tmp_path / "u.safetensors")
+    done = run(
+        "aggregate",
+        "--json",
+        "--threads",
+        "1",
+        "--global",
+        g0,
+        "--out",
+        tmp_path / "a.safetensors",
+        tmp_path / "u.safetensors",
+    )
+    report = json.loads(done.output)
+    assert report["threads"] == 1 and report["truncation"] == "exact"
+    refused = runner.invoke(
+        app,
+        [
+            "aggregate",
+            "--threads",
+            "0",
+            "--global",
+            str(g0),
+            "--out",
+            str(tmp_path / "b.safetensors"),
+            str(tmp_path / "u.safetensors"),
+        ],
+    )
+    assert refused.exit_code == 2 and "--threads must be >= 1" in refused.output
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_idle_cores_reads_a_count_between_zero_and_the_cores():
+    from fedsrd_cli.cli.options import idle_cores
+
+    idle = idle_cores(0.02)
+    assert idle is None or 0.0 <= idle <= (os.cpu_count() or 1) + 0.01

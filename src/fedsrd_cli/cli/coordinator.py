@@ -111,7 +111,7 @@ def aggregate_cmd(
 
     out = Output(json_mode)
     config = AggregateConfig(method, weighting, max_update_norm, on_outlier, truncation)
-    use_threads(threads)
+    threads = use_threads(threads)
     algorithm = get_algorithm(method)
     signer, trust = trust_from_flags(sign_key, trust_dir)
     ensure_writable(out_path, force)
@@ -134,6 +134,7 @@ def aggregate_cmd(
             "method": method,
             "weighting": weighting,
             "clients": [a.header.client_id for a in artifacts],
+            "threads": threads,
             **({"truncation": header.info["truncation"]} if "truncation" in header.info else {}),
             **({"update_norms": decisions} if decisions else {}),
             **({"norm_guard": _norm_summary(decisions)} if decisions else {}),
@@ -215,7 +216,7 @@ def broadcast_cmd(
     from fedsrd_cli.config import BroadcastConfig
     from fedsrd_cli.signing import read_verified
 
-    use_threads(threads)
+    threads = use_threads(threads)
     out = Output(json_mode)
     if out_path.resolve() == out_global.resolve():
         raise UsageError("--out and --out-global must be different files")
@@ -260,6 +261,7 @@ def broadcast_cmd(
             "seed": seed,
             "update_error": error["overall"],
             "worst_module": worst(error["modules"]),
+            "threads": threads,
             **({"warning": warning} if warning else {}),
         },
     )

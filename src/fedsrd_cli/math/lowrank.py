@@ -27,8 +27,7 @@ def stack_factors(
     bs[i]: (d_out, r), as_[i]: (r, d_in), weights: m floats
     -> L (d_out, m r), R (m r, d_in) with L @ R = sum_i w_i B_i A_i
     """
-    # Built as (m r, d_out) and returned transposed: column-major, as LAPACK's QR wants it.
-    left = torch.cat([w * b.mT for w, b in zip(weights, bs, strict=True)], dim=0).mT
+    left = torch.cat([w * b for w, b in zip(weights, bs, strict=True)], dim=1)
     right = torch.cat(list(as_), dim=0)
     return left, right
 
@@ -310,6 +309,21 @@ def one_factor_misses(
     return float(miss_b2.clamp(min=0.0).sqrt()), float(miss_a2.clamp(min=0.0).sqrt())
 
 
+def _sum_product_norm(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """||sum_j X_j @ Y_j||_F for thin pairs X_j (d_out, k_j), Y_j (k_j, d_in), without forming it.
+
+    ||sum_j X_j Y_j||^2 = sum_{j,l} sum((X_j^T X_l) * (Y_j Y_l^T)), each term (k_j, k_l); the
+    same as product_frobenius_norm of the concatenated factors, with no concatenation.
+    """
+    total = torch.zeros((), dtype=pairs[0][0].dtype)
+    for j, (x_j, y_j) in enumerate(pairs):
+        for l_index in range(j, len(pairs)):
+            x_l, y_l = pairs[l_index]
+            term = ((x_j.mT @ x_l) * (y_j @ y_l.mT)).sum()
+            total = total + (term if l_index == j else 2.0 * term)
+    return float(total.clamp(min=0.0).sqrt())
+
+
 def update_error_norms(
     left: torch.Tensor,
     right: torch.Tensor,
@@ -324,14 +338,14 @@ def update_error_norms(
     before and (b_next, a_next) after the broadcast, (d_out, r) and (r, d_in).
         target = W - B_prev A_prev                  (what the clients' aggregate asks for)
         miss   = B_next A_next - W = delivered - target
-    Both are products of thin factors ([B_next, -left] @ [A_next; right] and [left, -B_prev]
-    @ [right; A_prev]), normed with product_frobenius_norm; nothing of size (d_out, d_in) is
-    formed. miss / target is the update's relative error: 0 when the target arrived exactly,
-    1 when the state is no closer to W than if nothing had been sent.
+    Both are sums of thin products (B_next A_next - left right and left right - B_prev A_prev),
+    normed from their Gram blocks; nothing of size (d_out, d_in) is formed. miss / target is
+    the update's relative error: 0 when the target arrived exactly, 1 when the state is no
+    closer to W than if nothing had been sent.
     """
-    miss = product_frobenius_norm(torch.cat([b_next, -left], dim=1), torch.cat([a_next, right], dim=0))
-    target = product_frobenius_norm(torch.cat([left, -b_prev], dim=1), torch.cat([right, a_prev], dim=0))
-    return float(miss), float(target)
+    miss = _sum_product_norm([(b_next, a_next), (-left, right)])
+    target = _sum_product_norm([(left, right), (-b_prev, a_prev)])
+    return miss, target
 
 
 def _solve_on_kept(
