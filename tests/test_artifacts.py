@@ -186,3 +186,15 @@ def test_many_artifacts_hold_no_open_files(tmp_path):
         assert all(a.tensor(a.names[0]).numel() > 0 for a in artifacts)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_all_finite_finds_any_nan_or_inf(dtype):
+    from fedsrd_cli.artifacts import all_finite
+
+    tensor = torch.randn(50, 40).to(dtype)
+    assert all_finite(tensor) and all_finite(torch.zeros(0, dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = tensor.clone()
+        broken[37, 3] = bad
+        assert not all_finite(broken)

@@ -209,6 +209,15 @@ def content_hash(tensors: Mapping[str, torch.Tensor]) -> str:
     return HASH_PREFIX + digest.hexdigest()
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a floating-point tensor holds no NaN or Inf: its min and max are finite (NaN
+    propagates through both). One pass and two scalars, not a bool tensor of its size."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
 def _hash_one(digest: Any, name: str, tensor: torch.Tensor) -> None:
     shape = json.dumps(list(tensor.shape), separators=(",", ":"))
     digest.update(f"{name}\0{_DTYPE_NAMES[tensor.dtype]}\0{shape}\0".encode())
@@ -528,7 +537,7 @@ class Artifact:
         digest = hashlib.sha256()
         for name in sorted(self.shapes, key=lambda n: n.encode("utf-8")):
             tensor = self.tensor(name)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if tensor.is_floating_point() and not all_finite(tensor):
                 raise ArtifactError(f"{self.where}: tensor {name} contains NaN or Inf")
             _hash_one(digest, name, tensor)
         actual = HASH_PREFIX + digest.hexdigest()
@@ -791,7 +800,7 @@ def _read_peft(weights: Path, config_path: Path, like: Artifact | None) -> Local
     reader = TensorFile.open(weights, check_safetensors_start(weights))
     artifact = Artifact(weights, placeholder, reader, shapes, dtypes)
     for name, tensor in artifact.iter_tensors():
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise ArtifactError(f"{weights}: tensor {name} contains NaN or Inf")
     return LocalAdapter(weights, lora, None, artifact, read_lineage(weights), lora_from)
 
@@ -852,7 +861,7 @@ def serialize(header: Header, tensors: Mapping[str, torch.Tensor]) -> tuple[Head
             raise ArtifactError(f"{where}: tensor names must be non-empty strings")
         if tensor.dtype not in _DTYPE_NAMES:
             raise ArtifactError(f"{where}: {name} has unsupported dtype {tensor.dtype}")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise ArtifactError(f"{where}: {name} contains NaN or Inf (check the inputs)")
         prepared[name] = tensor.detach().to("cpu").contiguous()
     shapes = {n: tuple(t.shape) for n, t in prepared.items()}

@@ -63,18 +63,25 @@ def product_svd(
     values are left out: a zero W gives q = 0). W = U diag(S) Vh when rank is None.
     With gram_basis: left = Q_l diag(s_l) V_l^T, right^T = Q_r diag(s_r) V_r^T, so
         W = Q_l core Q_r^T,  core = diag(s_l) V_l^T V_r diag(s_r)  (p_l, p_r),
-    core = U_c S Vh_c (dense SVD), U = Q_l U_c = left (V_l diag(1/s_l) U_c) and
+    core core^T = U_c diag(S^2) U_c^T (eigh: S are core's singular values, U_c its left vectors),
+    Vh_c = diag(1/S) U_c^T core, U = Q_l U_c = left (V_l diag(1/s_l) U_c) and
     Vh = Vh_c Q_r^T = (Vh_c diag(1/s_r) V_r^T) right: only the kept triplets are formed.
+    Three eigendecompositions of size k (half an SVD's time each) and no QR. Singular values
+    below sqrt(p_l eps) S_max are numerically zero here and left out.
     """
     v_l, s_l = gram_basis(left)  # (k, p_l), (p_l,)
     v_r, s_r = gram_basis(right.mT)  # (k, p_r), (p_r,)
     core = s_l[:, None] * (v_l.mT @ v_r) * s_r[None, :]  # (p_l, p_r)
     with single_threaded():
-        u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)
-    q = int((s > s[0] * max(core.shape) * torch.finfo(s.dtype).eps).sum()) if s.numel() else 0
+        lam, u_c = torch.linalg.eigh(core @ core.mT)  # ascending
+    lam, u_c = lam.flip(0), u_c.flip(1)  # descending
+    q = 0
+    if lam.numel() and bool(lam[0] > 0):
+        q = int((lam > lam[0] * lam.numel() * torch.finfo(lam.dtype).eps).sum())
     if rank is not None:
         q = min(q, rank)
-    u_c, s, vh_c = u_c[:, :q], s[:q], vh_c[:q]
+    u_c, s = u_c[:, :q], lam[:q].sqrt()
+    vh_c = (u_c.mT @ core) / s[:, None]  # (q, p_r)
     u = left @ (v_l @ (u_c / s_l[:, None]))  # (d_out, q)
     vh = ((vh_c / s_r[None, :]) @ v_r.mT) @ right  # (q, d_in)
     return u, s, vh

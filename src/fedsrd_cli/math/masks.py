@@ -65,12 +65,22 @@ def count_set_bits(packed: torch.Tensor) -> int:
     return int(_POPCOUNT[packed.reshape(-1).long()].sum())
 
 
-def _mul32(x: torch.Tensor, const: int) -> torch.Tensor:
-    """(x * const) mod 2^32 for int64 tensors holding values < 2^32, without overflow."""
+def _mul32_(x: torch.Tensor, const: int) -> torch.Tensor:
+    """x = (x * const) mod 2^32 in place, for int64 tensors holding values < 2^32, without overflow."""
     lo = const & _MASK16
     hi = const >> 16
     # x * lo < 2^48 and ((x * hi) mod 2^16) << 16 < 2^32: nothing leaves int64.
-    return (x * lo + (((x * hi) & _MASK16) << 16)) & _MASK32
+    high = (x * hi).bitwise_and_(_MASK16).bitwise_left_shift_(16)
+    return x.mul_(lo).add_(high).bitwise_and_(_MASK32)
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """mix32 in place (a mask's millions of elements: in-place steps allocate one temporary, not ten)."""
+    x.bitwise_xor_(x >> 16)
+    _mul32_(x, _MUL1)
+    x.bitwise_xor_(x >> 15)
+    _mul32_(x, _MUL2)
+    return x.bitwise_xor_(x >> 16)
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
@@ -78,11 +88,7 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 
     x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16 (mod 2^32)
     """
-    x = x ^ (x >> 16)
-    x = _mul32(x, _MUL1)
-    x = x ^ (x >> 15)
-    x = _mul32(x, _MUL2)
-    return x ^ (x >> 16)
+    return _mix32_(x.clone())
 
 
 def stream_key(seed: int, name: str) -> tuple[int, int]:
@@ -96,8 +102,8 @@ def random_bits32(seed: int, name: str, numel: int) -> torch.Tensor:
     if numel >= 2**32:
         raise ValueError("seeded masks address at most 2^32 elements per tensor")
     k0, k1 = stream_key(seed, name)
-    j = torch.arange(numel, dtype=torch.int64)
-    return mix32(mix32(j ^ k0) ^ k1)
+    x = torch.arange(numel, dtype=torch.int64).bitwise_xor_(k0)  # j ^ k0
+    return _mix32_(_mix32_(x).bitwise_xor_(k1))  # mix32(mix32(j ^ k0) ^ k1)
 
 
 def keep_threshold(drop_prob: float) -> int:
@@ -126,6 +132,6 @@ def count_kept(seed: int, name: str, numel: int, drop_prob: float, chunk: int = 
     threshold = keep_threshold(drop_prob)
     kept = 0
     for start in range(0, numel, chunk):
-        j = torch.arange(start, min(numel, start + chunk), dtype=torch.int64)
-        kept += int((mix32(mix32(j ^ k0) ^ k1) < threshold).sum())
+        x = torch.arange(start, min(numel, start + chunk), dtype=torch.int64).bitwise_xor_(k0)
+        kept += int((_mix32_(_mix32_(x).bitwise_xor_(k1)) < threshold).sum())
     return kept
