@@ -192,6 +192,7 @@ class Method(Algorithm):
             left_name, right_name = naming.aggregate_keys(module)
             tensors[left_name] = left.float()  # (d_out, k)
             tensors[right_name] = right.float()  # (k, d_in)
+        terms = len(weights) + sum(1 for scale in scales if scale < 1.0)  # clipped clients add a term
         head = global_state.header
         header = Header(
             kind="aggregate",
@@ -207,7 +208,7 @@ class Method(Algorithm):
                     for u, w in zip(uploads, weights, strict=True)
                 ],
                 **(
-                    {"truncation": truncation_route(config.truncation, len(uploads) * rank, rank)}
+                    {"truncation": truncation_route(config.truncation, terms * rank, rank)}
                     if self.combine in (reconstruct_truncated, reconstruct_balanced)
                     else {}
                 ),
