@@ -365,11 +365,12 @@ class TensorFile:
         self.identity = identity
 
     @classmethod
-    def open(cls, path: Path, header_length: int) -> TensorFile:
+    def open(cls, path: Path) -> TensorFile:
+        """The offsets of a file safe_open has already validated (header length, then JSON)."""
         try:
             with path.open("rb") as handle:
                 identity = _identity(os.fstat(handle.fileno()))
-                handle.seek(8)
+                header_length = int.from_bytes(handle.read(8), "little")
                 entries = json.loads(handle.read(header_length))
         except (OSError, ValueError) as err:
             raise ArtifactError(f"{path}: cannot be read ({err})") from None
@@ -605,7 +606,7 @@ def read_artifact(path: str | os.PathLike, kind: str | None = None, verify: bool
     shapes, dtypes = _describe(handle)
     del handle  # validated; reads go through TensorFile, so nothing stays mapped
     check_layout(header, shapes, dtypes, str(path))
-    artifact = Artifact(path, header, TensorFile.open(path, check_safetensors_start(path)), shapes, dtypes)
+    artifact = Artifact(path, header, TensorFile.open(path), shapes, dtypes)
     if verify:
         artifact.verify()
     return artifact
@@ -797,8 +798,7 @@ def _read_peft(weights: Path, config_path: Path, like: Artifact | None) -> Local
         )
     placeholder = Header(kind="state", round=0, lora=lora, base_fingerprint="")
     check_layout(placeholder, shapes, dtypes, str(weights))
-    reader = TensorFile.open(weights, check_safetensors_start(weights))
-    artifact = Artifact(weights, placeholder, reader, shapes, dtypes)
+    artifact = Artifact(weights, placeholder, TensorFile.open(weights), shapes, dtypes)
     for name, tensor in artifact.iter_tensors():
         if not all_finite(tensor):
             raise ArtifactError(f"{weights}: tensor {name} contains NaN or Inf")

@@ -178,6 +178,8 @@ class Method(Algorithm):
         decisions = guard_update_norms(global_state, uploads, config)
         scales = [d["scale"] for d in decisions]
         rank = global_state.header.lora.rank
+        terms = len(weights) + sum(1 for scale in scales if scale < 1.0)  # clipped clients add a term
+        route = truncation_route(config.truncation, terms * rank, rank)  # decided once, recorded below
         tensors: dict[str, torch.Tensor] = {}
         modules = global_state.modules()
         for module in track(modules, len(modules), "aggregate"):
@@ -188,11 +190,10 @@ class Method(Algorithm):
             else:
                 if any(scale < 1.0 for scale in scales):
                     clients, module_weights = clip_clients(clients, weights, scales)
-                left, right = self.combine(clients, module_weights, rank, config.truncation)
+                left, right = self.combine(clients, module_weights, rank, route)
             left_name, right_name = naming.aggregate_keys(module)
             tensors[left_name] = left.float()  # (d_out, k)
             tensors[right_name] = right.float()  # (k, d_in)
-        terms = len(weights) + sum(1 for scale in scales if scale < 1.0)  # clipped clients add a term
         head = global_state.header
         header = Header(
             kind="aggregate",
@@ -208,7 +209,7 @@ class Method(Algorithm):
                     for u, w in zip(uploads, weights, strict=True)
                 ],
                 **(
-                    {"truncation": truncation_route(config.truncation, terms * rank, rank)}
+                    {"truncation": route}
                     if self.combine in (reconstruct_truncated, reconstruct_balanced)
                     else {}
                 ),
@@ -313,6 +314,5 @@ class Method(Algorithm):
             raise MismatchError(f"{aggregate.path}: the aggregate changes no module; nothing to send")
         for name in global_state.names:  # anything no module owns is carried over, as apply_update does
             next_tensors.setdefault(name, global_state.tensor(name))
-        next_tensors = {name: next_tensors[name] for name in global_state.names}
         header = replace(header, result_hash=content_hash(next_tensors))
         return Payload(header, tensors), Payload(next_state_header(global_state, self.name), next_tensors)

@@ -34,6 +34,7 @@ from fedsrd_cli.math.importance import (
     sparsify_delta,
 )
 from fedsrd_cli.math.lowrank import (
+    balanced_factors,
     choose_factor,
     masked_update_a,
     masked_update_b,
@@ -352,9 +353,7 @@ def reconstruct_balanced(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlexLoRA: W = sum_i w_i B_i A_i truncated to rank r and split evenly,
     (B' = U sqrt(S) (d_out, r), A' = sqrt(S) Vh (r, d_in)), zero beyond W's rank."""
-    u, s, vh = truncated_svd(clients, weights, rank, truncation)
-    root = s.sqrt()
-    return pad_factors(u * root, root[:, None] * vh, rank)
+    return balanced_factors(*truncated_svd(clients, weights, rank, truncation), rank)
 
 
 def average_factors(

@@ -161,7 +161,14 @@ def balanced_truncation(
     so B' A' = W_r (Eckart-Young). When q < rank the missing columns of B' and rows of A'
     are zero, so the factors always have LoRA's shapes.
     """
-    u, s, vh = product_svd(left, right, rank)
+    return balanced_factors(*product_svd(left, right, rank), rank)
+
+
+def balanced_factors(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA factors of the truncated SVD U (d_out, q), S (q,), Vh (q, d_in), q <= rank, split evenly:
+    B' = U diag(sqrt(S)) (d_out, rank), A' = diag(sqrt(S)) Vh (rank, d_in), zero beyond q."""
     root = s.sqrt()
     return pad_factors(u * root, root[:, None] * vh, rank)
 
