@@ -39,6 +39,7 @@ import torch
 
 from fedsrd_cli import naming
 from fedsrd_cli.algorithms import get_algorithm
+from fedsrd_cli.algorithms.base import Payload
 from fedsrd_cli.algorithms.protocol import initial_state
 from fedsrd_cli.artifacts import read_artifact, read_local, write_artifact
 from fedsrd_cli.config import BroadcastConfig, LoraSpec, SparsifyConfig
@@ -49,40 +50,58 @@ MB = 2**20
 HIDDEN, INTERMEDIATE, KV = 3072, 8192, 1024
 RANK = 64
 PAPER_UP_MB, PAPER_DOWN_MB = 31, 43
-MODULE_SHAPES = {  # (d_out, d_in)
-    "self_attn.q_proj": (HIDDEN, HIDDEN),
-    "self_attn.k_proj": (KV, HIDDEN),
-    "self_attn.v_proj": (KV, HIDDEN),
-    "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (INTERMEDIATE, HIDDEN),
-    "mlp.up_proj": (INTERMEDIATE, HIDDEN),
-    "mlp.down_proj": (HIDDEN, INTERMEDIATE),
-}
+
+
+def module_shapes(
+    layers: int, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE, kv: int = KV
+) -> dict[str, tuple[int, int]]:
+    """{PEFT module name: (d_out, d_in)} of a Llama-shaped decoder's 7 linear modules per layer."""
+    per_layer = {
+        "self_attn.q_proj": (hidden, hidden),
+        "self_attn.k_proj": (kv, hidden),
+        "self_attn.v_proj": (kv, hidden),
+        "self_attn.o_proj": (hidden, hidden),
+        "mlp.gate_proj": (intermediate, hidden),
+        "mlp.up_proj": (intermediate, hidden),
+        "mlp.down_proj": (hidden, intermediate),
+    }
+    return {
+        f"base_model.model.model.layers.{i}.{name}": dims
+        for i in range(layers)
+        for name, dims in per_layer.items()
+    }
+
+
+def state_some_rounds_in(
+    shapes: dict[str, tuple[int, int]], rank: int, generator: torch.Generator
+) -> Payload:
+    """A round-0 state of these modules (alpha 2 r) whose B factors are no longer zero."""
+    lora = LoraSpec(rank, 2.0 * rank, tuple(sorted({n.rsplit(".", 1)[-1] for n in shapes})))
+    payload = initial_state(shapes, lora, seed=0, base_fingerprint="sha256:" + "0" * 64)
+    for name, tensor in payload.tensors.items():
+        if name.endswith("lora_B.weight"):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.01)
+    return payload
+
+
+def trained_locally(tensors: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Synthetic local factors: Gaussian deltas of 1e-3, 2% of them 10x larger (heavy-tailed)."""
+    out = {}
+    for name, tensor in tensors.items():
+        noise = torch.randn(tensor.shape, generator=generator) * 1e-3
+        spikes = torch.rand(tensor.shape, generator=generator) < 0.02
+        out[name] = tensor + noise * (1 + 9 * spikes)
+    return out
 
 
 def build_global(path: Path, layers: int) -> None:
-    shapes = {
-        f"base_model.model.model.layers.{i}.{name}": shape
-        for i in range(layers)
-        for name, shape in MODULE_SHAPES.items()
-    }
-    lora = LoraSpec(RANK, 2.0 * RANK, tuple(sorted(n.rsplit(".", 1)[-1] for n in MODULE_SHAPES)))
-    payload = initial_state(shapes, lora, seed=0, base_fingerprint="sha256:" + "0" * 64)
-    generator = torch.Generator().manual_seed(1)
-    for name, tensor in payload.tensors.items():
-        if name.endswith("lora_B.weight"):  # a state some rounds in: B is no longer zero
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.01)
+    payload = state_some_rounds_in(module_shapes(layers), RANK, torch.Generator().manual_seed(1))
     write_artifact(path, payload.header, payload.tensors)
 
 
 def build_local(global_path: Path, path: Path, seed: int) -> None:
     state = read_artifact(global_path, verify=False)
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for name, tensor in state.iter_tensors():
-        noise = torch.randn(tensor.shape, generator=generator) * 1e-3
-        spikes = torch.rand(tensor.shape, generator=generator) < 0.02
-        tensors[name] = tensor + noise * (1 + 9 * spikes)
+    tensors = trained_locally(dict(state.iter_tensors()), torch.Generator().manual_seed(seed))
     header = replace(state.header, parent_hash=state.header.content_hash, num_samples=1000)
     write_artifact(path, header, tensors)
 
@@ -136,29 +155,32 @@ def dense_vs_thin(global_path: Path, upload_paths: list[Path], layers: int) -> N
 # A small launcher process runs the command, so the peak RSS it reports is the command's own
 # (a child forked from this large benchmark process would count our pages before its exec).
 _LAUNCHER = (
-    "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
-    "stdout=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    "import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], check=True,"
+    " stdout=subprocess.PIPE); sys.stdout.write(done.stdout.decode());"
+    " print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
 )
 
 
-def run_cli(args: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of one `fedsrd` command."""
+def run_cli(args: list[str]) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in MB, stdout) of one `fedsrd` command."""
     exe = Path(sys.executable).with_name("fedsrd")
     start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-c", _LAUNCHER, str(exe), *args], check=True, capture_output=True, text=True
     )
-    return time.perf_counter() - start, int(done.stdout.strip()) / 2**20
+    *output, peak = done.stdout.strip().splitlines()
+    return time.perf_counter() - start, int(peak) / 1024, "\n".join(output)
 
 
 def coordinator_round(
     g0: Path, uploads: list[Path], agg: Path, bc: Path, g1: Path, label: str
 ) -> tuple[float, float, float]:
     """`fedsrd aggregate` then `fedsrd broadcast` at the defaults: (seconds, seconds, peak GB)."""
-    t_agg, rss_agg = run_cli(["aggregate", "--global", str(g0), "--out", str(agg), *map(str, uploads)])
-    t_bc, rss_bc = run_cli(
+    t_agg, mb_agg, _ = run_cli(["aggregate", "--global", str(g0), "--out", str(agg), *map(str, uploads)])
+    t_bc, mb_bc, _ = run_cli(
         ["broadcast", "--global", str(g0), "--aggregate", str(agg), "--out", str(bc), "--out-global", str(g1)]
     )
+    rss_agg, rss_bc = mb_agg / 1024, mb_bc / 1024
     print(
         f"    {label}: aggregate {t_agg:6.1f} s   broadcast {t_bc:6.1f} s   total {t_agg + t_bc:6.1f} s"
         f"   (target <= 20 s for 28 layers on idle cores)"

@@ -24,52 +24,27 @@ import argparse
 import json
 import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from coordinator import module_shapes, run_cli, state_some_rounds_in, trained_locally  # beside this file
 
 from fedsrd_cli.algorithms import get_algorithm
-from fedsrd_cli.algorithms.protocol import initial_state
 from fedsrd_cli.artifacts import read_artifact, read_local, write_artifact
-from fedsrd_cli.config import LoraSpec, SparsifyConfig
+from fedsrd_cli.config import SparsifyConfig
 
 REDUCED = {"hidden": 1024, "intermediate": 2816, "kv": 256, "layers": 2, "rank": 16}
 LLAMA_3B_LAYER = {"hidden": 3072, "intermediate": 8192, "kv": 1024, "layers": 1, "rank": 64}
 
 
-def module_shapes(shape: dict) -> dict[str, tuple[int, int]]:
-    h, i, kv = shape["hidden"], shape["intermediate"], shape["kv"]
-    per_layer = {
-        "self_attn.q_proj": (h, h),
-        "self_attn.k_proj": (kv, h),
-        "self_attn.v_proj": (kv, h),
-        "self_attn.o_proj": (h, h),
-        "mlp.gate_proj": (i, h),
-        "mlp.up_proj": (i, h),
-        "mlp.down_proj": (h, i),
-    }
-    return {
-        f"base_model.model.model.layers.{n}.{name}": dims
-        for n in range(shape["layers"])
-        for name, dims in per_layer.items()
-    }
-
-
 def make_round(work: Path, shape: dict, clients: int) -> tuple[Path, list[Path]]:
     """A global state some rounds in and `clients` uploads made by FedSRD's sparsify step."""
-    rank = shape["rank"]
-    shapes = module_shapes(shape)
-    lora = LoraSpec(rank, 2.0 * rank, tuple(sorted({n.rsplit(".", 1)[-1] for n in shapes})))
-    payload = initial_state(shapes, lora, seed=0, base_fingerprint="sha256:" + "0" * 64)
-    generator = torch.Generator().manual_seed(1)
-    for name, tensor in payload.tensors.items():
-        if name.endswith("lora_B.weight"):
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.01)
+    shapes = module_shapes(shape["layers"], shape["hidden"], shape["intermediate"], shape["kv"])
+    generator = torch.Generator().manual_seed(1)  # the state, then every client's local factors
+    payload = state_some_rounds_in(shapes, shape["rank"], generator)
     g0 = work / "global.safetensors"
     write_artifact(g0, payload.header, payload.tensors)
     state = read_artifact(g0)
@@ -79,11 +54,7 @@ def make_round(work: Path, shape: dict, clients: int) -> tuple[Path, list[Path]]
     inbox.mkdir()
     uploads = []
     for i in range(clients):
-        tensors = {}
-        for name, tensor in payload.tensors.items():
-            noise = torch.randn(tensor.shape, generator=generator) * 1e-3
-            spikes = torch.rand(tensor.shape, generator=generator) < 0.02
-            tensors[name] = tensor + noise * (1 + 9 * spikes)
+        tensors = trained_locally(payload.tensors, generator)
         header = replace(state.header, parent_hash=state.header.content_hash, num_samples=1000)
         write_artifact(local_path, header, tensors, force=True)
         upload = algorithm.upload(state, read_local(local_path), f"site-{i:04d}", 1000, SparsifyConfig())
@@ -91,24 +62,6 @@ def make_round(work: Path, shape: dict, clients: int) -> tuple[Path, list[Path]]
         write_artifact(uploads[-1], upload.header, upload.tensors)
     local_path.unlink()
     return g0, uploads
-
-
-# A launcher process runs the command, so the peak RSS is the command's own.
-_LAUNCHER = (
-    "import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE);"
-    " sys.stdout.write(done.stdout.decode()); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-)
-
-
-def run_cli(args: list[str]) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in MB, stdout) of one `fedsrd` command."""
-    exe = Path(sys.executable).with_name("fedsrd")
-    start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-c", _LAUNCHER, str(exe), *args], check=True, capture_output=True, text=True
-    )
-    *output, peak = done.stdout.strip().splitlines()
-    return time.perf_counter() - start, int(peak) / 1024, "\n".join(output)
 
 
 def aggregate(work: Path, g0: Path, uploads: list[Path], truncation: str) -> tuple[float, float, str]:
@@ -181,28 +134,15 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fedsrd-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        counts = [int(c) for c in args.clients.split(",") if c]
-        if counts:
-            (work / "reduced").mkdir()
-            scale(
-                "reduced model (2 layers of hidden 1,024)",
-                REDUCED,
-                counts,
-                args.exact_up_to,
-                work / "reduced",
-                status=True,
-            )
-        llama = [int(c) for c in args.llama_clients.split(",") if c]
-        if llama:
-            (work / "llama").mkdir()
-            scale(
-                "one Llama-3.2-3B layer",
-                LLAMA_3B_LAYER,
-                llama,
-                args.exact_up_to,
-                work / "llama",
-                status=False,
-            )
+        parts = (
+            ("reduced", "reduced model (2 layers of hidden 1,024)", REDUCED, args.clients, True),
+            ("llama", "one Llama-3.2-3B layer", LLAMA_3B_LAYER, args.llama_clients, False),
+        )
+        for folder, title, shape, clients, status in parts:
+            counts = [int(c) for c in clients.split(",") if c]
+            if counts:
+                (work / folder).mkdir()
+                scale(title, shape, counts, args.exact_up_to, work / folder, status)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
