@@ -32,8 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.coordinator import build_global, build_local  # noqa: E402
 from fedsrd_cli import naming  # noqa: E402
+from fedsrd_cli.adapters import read_local  # noqa: E402
 from fedsrd_cli.algorithms import get_algorithm  # noqa: E402
-from fedsrd_cli.artifacts import read_artifact, read_local, write_artifact  # noqa: E402
+from fedsrd_cli.artifacts import read_artifact, write_artifact  # noqa: E402
 from fedsrd_cli.config import SparsifyConfig  # noqa: E402
 from fedsrd_cli.describe import describe  # noqa: E402
 from fedsrd_cli.math.masks import pack_bits, unpack_bits  # noqa: E402

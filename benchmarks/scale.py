@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 from coordinator import module_shapes, run_cli, state_some_rounds_in, trained_locally  # beside this file
 
+from fedsrd_cli.adapters import read_local
 from fedsrd_cli.algorithms import get_algorithm
-from fedsrd_cli.artifacts import read_artifact, read_local, write_artifact
+from fedsrd_cli.artifacts import read_artifact, write_artifact
 from fedsrd_cli.config import SparsifyConfig
 
 REDUCED = {"hidden": 1024, "intermediate": 2816, "kv": 256, "layers": 2, "rank": 16}

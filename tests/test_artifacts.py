@@ -18,8 +18,8 @@ from fedsrd_cli.artifacts import (
     read_artifact,
     serialize,
     write_artifact,
-    write_bytes_atomic,
 )
+from fedsrd_cli.atomic import write_bytes_atomic
 from fedsrd_cli.config import LoraSpec
 from fedsrd_cli.errors import ArtifactError, MismatchError, OutputExistsError
 

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import fedsrd_cli
-from fedsrd_cli import artifacts
+from fedsrd_cli import atomic
 from fedsrd_cli.artifacts import read_artifact, write_artifact
 from fedsrd_cli.cli import app
 from fedsrd_cli.errors import OutputError
@@ -215,14 +215,14 @@ def test_broadcast_leaves_no_next_state_when_the_broadcast_cannot_be_written(wor
 
 def _fail_placing(monkeypatch, name: str) -> None:
     """Make the final rename of the file called `name` fail, as a full or vanished disk would."""
-    place = artifacts._place
+    place = atomic._place
 
     def failing(path: Path, tmp_name: str, force: bool) -> None:
         if path.name == name:
             raise OutputError(f"{path}: cannot be written (Input/output error)")
         place(path, tmp_name, force)
 
-    monkeypatch.setattr(artifacts, "_place", failing)
+    monkeypatch.setattr(atomic, "_place", failing)
 
 
 def test_broadcast_removes_the_next_state_it_placed_when_placing_the_broadcast_fails(world, monkeypatch):

@@ -16,16 +16,10 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from fedsrd_cli import naming
+from fedsrd_cli.adapters import read_local
 from fedsrd_cli.algorithms import get_algorithm
 from fedsrd_cli.algorithms.protocol import initial_state
-from fedsrd_cli.artifacts import (
-    Artifact,
-    content_hash,
-    encode_safetensors,
-    read_artifact,
-    read_local,
-    write_artifact,
-)
+from fedsrd_cli.artifacts import Artifact, content_hash, encode_safetensors, read_artifact, write_artifact
 from fedsrd_cli.cli import app
 from fedsrd_cli.config import LoraSpec, SparsifyConfig
 from fedsrd_cli.describe import dense_tensors, describe

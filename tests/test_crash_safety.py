@@ -22,8 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from fedsrd_cli.adapters import read_local
 from fedsrd_cli.algorithms import get_algorithm
-from fedsrd_cli.artifacts import read_artifact, read_local, remove_stale_temp_files, write_artifact
+from fedsrd_cli.artifacts import read_artifact, write_artifact
+from fedsrd_cli.atomic import remove_stale_temp_files
 from fedsrd_cli.config import AggregateConfig, SparsifyConfig
 from fedsrd_cli.errors import OutputExistsError
 

@@ -26,8 +26,9 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from fedsrd_cli import naming
+from fedsrd_cli.adapters import read_local
 from fedsrd_cli.algorithms import get_algorithm
-from fedsrd_cli.artifacts import content_hash, encode_safetensors, read_artifact, read_local, write_artifact
+from fedsrd_cli.artifacts import content_hash, encode_safetensors, read_artifact, write_artifact
 from fedsrd_cli.cli import app
 from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
 from fedsrd_cli.errors import ArtifactError, FedsrdError

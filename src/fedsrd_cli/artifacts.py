@@ -1,26 +1,22 @@
-"""Artifacts: the one module that reads, validates, hashes and writes safetensors.
+"""Artifacts: the file format. Reads, validates, hashes and serializes fedsrd's safetensors files.
 
 Four kinds (docs/format.md): `state` (global or local LoRA factors), `upload`
 (one client's sparse deltas), `aggregate` (the coordinator's factored W_r) and
 `broadcast` (the sparse one-factor update). Every read validates the header,
 the tensor layout, the content hash and finiteness before anything uses the
-file; every write validates the same things first, then writes a temporary file
-and renames it, refusing to replace an existing file unless forced.
+file; every write validates the same things first, then hands the bytes to
+atomic.py, which writes a temporary file and renames it, refusing to replace an
+existing file unless forced.
 
-A PEFT adapter trained elsewhere (adapter_config.json + adapter_model.safetensors)
-can be read as a local state with `read_local`.
+A PEFT adapter trained elsewhere is read as a local state by adapters.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import re
-import socket
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,8 +26,9 @@ import torch
 from safetensors import safe_open
 
 from fedsrd_cli import naming
+from fedsrd_cli.atomic import FileWrite, write_files_atomic
 from fedsrd_cli.config import LoraSpec
-from fedsrd_cli.errors import ArtifactError, MismatchError, OutputError, OutputExistsError
+from fedsrd_cli.errors import ArtifactError, MismatchError
 from fedsrd_cli.math.masks import (
     count_kept,
     count_set_bits,
@@ -595,7 +592,7 @@ def read_artifact(path: str | os.PathLike, kind: str | None = None, verify: bool
     MismatchError for a valid artifact of another kind.
     """
     path = Path(path)
-    if not _exists(path):
+    if not checked_exists(path):
         raise ArtifactError(f"{path}: no such file")
     if path.is_dir():
         raise ArtifactError(f"{path}: is a directory, expected a .safetensors file")
@@ -603,7 +600,7 @@ def read_artifact(path: str | os.PathLike, kind: str | None = None, verify: bool
     header = Header.from_metadata(handle.metadata() or {}, str(path))
     if kind is not None and header.kind != kind:
         raise MismatchError(f"{path}: is a {header.kind} artifact, expected a {kind}")
-    shapes, dtypes = _describe(handle)
+    shapes, dtypes = tensor_layout(handle)
     del handle  # validated; reads go through TensorFile, so nothing stays mapped
     check_layout(header, shapes, dtypes, str(path))
     artifact = Artifact(path, header, TensorFile.open(path), shapes, dtypes)
@@ -612,7 +609,7 @@ def read_artifact(path: str | os.PathLike, kind: str | None = None, verify: bool
     return artifact
 
 
-def _exists(path: Path) -> bool:
+def checked_exists(path: Path) -> bool:
     """Path.exists, with the errors it does not swallow (name too long, ...) as ArtifactError."""
     try:
         return path.exists()
@@ -628,7 +625,7 @@ def check_safetensors_start(path: str | os.PathLike) -> int:
     safetensors file"; a file whose header runs past its end is a truncated copy.
     """
     path = Path(path)
-    if not _exists(path):
+    if not checked_exists(path):
         raise ArtifactError(f"{path}: no such file")
     if path.is_dir():
         raise ArtifactError(f"{path}: is a directory, expected a .safetensors file")
@@ -666,7 +663,8 @@ def open_safetensors(path: Path) -> Any:
         ) from None
 
 
-def _describe(handle: Any) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
+def tensor_layout(handle: Any) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
+    """The shape and dtype of every tensor of a safe_open handle (no data read)."""
     shapes, dtypes = {}, {}
     for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
         sl = handle.get_slice(name)
@@ -680,167 +678,6 @@ def _dtype_from_name(dtype_name: str, name: str) -> torch.dtype:
         if label == dtype_name:
             return dtype
     raise ArtifactError(f"tensor {name} has unsupported dtype {dtype_name}")
-
-
-# --------------------------------------------------------------------------- local adapters
-
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# `fedsrd export` records the state an adapter directory was exported from (docs/format.md,
-# "Exported adapters"), in this file beside the weights and in the weights' metadata.
-LINEAGE_FILE = "fedsrd_lineage.json"
-EXPORTED_FROM_KEY = "fedsrd.exported_from"
-
-
-@dataclass(frozen=True)
-class ExportLineage:
-    """What `fedsrd export` recorded: the state's content hash, round and base fingerprint."""
-
-    exported_from: str
-    round: int
-    base_fingerprint: str = ""
-    source: str = ""  # the file it was read from, for messages
-
-
-@dataclass
-class LocalAdapter:
-    """A client's trained factors: a fedsrd state, or a PEFT adapter saved elsewhere.
-
-    header is None for a PEFT adapter (it carries no lineage or fingerprint of its own);
-    lineage is what `fedsrd export` recorded when the adapter started as an export, else None.
-    lora_from: where the LoRA settings came from (the header, adapter_config.json, or the
-    global state when a bare weights file has no config beside it).
-    """
-
-    path: Path
-    lora: LoraSpec
-    header: Header | None
-    artifact: Artifact
-    lineage: ExportLineage | None = None
-    lora_from: str = ""
-
-    def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.artifact.factors(module)
-
-
-def read_local(path: str | os.PathLike, like: Artifact | None = None) -> LocalAdapter:
-    """Read a local adapter: a fedsrd state file, a PEFT adapter directory, or its weights file.
-
-    like: the global state the adapter was trained from. A PEFT weights file without an
-    adapter_config.json beside it is read with `like`'s LoRA settings when its tensor names
-    and shapes are exactly `like`'s (a rank or alpha cannot be told from the tensors alone
-    otherwise).
-    """
-    path = Path(path)
-    if _exists(path) and path.is_dir():
-        weights = path / ADAPTER_WEIGHTS
-        if not weights.exists():
-            raise ArtifactError(
-                f"{path}: directory without {ADAPTER_WEIGHTS} (expected a PEFT adapter"
-                " saved with save_pretrained, or a fedsrd state file)"
-            )
-        return _read_peft(weights, path / ADAPTER_CONFIG, like)
-    if not path.exists():
-        raise ArtifactError(f"{path}: no such file")
-    handle = open_safetensors(path)
-    if "fedsrd.kind" in (handle.metadata() or {}):
-        artifact = read_artifact(path, kind="state")
-        return LocalAdapter(path, artifact.header.lora, artifact.header, artifact, lora_from="its header")
-    return _read_peft(path, path.parent / ADAPTER_CONFIG, like)
-
-
-def read_lineage(weights: str | os.PathLike) -> ExportLineage | None:
-    """The export lineage of an adapter weights file: its own metadata (a file as `export` wrote
-    it), else the lineage file beside it (kept when PEFT saves a trained adapter over the
-    export); None when neither is there."""
-    weights = Path(weights)
-    meta = open_safetensors(weights).metadata() or {}
-    if EXPORTED_FROM_KEY in meta:
-        try:
-            round_index = int(meta.get("fedsrd.round", "0"))
-        except ValueError:
-            raise ArtifactError(f"{weights}: unreadable fedsrd.round in its metadata") from None
-        return ExportLineage(
-            meta[EXPORTED_FROM_KEY], round_index, meta.get("fedsrd.base_fingerprint", ""), str(weights)
-        )
-    record_path = weights.parent / LINEAGE_FILE
-    if not record_path.is_file():
-        return None
-    try:
-        record = json.loads(record_path.read_text())
-        return ExportLineage(
-            str(record["exported_from"]),
-            int(record["round"]),
-            str(record.get("base_fingerprint", "")),
-            str(record_path),
-        )
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ArtifactError(
-            f"{record_path}: unreadable export lineage ({type(err).__name__}: {err})"
-        ) from None
-
-
-def _read_peft(weights: Path, config_path: Path, like: Artifact | None) -> LocalAdapter:
-    handle = open_safetensors(weights)
-    shapes, dtypes = _describe(handle)
-    if config_path.exists():
-        lora = _peft_lora(config_path)
-        lora_from = str(config_path)
-    elif like is not None:
-        _check_same_tensors_as(like, shapes, weights)
-        lora = like.header.lora
-        lora_from = f"{like.path} (no {ADAPTER_CONFIG} beside it; every tensor matches)"
-    else:
-        raise ArtifactError(
-            f"{weights}: no fedsrd metadata and no {ADAPTER_CONFIG} beside it; cannot tell its"
-            " LoRA configuration"
-        )
-    placeholder = Header(kind="state", round=0, lora=lora, base_fingerprint="")
-    check_layout(placeholder, shapes, dtypes, str(weights))
-    artifact = Artifact(weights, placeholder, TensorFile.open(weights), shapes, dtypes)
-    for name, tensor in artifact.iter_tensors():
-        if not all_finite(tensor):
-            raise ArtifactError(f"{weights}: tensor {name} contains NaN or Inf")
-    return LocalAdapter(weights, lora, None, artifact, read_lineage(weights), lora_from)
-
-
-def _peft_lora(config_path: Path) -> LoraSpec:
-    """The LoRA settings of a PEFT adapter_config.json."""
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as err:
-        raise ArtifactError(f"{config_path}: unreadable adapter config ({err})") from None
-    if not isinstance(config, dict):
-        raise ArtifactError(f"{config_path}: not a PEFT adapter config (not a JSON object)")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise MismatchError(f"{config_path}: a {config.get('peft_type')} adapter, expected LoRA")
-    if config.get("use_dora"):
-        raise MismatchError(f"{config_path}: DoRA adapters are not supported, only plain LoRA")
-    targets = config.get("target_modules") or []
-    if isinstance(targets, str):
-        targets = [targets]
-    try:
-        return LoraSpec(int(config["r"]), float(config["lora_alpha"]), tuple(targets))
-    except (KeyError, ValueError, TypeError) as err:
-        raise ArtifactError(f"{config_path}: incomplete LoRA config ({err})") from None
-
-
-def _check_same_tensors_as(like: Artifact, shapes: Mapping[str, tuple[int, ...]], weights: Path) -> None:
-    """A bare weights file must hold exactly `like`'s tensor names and shapes to borrow its LoRA."""
-    why = f"{weights}: has no {ADAPTER_CONFIG} beside it, and"
-    missing = sorted(set(like.shapes) - set(shapes))
-    unknown = sorted(set(shapes) - set(like.shapes))
-    if unknown:
-        raise MismatchError(f"{why} holds {len(unknown)} tensors {like.path} does not, e.g. {unknown[0]}")
-    if missing:
-        raise MismatchError(f"{why} lacks {len(missing)} of {like.path}'s LoRA tensors, e.g. {missing[0]}")
-    for name, shape in like.shapes.items():
-        if tuple(shapes[name]) != tuple(shape):
-            raise MismatchError(
-                f"{why} its {name} has shape {list(shapes[name])}, {like.path}'s {list(shape)}; cannot"
-                " take the LoRA settings from the global state"
-            )
 
 
 # --------------------------------------------------------------------------- writing
@@ -901,258 +738,6 @@ def encode_header(entries: Mapping[str, Any]) -> bytes:
     """The canonical safetensors JSON header: sorted keys, no spaces, space-padded to a multiple of 8."""
     text = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode("utf-8")
     return text + b" " * (-len(text) % 8)
-
-
-def ensure_writable(path: str | os.PathLike, force: bool) -> None:
-    """Fail early, before any work, if `path` exists and --force was not given, or if its folder
-    cannot take a new file (missing, not a folder, no write permission, read-only)."""
-    path = Path(path)
-    try:
-        exists = path.exists()
-    except OSError as err:
-        raise OutputError(f"{path}: cannot be written ({err.strerror or err})") from None
-    if exists and not force:
-        remove_stale_temp_files(path)  # a rerun after a crash that had finished the file
-        raise OutputExistsError(f"{path}: already exists (pass --force to replace it)")
-    if exists and path.is_dir():
-        raise OutputError(f"{path}: is a directory")
-    check_output_folder(path.parent)
-
-
-def check_output_folder(folder: str | os.PathLike) -> None:
-    """OutputError unless `folder` exists, is a folder and this process may create files in it.
-
-    os.access also reports a read-only file system (for root too). What it cannot foresee
-    (a pseudo file system such as /proc, a full disk) is caught when the file is written.
-    """
-    folder = Path(folder)
-    if not folder.exists():
-        raise OutputError(f"{folder}: output directory does not exist")
-    if not folder.is_dir():
-        raise OutputError(f"{folder}: is not a directory, so no output can be written inside it")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(
-            f"{folder}: output directory is not writable (no permission, or a read-only file system)"
-        )
-
-
-def ensure_output_dir(path: str | os.PathLike) -> None:
-    """For a command whose output is a directory (created if absent): fail early unless it can be.
-
-    An existing directory must be writable; for a missing one, its nearest existing parent
-    must be, and creating (then removing) the first missing folder is tried, so a path the
-    system refuses (/proc/x) fails here rather than after the work.
-    """
-    path = Path(path)
-    if path.exists():
-        if not path.is_dir():
-            raise OutputError(f"{path}: exists and is not a directory")
-        check_output_folder(path)
-        return
-    first_missing = path
-    while not first_missing.parent.exists() and first_missing.parent != first_missing:
-        first_missing = first_missing.parent
-    check_output_folder(first_missing.parent)
-    try:
-        first_missing.mkdir()
-        first_missing.rmdir()
-    except OSError as err:
-        raise OutputError(f"{first_missing}: cannot be created ({err.strerror or err})") from None
-
-
-@dataclass(frozen=True)
-class FileWrite:
-    """One file of `write_files_atomic`: its path and bytes (or a list of byte parts).
-
-    allow_identical: an existing file holding exactly these bytes counts as written (a
-    rerun after a crash between the writes of one command). The temporary file is created
-    with mode 0600 and given `mode` (less the umask) before it is renamed into place.
-    """
-
-    path: Path
-    data: bytes | list[Any]
-    allow_identical: bool = False
-    mode: int = 0o666  # file mode before the umask; 0o600 for a private key
-
-
-def write_bytes_atomic(
-    path: str | os.PathLike, data: bytes | list[Any], force: bool, allow_identical: bool = False
-) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename into place.
-
-    Without force the final step is a hard link, which fails if `path` appeared in
-    the meantime, so an existing file is never replaced. With `allow_identical`, an
-    existing file holding exactly `data` counts as written (a rerun after a crash).
-    A folder that refuses the file is an OutputError (exit 5), like an existing file.
-
-    The temporary file is named `.NAME.PID@HOST.XXXXXXXX.tmp`. A process killed
-    before the rename leaves it behind; the next write of NAME on the same host
-    removes the ones whose process no longer runs (see docs/security.md).
-    """
-    write_files_atomic([FileWrite(Path(path), data, allow_identical)], force)
-
-
-def write_files_atomic(writes: Sequence[FileWrite], force: bool) -> None:
-    """Write several files, all or none: every file is staged (written to its temporary file and
-    fsynced) before the first is renamed into place.
-
-    If staging fails nothing is placed. If placing a later file fails, the files this call
-    placed before it are removed again, except those that existed before (an identical file
-    accepted by `allow_identical`, or one replaced under `force`, which cannot be restored).
-    A kill between two renames can leave the earlier files: `allow_identical` lets the
-    rerun accept them.
-    """
-    pending: list[tuple[Path, list[Any], int]] = []
-    for write in writes:
-        parts = [write.data] if isinstance(write.data, bytes) else list(write.data)
-        path = Path(write.path)
-        if write.allow_identical and not force and _holds(path, parts):
-            continue
-        ensure_writable(path, force)
-        pending.append((path, parts, write.mode))
-    staged: list[tuple[Path, str]] = []
-    placed: list[Path] = []
-    try:
-        for path, parts, mode in pending:
-            remove_stale_temp_files(path)
-            staged.append((path, _stage(path, parts, mode)))
-        for path, tmp_name in staged:
-            existed = path.exists()
-            _place(path, tmp_name, force)
-            if not existed:
-                placed.append(path)
-        for folder in dict.fromkeys(path.parent for path, _ in staged):
-            _fsync_dir(folder)
-    except BaseException:
-        for path in placed:
-            with contextlib.suppress(OSError):
-                path.unlink()
-        raise
-    finally:
-        for _, tmp_name in staged:
-            if os.path.exists(tmp_name):
-                os.unlink(tmp_name)
-
-
-def _stage(path: Path, parts: list[Any], mode: int = 0o666) -> str:
-    """Write `parts` to a new temporary file beside `path` and fsync it; returns its name."""
-    try:
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{path.name}.{os.getpid()}@{_host()}.", suffix=".tmp", dir=path.parent
-        )
-    except OSError as err:
-        raise OutputError(f"{path}: cannot be written ({err.strerror or err})") from None
-    try:
-        os.fchmod(fd, mode & ~_umask())
-        with os.fdopen(fd, "wb") as tmp:
-            for part in parts:
-                tmp.write(part)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-    except OSError as err:
-        os.unlink(tmp_name)
-        raise OutputError(f"{path}: cannot be written ({err.strerror or err})") from None
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
-    return tmp_name
-
-
-def _place(path: Path, tmp_name: str, force: bool) -> None:
-    """Rename a staged file into place; without force never replace a file that exists."""
-    try:
-        if force:
-            os.replace(tmp_name, path)
-            return
-        try:
-            os.link(tmp_name, path)
-        except FileExistsError:
-            raise OutputExistsError(f"{path}: already exists (pass --force to replace it)") from None
-        except OSError:  # file systems without hard links
-            if path.exists():
-                raise OutputExistsError(f"{path}: already exists (pass --force)") from None
-            os.replace(tmp_name, path)
-        else:
-            os.unlink(tmp_name)  # before the directory fsync: a kill there leaves no temp file
-    except OutputExistsError:
-        raise
-    except OSError as err:
-        raise OutputError(f"{path}: cannot be written ({err.strerror or err})") from None
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
-
-
-def _holds(path: Path, parts: list[Any]) -> bool:
-    """Whether `path` is a file holding exactly the concatenated parts (False when unreadable)."""
-    try:
-        if not path.is_file() or path.stat().st_size != sum(len(memoryview(p).cast("B")) for p in parts):
-            return False
-        with path.open("rb") as handle:
-            for part in parts:
-                view = memoryview(part).cast("B")
-                if handle.read(view.nbytes) != view.tobytes():
-                    return False
-    except OSError:
-        return False
-    return True
-
-
-def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
-    """Delete `.NAME.PID@HOST.*.tmp` files of output `path` left by dead processes of this host.
-
-    Only temporary files written on this host by a process that no longer exists are
-    removed, so a concurrent writer (here or on another machine sharing the folder) is
-    never disturbed. Returns the removed paths.
-    """
-    path = Path(path)
-    pattern = re.compile(r"^\." + re.escape(path.name) + r"\.(\d+)@([A-Za-z0-9-]+)\.[A-Za-z0-9_]+\.tmp$")
-    removed = []
-    try:
-        candidates = list(path.parent.iterdir())
-    except OSError:
-        return removed
-    host = _host()
-    for candidate in candidates:
-        match = pattern.match(candidate.name)
-        if not match or match.group(2) != host or _pid_alive(int(match.group(1))):
-            continue
-        try:
-            candidate.unlink()
-            removed.append(candidate)
-        except OSError:
-            pass
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_artifact(

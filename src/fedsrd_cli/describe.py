@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from fedsrd_cli import naming
-from fedsrd_cli.artifacts import ADAPTER_CONFIG, Artifact, open_safetensors, read_lineage
+from fedsrd_cli.adapters import ADAPTER_CONFIG, read_lineage
+from fedsrd_cli.artifacts import Artifact, open_safetensors
 from fedsrd_cli.signing import Trust, describe_signature, read_verified
 
 FP32_BYTES = 4

@@ -15,18 +15,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fedsrd_cli.artifacts import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    EXPORTED_FROM_KEY,
-    FORMAT_VERSION,
-    LINEAGE_FILE,
-    Artifact,
-    FileWrite,
-    encode_safetensors,
-    ensure_output_dir,
-    write_files_atomic,
-)
+from fedsrd_cli.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORTED_FROM_KEY, LINEAGE_FILE
+from fedsrd_cli.artifacts import FORMAT_VERSION, Artifact, encode_safetensors
+from fedsrd_cli.atomic import FileWrite, ensure_output_dir, write_files_atomic
 from fedsrd_cli.errors import OutputExistsError
 
 CONFIG_FILE = ADAPTER_CONFIG

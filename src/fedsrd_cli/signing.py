@@ -34,16 +34,13 @@ from typing import Any
 
 from fedsrd_cli.artifacts import (
     Artifact,
-    FileWrite,
     Header,
-    check_output_folder,
     check_safetensors_start,
     encode_header,
-    ensure_writable,
     read_artifact,
     write_artifact,
-    write_files_atomic,
 )
+from fedsrd_cli.atomic import FileWrite, check_output_folder, ensure_writable, write_files_atomic
 from fedsrd_cli.errors import ArtifactError, OutputError, OutputExistsError, TrustError, UsageError
 
 COORDINATOR = "coordinator"

@@ -251,7 +251,7 @@ def output_is_new(out_dir: Path) -> bool:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from fedsrd_cli.artifacts import write_bytes_atomic
+    from fedsrd_cli.atomic import write_bytes_atomic
 
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     write_bytes_atomic(path, text.encode("utf-8"), force=True)
@@ -310,9 +310,10 @@ def simulate(
     rounds of every algorithm and seed. Returns a summary: the output paths, the rounds
     run now and those found done.
     """
+    from fedsrd_cli.adapters import read_local
     from fedsrd_cli.algorithms import get_algorithm
     from fedsrd_cli.algorithms.protocol import apply_broadcast, initial_state
-    from fedsrd_cli.artifacts import read_artifact, read_local, write_artifact
+    from fedsrd_cli.artifacts import read_artifact, write_artifact
     from fedsrd_cli.config import AggregateConfig
     from fedsrd_cli.model_spec import lora_module_shapes
     from fedsrd_cli.training import (
@@ -497,7 +498,7 @@ def _finish(
     done_before: int,
 ) -> dict[str, Any]:
     table = summary_table(config, results)
-    from fedsrd_cli.artifacts import write_bytes_atomic
+    from fedsrd_cli.atomic import write_bytes_atomic
 
     write_bytes_atomic(out_dir / "results.md", render_markdown(config, table).encode("utf-8"), force=True)
     plot_traffic_vs_loss(config, results, out_dir / "traffic_vs_loss.png")
@@ -602,7 +603,7 @@ def plot_traffic_vs_loss(config: SimulateConfig, results: dict[str, Any], path: 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    from fedsrd_cli.artifacts import write_bytes_atomic
+    from fedsrd_cli.atomic import write_bytes_atomic
 
     figure = Figure(figsize=(7, 4.5), dpi=120)
     axes = figure.add_subplot()

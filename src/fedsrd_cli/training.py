@@ -27,15 +27,8 @@ import torch
 
 from fedsrd_cli import data as data_mod
 from fedsrd_cli import naming
-from fedsrd_cli.artifacts import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    Artifact,
-    Header,
-    open_safetensors,
-    read_lineage,
-    short,
-)
+from fedsrd_cli.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_lineage
+from fedsrd_cli.artifacts import Artifact, Header, open_safetensors, short
 from fedsrd_cli.config import LoraSpec, _require
 from fedsrd_cli.errors import DataError, MismatchError, TrainingDivergedError, UsageError
 from fedsrd_cli.math.lowrank import scheduled_factor

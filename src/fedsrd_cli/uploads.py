@@ -14,16 +14,17 @@ adds what only the client side can know, before any work:
   of the round-1 state given with the round-0 state is refused; an adapter with no record
   (trained elsewhere) is accepted as before;
 - a bare PEFT weights file without adapter_config.json takes the global state's LoRA
-  settings when every tensor name and shape matches (artifacts.read_local).
+  settings when every tensor name and shape matches (adapters.read_local).
 """
 
 from __future__ import annotations
 
 import os
 
+from fedsrd_cli.adapters import LocalAdapter, read_local
 from fedsrd_cli.algorithms import get_algorithm
 from fedsrd_cli.algorithms.base import Payload, Track, no_progress
-from fedsrd_cli.artifacts import Artifact, LocalAdapter, read_local, short
+from fedsrd_cli.artifacts import Artifact, short
 from fedsrd_cli.config import SparsifyConfig
 from fedsrd_cli.errors import MismatchError, StaleUploadError
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from fedsrd_cli import naming
+from fedsrd_cli.adapters import read_local
 from fedsrd_cli.algorithms import get_algorithm
-from fedsrd_cli.artifacts import Artifact, read_artifact, read_local, write_artifact
+from fedsrd_cli.artifacts import Artifact, read_artifact, write_artifact
 from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
 
 from ..conftest import make_local

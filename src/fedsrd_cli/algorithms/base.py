@@ -14,7 +14,8 @@ from typing import TypeVar
 
 import torch
 
-from fedsrd_cli.artifacts import Artifact, Header, LocalAdapter
+from fedsrd_cli.adapters import LocalAdapter
+from fedsrd_cli.artifacts import Artifact, Header
 from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
 from fedsrd_cli.math.lowrank import scheduled_factor
 

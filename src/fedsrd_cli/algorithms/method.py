@@ -13,6 +13,7 @@ from dataclasses import asdict, replace
 import torch
 
 from fedsrd_cli import naming
+from fedsrd_cli.adapters import LocalAdapter
 from fedsrd_cli.algorithms.base import Algorithm, Payload, Track, no_progress
 from fedsrd_cli.algorithms.diagnostics import BroadcastDiagnostics
 from fedsrd_cli.algorithms.protocol import (
@@ -37,7 +38,7 @@ from fedsrd_cli.algorithms.steps import (
     truncation_route,
     upload_seed,
 )
-from fedsrd_cli.artifacts import Artifact, Header, LocalAdapter, content_hash
+from fedsrd_cli.artifacts import Artifact, Header, content_hash
 from fedsrd_cli.config import VALUE_DTYPES, AggregateConfig, BroadcastConfig, SparsifyConfig
 from fedsrd_cli.errors import MismatchError, UsageError
 from fedsrd_cli.math.masks import seeded_keep_mask

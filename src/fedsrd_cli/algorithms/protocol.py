@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from fedsrd_cli import naming
+from fedsrd_cli.adapters import LocalAdapter
 from fedsrd_cli.algorithms.base import Payload
-from fedsrd_cli.artifacts import Artifact, Header, LocalAdapter, content_hash, short
+from fedsrd_cli.artifacts import Artifact, Header, content_hash, short
 from fedsrd_cli.config import AggregateConfig, LoraSpec
 from fedsrd_cli.errors import MismatchError, StaleUploadError, UsageError
 from fedsrd_cli.math.lowrank import product_frobenius_norm

@@ -73,7 +73,8 @@ def train_local_cmd(
     """
     import json
 
-    from fedsrd_cli.artifacts import FileWrite, ensure_writable, write_artifact
+    from fedsrd_cli.artifacts import write_artifact
+    from fedsrd_cli.atomic import FileWrite, ensure_writable
     from fedsrd_cli.signing import COORDINATOR, read_verified
     from fedsrd_cli.training import (
         TrainConfig,
@@ -189,7 +190,8 @@ def sparsify_cmd(
 ) -> None:
     """Client: turn a locally trained adapter into this round's upload (sparse for FedSRD)."""
     from fedsrd_cli.algorithms import get_algorithm
-    from fedsrd_cli.artifacts import ensure_writable, write_artifact
+    from fedsrd_cli.artifacts import write_artifact
+    from fedsrd_cli.atomic import ensure_writable
     from fedsrd_cli.config import SparsifyConfig
     from fedsrd_cli.signing import COORDINATOR, read_verified
     from fedsrd_cli.uploads import make_upload
@@ -246,7 +248,8 @@ def apply_cmd(
     `coordinator` or by the party of --sign-key (a state this client computed itself).
     """
     from fedsrd_cli.algorithms.catchup import apply_chain
-    from fedsrd_cli.artifacts import ensure_writable, write_artifact
+    from fedsrd_cli.artifacts import write_artifact
+    from fedsrd_cli.atomic import ensure_writable
     from fedsrd_cli.signing import COORDINATOR, read_verified
 
     out = Output(json_mode)
@@ -297,7 +300,8 @@ def eval_cmd(
     """
     import json
 
-    from fedsrd_cli.artifacts import ensure_writable, short, write_bytes_atomic
+    from fedsrd_cli.artifacts import short
+    from fedsrd_cli.atomic import ensure_writable, write_bytes_atomic
     from fedsrd_cli.signing import read_verified
     from fedsrd_cli.training import (
         check_adapter_base,

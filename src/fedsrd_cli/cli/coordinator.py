@@ -45,7 +45,8 @@ def init_cmd(
 ) -> None:
     """Create the round-0 global state for a base model (reads only its config, or a GGUF's metadata)."""
     from fedsrd_cli.algorithms.protocol import initial_state
-    from fedsrd_cli.artifacts import ensure_writable, write_artifact
+    from fedsrd_cli.artifacts import write_artifact
+    from fedsrd_cli.atomic import ensure_writable
     from fedsrd_cli.config import InitConfig
     from fedsrd_cli.model_spec import fingerprint_base, lora_module_shapes
 
@@ -105,7 +106,8 @@ def aggregate_cmd(
     With --trust, every upload must be signed by the client it names.
     """
     from fedsrd_cli.algorithms import get_algorithm
-    from fedsrd_cli.artifacts import ensure_writable, write_artifact
+    from fedsrd_cli.artifacts import write_artifact
+    from fedsrd_cli.atomic import ensure_writable
     from fedsrd_cli.config import AggregateConfig
     from fedsrd_cli.signing import read_verified
 
@@ -212,7 +214,8 @@ def broadcast_cmd(
     """
     from fedsrd_cli.algorithms import get_algorithm
     from fedsrd_cli.algorithms.diagnostics import update_error_warning
-    from fedsrd_cli.artifacts import ensure_writable, write_artifacts
+    from fedsrd_cli.artifacts import write_artifacts
+    from fedsrd_cli.atomic import ensure_writable
     from fedsrd_cli.config import BroadcastConfig
     from fedsrd_cli.signing import read_verified
 

@@ -183,7 +183,7 @@ def unpack_cmd(
     """Write an artifact as plain dense tensors (deltas under PEFT names for uploads/broadcasts)."""
     from safetensors.torch import save
 
-    from fedsrd_cli.artifacts import ensure_writable, write_bytes_atomic
+    from fedsrd_cli.atomic import ensure_writable, write_bytes_atomic
     from fedsrd_cli.describe import dense_tensors
     from fedsrd_cli.signing import read_verified
 

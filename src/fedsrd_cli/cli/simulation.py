@@ -25,7 +25,7 @@ def demo_assets_cmd(
     json_mode: JsonOpt = False,
 ) -> None:
     """Make the demo's base model and 4 clients' data (offline, deterministic)."""
-    from fedsrd_cli.artifacts import ensure_output_dir
+    from fedsrd_cli.atomic import ensure_output_dir
     from fedsrd_cli.demo import DEFAULT_RECIPE, MODELS, SMOLLM2_NAME, cache_root, demo_assets
 
     out = Output(json_mode)
@@ -160,7 +160,7 @@ def simulate_cmd(
     results.json, results.md and traffic_vs_loss.png into --out; rerunning with the same
     --out continues where it stopped (only --rounds may change).
     """
-    from fedsrd_cli.artifacts import ensure_output_dir
+    from fedsrd_cli.atomic import ensure_output_dir
     from fedsrd_cli.simulate import SimulateConfig, local_training_defaults, output_is_new, simulate
 
     out = Output(json_mode)

@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedsrd_cli.artifacts import Artifact, read_artifact, short, write_artifact, write_bytes_atomic
+from fedsrd_cli.artifacts import Artifact, read_artifact, short, write_artifact
+from fedsrd_cli.atomic import write_bytes_atomic
 from fedsrd_cli.errors import ArtifactError, FedsrdError, MismatchError, UsageError
 from fedsrd_cli.flower.settings import ServerSettings
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsrd_cli.artifacts import Artifact, short, write_artifact, write_bytes_atomic
+from fedsrd_cli.artifacts import Artifact, short, write_artifact
+from fedsrd_cli.atomic import write_bytes_atomic
 from fedsrd_cli.errors import MismatchError, UsageError
 from fedsrd_cli.flower.settings import SiteSettings
 
@@ -146,8 +147,8 @@ class Site:
 
     def train(self, state: Artifact, instructions: Mapping[str, Any]) -> TrainResult:
         """`train-local` then `sparsify`, with the flags the coordinator sent, on this site's data."""
+        from fedsrd_cli.adapters import read_local
         from fedsrd_cli.algorithms import get_algorithm
-        from fedsrd_cli.artifacts import read_local
         from fedsrd_cli.config import SparsifyConfig
         from fedsrd_cli.training import TrainConfig, check_fingerprint, local_header, train_local
 
