@@ -37,6 +37,7 @@ from fedsrd_cli.math.masks import (
     unpack_bits,
 )
 from fedsrd_cli.math.positions import PositionCodeError, read_positions_tensor
+from fedsrd_cli.privacy.ledger import parse_privacy
 
 # Version 2 added coded upload positions (X.positions); version 1 files are read as before.
 # A reader of version 1 refuses version 2 files with a one-line "upgrade fedsrd".
@@ -69,6 +70,8 @@ class Header:
 
     layout: logical shape of every sparse/dense-delta tensor (uploads, broadcasts).
     info: descriptive JSON (ratios, sparsify settings, clients, ...) that no check relies on.
+    privacy: the privacy ledgers (privacy.ledger.Privacy.to_json()); empty without DP, and then
+        not written, so a file made without --dp-* is what it was before privacy existed.
     """
 
     kind: str
@@ -86,6 +89,7 @@ class Header:
     download_sparsity: float = 0.0
     layout: dict[str, list[int]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    privacy: dict[str, Any] = field(default_factory=dict)
 
     def to_metadata(self) -> dict[str, str]:
         meta = {
@@ -113,6 +117,8 @@ class Header:
             meta["fedsrd.layout"] = json.dumps(self.layout, sort_keys=True)
         if self.info:
             meta["fedsrd.info"] = json.dumps(self.info, sort_keys=True)
+        if self.privacy:
+            meta["fedsrd.privacy"] = json.dumps(self.privacy, sort_keys=True, allow_nan=False)
         return meta
 
     @classmethod
@@ -155,6 +161,7 @@ class Header:
                     for k, v in json.loads(meta.get("fedsrd.layout", "{}")).items()
                 },
                 info=json.loads(meta.get("fedsrd.info", "{}")),
+                privacy=json.loads(meta.get("fedsrd.privacy", "{}")),
             )
         except Exception as err:  # any malformed field: KeyError, ValueError, TypeError, ...
             raise ArtifactError(f"{where}: malformed fedsrd metadata ({type(err).__name__}: {err})") from None
@@ -180,6 +187,8 @@ class Header:
         for name, shape in self.layout.items():
             if len(shape) != 2 or min(shape) < 1 or math.prod(shape) >= 2**32:
                 raise ArtifactError(f"{where}: layout of {name} has an invalid shape {shape}")
+        if self.privacy:
+            parse_privacy(self.privacy, self.kind, where)
 
 
 def short(digest: str) -> str:

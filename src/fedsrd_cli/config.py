@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fedsrd_cli.errors import UsageError
+from fedsrd_cli.privacy.ledger import OrganisationDp
 
 VALUE_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -37,6 +38,8 @@ AGGREGATE_METHODS = (
     "fedsrd-alternate",
 )
 WEIGHTINGS = ("uniform", "samples")
+# The method organisation-level DP runs on (AggregateConfig.organisation_dp).
+PRIVATE_METHOD = "fedsrd-e"
 OUTLIER_ACTIONS = ("refuse", "clip")
 
 
@@ -154,13 +157,25 @@ TRUNCATIONS = ("auto", "exact", "randomized")
 
 @dataclass(frozen=True)
 class AggregateConfig:
-    """Coordinator aggregation (method section 2)."""
+    """Coordinator aggregation (method section 2).
+
+    require_dp: `--require-dp EPS`: every upload must carry a record-level privacy ledger whose
+    recomputed epsilon is at most EPS (docs/privacy.md).
+    organisation_dp: organisation-level DP (`--dp-clip ...`): each site's update clipped to
+    C, the sum divided by the expected number of sampled sites; the broadcast adds the noise.
+    It needs FedSRD-e (the B update is then linear in the sites' updates), uniform weights,
+    and replaces --max-update-norm. max_epsilon: refuse a round that would take the
+    organisation-level epsilon past it.
+    """
 
     method: str = "fedsrd"
     weighting: str = "uniform"
     max_update_norm: float | None = None
     on_outlier: str = "refuse"
     truncation: str = "auto"
+    require_dp: float | None = None
+    organisation_dp: OrganisationDp | None = None
+    max_epsilon: float | None = None
 
     def __post_init__(self) -> None:
         _require(self.truncation in TRUNCATIONS, f"--truncation must be one of {list(TRUNCATIONS)}")
@@ -172,6 +187,34 @@ class AggregateConfig:
             f"--max-update-norm must be a finite number > 0, got {self.max_update_norm}",
         )
         _require(self.on_outlier in OUTLIER_ACTIONS, f"--on-outlier must be one of {list(OUTLIER_ACTIONS)}")
+        _require(
+            self.require_dp is None or (math.isfinite(self.require_dp) and self.require_dp > 0),
+            f"--require-dp must be a number > 0, got {self.require_dp}",
+        )
+        _require(
+            self.max_epsilon is None or (math.isfinite(self.max_epsilon) and self.max_epsilon > 0),
+            f"--dp-max-epsilon must be a number > 0, got {self.max_epsilon}",
+        )
+        _require(
+            self.max_epsilon is None or self.organisation_dp is not None,
+            "--dp-max-epsilon caps organisation-level DP: give --dp-clip and --dp-noise-multiplier too",
+        )
+        if self.organisation_dp is not None:
+            _require(
+                self.method == PRIVATE_METHOD,
+                f"organisation-level DP (--dp-clip) is built for --method {PRIVATE_METHOD} only: without"
+                " the rank truncation its B update is linear in the sites' updates, so one site's effect"
+                f" is bounded (docs/privacy.md); got --method {self.method}",
+            )
+            _require(
+                self.weighting == "uniform",
+                "organisation-level DP weighs every site alike (--weighting uniform): weights from"
+                " sample counts would depend on the sites' data",
+            )
+            _require(
+                self.max_update_norm is None,
+                "--dp-clip already bounds every site's update; leave out --max-update-norm",
+            )
 
 
 # How a one-factor broadcast fits its random download mask (docs/algorithms.md, "The download"):
@@ -183,7 +226,9 @@ DOWNLOAD_FITS = ("dare", "lstsq")
 # Which factor a one-factor broadcast updates, per module:
 #   fit     the one whose least-squares update fits the round's target better
 #   parity  the paper: B in odd rounds, A in even ones
-FACTOR_CHOICES = ("fit", "parity")
+#   b       B in every round (A keeps its round-0 value): what organisation-level DP requires,
+#           and what `fit` picks nearly always (docs/results.md)
+FACTOR_CHOICES = ("fit", "parity", "b")
 
 
 @dataclass(frozen=True)
@@ -194,6 +239,8 @@ class BroadcastConfig:
     the factor that is inverted (0: the exact pseudo-inverse of the paper).
     download_fit: one of DOWNLOAD_FITS; factor_choice: one of FACTOR_CHOICES. None of the three
     matters to methods that send whole factors.
+    noise_seed: organisation-level DP draws its noise from a secret key; a seed makes the
+    noise reproducible, for tests only (it protects nothing).
     """
 
     download_sparsity: float = 0.8
@@ -202,6 +249,7 @@ class BroadcastConfig:
     damping: float = 1e-3
     download_fit: str = "dare"
     factor_choice: str = "fit"
+    noise_seed: int | None = None
 
     def __post_init__(self) -> None:
         _require(

@@ -125,6 +125,41 @@ def describe(artifact: Artifact) -> dict[str, Any]:
         )
     if head.info:
         report["info"] = head.info
+    if head.privacy:
+        report["privacy"] = privacy_report(head)
+    return report
+
+
+def privacy_report(header: Any) -> dict[str, Any]:
+    """A header's privacy ledgers as recorded, each with its epsilon recomputed from its history
+    (privacy.accounting) and whether the two agree; `agree` covers them all."""
+    from fedsrd_cli.privacy.ledger import Ledger, read_privacy
+
+    parsed = read_privacy(header)
+
+    def checked(ledger: Ledger) -> dict[str, Any]:
+        recomputed = ledger.recomputed()
+        return {
+            **ledger.to_json(),
+            "recomputed_epsilon": recomputed if math.isfinite(recomputed) else None,
+            "agrees": ledger.agrees(),
+        }
+
+    report: dict[str, Any] = {}
+    if parsed.record_level is not None:
+        report["record_level"] = checked(parsed.record_level)
+    if parsed.sites:
+        report["sites"] = {site: checked(ledger) for site, ledger in sorted(parsed.sites.items())}
+    if parsed.organisation_level is not None:
+        report["organisation_level"] = checked(parsed.organisation_level)
+    if parsed.organisation_dp is not None:
+        report["organisation_dp"] = parsed.organisation_dp.to_json()
+    ledgers = [
+        report.get("record_level"),
+        report.get("organisation_level"),
+        *report.get("sites", {}).values(),
+    ]
+    report["agree"] = all(ledger["agrees"] for ledger in ledgers if ledger is not None)
     return report
 
 

@@ -14,6 +14,8 @@ Exit codes:
     6  data: training/eval data or a model directory that cannot be used, or
        training that diverged
     7  trust: missing, unknown or invalid signatures
+    8  privacy: a privacy ledger that is missing, inconsistent, reset or over budget, or a
+       round that would spend more than the budget allows (docs/privacy.md)
 
 `fedsrd status` also exits (see round_status.py), for cron:
     0   the round is ready to aggregate
@@ -77,6 +79,12 @@ class TrustError(FedsrdError):
     """A signature that is missing, unknown, or does not verify."""
 
     exit_code = 7
+
+
+class PrivacyError(FedsrdError):
+    """A DP budget refused: a ledger missing, inconsistent or reset, or a round over budget."""
+
+    exit_code = 8
 
 
 class RoundInvalidError(FedsrdError):

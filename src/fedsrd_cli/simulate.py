@@ -27,12 +27,13 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from fedsrd_cli.config import _require
 from fedsrd_cli.errors import ArtifactError, MismatchError, OutputExistsError, UsageError
+from fedsrd_cli.privacy.budget import RecordDp
 
 RESULTS_VERSION = 1
 PROX_MU_DEFAULT = 0.01
@@ -79,6 +80,11 @@ class SimulateConfig:
     value_dtype: dtype of the values every upload and broadcast carries; damping, download_fit,
     factor_choice: the one-factor download's settings (config.BroadcastConfig). None = the
     commands' defaults.
+    record_dp: every client trains with DP-SGD (train-local --dp-*; a resumed run keeps the plan,
+        so its rounds past record_dp.planned_rounds are refused); None trains without DP.
+    organisation_dp: organisation-level DP at the coordinator (aggregate --dp-clip ...): each
+        round Poisson-samples the clients that train at (clip, noise multiplier, sampling
+        rate, delta); FedSRD-e only. None: none.
     """
 
     base: str
@@ -107,10 +113,12 @@ class SimulateConfig:
     damping: float | None = None
     download_fit: str | None = None
     factor_choice: str | None = None
+    record_dp: RecordDp | None = None
+    organisation_dp: tuple[float, float, float, float] | None = None
 
     def __post_init__(self) -> None:
         from fedsrd_cli.algorithms import get_algorithm
-        from fedsrd_cli.config import SparsifyConfig
+        from fedsrd_cli.config import PRIVATE_METHOD, SparsifyConfig
 
         if self.base_sparsity is not None:
             SparsifyConfig(base_sparsity=self.base_sparsity)  # its checks and messages
@@ -146,6 +154,25 @@ class SimulateConfig:
             self.demo_model in (None, "smollm2", "toy"),
             f"--model must be smollm2 or toy, got {self.demo_model!r}",
         )
+        if self.organisation_dp is not None:
+            self.organisation_settings(len(self.client_data))  # its checks and messages
+            _require(
+                self.algorithms == (PRIVATE_METHOD,),
+                f"organisation-level DP (--dp-org-clip) runs on --algorithms {PRIVATE_METHOD} alone",
+            )
+            _require(
+                self.sample_clients is None,
+                "organisation-level DP samples the clients itself (--dp-org-sampling-rate):"
+                " leave out --sample-clients",
+            )
+
+    def organisation_settings(self, sampled: int) -> Any:
+        """This run's organisation-level DP for a round that sampled `sampled` clients."""
+        from fedsrd_cli.privacy.ledger import OrganisationDp
+
+        assert self.organisation_dp is not None
+        clip, noise, rate, delta = self.organisation_dp
+        return OrganisationDp(clip, noise, rate, delta, len(self.client_data), sampled)
 
     @property
     def participants(self) -> int:
@@ -176,6 +203,8 @@ class SimulateConfig:
             )
             if value is not None
         }
+        if self.organisation_dp is not None:
+            given.setdefault("factor_choice", "b")  # the only choice organisation-level DP allows
         return BroadcastConfig(download_sparsity=download_sparsity, seed=seed, **given)
 
     def record(self) -> dict[str, Any]:
@@ -185,7 +214,15 @@ class SimulateConfig:
             data.pop(key)
         # Settings given as None (the defaults) are left out, so runs recorded before the
         # flag existed still resume.
-        for key in ("base_sparsity", "value_dtype", "damping", "download_fit", "factor_choice"):
+        for key in (
+            "base_sparsity",
+            "value_dtype",
+            "damping",
+            "download_fit",
+            "factor_choice",
+            "record_dp",
+            "organisation_dp",
+        ):
             if data[key] is None:
                 data.pop(key)
         if data["demo_model"] in (None, "toy"):  # demo runs recorded before --model existed were toy
@@ -285,9 +322,30 @@ def _load_results(out_dir: Path, config: SimulateConfig) -> dict[str, Any]:
     return {"version": RESULTS_VERSION, "config": config.record(), "runs": {}}
 
 
+def privacy_summary(privacy: dict[str, Any]) -> dict[str, Any]:
+    """results.json's epsilons of a round, from the next global state's ledgers: {"privacy":
+    {"sites": {client: {"epsilon", "delta", "rounds"}}, "organisation": {...}}} (epsilon None:
+    infinite); {} without DP."""
+
+    def brief(ledger: dict[str, Any]) -> dict[str, Any]:
+        return {"epsilon": ledger["epsilon"], "delta": ledger["delta"], "rounds": len(ledger["rounds"])}
+
+    out: dict[str, Any] = {}
+    if "sites" in privacy:
+        out["sites"] = {site: brief(ledger) for site, ledger in sorted(privacy["sites"].items())}
+    if "organisation_level" in privacy:
+        out["organisation"] = brief(privacy["organisation_level"])
+    return {"privacy": out} if out else {}
+
+
 def _choose(config: SimulateConfig, seed: int, round_index: int) -> list[int]:
-    """Indices of the clients that train in this round (seeded; the same for every algorithm)."""
+    """Indices of the clients that train in this round: all, a seeded choice of --sample-clients
+    (the same for every algorithm), or under organisation-level DP a secret Poisson sample."""
     n = len(config.client_data)
+    if config.organisation_dp is not None:
+        from fedsrd_cli.privacy.randomness import SecretRandom
+
+        return SecretRandom().poisson_sample(n, config.organisation_dp[2])
     if config.participants == n:
         return list(range(n))
     rng = random.Random(f"fedsrd-simulate:{seed}:{round_index}")
@@ -312,16 +370,18 @@ def simulate(
     """
     from fedsrd_cli.adapters import read_local
     from fedsrd_cli.algorithms import get_algorithm
-    from fedsrd_cli.algorithms.protocol import apply_broadcast, initial_state
+    from fedsrd_cli.algorithms.protocol import apply_broadcast, default_download_seed, initial_state
     from fedsrd_cli.artifacts import read_artifact, write_artifact
     from fedsrd_cli.config import AggregateConfig
     from fedsrd_cli.model_spec import lora_module_shapes
     from fedsrd_cli.training import (
         TrainConfig,
+        check_private_run,
         evaluate,
         load_base,
         load_datasets,
         local_header,
+        private_training,
         set_global,
         train_local,
     )
@@ -409,13 +469,24 @@ def simulate(
                         device=config.device,
                         prox_mu=config.prox_mu if name == "fedprox" else 0.0,
                     ).training_only(only)
+                    ledger = None
+                    if config.record_dp is not None:
+                        train_config, ledger = private_training(
+                            config.record_dp,
+                            global_state,
+                            client,
+                            client_sets[index],
+                            train_config,
+                        )
                     tensors, stats = train_local(base, global_state, client_sets[index], train_config)
+                    if ledger is not None:
+                        check_private_run(stats, ledger)
                     train_losses.append(stats.final_loss)
                     info = {"train": {**asdict(train_config), "final_loss": stats.final_loss}}
                     local_path = round_dir / f"local-{client}.safetensors"
                     write_artifact(
                         local_path,
-                        local_header(global_state, stats.samples, client, info),
+                        local_header(global_state, stats.samples, client, info, ledger),
                         tensors,
                         force=True,
                     )
@@ -428,17 +499,19 @@ def simulate(
                     uploads.append(read_artifact(upload_path, kind="upload"))
                     upload_sizes.append(upload_path.stat().st_size)
 
+                aggregate_config = AggregateConfig(method=name)
+                if config.organisation_dp is not None:
+                    aggregate_config = replace(
+                        aggregate_config, organisation_dp=config.organisation_settings(len(chosen))
+                    )
                 start = time.perf_counter()
-                aggregate = algorithm.aggregate(global_state, uploads, AggregateConfig(method=name))
+                aggregate = algorithm.aggregate(global_state, uploads, aggregate_config)
                 server = time.perf_counter() - start
                 aggregate_path = round_dir / "aggregate.safetensors"
-                aggregate_head = write_artifact(
-                    aggregate_path, aggregate.header, aggregate.tensors, force=True
-                )
+                write_artifact(aggregate_path, aggregate.header, aggregate.tensors, force=True)
                 aggregate_file = read_artifact(aggregate_path, kind="aggregate")
                 broadcast_config = config.broadcast_config(
-                    algorithm.default_download_sparsity,
-                    int(aggregate_head.content_hash.removeprefix("sha256:")[:15], 16),
+                    algorithm.default_download_sparsity, default_download_seed(global_state, aggregate_file)
                 )
                 start = time.perf_counter()
                 broadcast, next_state = algorithm.broadcast(global_state, aggregate_file, broadcast_config)
@@ -464,19 +537,20 @@ def simulate(
                             eval_loss=losses,
                             mean_eval_loss=mean_loss,
                             participants=[config.client_ids[i] for i in chosen],
-                            upload_bytes=sum(upload_sizes) / len(upload_sizes),
+                            upload_bytes=sum(upload_sizes) / max(len(upload_sizes), 1),
                             download_bytes=download,
                             traffic_per_client=traffic,
                             cumulative_traffic_per_client=last["cumulative_traffic_per_client"] + traffic,
                             server_seconds=server,
-                            train_loss=sum(train_losses) / len(train_losses),
+                            train_loss=sum(train_losses) / len(train_losses) if train_losses else None,
                             global_state=str(next_path.relative_to(out_dir)),
                             global_hash=next_head.content_hash,
                             extra={
                                 "download_sparsity": broadcast_config.download_sparsity,
-                                "update_error": broadcast.header.info["update_error"]["overall"],
+                                "update_error": broadcast.header.info.get("update_error", {}).get("overall"),
                                 "update_step": broadcast.header.info["update_step"]["max"],
                             }
+                            | privacy_summary(next_state.header.privacy)
                             | ({"prox_mu": config.prox_mu} if name == "fedprox" else {})
                             | ({"trained_factor": only} if only else {}),
                         )

@@ -33,6 +33,9 @@ from fedsrd_cli.config import LoraSpec, _require
 from fedsrd_cli.errors import DataError, MismatchError, TrainingDivergedError, UsageError
 from fedsrd_cli.math.lowrank import scheduled_factor
 from fedsrd_cli.model_spec import fingerprint_base, resolve_base
+from fedsrd_cli.privacy.budget import RecordDp, history_of, plan_round
+from fedsrd_cli.privacy.dpsgd import DpSgdConfig
+from fedsrd_cli.privacy.ledger import RECORD_LEVEL, Ledger, read_privacy
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -45,6 +48,9 @@ class TrainConfig:
 
     steps: optimizer steps; each takes batch_size * grad_accum examples.
     prox_mu: FedProx weight, loss += prox_mu / 2 * ||theta - theta_G||^2 over the trained factors.
+    dp: DP-SGD settings (privacy.dpsgd): batches are then Poisson samples of expected size
+        batch_size * grad_accum out of every example given, each record's gradient clipped to
+        dp.max_grad_norm, with Gaussian noise; None trains without DP.
     freeze_a: keep every lora_A at the global value and train only lora_B (FFA-LoRA, and the
         odd rounds of `train-local --alternate`).
     freeze_b: keep every lora_B at the global value and train only lora_A (the even rounds of
@@ -66,6 +72,7 @@ class TrainConfig:
     freeze_b: bool = False
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    dp: DpSgdConfig | None = None
 
     def __post_init__(self) -> None:
         _require(self.steps is None or self.epochs is None, "give --steps or --epochs, not both")
@@ -90,6 +97,11 @@ class TrainConfig:
         )
         _require(self.weight_decay >= 0, "weight decay must be >= 0")
         _require(self.max_grad_norm > 0, "max grad norm must be > 0")
+        _require(
+            self.dp is None or not self.gradient_checkpointing,
+            "--gradient-checkpointing cannot be combined with DP-SGD (per-example gradients are"
+            " taken from the forward pass it would recompute)",
+        )
 
     def training_only(self, factor: str | None) -> TrainConfig:
         """Train only lora_`factor` ("A" or "B") and freeze the other; None trains both
@@ -120,10 +132,13 @@ class TrainStats:
     mean_loss: float
     first_loss: float
     log: list[dict[str, Any]] = field(default_factory=list)
+    dp: dict[str, Any] | None = None  # DP-SGD: what ran (noise multiplier, clip, sample rate, ...)
 
     def summary(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("log")
+        if data["dp"] is None:
+            data.pop("dp")
         return data
 
 
@@ -357,6 +372,22 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     return loss, int((shift_labels != data_mod.IGNORE_INDEX).sum())
 
 
+def example_losses(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(n,) each example's mean next-token cross-entropy over its own label positions (0 for an
+    example with none): DP-SGD's per-record loss, so a record's weight does not grow with its length."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = batch["labels"][:, 1:]
+    per_token = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=data_mod.IGNORE_INDEX,
+        reduction="none",
+    ).reshape(shift_labels.shape)
+    counts = (shift_labels != data_mod.IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    return per_token.sum(dim=1) / counts
+
+
 def load_datasets(paths: Sequence[str | Path]) -> list[data_mod.Dataset]:
     if not paths:
         raise UsageError("give at least one --data file")
@@ -368,14 +399,18 @@ def train_local(
     global_state: Artifact,
     datasets: Sequence[data_mod.Dataset],
     config: TrainConfig,
-    on_step: Callable[[int, int, float, float], None] | None = None,
+    on_step: Callable[[int, int, float | None, float], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], TrainStats]:
     """Train the LoRA factors of `global_state` on the examples of `datasets`.
 
     Returns fp32 factors under exactly the global state's names and shapes, and the stats.
     on_step(step, total_steps, loss, tokens_per_second) is called after each optimizer step.
-    Loss per step = sum of token losses over the step's micro-batches / their label tokens
-    (+ prox_mu / 2 * ||theta - theta_G||^2). Deterministic on CPU for a given seed.
+    Without DP: loss per step = sum of token losses over the step's micro-batches / their label
+    tokens (+ prox_mu / 2 * ||theta - theta_G||^2); batches are a seeded shuffle, so a run is
+    deterministic on CPU for a given seed. With config.dp: DP-SGD (privacy.dpsgd) over every
+    example of the data files (the population whose records the guarantee covers), loss per
+    step = the mean over the sampled records of each record's mean token loss (None when
+    Poisson sampling took none); sampling and noise are secret, so a run is not reproducible.
     """
     if base.fingerprint != global_state.header.base_fingerprint:
         raise MismatchError(
@@ -389,7 +424,6 @@ def train_local(
     usable = [pair for pair in encoded if any(label != data_mod.IGNORE_INDEX for label in pair[1][1:])]
     if not usable:
         raise DataError("no example has a response token within --max-length; nothing to train on")
-    pad = data_mod.pad_id(base.tokenizer)
     model = base.model
     params = lora_parameters(model)
     trained: dict[str, torch.nn.Parameter] = {}
@@ -398,50 +432,18 @@ def train_local(
         param.requires_grad_(train_it)
         if train_it:
             trained[name] = param
-    anchor = {name: p.detach().clone() for name, p in trained.items()} if config.prox_mu > 0 else {}
     optimizer = torch.optim.AdamW(trained.values(), lr=config.lr, weight_decay=config.weight_decay)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    total = config.total_steps(len(usable))
-    generator = torch.Generator().manual_seed(config.seed)
-    stream = _batches(len(usable), config.batch_size, generator)
+    loop = _private_steps if config.dp is not None else _plain_steps
+    population = encoded if config.dp is not None else usable
+    total = config.total_steps(len(population))
     model.train()
-    log: list[dict[str, Any]] = []
-    tokens_seen = 0
     start = time.monotonic()
     try:
-        for step in range(1, total + 1):
-            step_start = time.monotonic()
-            micro = [
-                data_mod.collate([usable[i] for i in next(stream)], pad) for _ in range(config.grad_accum)
-            ]
-            step_tokens = sum(int((b["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum()) for b in micro)
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for batch in micro:
-                batch = {k: v.to(base.device) for k, v in batch.items()}
-                loss, _count = token_losses(model, batch)
-                (loss / step_tokens).backward()
-                loss_sum += float(loss.detach())
-            prox = 0.0
-            if config.prox_mu > 0:
-                prox_term = sum(((p - anchor[n]) ** 2).sum() for n, p in trained.items())
-                (config.prox_mu / 2 * prox_term).backward()
-                prox = float(config.prox_mu / 2 * prox_term.detach())
-            torch.nn.utils.clip_grad_norm_(list(trained.values()), config.max_grad_norm)
-            optimizer.step()
-            step_loss = loss_sum / step_tokens
-            _check_converging(step, total, step_loss, trained, config.lr)
-            tokens_seen += step_tokens
-            elapsed = time.monotonic() - step_start
-            record = {"step": step, "loss": step_loss, "tokens": step_tokens, "seconds": round(elapsed, 4)}
-            if config.prox_mu > 0:
-                record["prox"] = prox
-            log.append(record)
-            if on_step is not None:
-                on_step(step, total, step_loss, step_tokens / max(elapsed, 1e-9))
+        log, dp_record = loop(base, population, trained, optimizer, config, total, on_step)
     finally:
         model.eval()
         for param in params.values():
@@ -452,18 +454,139 @@ def train_local(
     for name, shape in global_state.shapes.items():
         if tuple(factors[name].shape) != tuple(shape):
             raise MismatchError(f"trained {name} has shape {list(factors[name].shape)}, expected {shape}")
-    losses = [r["loss"] for r in log]
+    losses = [r["loss"] for r in log if r["loss"] is not None] or [math.nan]
     stats = TrainStats(
         steps=total,
         samples=len(examples),
-        tokens=tokens_seen,
+        tokens=sum(r["tokens"] for r in log),
         seconds=round(time.monotonic() - start, 3),
         final_loss=losses[-1],
         mean_loss=sum(losses) / len(losses),
         first_loss=losses[0],
         log=log,
+        dp=dp_record,
     )
     return {name: factors[name] for name in global_state.names}, stats
+
+
+StepCallback = Callable[[int, int, float | None, float], None] | None
+
+
+def _plain_steps(
+    base: BaseModel,
+    usable: list,
+    trained: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    total: int,
+    on_step: StepCallback,
+) -> tuple[list[dict[str, Any]], None]:
+    """Seeded shuffled batches, token-weighted loss, the batch gradient clipped to max_grad_norm."""
+    pad = data_mod.pad_id(base.tokenizer)
+    anchor = {name: p.detach().clone() for name, p in trained.items()} if config.prox_mu > 0 else {}
+    generator = torch.Generator().manual_seed(config.seed)
+    stream = _batches(len(usable), config.batch_size, generator)
+    log: list[dict[str, Any]] = []
+    for step in range(1, total + 1):
+        step_start = time.monotonic()
+        micro = [data_mod.collate([usable[i] for i in next(stream)], pad) for _ in range(config.grad_accum)]
+        step_tokens = sum(int((b["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum()) for b in micro)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for batch in micro:
+            batch = {k: v.to(base.device) for k, v in batch.items()}
+            loss, _count = token_losses(base.model, batch)
+            (loss / step_tokens).backward()
+            loss_sum += float(loss.detach())
+        prox = 0.0
+        if config.prox_mu > 0:
+            prox_term = sum(((p - anchor[n]) ** 2).sum() for n, p in trained.items())
+            (config.prox_mu / 2 * prox_term).backward()
+            prox = float(config.prox_mu / 2 * prox_term.detach())
+        torch.nn.utils.clip_grad_norm_(list(trained.values()), config.max_grad_norm)
+        optimizer.step()
+        step_loss = loss_sum / step_tokens
+        _check_converging(step, total, step_loss, trained, config.lr)
+        elapsed = time.monotonic() - step_start
+        record = {"step": step, "loss": step_loss, "tokens": step_tokens, "seconds": round(elapsed, 4)}
+        if config.prox_mu > 0:
+            record["prox"] = prox
+        log.append(record)
+        if on_step is not None:
+            on_step(step, total, step_loss, step_tokens / max(elapsed, 1e-9))
+    return log, None
+
+
+def _private_steps(
+    base: BaseModel,
+    population: list,
+    trained: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    total: int,
+    on_step: StepCallback,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """DP-SGD (privacy.dpsgd): Poisson batches of expected size batch_size * grad_accum from the
+    whole population, processed in micro-batches of batch_size; the proximal term's gradient,
+    which depends on no record, is added after the noise."""
+    from fedsrd_cli.privacy.dpsgd import PrivateSteps
+
+    assert config.dp is not None
+    pad = data_mod.pad_id(base.tokenizer)
+    anchor = {name: p.detach().clone() for name, p in trained.items()} if config.prox_mu > 0 else {}
+    expected = config.batch_size * config.grad_accum
+    private = PrivateSteps(base.model, trained, config.dp, expected, len(population))
+    stream = private.batches()
+    log: list[dict[str, Any]] = []
+    try:
+        with warnings.catch_warnings():
+            # torch says the hooks Opacus puts on frozen-input modules fire for outputs only: expected.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for step in range(1, total + 1):
+                step_start = time.monotonic()
+                indices = next(stream)
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum, step_tokens = 0.0, 0
+                for first in range(0, len(indices), config.batch_size):
+                    chunk = indices[first : first + config.batch_size]
+                    batch = data_mod.collate([population[i] for i in chunk], pad)
+                    batch = {k: v.to(base.device) for k, v in batch.items()}
+                    losses = example_losses(base.model, batch)  # (n,)
+                    losses.sum().backward()
+                    private.accumulate(len(chunk))
+                    loss_sum += float(losses.detach().sum())
+                    step_tokens += int((batch["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum())
+                private.noisy_gradient()
+                if config.prox_mu > 0:
+                    with torch.no_grad():
+                        for name, param in trained.items():
+                            param.grad += config.prox_mu * (param - anchor[name])
+                optimizer.step()
+                step_loss = loss_sum / len(indices) if indices else None
+                _check_converging(step, total, 0.0 if step_loss is None else step_loss, trained, config.lr)
+                elapsed = time.monotonic() - step_start
+                log.append(
+                    {
+                        "step": step,
+                        "loss": step_loss,
+                        "sampled": len(indices),
+                        "tokens": step_tokens,
+                        "seconds": round(elapsed, 4),
+                    }
+                )
+                if on_step is not None:
+                    on_step(step, total, step_loss, step_tokens / max(elapsed, 1e-9))
+    finally:
+        private.close()
+    record = {
+        "noise_multiplier": config.dp.noise_multiplier,
+        "max_grad_norm": config.dp.max_grad_norm,
+        "sample_rate": private.rate,
+        "expected_batch": expected,
+        "population": len(population),
+        "steps": total,
+    }
+    return log, record
 
 
 def _check_converging(
@@ -483,8 +606,11 @@ def _check_converging(
     )
 
 
-def local_header(global_state: Artifact, num_samples: int, client_id: str, info: dict) -> Header:
-    """Header of a locally trained state: same round/LoRA/base as G, parent = G's hash."""
+def local_header(
+    global_state: Artifact, num_samples: int, client_id: str, info: dict, ledger: Ledger | None = None
+) -> Header:
+    """Header of a locally trained state: same round/LoRA/base as G, parent = G's hash; with
+    DP-SGD, the site's record-level ledger after this round."""
     head = global_state.header
     return Header(
         kind="state",
@@ -496,7 +622,49 @@ def local_header(global_state: Artifact, num_samples: int, client_id: str, info:
         client_id=client_id,
         num_samples=num_samples,
         info=info,
+        privacy={} if ledger is None else {RECORD_LEVEL: ledger.to_json()},
     )
+
+
+def private_training(
+    settings: RecordDp,
+    global_state: Artifact,
+    client: str,
+    datasets: Sequence[data_mod.Dataset],
+    config: TrainConfig,
+    own: Ledger | None = None,
+    test_seed: int | None = None,
+) -> tuple[TrainConfig, Ledger]:
+    """Plan a DP-SGD round before any training (privacy.budget.plan_round): `config` with its
+    DP-SGD settings, and the site's ledger after the round. PrivacyError when it may not run.
+
+    The population is every example of `datasets`; the history is the one the global state
+    recorded for `client`, or `own` (the site's previous ledger) when that is longer.
+    """
+    records = sum(len(ds.examples) for ds in datasets)
+    steps = config.total_steps(records)
+    recorded = (read_privacy(global_state.header).sites or {}).get(client)
+    history = history_of(client, recorded, own)
+    expected = config.batch_size * config.grad_accum
+    round_index = global_state.header.round + 1
+    sigma, after = plan_round(settings, client, round_index, records, expected, steps, history)
+    return replace(config, dp=DpSgdConfig(sigma, settings.max_grad_norm, test_seed)), after
+
+
+def check_private_run(stats: TrainStats, ledger: Ledger) -> None:
+    """The run did what its ledger says (sample rate, steps, records, noise, clip): an internal
+    invariant, checked before the ledger is written."""
+    release = ledger.releases[-1]
+    ran = stats.dp or {}
+    planned = {
+        "noise_multiplier": release.noise_multiplier,
+        "max_grad_norm": release.clip,
+        "sample_rate": release.sample_rate,
+        "steps": release.steps,
+        "population": release.population,
+    }
+    if any(ran.get(key) != value for key, value in planned.items()):
+        raise RuntimeError(f"DP-SGD ran {ran}, but its ledger records {planned}")
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -40,9 +40,15 @@ ERROR_WARNING = 1.5
 
 
 class BroadcastDiagnostics:
-    """Collects the update error and step of every module of one broadcast."""
+    """Collects the update error and step of every module of one broadcast.
 
-    def __init__(self) -> None:
+    target_known False (organisation-level DP): the target W is the sites' un-noised sum, so
+    the update error, a function of it, is neither computed nor recorded; the step compares
+    two public states and is.
+    """
+
+    def __init__(self, target_known: bool = True) -> None:
+        self.target_known = target_known
         self.errors: dict[str, float] = {}
         self.steps: dict[str, float] = {}
         self._miss2 = 0.0
@@ -58,13 +64,14 @@ class BroadcastDiagnostics:
     ) -> None:
         """One module: target W = left (d_out, k) @ right (k, d_in); before/after: {"A": (r, d_in),
         "B": (d_out, r)}, the factors before the broadcast and after it is applied."""
-        b_prev, a_prev = before["B"].double(), before["A"].double()
-        miss, target = update_error_norms(
-            left, right, b_prev, a_prev, after["B"].double(), after["A"].double()
-        )
-        self.errors[module] = round(miss / target, 6) if target > 0 else 0.0
-        self._miss2 += miss**2
-        self._target2 += target**2
+        if self.target_known:
+            b_prev, a_prev = before["B"].double(), before["A"].double()
+            miss, target = update_error_norms(
+                left, right, b_prev, a_prev, after["B"].double(), after["A"].double()
+            )
+            self.errors[module] = round(miss / target, 6) if target > 0 else 0.0
+            self._miss2 += miss**2
+            self._target2 += target**2
         for factor in ("A", "B"):
             size = float(before[factor].norm())
             change = float((after[factor] - before[factor]).norm())
@@ -72,12 +79,12 @@ class BroadcastDiagnostics:
                 self.steps[f"{module}.lora_{factor}"] = round(change / size, 6)
 
     def record(self) -> dict[str, Any]:
-        """The header's info entries "update_error" and "update_step"."""
+        """The header's info entries "update_error" (when the target is known) and "update_step"."""
+        step = {"update_step": {"max": max(self.steps.values(), default=0.0), "factors": self.steps}}
+        if not self.target_known:
+            return step
         overall = math.sqrt(self._miss2 / self._target2) if self._target2 > 0 else 0.0
-        return {
-            "update_error": {"overall": round(overall, 6), "modules": self.errors},
-            "update_step": {"max": max(self.steps.values(), default=0.0), "factors": self.steps},
-        }
+        return {"update_error": {"overall": round(overall, 6), "modules": self.errors}, **step}
 
 
 def error_level(header: Header) -> float | None:

@@ -16,6 +16,12 @@ from fedsrd_cli import naming
 from fedsrd_cli.adapters import LocalAdapter
 from fedsrd_cli.algorithms.base import Algorithm, Payload, Track, no_progress
 from fedsrd_cli.algorithms.diagnostics import BroadcastDiagnostics
+from fedsrd_cli.algorithms.private import (
+    PrivateDownload,
+    aggregate_privacy,
+    broadcast_privacy,
+    upload_privacy,
+)
 from fedsrd_cli.algorithms.protocol import (
     apply_values,
     check_aggregate,
@@ -33,10 +39,12 @@ from fedsrd_cli.algorithms.steps import (
     ModuleUpdate,
     client_factors,
     clip_clients,
+    private_b_update,
     reconstruct_balanced,
     reconstruct_truncated,
     truncation_route,
     upload_seed,
+    with_previous,
 )
 from fedsrd_cli.artifacts import Artifact, Header, content_hash
 from fedsrd_cli.config import VALUE_DTYPES, AggregateConfig, BroadcastConfig, SparsifyConfig
@@ -155,6 +163,7 @@ class Method(Algorithm):
             num_samples=num_samples,
             layout=layout,
             info=info,
+            privacy=upload_privacy(local.header),
         )
         return Payload(header, tensors)
 
@@ -167,7 +176,13 @@ class Method(Algorithm):
         config: AggregateConfig,
         track: Track = no_progress,
     ) -> Payload:
-        check_uploads(global_state, uploads, config.weighting)
+        org = config.organisation_dp
+        if org is not None and org.sampled != len(uploads):
+            raise UsageError(
+                f"organisation-level DP sampled {org.sampled} sites, but {len(uploads)} uploads came"
+            )
+        if uploads or org is None:  # organisation-level Poisson sampling may take no site at all
+            check_uploads(global_state, uploads, config.weighting)
         for upload in uploads:
             if upload.header.method != self.upload_method:
                 raise MismatchError(
@@ -175,9 +190,19 @@ class Method(Algorithm):
                     f" `aggregate --method {self.name}` needs uploads from"
                     f" `sparsify --method {self.upload_method}`"
                 )
-        weights = client_weights(uploads, config.weighting)
-        decisions = guard_update_norms(global_state, uploads, config)
-        scales = [d["scale"] for d in decisions]
+        privacy = aggregate_privacy(global_state, uploads, config)
+        if org is None:
+            weights = client_weights(uploads, config.weighting)
+            decisions = guard_update_norms(global_state, uploads, config)
+            previous_weight = 0.0
+        else:  # every site's update clipped to C; the sum divided by D, fixed (docs/privacy.md)
+            weights = [1.0 / org.denominator] * len(uploads)
+            clip = replace(
+                config, max_update_norm=org.clip, on_outlier="clip", organisation_dp=None, max_epsilon=None
+            )
+            decisions = guard_update_norms(global_state, uploads, clip)
+            previous_weight = 1.0 - sum(weights)
+        scales = [d["scale"] for d in decisions] or [1.0] * len(uploads)
         rank = global_state.header.lora.rank
         terms = len(weights) + sum(1 for scale in scales if scale < 1.0)  # clipped clients add a term
         route = truncation_route(config.truncation, terms * rank, rank)  # decided once, recorded below
@@ -190,7 +215,9 @@ class Method(Algorithm):
                 left, right = clients.b_prev, clients.a_prev
             else:
                 if any(scale < 1.0 for scale in scales):
-                    clients, module_weights = clip_clients(clients, weights, scales)
+                    clients, module_weights = clip_clients(clients, module_weights, scales)
+                if previous_weight != 0.0:
+                    clients, module_weights = with_previous(clients, module_weights, previous_weight)
                 left, right = self.combine(clients, module_weights, rank, route)
             left_name, right_name = naming.aggregate_keys(module)
             tensors[left_name] = left.float()  # (d_out, k)
@@ -220,10 +247,12 @@ class Method(Algorithm):
                         "on_outlier": config.on_outlier,
                         "update_norms": decisions,
                     }
-                    if decisions
+                    if decisions and org is None
                     else {}
                 ),
+                **({"update_norms": decisions} if org is not None else {}),
             },
+            privacy=privacy,
         )
         return Payload(header, tensors)
 
@@ -248,10 +277,12 @@ class Method(Algorithm):
             )
         round_index = global_state.header.round + 1
         value_dtype = VALUE_DTYPES[config.value_dtype]
+        private = PrivateDownload.of(global_state, aggregate, config)  # None without organisation DP
+        decompose = self.decompose if private is None else private_b_update
         tensors: dict[str, torch.Tensor] = {}
         layout: dict[str, list[int]] = {}
         fallbacks: list[str] = []
-        diagnostics = BroadcastDiagnostics()
+        diagnostics = BroadcastDiagnostics(target_known=private is None)
         next_tensors: dict[str, torch.Tensor] = {}  # the next state, built as apply_update builds it
         modules = global_state.modules()
         for module in track(modules, len(modules), "broadcast"):
@@ -267,8 +298,9 @@ class Method(Algorithm):
                 config.damping,
                 config.download_fit,
                 config.factor_choice,
+                None if private is None else private.noise,
             )
-            update = self.decompose(module, round_index, a_prev, b_prev, left, right, download)
+            update = decompose(module, round_index, a_prev, b_prev, left, right, download)
             if update.fell_back:
                 fallbacks.append(module)
             after = dict(prev)
@@ -291,7 +323,8 @@ class Method(Algorithm):
             base_fingerprint=head.base_fingerprint,
             parent_hash=head.content_hash,
             method=self.name,
-            aggregate_hash=aggregate.header.content_hash,
+            # The aggregate's hash is a function of the un-noised sum: not sent under organisation DP.
+            aggregate_hash=aggregate.header.content_hash if private is None else "",
             seed=config.seed,
             download_sparsity=config.download_sparsity,
             layout=layout,
@@ -309,11 +342,15 @@ class Method(Algorithm):
                     }
                 ),
                 **diagnostics.record(),
+                **({} if private is None else {"organisation_dp": private.record()}),
             },
+            privacy=broadcast_privacy(global_state, aggregate, round_index),
         )
         if not tensors:
             raise MismatchError(f"{aggregate.path}: the aggregate changes no module; nothing to send")
         for name in global_state.names:  # anything no module owns is carried over, as apply_update does
             next_tensors.setdefault(name, global_state.tensor(name))
         header = replace(header, result_hash=content_hash(next_tensors))
-        return Payload(header, tensors), Payload(next_state_header(global_state, self.name), next_tensors)
+        return Payload(header, tensors), Payload(
+            next_state_header(global_state, self.name, header.privacy), next_tensors
+        )

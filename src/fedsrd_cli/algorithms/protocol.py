@@ -186,7 +186,9 @@ def check_aggregate(global_state: Artifact, aggregate: Artifact) -> None:
         raise MismatchError(f"{aggregate.path}: its modules differ from the global state's")
 
 
-def next_state_header(global_state: Artifact, method: str) -> Header:
+def next_state_header(global_state: Artifact, method: str, privacy: dict | None = None) -> Header:
+    """The next global state's header; `privacy`: the broadcast's (its sites' ledgers and the
+    organisation-level ledger travel on to the state)."""
     head = global_state.header
     return Header(
         kind="state",
@@ -195,7 +197,17 @@ def next_state_header(global_state: Artifact, method: str) -> Header:
         base_fingerprint=head.base_fingerprint,
         parent_hash=head.content_hash,
         method=method,
+        privacy=dict(privacy or {}),
     )
+
+
+def default_download_seed(global_state: Artifact, aggregate: Artifact) -> int:
+    """`broadcast --seed` when none is given: the first 60 bits of the aggregate's content hash,
+    or of the global state's when the aggregate carries organisation-level DP (the aggregate's
+    hash is a function of the un-noised sum, so a mask drawn from it would depend on the
+    sites' data; the global state is public)."""
+    source = global_state if "organisation_dp" in aggregate.header.privacy else aggregate
+    return int(source.header.content_hash.removeprefix("sha256:")[:15], 16)
 
 
 def apply_update(
@@ -249,7 +261,7 @@ def apply_broadcast(global_state: Artifact, broadcast: Artifact) -> Payload:
             f"{broadcast.path}: applying it gives state {short(result)}, but the"
             f" coordinator's is {short(head.result_hash)}; a file is corrupt or from another run"
         )
-    return Payload(next_state_header(global_state, head.method), tensors)
+    return Payload(next_state_header(global_state, head.method, head.privacy), tensors)
 
 
 def initial_state(

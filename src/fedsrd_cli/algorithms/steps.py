@@ -264,6 +264,19 @@ def clip_clients(
     return clipped, out_weights + extra
 
 
+def with_previous(
+    clients: ClientFactors, weights: Sequence[float], weight: float
+) -> tuple[ClientFactors, list[float]]:
+    """These clients and one more term, (B_prev, A_prev) with `weight`.
+
+    Organisation-level DP divides the sum of the sites' updates by a fixed D instead of
+    normalising the weights: with w_i = 1 / D, W = sum_i w_i B_i A_i + (1 - sum_i w_i) B_prev A_prev
+    gives W - B_prev A_prev = sum_i w_i (B_i A_i - B_prev A_prev) exactly.
+    """
+    extended = replace(clients, as_=clients.as_.extended(1), bs=clients.bs.extended(1))
+    return extended, [*weights, weight]
+
+
 # The truncation routes (config.TRUNCATIONS): exact = product_svd of the stacked thin factors;
 # randomized = randomized_svd, reading the clients block by block.
 POWER_ITERATIONS = 2
@@ -388,7 +401,8 @@ class Download:
 
     keep(factor) -> the factor's seeded download mask (bool, the factor's shape; all True
     when nothing is dropped); keep_prob = 1 - download sparsity; damping, fit and
-    factor_choice as in config.BroadcastConfig.
+    factor_choice as in config.BroadcastConfig; noise(shape) -> float64 Gaussian noise of the
+    round's organisation-level DP (None without it).
     """
 
     keep: Callable[[str], torch.Tensor]
@@ -396,6 +410,7 @@ class Download:
     damping: float
     fit: str
     factor_choice: str
+    noise: Callable[[tuple[int, ...]], torch.Tensor] | None = None
 
 
 def alternating_update(
@@ -415,6 +430,7 @@ def alternating_update(
           solve would invert a rank-deficient factor (math.lowrank.choose_factor).
       "fit": the factor whose whole least-squares update (before the mask) leaves the smaller
           residual ||B' A' - W||_F; B when both tie (round 1: B_0 = 0 cannot be inverted).
+      "b": B in every round.
     How its values are fitted to the mask (download.fit):
       "lstsq": the least-squares update restricted to the kept elements (math.lowrank.
           masked_update_b / masked_update_a), sent as it is;
@@ -426,6 +442,8 @@ def alternating_update(
     deltas: dict[str, torch.Tensor] = {}  # whole-factor least-squares updates, as far as needed
     if download.factor_choice == "parity":
         factor = choose_factor(round_index, b_prev, a_prev)
+    elif download.factor_choice == "b":
+        factor = "B"
     else:
         deltas = {f: whole[f](left, right, b_prev, a_prev, download.damping) for f in ("B", "A")}
         miss_b, miss_a = one_factor_misses(left, right, b_prev, a_prev, deltas["B"], deltas["A"])
@@ -480,3 +498,30 @@ def dense_b_update(
     if not torch.equal(right, a_prev):
         raise MismatchError(f"aggregate of {module}: changes the frozen A factor of ffa-lora")
     return ModuleUpdate([("B", left - b_prev)])
+
+
+def private_b_update(
+    module: str,
+    round_index: int,
+    a_prev: torch.Tensor,
+    b_prev: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    download: Download,
+) -> ModuleUpdate:
+    """Organisation-level DP: the damped least-squares B update for W = left @ right, plus
+    Gaussian noise, fitted to the download mask as "dare" does:
+
+      dB = (W - B_prev A_prev) A_prev^T (A_prev A_prev^T + lam I)^-1 + N     (d_out, r)
+      sent = keep * dB / keep_prob
+
+    N comes from download.noise (i.i.d. N(0, std^2), std calibrated by the caller to the
+    sensitivity of dB, docs/privacy.md); the mask depends on no site's data, so the mask and the
+    rescale are post-processing of the noisy dB.
+    """
+    if download.noise is None:
+        raise ValueError("private_b_update needs the round's noise")
+    delta = update_b(left, right, b_prev, a_prev, download.damping) + download.noise(tuple(b_prev.shape))
+    keep = download.keep("B")
+    sent = torch.where(keep, delta / download.keep_prob, torch.zeros((), dtype=delta.dtype))
+    return ModuleUpdate([("B", sent)])

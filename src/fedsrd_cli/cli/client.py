@@ -61,6 +61,63 @@ def train_local_cmd(
         ),
     ] = False,
     client: Annotated[str | None, typer.Option("--client", help="This client's id (recorded).")] = None,
+    dp_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            "--dp-epsilon",
+            help="DP-SGD: record-level epsilon of the whole planned run (--dp-rounds rounds); the noise"
+            " is calibrated to it (docs/privacy.md).",
+            show_default=False,
+        ),
+    ] = None,
+    dp_delta: Annotated[
+        float | None,
+        typer.Option(
+            "--dp-delta", help="DP-SGD: delta [1 / records, the most accepted].", show_default=False
+        ),
+    ] = None,
+    dp_max_grad_norm: Annotated[
+        float | None,
+        typer.Option(
+            "--dp-max-grad-norm", help="DP-SGD: clip of each record's gradient [1.0].", show_default=False
+        ),
+    ] = None,
+    dp_noise_multiplier: Annotated[
+        float | None,
+        typer.Option(
+            "--dp-noise-multiplier",
+            help="DP-SGD with this noise multiplier instead of a target --dp-epsilon.",
+            show_default=False,
+        ),
+    ] = None,
+    dp_rounds: Annotated[
+        int | None,
+        typer.Option(
+            "--dp-rounds",
+            help="DP-SGD: rounds this site plans to train (with --dp-epsilon).",
+            show_default=False,
+        ),
+    ] = None,
+    dp_max_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            "--dp-max-epsilon",
+            help="Refuse, before training, a round that takes this site past this epsilon [--dp-epsilon].",
+            show_default=False,
+        ),
+    ] = None,
+    dp_ledger: Annotated[
+        Path | None,
+        typer.Option(
+            "--dp-ledger",
+            help="This site's previous local state or upload: its ledger counts too, if longer than the"
+            " one the global state recorded for it.",
+            show_default=False,
+        ),
+    ] = None,
+    dp_test_seed: Annotated[
+        int | None, typer.Option("--dp-test-seed", hidden=True, help="Testing only: known DP randomness.")
+    ] = None,
     sign_key: SignKeyOpt = None,
     trust_dir: TrustOpt = None,
     quiet: QuietOpt = False,
@@ -69,7 +126,9 @@ def train_local_cmd(
 ) -> None:
     """Client: train the global state's LoRA on local data; writes a local state for sparsify.
 
-    With --trust, the global state must be signed by `coordinator` (or by this client's key).
+    With --dp-epsilon or --dp-noise-multiplier it trains with DP-SGD and records this site's
+    privacy ledger in the local state (docs/privacy.md). With --trust, the global state must be
+    signed by `coordinator` (or by this client's key).
     """
     import json
 
@@ -79,9 +138,11 @@ def train_local_cmd(
     from fedsrd_cli.training import (
         TrainConfig,
         check_fingerprint,
+        check_private_run,
         load_base,
         load_datasets,
         local_header,
+        private_training,
         train_local,
     )
 
@@ -104,6 +165,31 @@ def train_local_cmd(
     )
     if alternate and freeze_a:
         raise UsageError("--alternate already decides which factor trains; leave out --freeze-a")
+    dp_flags = (
+        dp_epsilon,
+        dp_delta,
+        dp_max_grad_norm,
+        dp_noise_multiplier,
+        dp_rounds,
+        dp_max_epsilon,
+        dp_ledger,
+    )
+    record_dp = None
+    if any(flag is not None for flag in dp_flags):
+        from fedsrd_cli.privacy.budget import RecordDp
+
+        record_dp = RecordDp(
+            epsilon=dp_epsilon,
+            delta=dp_delta,
+            max_grad_norm=1.0 if dp_max_grad_norm is None else dp_max_grad_norm,
+            noise_multiplier=dp_noise_multiplier,
+            planned_rounds=dp_rounds,
+            max_epsilon=dp_max_epsilon,
+        )
+        if client is None:
+            raise UsageError("DP-SGD keeps this site's privacy ledger under its client id: give --client")
+        if gradient_checkpointing:
+            raise UsageError("--gradient-checkpointing cannot be combined with DP-SGD (--dp-*)")
     signer, trust = trust_from_flags(sign_key, trust_dir)
     log_path = Path(str(out_path) + ".log.jsonl")
     ensure_writable(out_path, force)
@@ -114,14 +200,35 @@ def train_local_cmd(
     if alternate:
         config = config.alternating(global_state.header.round + 1)
     datasets = load_datasets(data)
+    ledger = None
+    if record_dp is not None:
+        from fedsrd_cli.privacy.ledger import read_privacy
+
+        own = None
+        if dp_ledger is not None:
+            own = read_privacy(read_verified(dp_ledger, None, trust, accept=(client,)).header).record_level
+            if own is None:
+                raise UsageError(f"--dp-ledger {dp_ledger}: carries no record-level privacy ledger")
+        config, ledger = private_training(
+            record_dp, global_state, client, datasets, config, own, dp_test_seed
+        )
+        release = ledger.releases[-1]
+        out.note(
+            f"DP-SGD: noise multiplier {release.noise_multiplier:.4g}, clip {release.clip:g}, sample rate"
+            f" {release.sample_rate:.4g} of {release.population} records, {release.steps} steps; epsilon"
+            f" {ledger.epsilon:.4g} at delta {ledger.delta:.3g} after this round"
+        )
     model = load_base(base, device, dtype)
     total = config.total_steps(sum(len(d.examples) for d in datasets))
     with out.steps(total, "training") as progress:
 
-        def on_step(step: int, _total: int, loss: float, tokens_per_s: float) -> None:
-            progress.update(step, f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s")
+        def on_step(step: int, _total: int, loss: float | None, tokens_per_s: float) -> None:
+            shown = "no record sampled" if loss is None else f"loss {loss:.4f}"
+            progress.update(step, f"{shown}  {tokens_per_s:,.0f} tok/s")
 
         tensors, stats = train_local(model, global_state, datasets, config, on_step)
+    if ledger is not None:
+        check_private_run(stats, ledger)
     info = {
         "train": {
             "steps": stats.steps,
@@ -133,9 +240,10 @@ def train_local_cmd(
             "freeze_a": config.freeze_a,
             "freeze_b": config.freeze_b,
             "final_loss": stats.final_loss,
+            **({"dp": stats.dp} if stats.dp is not None else {}),
         }
     }
-    header = local_header(global_state, stats.samples, client or "", info)
+    header = local_header(global_state, stats.samples, client or "", info, ledger)
     log = "".join(json.dumps(r, sort_keys=True) + "\n" for r in stats.log).encode("utf-8")
     header = write_artifact(
         out_path, header, tensors, force, sign=sign_with(signer), also=[FileWrite(log_path, log)]
@@ -149,6 +257,11 @@ def train_local_cmd(
             "log": str(log_path),
             "client_id": client or None,
             "device": str(model.device),
+            **(
+                {"dp_epsilon": ledger.epsilon, "dp_delta": ledger.delta, "dp_rounds": ledger.rounds}
+                if ledger is not None
+                else {}
+            ),
         },
     )
 

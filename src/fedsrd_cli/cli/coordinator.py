@@ -95,6 +95,54 @@ def aggregate_cmd(
             " or auto (exact up to 12 clients at the default sketch).",
         ),
     ] = "auto",
+    require_dp: Annotated[
+        float | None,
+        typer.Option(
+            "--require-dp",
+            help="Refuse uploads without a record-level privacy ledger, with an epsilon over this, or"
+            " with a history shorter than the one the global state recorded for the site.",
+            show_default=False,
+        ),
+    ] = None,
+    dp_clip: Annotated[
+        float | None,
+        typer.Option(
+            "--dp-clip",
+            help="Organisation-level DP (--method fedsrd-e): clip each site's update ||B_i A_i - B A||_F"
+            " to this; the broadcast adds the noise (docs/privacy.md).",
+            show_default=False,
+        ),
+    ] = None,
+    dp_noise_multiplier: Annotated[
+        float | None,
+        typer.Option(
+            "--dp-noise-multiplier",
+            help="Organisation-level DP: noise std / sensitivity.",
+            show_default=False,
+        ),
+    ] = None,
+    dp_sampling_rate: Annotated[
+        float,
+        typer.Option(
+            "--dp-sampling-rate",
+            help="Organisation-level DP: each upload given takes part with this probability (Poisson,"
+            " drawn here in secret).",
+        ),
+    ] = 1.0,
+    dp_delta: Annotated[
+        float | None, typer.Option("--dp-delta", help="Organisation-level DP: delta.", show_default=False)
+    ] = None,
+    dp_max_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            "--dp-max-epsilon",
+            help="Refuse a round that takes the organisation-level epsilon past this.",
+            show_default=False,
+        ),
+    ] = None,
+    dp_test_seed: Annotated[
+        int | None, typer.Option("--dp-test-seed", hidden=True, help="Testing only: known sampling.")
+    ] = None,
     threads: ThreadsOpt = None,
     sign_key: SignKeyOpt = None,
     trust_dir: TrustOpt = None,
@@ -103,22 +151,53 @@ def aggregate_cmd(
 ) -> None:
     """Coordinator: aggregate this round's uploads (FedSRD: reconstruct in full-rank space).
 
-    With --trust, every upload must be signed by the client it names.
+    With --trust, every upload must be signed by the client it names. --require-dp checks the
+    sites' privacy ledgers; --dp-clip with --dp-noise-multiplier and --dp-delta makes the round
+    organisation-level DP (docs/privacy.md).
     """
+    from dataclasses import replace
+
     from fedsrd_cli.algorithms import get_algorithm
+    from fedsrd_cli.algorithms.private import sample_sites
+    from fedsrd_cli.algorithms.protocol import check_uploads
     from fedsrd_cli.artifacts import write_artifact
     from fedsrd_cli.atomic import ensure_writable
     from fedsrd_cli.config import AggregateConfig
+    from fedsrd_cli.privacy.ledger import OrganisationDp
     from fedsrd_cli.signing import read_verified
 
     out = Output(json_mode)
-    config = AggregateConfig(method, weighting, max_update_norm, on_outlier, truncation)
+    org_flags = (dp_clip, dp_noise_multiplier, dp_delta)
+    if any(flag is not None for flag in org_flags) and None in org_flags:
+        raise UsageError(
+            "organisation-level DP needs --dp-clip, --dp-noise-multiplier and --dp-delta together"
+        )
+    if dp_clip is None and (dp_sampling_rate != 1.0 or dp_test_seed is not None):
+        raise UsageError("--dp-sampling-rate samples sites for organisation-level DP: give --dp-clip too")
+    if not 0.0 < dp_sampling_rate <= 1.0:
+        raise UsageError(f"--dp-sampling-rate must be in (0, 1], got {dp_sampling_rate}")
+    config = AggregateConfig(
+        method, weighting, max_update_norm, on_outlier, truncation, require_dp, max_epsilon=dp_max_epsilon
+    )
+    if dp_clip is not None:
+        # The flags' own checks (OrganisationDp, AggregateConfig) before any file is read.
+        config = replace(
+            config,
+            organisation_dp=OrganisationDp(
+                dp_clip, dp_noise_multiplier, dp_sampling_rate, dp_delta, max(1, len(uploads)), 0
+            ),
+        )
     threads = use_threads(threads)
     algorithm = get_algorithm(method)
     signer, trust = trust_from_flags(sign_key, trust_dir)
     ensure_writable(out_path, force)
     global_state = read_verified(global_path, "state", trust)
     artifacts = [read_verified(path, "upload", trust) for path in uploads]
+    if config.organisation_dp is not None:
+        check_uploads(global_state, artifacts, weighting)  # every file, sampled or not
+        artifacts, config = sample_sites(artifacts, config, dp_test_seed)
+    if require_dp is not None and trust is None:
+        out.note("note: without --trust the privacy ledgers are not authenticated (anyone could edit them)")
     payload = algorithm.aggregate(global_state, artifacts, config, out.track)
     header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
     decisions = header.info.get("update_norms", [])
@@ -126,7 +205,7 @@ def aggregate_cmd(
         if d["action"] == "clipped":
             out.note(
                 f"clipped client {d['client_id']!r}: update norm {d['update_norm']:.6g} scaled by"
-                f" {d['scale']:.4g} to {max_update_norm:g}"
+                f" {d['scale']:.4g} to {d['update_norm'] * d['scale']:.6g}"
             )
     written(
         out,
@@ -137,11 +216,27 @@ def aggregate_cmd(
             "weighting": weighting,
             "clients": [a.header.client_id for a in artifacts],
             "threads": threads,
+            **_privacy_summary(header),
             **({"truncation": header.info["truncation"]} if "truncation" in header.info else {}),
             **({"update_norms": decisions} if decisions else {}),
             **({"norm_guard": _norm_summary(decisions)} if decisions else {}),
         },
     )
+
+
+def _privacy_summary(header: Any) -> dict[str, Any]:
+    """What aggregate prints of the privacy of its round."""
+    privacy = header.privacy
+    out: dict[str, Any] = {}
+    if "sites" in privacy:
+        out["site_epsilons"] = {site: ledger["epsilon"] for site, ledger in sorted(privacy["sites"].items())}
+    if "organisation_dp" in privacy:
+        org = privacy["organisation_dp"]
+        out["organisation_dp"] = (
+            f"clip {org['clip']:g}, noise multiplier {org['noise_multiplier']:g}, sampled {org['sampled']}"
+            f" of {org['population']} sites (rate {org['sampling_rate']:g}), delta {org['delta']:g}"
+        )
+    return out
 
 
 def _norm_summary(decisions: list[dict[str, Any]]) -> str:
@@ -167,7 +262,11 @@ def broadcast_cmd(
     ] = None,
     seed: Annotated[
         int | None,
-        typer.Option("--seed", help="Download-mask seed (default: from the aggregate's hash)."),
+        typer.Option(
+            "--seed",
+            help="Download-mask seed (default: from the aggregate's hash; under organisation-level DP"
+            " from the global state's).",
+        ),
     ] = None,
     value_dtype: Annotated[
         str, typer.Option("--value-dtype", help="fp32 (the paper's accounting), bf16 or fp16.")
@@ -194,10 +293,14 @@ def broadcast_cmd(
         str | None,
         typer.Option(
             "--factor-choice",
-            help="fit (default: per module, the factor whose least squares fits the target better)"
-            " or parity (the paper: B in odd rounds, A in even ones).",
+            help="fit (default: per module, the factor whose least squares fits the target better),"
+            " parity (the paper: B in odd rounds, A in even ones) or b (B in every round; the default"
+            " for an organisation-level DP aggregate).",
             show_default=False,
         ),
+    ] = None,
+    dp_test_seed: Annotated[
+        int | None, typer.Option("--dp-test-seed", hidden=True, help="Testing only: known DP noise.")
     ] = None,
     threads: ThreadsOpt = None,
     sign_key: SignKeyOpt = None,
@@ -214,6 +317,7 @@ def broadcast_cmd(
     """
     from fedsrd_cli.algorithms import get_algorithm
     from fedsrd_cli.algorithms.diagnostics import update_error_warning
+    from fedsrd_cli.algorithms.protocol import default_download_seed
     from fedsrd_cli.artifacts import write_artifacts
     from fedsrd_cli.atomic import ensure_writable
     from fedsrd_cli.config import BroadcastConfig
@@ -230,13 +334,19 @@ def broadcast_cmd(
     global_state = read_verified(global_path, "state", trust)
     agg = read_verified(aggregate, "aggregate", trust)
     if seed is None:
-        seed = int(agg.header.content_hash.removeprefix("sha256:")[:15], 16)
+        seed = default_download_seed(global_state, agg)
     algorithm = get_algorithm(agg.header.method)
     if download_sparsity is None:
         download_sparsity = algorithm.default_download_sparsity
+    if factor_choice is None and "organisation_dp" in agg.header.privacy:
+        factor_choice = "b"  # the only choice organisation-level DP allows
     given = {"damping": damping, "download_fit": download_fit, "factor_choice": factor_choice}
     config = BroadcastConfig(
-        download_sparsity, seed, value_dtype, **{k: v for k, v in given.items() if v is not None}
+        download_sparsity,
+        seed,
+        value_dtype,
+        **{k: v for k, v in given.items() if v is not None},
+        noise_seed=dp_test_seed,
     )
     broadcast, next_state = algorithm.broadcast(global_state, agg, config, out.track)
     state_header, header = write_artifacts(
@@ -248,7 +358,7 @@ def broadcast_cmd(
         sign=sign_with(signer),
     )
     factors = sorted({name.rsplit(".", 2)[-2] for name in header.layout})
-    error = header.info["update_error"]
+    error = header.info.get("update_error")  # not recorded under organisation-level DP
     warning = update_error_warning(header)
     if warning:
         out.note(f"warning: {warning}")
@@ -262,12 +372,31 @@ def broadcast_cmd(
             "factors_sent": ",".join(factors),
             "fallback_modules": len(header.info.get("factor_fallbacks", [])),
             "seed": seed,
-            "update_error": error["overall"],
-            "worst_module": worst(error["modules"]),
+            **({"update_error": error["overall"], "worst_module": worst(error["modules"])} if error else {}),
+            **_broadcast_privacy_summary(header),
             "threads": threads,
             **({"warning": warning} if warning else {}),
         },
     )
+
+
+def _broadcast_privacy_summary(header: Any) -> dict[str, Any]:
+    """What broadcast prints of its noise and of the organisation-level ledger."""
+    out: dict[str, Any] = {}
+    noise = header.info.get("organisation_dp")
+    if noise is not None:
+        out["organisation_noise"] = (
+            f"std {noise['noise_std']:.4g} on every B element (sensitivity {noise['sensitivity']:.4g},"
+            f" noise multiplier {noise['noise_multiplier']:g})"
+        )
+    ledger = header.privacy.get("organisation_level")
+    if ledger is not None:
+        epsilon = ledger["epsilon"]
+        shown = "inf (a round without organisation-level DP)" if epsilon is None else f"{epsilon:.4g}"
+        out["organisation_epsilon"] = (
+            f"{shown} at delta {ledger['delta']:g} after {len(ledger['rounds'])} rounds"
+        )
+    return out
 
 
 @command("status")

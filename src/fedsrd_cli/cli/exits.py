@@ -3,7 +3,7 @@
 Exit codes (errors.py holds the error classes; docs/cli.md the table):
     0    success
     1    an unexpected internal error: a bug, shown with its traceback
-    2-7  FedsrdError.exit_code: usage, artifact, mismatch, output, data, trust
+    2-8  FedsrdError.exit_code: usage, artifact, mismatch, output, data, trust, privacy
     10, 11  `fedsrd status` only: waiting, invalid files (round_status.py)
     130  interrupted (Ctrl-C)
 

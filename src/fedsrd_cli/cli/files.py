@@ -80,6 +80,7 @@ def _artifact_view(report: dict[str, Any], tensors: bool) -> list[Any]:
     if "result_hash" in report:
         rows.append(("result state", short(report["result_hash"])))
     rows += _broadcast_rows(report.get("info", {}) if report["kind"] == "broadcast" else {})
+    rows += _privacy_rows(report.get("privacy"))
     signature = report["signature"]
     if signature is None:
         rows.append(("signed by", "-"))
@@ -169,6 +170,43 @@ def _broadcast_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("update error", f"{error['overall']:.4g} overall; worst {worst(error['modules'])}"))
     if info.get("update_step", {}).get("factors"):
         rows.append(("largest step", worst(info["update_step"]["factors"])))
+    return rows
+
+
+def _privacy_rows(privacy: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """inspect's lines on the privacy ledgers: each epsilon as recorded and as recomputed."""
+    if not privacy:
+        return []
+
+    def line(ledger: dict[str, Any]) -> str:
+        recorded, recomputed = ledger["epsilon"], ledger["recomputed_epsilon"]
+        shown = "inf" if recorded is None else f"{recorded:.4g}"
+        again = "inf" if recomputed is None else f"{recomputed:.4g}"
+        verdict = "agrees" if ledger["agrees"] else "DOES NOT AGREE"
+        rounds = [r["round"] for r in ledger["rounds"]]
+        return (
+            f"epsilon {shown} at delta {ledger['delta']:.3g}, rounds {rounds} ({ledger['accountant']};"
+            f" recomputed {again}: {verdict})"
+        )
+
+    rows = []
+    if "record_level" in privacy:
+        rows.append(
+            ("DP, record level", f"{privacy['record_level']['party']}: {line(privacy['record_level'])}")
+        )
+    for site, ledger in privacy.get("sites", {}).items():
+        rows.append(("DP, site ledger", f"{site}: {line(ledger)}"))
+    if "organisation_level" in privacy:
+        rows.append(("DP, organisation", line(privacy["organisation_level"])))
+    if "organisation_dp" in privacy:
+        org = privacy["organisation_dp"]
+        rows.append(
+            (
+                "DP, this round",
+                f"clip {org['clip']:g}, noise multiplier {org['noise_multiplier']:g}, {org['sampled']} of"
+                f" {org['population']} sites sampled at rate {org['sampling_rate']:g}",
+            )
+        )
     return rows
 
 

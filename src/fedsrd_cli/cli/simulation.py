@@ -151,6 +151,56 @@ def simulate_cmd(
             "--factor-choice", help="broadcast --factor-choice (default: broadcast's).", show_default=False
         ),
     ] = None,
+    dp_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            "--dp-epsilon",
+            help="Every client trains with DP-SGD, calibrated to this record-level epsilon over the run"
+            " (train-local --dp-epsilon; docs/privacy.md).",
+            show_default=False,
+        ),
+    ] = None,
+    dp_delta: Annotated[
+        float | None,
+        typer.Option("--dp-delta", help="DP-SGD delta [1 / each client's records].", show_default=False),
+    ] = None,
+    dp_max_grad_norm: Annotated[
+        float, typer.Option("--dp-max-grad-norm", help="DP-SGD: clip of each record's gradient.")
+    ] = 1.0,
+    dp_noise_multiplier: Annotated[
+        float | None,
+        typer.Option(
+            "--dp-noise-multiplier",
+            help="DP-SGD with this noise multiplier instead of --dp-epsilon.",
+            show_default=False,
+        ),
+    ] = None,
+    dp_rounds: Annotated[
+        int | None,
+        typer.Option(
+            "--dp-rounds", help="DP-SGD: the rounds the budget is planned for [--rounds].", show_default=False
+        ),
+    ] = None,
+    dp_org_clip: Annotated[
+        float | None,
+        typer.Option(
+            "--dp-org-clip",
+            help="Organisation-level DP (fedsrd-e): clip of each client's update (aggregate --dp-clip).",
+            show_default=False,
+        ),
+    ] = None,
+    dp_org_noise_multiplier: Annotated[
+        float | None,
+        typer.Option(
+            "--dp-org-noise-multiplier", help="Organisation-level DP: noise multiplier.", show_default=False
+        ),
+    ] = None,
+    dp_org_sampling_rate: Annotated[
+        float, typer.Option("--dp-org-sampling-rate", help="Organisation-level DP: Poisson rate of clients.")
+    ] = 1.0,
+    dp_org_delta: Annotated[
+        float | None, typer.Option("--dp-org-delta", help="Organisation-level DP: delta.", show_default=False)
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
     json_mode: JsonOpt = False,
 ) -> None:
@@ -165,6 +215,28 @@ def simulate_cmd(
 
     out = Output(json_mode)
     names = tuple(a.strip() for a in algorithms.split(",") if a.strip())
+    record_dp = None
+    if dp_epsilon is not None or dp_noise_multiplier is not None or dp_delta is not None:
+        from fedsrd_cli.privacy.budget import RecordDp
+
+        planned = (dp_rounds or rounds) if dp_epsilon is not None else None  # a resumed run keeps the plan
+        record_dp = RecordDp(dp_epsilon, dp_delta, dp_max_grad_norm, dp_noise_multiplier, planned)
+    elif dp_rounds is not None:
+        raise UsageError("--dp-rounds plans a DP-SGD run: give --dp-epsilon too")
+    org_flags = (dp_org_clip, dp_org_noise_multiplier, dp_org_delta)
+    if any(flag is not None for flag in org_flags) and None in org_flags:
+        raise UsageError(
+            "organisation-level DP needs --dp-org-clip, --dp-org-noise-multiplier and --dp-org-delta together"
+        )
+    organisation_dp = (
+        None
+        if dp_org_clip is None
+        else (dp_org_clip, dp_org_noise_multiplier, dp_org_sampling_rate, dp_org_delta)
+    )
+    if organisation_dp is None and dp_org_sampling_rate != 1.0:
+        raise UsageError(
+            "--dp-org-sampling-rate samples clients for organisation-level DP: give --dp-org-clip too"
+        )
     ensure_output_dir(out_dir)
     output_is_new(out_dir)
     demo_model = None
@@ -224,6 +296,8 @@ def simulate_cmd(
         damping=damping,
         download_fit=download_fit,
         factor_choice=factor_choice,
+        record_dp=record_dp,
+        organisation_dp=organisation_dp,
     )
     total = len(names) * seeds * rounds
     with out.steps(total, "simulating") as progress:

@@ -252,6 +252,27 @@ def update_a(
         return torch.cholesky_solve(rhs, chol)
 
 
+def b_update_gain(a_prev: torch.Tensor, damping: float = 0.0) -> float:
+    """How much the one-factor B update can grow a change of its target: ||K||_2 of the map
+    dB = dW K that update_b applies, K = A^T (A A^T + lam I)^-1 (d_in, r).
+
+    a_prev (r, d_in) -> max_j s_j / (s_j^2 + lam) over A's singular values s_j, with
+    lam = damping * s_max^2 as in update_b; damping 0: ||pinv(A)||_2 = 1 / (the smallest s_j
+    that pinv inverts). For any change E of the target, ||E K||_F <= ||E||_F * gain, which is
+    the sensitivity organisation-level DP calibrates its noise to (docs/privacy.md).
+    """
+    with single_threaded():
+        s = torch.linalg.svdvals(a_prev.double())  # (r,)
+    if s.numel() == 0 or float(s.max()) == 0.0:
+        return 0.0
+    s_max = float(s.max())
+    if damping == 0.0:
+        cutoff = max(a_prev.shape) * torch.finfo(a_prev.dtype).eps * s_max  # pinv's default rtol
+        return float(1.0 / s[s > cutoff].min())
+    lam = damping * s_max**2
+    return float((s / (s * s + lam)).max())
+
+
 def scheduled_factor(round_index: int) -> str:
     """The factor round t's one-factor download is scheduled to update: "B" when t is odd
     (round 1 first, since B_0 = 0 cannot be inverted), "A" when t is even."""
