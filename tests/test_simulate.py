@@ -276,3 +276,28 @@ def test_simulate_on_a_gguf_base(tiny_gguf: Path, tiny_data: Path, tmp_path: Pat
     assert (config["lr"], config["max_length"]) == (1e-4, 128)
     first = read_artifact(tmp_path / "results" / "work" / "fedavg" / "seed-0" / "global-r0.safetensors")
     assert first.header.base_fingerprint == "sha256:" + file_sha256(tiny_gguf)
+
+
+@pytest.mark.slow
+def test_simulate_with_dp_records_epsilon_per_round(sim_inputs: dict[str, Path], tmp_path: Path) -> None:
+    """Every client trains with DP-SGD for a plan of 2 rounds at epsilon 5; results.json records each
+    client's epsilon after every round; a resumed run with a third round is refused by the plan."""
+    out = tmp_path / "dp"
+    args = [*sim_args(sim_inputs, out, 2), "--dp-epsilon", 5, "--dp-delta", 0.1]
+    run_cli(*args)
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["record_dp"]["planned_rounds"] == 2
+    for method in ("fedsrd", "fedavg"):
+        rounds = results["runs"][method]["0"]
+        first, second = (r["extra"]["privacy"]["sites"] for r in rounds[1:])
+        assert sorted(first) == ["alice", "bob"]
+        assert 0 < first["alice"]["epsilon"] < second["alice"]["epsilon"] <= 5.0
+        assert second["alice"]["rounds"] == 2 and second["alice"]["delta"] == 0.1
+    more = [*sim_args(sim_inputs, out, 3), "--dp-epsilon", 5, "--dp-delta", 0.1, "--dp-rounds", 2]
+    refused = run_cli(*more, code=8)
+    assert "plan is spent" in refused["output"]
+    # Organisation-level DP runs on fedsrd-e alone.
+    org = ["--dp-org-clip", 0.1, "--dp-org-noise-multiplier", 1.0, "--dp-org-delta", 1e-3]
+    wrong = run_cli(*sim_args(sim_inputs, tmp_path / "org", 1), *org, code=2)
+    assert "fedsrd-e alone" in wrong["output"]
+    assert not (tmp_path / "org").exists()

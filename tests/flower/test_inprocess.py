@@ -276,3 +276,42 @@ def test_every_method_runs_a_flower_round(method: str, inputs: dict[str, Path], 
     broadcast = read_artifact(out / "round-1" / "broadcast.safetensors", kind="broadcast")
     assert broadcast.header.method == method
     assert record["download_bytes"] == (out / "round-1" / "broadcast.safetensors").stat().st_size
+
+
+@pytest.mark.slow
+def test_dp_rounds_on_flower_record_each_site_s_epsilon(inputs: dict[str, Path], tmp_path: Path) -> None:
+    """Every site trains with DP-SGD; the coordinator requires it; bob's own budget (node config
+    dp-max-epsilon) is below what the plan's second round costs, so bob refuses that round."""
+    configs = node_configs(inputs, tmp_path, ("alice", "bob"), bob={"dp-max-epsilon": 9.0})
+    out = tmp_path / "server"
+    settings = {"clients": "alice,bob", "rounds": 2, "dp-epsilon": 12.0, "require-dp": 12.0, "batch-size": 2}
+    server(out, inputs["model"], **settings).start(LocalGrid(configs))
+    first, second = records(out)[1:]
+    assert first["participants"] == ["alice", "bob"]
+    sites = first["extra"]["privacy"]["sites"]
+    assert sites["alice"]["rounds"] == 1 and 0 < sites["alice"]["epsilon"] < 9.0
+    assert second["participants"] == ["alice"]  # bob refused before training
+    assert "past its budget 9" in second["extra"]["failed"][0]["reason"]
+    assert second["extra"]["privacy"]["sites"]["alice"]["epsilon"] == pytest.approx(12.0, rel=0.02)
+    assert second["extra"]["privacy"]["sites"]["bob"]["rounds"] == 1  # bob's record stays as it was
+
+
+@pytest.mark.slow
+def test_organisation_level_dp_on_flower(inputs: dict[str, Path], tmp_path: Path) -> None:
+    configs = node_configs(inputs, tmp_path, ("alice", "bob", "carol"))
+    out = tmp_path / "server"
+    org = {
+        "dp-org-clip": 0.05,
+        "dp-org-noise-multiplier": 1.0,
+        "dp-org-delta": 1e-3,
+        "dp-org-sampling-rate": 0.7,
+    }
+    server(out, inputs["model"], method="fedsrd-e", clients="alice,bob,carol", rounds=2, **org).start(
+        LocalGrid(configs)
+    )
+    last = records(out, "fedsrd-e")[-1]
+    ledger = last["extra"]["privacy"]["organisation"]
+    assert ledger["rounds"] == 2 and ledger["epsilon"] > 0
+    broadcast = read_artifact(out / "round-2" / "broadcast.safetensors", kind="broadcast")
+    assert broadcast.header.aggregate_hash == "" and broadcast.header.info["organisation_dp"]["noise_std"] > 0
+    assert sorted(last["extra"]["applied"]) == sorted(last["extra"]["sampled"])

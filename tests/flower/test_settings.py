@@ -110,3 +110,37 @@ def test_a_site_never_keeps_a_state_that_fails_its_checks(tmp_path: Path) -> Non
     assert not site.holds(0, digest) and not site.state_path(0).exists()
     assert list((tmp_path / "site").iterdir()) == []
     assert site.state(0, digest, good).header.content_hash == digest and site.holds(0, digest)
+
+
+def test_dp_settings_are_checked_and_reach_every_step() -> None:
+    good = {"out": "o", "base": "b", "clients": "a,b,c", "rounds": 4}
+    plain = ServerSettings.from_run_config(good)
+    assert plain.record_dp() is None and plain.organisation_dp is None
+    assert not any(key.startswith("dp_") or key == "require_dp" for key in plain.record())
+    private = ServerSettings.from_run_config({**good, "dp-epsilon": 8.0, "require-dp": 8.0})
+    assert private.record_dp().planned_rounds == 4 and private.record()["dp_rounds"] == 4
+    assert private.aggregate_config(sampled=3).require_dp == 8.0
+    org = ServerSettings.from_run_config(
+        {
+            **good,
+            "method": "fedsrd-e",
+            "dp-org-clip": 0.1,
+            "dp-org-noise-multiplier": 1.0,
+            "dp-org-delta": 1e-4,
+        }
+    )
+    config = org.aggregate_config(sampled=2, population=3).organisation_dp
+    assert (config.clip, config.sampled, config.population) == (0.1, 2, 3)
+    assert org.broadcast_config(0.8, 1).factor_choice == "b"
+    for bad, message in (
+        ({"dp-epsilon": 8.0, "dp-noise-multiplier": 1.0}, "exactly one"),
+        ({"dp-rounds": 3}, "dp-rounds"),
+        ({"dp-org-clip": 0.1}, "dp-org-noise-multiplier"),
+        ({"dp-org-clip": 0.1, "dp-org-noise-multiplier": 1.0, "dp-org-delta": 1e-4}, "fedsrd-e only"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            ServerSettings.from_run_config({**good, **bad})
+    node = {"client-id": "a", "base": "m", "data": "x.jsonl", "state-dir": "s"}
+    assert SiteSettings.from_node_config({**node, "dp-max-epsilon": 3.0}).dp_max_epsilon == 3.0
+    with pytest.raises(UsageError, match="dp-max-epsilon"):
+        SiteSettings.from_node_config({**node, "dp-max-epsilon": 0.0})

@@ -196,10 +196,10 @@ def aggregate_cmd(
     if config.organisation_dp is not None:
         check_uploads(global_state, artifacts, weighting)  # every file, sampled or not
         artifacts, config = sample_sites(artifacts, config, dp_test_seed)
-    if require_dp is not None and trust is None:
-        out.note("note: without --trust the privacy ledgers are not authenticated (anyone could edit them)")
     payload = algorithm.aggregate(global_state, artifacts, config, out.track)
     header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
+    if require_dp is not None and trust is None:
+        out.note("note: without --trust the privacy ledgers are not authenticated (anyone could edit them)")
     decisions = header.info.get("update_norms", [])
     for d in decisions:
         if d["action"] == "clipped":

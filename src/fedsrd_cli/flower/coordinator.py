@@ -28,7 +28,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +202,13 @@ class Coordinator:
         """Sample the next round's clients among `population(connected)`; clears a round left unfinished."""
         index = self.round + 1
         population = self.population(connected)
-        sampled = sample_clients(population, self.settings.sample_clients, self.settings.seed, index)
+        org = self.settings.organisation_dp
+        if org is None:
+            sampled = sample_clients(population, self.settings.sample_clients, self.settings.seed, index)
+        else:  # organisation-level DP: a secret Poisson sample (privacy.randomness)
+            from fedsrd_cli.privacy.randomness import SecretRandom
+
+            sampled = [population[i] for i in SecretRandom().poisson_sample(len(population), org[2])]
         directory = self.out / f"round-{index}"
         if directory.exists():  # an earlier attempt at this round that results.json does not record
             shutil.rmtree(directory)
@@ -237,6 +243,12 @@ class Coordinator:
             "rescale": sparsify.rescale,
             "value-dtype": sparsify.value_dtype,
             "upload-drop": sparsify.upload_drop,
+            # DP-SGD (train-local --dp-*); -1: not given, dp-rounds 0: no plan.
+            "dp-epsilon": settings.dp_epsilon,
+            "dp-delta": settings.dp_delta,
+            "dp-max-grad-norm": settings.dp_max_grad_norm,
+            "dp-noise-multiplier": settings.dp_noise_multiplier,
+            "dp-rounds": (settings.dp_rounds or settings.rounds) if settings.dp_epsilon > 0 else 0,
         }
 
     def sent_state(self, size: int) -> None:
@@ -253,6 +265,7 @@ class Coordinator:
 
         A refused upload stays in round-N/refused/ for inspection; it never stops the round.
         """
+        from fedsrd_cli.algorithms.private import aggregate_privacy
         from fedsrd_cli.algorithms.protocol import check_uploads, guard_update_norms
         from fedsrd_cli.signing import read_verified
 
@@ -278,7 +291,9 @@ class Coordinator:
             for other, accepted in round_state.accepted.items():
                 if accepted.header.content_hash == head.content_hash:
                     raise MismatchError(f"{path}: the same upload as client {other!r}'s")
-            guard_update_norms(self.state, [upload], self.settings.aggregate_config())  # type: ignore[arg-type]
+            config = self.settings.aggregate_config(sampled=0)
+            guard_update_norms(self.state, [upload], config)  # type: ignore[arg-type]
+            aggregate_privacy(self.state, [upload], replace(config, organisation_dp=None))  # type: ignore[arg-type]
         except FedsrdError as err:
             refused_dir = round_state.directory / "refused"
             refused_dir.mkdir(exist_ok=True)
@@ -300,10 +315,13 @@ class Coordinator:
         Writes round-N/aggregate.safetensors, global-rN.safetensors and round-N/broadcast.safetensors
         (signed with the coordinator's key), as `aggregate` and `broadcast` write them.
         """
+        from fedsrd_cli.algorithms.protocol import default_download_seed
+        from fedsrd_cli.simulate import privacy_summary
+
         round_state = self._round()
         state = self.state
         assert state is not None
-        if not round_state.accepted:
+        if not round_state.accepted and self.settings.organisation_dp is None:
             problems = "; ".join(
                 f"{p['client_id']}: {p['reason']}" for p in round_state.refused + round_state.failed
             )
@@ -313,12 +331,13 @@ class Coordinator:
             )
         uploads = [round_state.accepted[c] for c in sorted(round_state.accepted)]
         start = time.perf_counter()
-        aggregate = self.algorithm.aggregate(state, uploads, self.settings.aggregate_config())
+        config = self.settings.aggregate_config(len(uploads), len(round_state.population))
+        aggregate = self.algorithm.aggregate(state, uploads, config)
         round_state.server_seconds += time.perf_counter() - start
         aggregate_path = round_state.directory / "aggregate.safetensors"
-        head = write_artifact(aggregate_path, aggregate.header, aggregate.tensors, force=True, sign=self.sign)
+        write_artifact(aggregate_path, aggregate.header, aggregate.tensors, force=True, sign=self.sign)
         aggregate_file = read_artifact(aggregate_path, kind="aggregate")
-        seed = int(head.content_hash.removeprefix("sha256:")[:15], 16)  # `broadcast`'s default --seed
+        seed = default_download_seed(state, aggregate_file)  # `broadcast`'s default --seed
         config = self.settings.broadcast_config(self.settings.download_sparsity_for(), seed)
         start = time.perf_counter()
         broadcast, next_state = self.algorithm.broadcast(state, aggregate_file, config)
@@ -337,9 +356,9 @@ class Coordinator:
         round_state.next_hash = next_head.content_hash
         round_state.extra = {
             "download_sparsity": config.download_sparsity,
-            "update_error": broadcast_head.info["update_error"]["overall"],
+            "update_error": broadcast_head.info.get("update_error", {}).get("overall"),
             "update_step": broadcast_head.info["update_step"]["max"],
-        }
+        } | privacy_summary(next_head.privacy)
         return broadcast_path.read_bytes()
 
     def record_round(self, applied: dict[str, str], eval_loss: dict[str, float]) -> dict[str, Any]:
@@ -371,7 +390,7 @@ class Coordinator:
                 eval_loss=dict(sorted(eval_loss.items())),
                 mean_eval_loss=statistics.fmean(eval_loss.values()) if eval_loss else 0.0,
                 participants=sorted(round_state.accepted),
-                upload_bytes=sum(uploads) / len(uploads),
+                upload_bytes=sum(uploads) / max(len(uploads), 1),
                 download_bytes=download,
                 traffic_per_client=traffic,
                 cumulative_traffic_per_client=last["cumulative_traffic_per_client"] + traffic,

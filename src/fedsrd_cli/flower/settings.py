@@ -71,6 +71,12 @@ class ServerSettings:
     sample_clients: clients that train per round (0: all), chosen by a seeded sampler.
     initial_state: a global state file to start from (`fedsrd init`'s, or the global-rN of a
         file round); empty: built from `base` as `fedsrd init --seed SEED` builds it.
+    dp_*: DP as `simulate --dp-*` (docs/privacy.md): dp_epsilon / dp_noise_multiplier,
+        dp_delta, dp_max_grad_norm and dp_rounds (0: `rounds`) are every site's DP-SGD
+        (each site may refuse a round past its own node config 'dp-max-epsilon');
+        require_dp is `aggregate --require-dp`; dp_org_clip, dp_org_noise_multiplier,
+        dp_org_sampling_rate and dp_org_delta are organisation-level DP (fedsrd-e; the sites
+        of a round are then a secret Poisson sample instead of `sample-clients`).
     Everything else is the flag of the same name of `train-local`, `sparsify`, `aggregate` or
     `broadcast`; -1 / "" leaves a flag out (the command's default).
     """
@@ -105,6 +111,16 @@ class ServerSettings:
     damping: float = -1.0
     download_fit: str = ""
     factor_choice: str = ""
+    dp_epsilon: float = -1.0
+    dp_delta: float = -1.0
+    dp_max_grad_norm: float = 1.0
+    dp_noise_multiplier: float = -1.0
+    dp_rounds: int = 0
+    require_dp: float = -1.0
+    dp_org_clip: float = -1.0
+    dp_org_noise_multiplier: float = -1.0
+    dp_org_sampling_rate: float = 1.0
+    dp_org_delta: float = -1.0
     sign_key: str = ""
     trust: str = ""
     round_timeout: float = 3600.0
@@ -112,7 +128,6 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         from fedsrd_cli.algorithms import get_algorithm
-        from fedsrd_cli.config import AggregateConfig
 
         _require(bool(self.out), "config 'out': give the run's output directory")
         _require(self.rounds >= 1, f"config 'rounds' must be >= 1, got {self.rounds}")
@@ -137,7 +152,13 @@ class ServerSettings:
         _require(math.isfinite(self.prox_mu) and self.prox_mu >= 0, "config 'prox-mu' must be >= 0")
         _require(self.round_timeout > 0 and self.connect_timeout > 0, "timeouts must be > 0")
         self.sparsify_config()  # the flags' own checks and messages
-        AggregateConfig(self.method, self.weighting, self._given(self.max_update_norm), self.on_outlier)
+        self.aggregate_config(sampled=0)
+        self.record_dp()
+        _require(self.dp_rounds >= 0, "config 'dp-rounds' must be >= 0 (0: the run's rounds)")
+        _require(
+            self.organisation_dp is None or self.sample_clients == 0,
+            "organisation-level DP samples the sites itself (dp-org-sampling-rate): set sample-clients to 0",
+        )
         self.broadcast_config(self._given(self.download_sparsity) or 0.0, 0)
 
     @classmethod
@@ -168,11 +189,52 @@ class ServerSettings:
             base, self.kurtosis_coeff, self.kurtosis_cap, self.rescale, self.value_dtype, self.upload_drop
         )
 
-    def aggregate_config(self) -> Any:
-        from fedsrd_cli.config import AggregateConfig
+    @property
+    def organisation_dp(self) -> tuple[float, float, float, float] | None:
+        """(clip, noise multiplier, sampling rate, delta) of organisation-level DP, or None."""
+        org = (self.dp_org_clip, self.dp_org_noise_multiplier, self.dp_org_delta)
+        if all(value < 0 for value in org) and self.dp_org_sampling_rate == 1.0:
+            return None
+        _require(
+            all(value > 0 for value in org),
+            "organisation-level DP needs config 'dp-org-clip', 'dp-org-noise-multiplier' and"
+            " 'dp-org-delta' (all > 0)",
+        )
+        return (self.dp_org_clip, self.dp_org_noise_multiplier, self.dp_org_sampling_rate, self.dp_org_delta)
 
+    def record_dp(self) -> Any:
+        """Every site's DP-SGD settings (privacy.budget.RecordDp), or None without DP."""
+        from fedsrd_cli.privacy.budget import RecordDp
+
+        given = (self.dp_epsilon, self.dp_noise_multiplier, self.dp_delta)
+        if all(value < 0 for value in given):
+            _require(self.dp_rounds == 0, "config 'dp-rounds' plans DP-SGD: set 'dp-epsilon' too")
+            return None
+        epsilon = self._given(self.dp_epsilon)
+        return RecordDp(
+            epsilon=epsilon,
+            delta=self._given(self.dp_delta),
+            max_grad_norm=self.dp_max_grad_norm,
+            noise_multiplier=self._given(self.dp_noise_multiplier),
+            planned_rounds=(self.dp_rounds or self.rounds) if epsilon is not None else None,
+        )
+
+    def aggregate_config(self, sampled: int, population: int = 1) -> Any:
+        """`aggregate` with this run's flags; under organisation-level DP, for a round that
+        sampled `sampled` of `population` sites."""
+        from fedsrd_cli.config import AggregateConfig
+        from fedsrd_cli.privacy.ledger import OrganisationDp
+
+        org = self.organisation_dp
         return AggregateConfig(
-            self.method, self.weighting, self._given(self.max_update_norm), self.on_outlier
+            self.method,
+            self.weighting,
+            self._given(self.max_update_norm),
+            self.on_outlier,
+            require_dp=self._given(self.require_dp),
+            organisation_dp=None
+            if org is None
+            else OrganisationDp(*org, max(population, sampled, 1), sampled),
         )
 
     def broadcast_config(self, download_sparsity: float, seed: int) -> Any:
@@ -186,6 +248,8 @@ class ServerSettings:
             given["download_fit"] = self.download_fit
         if self.factor_choice:
             given["factor_choice"] = self.factor_choice
+        elif self.organisation_dp is not None:
+            given["factor_choice"] = "b"  # the only choice organisation-level DP allows
         return BroadcastConfig(download_sparsity, seed, self.value_dtype, **given)
 
     def download_sparsity_for(self) -> float:
@@ -194,10 +258,17 @@ class ServerSettings:
         return self.algorithm().default_download_sparsity if given is None else given
 
     def record(self) -> dict[str, Any]:
-        """The settings a restarted server must share to resume (all but rounds and timeouts)."""
+        """The settings a restarted server must share to resume (all but rounds and timeouts).
+        DP settings left at their defaults are not recorded, so runs from before them resume."""
         data = asdict(self)
         for key in ("rounds", "round_timeout", "connect_timeout", "min_clients"):
             data.pop(key)
+        defaults = ServerSettings.__dataclass_fields__
+        for key in [k for k in data if k.startswith("dp_") or k == "require_dp"]:
+            if data[key] == defaults[key].default:
+                data.pop(key)
+        if self.record_dp() is not None and self.dp_epsilon > 0:
+            data["dp_rounds"] = self.dp_rounds or self.rounds  # the plan a resumed run must keep
         return data
 
 
@@ -208,6 +279,9 @@ class SiteSettings:
     client_id: this client's id (`--client`); data / eval_data: comma-separated JSON-lines files;
     state_dir: where the site keeps every file of its rounds (global-rN.safetensors, round-N/);
     sign_key / trust: `--sign-key` and `--trust`, as the CLI uses them; device / dtype: training's.
+    dp_max_epsilon: this site's own record-level budget (`train-local --dp-max-epsilon`): a round
+    the coordinator asks for that would pass it is refused before training (-1: the
+    coordinator's planned epsilon).
     """
 
     client_id: str = ""
@@ -220,6 +294,7 @@ class SiteSettings:
     device: str = "auto"
     dtype: str = "auto"
     eval_batch_size: int = 16
+    dp_max_epsilon: float = -1.0
 
     def __post_init__(self) -> None:
         from fedsrd_cli.signing import check_party_name
@@ -230,6 +305,10 @@ class SiteSettings:
         _require(bool(self.data_files), "node config 'data': give this site's training data file(s)")
         _require(bool(self.state_dir), "node config 'state-dir': give a directory for this site's files")
         _require(self.eval_batch_size >= 1, "node config 'eval-batch-size' must be >= 1")
+        _require(
+            self.dp_max_epsilon < 0 or (math.isfinite(self.dp_max_epsilon) and self.dp_max_epsilon > 0),
+            "node config 'dp-max-epsilon' must be > 0 (or -1: none of its own)",
+        )
 
     @classmethod
     def from_node_config(cls, config: Mapping[str, Scalar]) -> SiteSettings:

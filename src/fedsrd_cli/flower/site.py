@@ -150,7 +150,14 @@ class Site:
         from fedsrd_cli.adapters import read_local
         from fedsrd_cli.algorithms import get_algorithm
         from fedsrd_cli.config import SparsifyConfig
-        from fedsrd_cli.training import TrainConfig, check_fingerprint, local_header, train_local
+        from fedsrd_cli.training import (
+            TrainConfig,
+            check_fingerprint,
+            check_private_run,
+            local_header,
+            private_training,
+            train_local,
+        )
 
         round_index = int(instructions["round"])
         if round_index != state.header.round + 1:
@@ -175,10 +182,16 @@ class Site:
             dtype=self.settings.dtype,
             prox_mu=float(instructions["prox-mu"]),
         ).training_only(only)
+        ledger = None
+        record_dp = self.record_dp(instructions)
+        if record_dp is not None:  # planned, and refused past this site's budget, before training
+            config, ledger = private_training(record_dp, state, self.client_id, self.train_sets(), config)
         round_dir = self.state_dir / f"round-{round_index}"
         round_dir.mkdir(exist_ok=True)
         base = self.base()
         tensors, stats = train_local(base, state, self.train_sets(), config)
+        if ledger is not None:
+            check_private_run(stats, ledger)
         info = {
             "train": {
                 "steps": stats.steps,
@@ -190,10 +203,11 @@ class Site:
                 "freeze_a": config.freeze_a,
                 "freeze_b": config.freeze_b,
                 "final_loss": stats.final_loss,
+                **({"dp": stats.dp} if stats.dp is not None else {}),
             }
         }
         local_path = round_dir / "local.safetensors"
-        head = local_header(state, stats.samples, self.client_id, info)
+        head = local_header(state, stats.samples, self.client_id, info, ledger)
         write_artifact(local_path, head, tensors, force=True, sign=self.sign)
         log = "".join(json.dumps(r, sort_keys=True) + "\n" for r in stats.log)
         write_bytes_atomic(Path(str(local_path) + ".log.jsonl"), log.encode("utf-8"), force=True)
@@ -210,6 +224,28 @@ class Site:
         upload_path = round_dir / f"upload-{self.client_id}.safetensors"
         write_artifact(upload_path, payload.header, payload.tensors, force=True, sign=self.sign)
         return TrainResult(upload_path.read_bytes(), stats.final_loss, stats.samples, stats.seconds)
+
+    def record_dp(self, instructions: Mapping[str, Any]) -> Any:
+        """The DP-SGD the coordinator asks for (its dp-* instructions), capped by this site's own
+        node config 'dp-max-epsilon'; None without DP."""
+        from fedsrd_cli.privacy.budget import RecordDp
+
+        def given(key: str) -> float | None:
+            value = float(instructions.get(key, -1.0))
+            return None if value < 0 else value
+
+        epsilon, noise = given("dp-epsilon"), given("dp-noise-multiplier")
+        if epsilon is None and noise is None:
+            return None
+        own_cap = self.settings.dp_max_epsilon
+        return RecordDp(
+            epsilon=epsilon,
+            delta=given("dp-delta"),
+            max_grad_norm=float(instructions["dp-max-grad-norm"]),
+            noise_multiplier=noise,
+            planned_rounds=int(instructions["dp-rounds"]) or None,
+            max_epsilon=own_cap if own_cap > 0 else None,
+        )
 
     def apply(self, parent: Artifact, data: bytes) -> Artifact:
         """`apply`: save the broadcast, verify it, apply it to `parent`; writes global-rN.safetensors."""
