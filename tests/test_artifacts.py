@@ -88,7 +88,7 @@ def test_truncated_file_is_refused(tmp_path):
 
 def test_wrong_kind_is_a_mismatch(tmp_path):
     path = make_global(tmp_path / "g.safetensors")
-    with pytest.raises(MismatchError, match="is a state artifact, expected a upload"):
+    with pytest.raises(MismatchError, match="is a state artifact, expected an upload"):
         read_artifact(path, kind="upload")
 
 

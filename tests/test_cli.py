@@ -150,7 +150,7 @@ BAD_INPUTS = {
     ),
     "wrong kind": lambda t, f: (
         ["aggregate", "--global", f["g0"], "--out", t / "x.safetensors", f["broadcast"]],
-        "expected a upload",
+        "expected an upload",
         4,
     ),
     "stale upload": lambda t, f: (
@@ -610,12 +610,12 @@ def test_threads_are_reported_and_a_bad_count_refused(tmp_path, keep_threads):
             str(tmp_path / "u.safetensors"),
         ],
     )
-    assert refused.exit_code == 2 and "--threads must be >= 1" in refused.output
+    assert refused.exit_code == 2 and "--threads must be in [1," in refused.output
     assert not (tmp_path / "b.safetensors").exists()
 
 
 def test_idle_cores_reads_a_count_between_zero_and_the_cores():
-    from fedsrd_cli.cli.options import idle_cores
+    from fedsrd_cli.math.threads import idle_cores
 
     idle = idle_cores(0.02)
     assert idle is None or 0.0 <= idle <= (os.cpu_count() or 1) + 0.01

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from fedsrd_cli import naming
 from fedsrd_cli.atomic import FileWrite, write_files_atomic
 from fedsrd_cli.config import LoraSpec
-from fedsrd_cli.errors import ArtifactError, MismatchError
+from fedsrd_cli.errors import ArtifactError, MismatchError, a_or_an
 from fedsrd_cli.math.masks import (
     count_kept,
     count_set_bits,
@@ -40,10 +40,13 @@ from fedsrd_cli.math.positions import PositionCodeError, read_positions_tensor
 from fedsrd_cli.privacy.ledger import parse_privacy
 
 # Version 2 added coded upload positions (X.positions); version 1 files are read as before.
-# A reader of version 1 refuses version 2 files with a one-line "upgrade fedsrd".
+# A reader of version 1 refuses version 2 files with a one-line "upgrade fedsrd". Version 3
+# added the masked upload of secure aggregation: only that kind is written as version 3, so
+# every other file stays as it was, and an older fedsrd refuses a masked upload with "upgrade".
 FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)
-KINDS = ("state", "upload", "aggregate", "broadcast")
+MASKED_UPLOAD_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
+KINDS = ("state", "upload", "aggregate", "broadcast", "masked_upload")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 HASH_PREFIX = "sha256:"
 MAX_METADATA_CHARS = 16 * 2**20
@@ -94,7 +97,9 @@ class Header:
     def to_metadata(self) -> dict[str, str]:
         meta = {
             "format": "pt",
-            "fedsrd.format_version": str(FORMAT_VERSION),
+            "fedsrd.format_version": str(
+                MASKED_UPLOAD_VERSION if self.kind == "masked_upload" else FORMAT_VERSION
+            ),
             "fedsrd.kind": self.kind,
             "fedsrd.round": str(self.round),
             "fedsrd.lora": self.lora.to_json(),
@@ -104,9 +109,9 @@ class Header:
         }
         if self.method:
             meta["fedsrd.method"] = self.method
-        if self.kind == "upload" or self.client_id:
+        if self.kind in ("upload", "masked_upload") or self.client_id:
             meta["fedsrd.client_id"] = self.client_id
-        if self.kind == "upload" or self.num_samples:
+        if self.kind in ("upload", "masked_upload") or self.num_samples:
             meta["fedsrd.num_samples"] = str(self.num_samples)
         if self.kind == "broadcast":
             meta["fedsrd.result_hash"] = self.result_hash
@@ -174,7 +179,7 @@ class Header:
             raise ArtifactError(f"{where}: unknown artifact kind {self.kind!r}")
         if self.round < 0:
             raise ArtifactError(f"{where}: negative round {self.round}")
-        if self.kind == "upload" and not self.client_id:
+        if self.kind in ("upload", "masked_upload") and not self.client_id:
             raise ArtifactError(f"{where}: upload without a client id")
         if self.num_samples < 0:
             raise ArtifactError(f"{where}: negative sample count")
@@ -183,7 +188,7 @@ class Header:
                 f"{where}: download sparsity {self.download_sparsity} outside [0, {MAX_DOWNLOAD_SPARSITY}]"
             )
         if self.layout and self.kind not in ("upload", "broadcast"):
-            raise ArtifactError(f"{where}: a {self.kind} has no layout, but this header declares one")
+            raise ArtifactError(f"{where}: {a_or_an(self.kind)} has no layout, but this header declares one")
         for name, shape in self.layout.items():
             if len(shape) != 2 or min(shape) < 1 or math.prod(shape) >= 2**32:
                 raise ArtifactError(f"{where}: layout of {name} has an invalid shape {shape}")
@@ -272,6 +277,16 @@ def check_layout(
                 raise ArtifactError(f"{where}: {module} has A {list(a_shape)} and B {list(b_shape)}")
     elif header.kind in ("upload", "broadcast"):
         _check_delta_layout(header, shapes, dtypes, where)
+    elif header.kind == "masked_upload":
+        for name, shape in shapes.items():
+            parsed = naming.parse_factor_key(name.removesuffix(naming.MASKED))
+            if not name.endswith(naming.MASKED) or parsed is None or parsed[1] != "B":
+                raise ArtifactError(f"{where}: unexpected tensor {name!r} in a masked upload")
+            if dtypes[name] != torch.int32 or len(shape) != 2 or shape[1] != rank:
+                raise ArtifactError(
+                    f"{where}: {name} should be int32 of shape (d_out, {rank}),"
+                    f" not {dtypes[name]} {list(shape)}"
+                )
     elif header.kind == "aggregate":
         for name, shape in shapes.items():
             left = naming.strip_suffix(name, naming.AGG_LEFT)
@@ -452,6 +467,8 @@ class Artifact:
             return naming.sorted_modules(
                 n.removesuffix(naming.AGG_LEFT) for n in self.shapes if n.endswith(naming.AGG_LEFT)
             )
+        elif self.header.kind == "masked_upload":
+            found = (naming.parse_factor_key(n.removesuffix(naming.MASKED)) for n in self.shapes)
         else:
             found = (naming.parse_factor_key(n) for n in self.header.layout)
         return naming.sorted_modules(p[0] for p in found if p)
@@ -608,7 +625,7 @@ def read_artifact(path: str | os.PathLike, kind: str | None = None, verify: bool
     handle = open_safetensors(path)
     header = Header.from_metadata(handle.metadata() or {}, str(path))
     if kind is not None and header.kind != kind:
-        raise MismatchError(f"{path}: is a {header.kind} artifact, expected a {kind}")
+        raise MismatchError(f"{path}: is {a_or_an(header.kind)} artifact, expected {a_or_an(kind)}")
     shapes, dtypes = tensor_layout(handle)
     del handle  # validated; reads go through TensorFile, so nothing stays mapped
     check_layout(header, shapes, dtypes, str(path))

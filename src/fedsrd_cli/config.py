@@ -15,6 +15,8 @@ import torch
 from fedsrd_cli.errors import UsageError
 from fedsrd_cli.privacy.ledger import OrganisationDp
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
 VALUE_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "bf16": torch.bfloat16,
@@ -59,6 +61,10 @@ class LoraSpec:
     def __post_init__(self) -> None:
         _require(isinstance(self.rank, int) and self.rank >= 1, f"--rank must be >= 1, got {self.rank}")
         _require(math.isfinite(self.alpha) and self.alpha > 0, f"--alpha must be > 0, got {self.alpha}")
+        _require(
+            self.alpha / self.rank <= FLOAT32_MAX,
+            f"--alpha {self.alpha:g}: the LoRA scale alpha / r is not a finite float32",
+        )
         _require(len(self.target_modules) > 0, "--targets names no module")
         object.__setattr__(self, "target_modules", tuple(sorted(set(self.target_modules))))
 
@@ -103,6 +109,7 @@ class InitConfig:
         _require(self.rank >= 1, f"--rank must be >= 1, got {self.rank}")
         _require(math.isfinite(self.alpha) and self.alpha > 0, f"--alpha must be > 0, got {self.alpha}")
         _require(any(t.strip() for t in self.targets.split(",")), "--targets names no module")
+        _require(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}")
 
 
 # The values of uploads and broadcasts travel in bfloat16 unless --value-dtype says otherwise:
@@ -165,7 +172,8 @@ class AggregateConfig:
     C, the sum divided by the expected number of sampled sites; the broadcast adds the noise.
     It needs FedSRD-e (the B update is then linear in the sites' updates), uniform weights,
     and replaces --max-update-norm. max_epsilon: refuse a round that would take the
-    organisation-level epsilon past it.
+    organisation-level epsilon past it. max_samples: refuse an upload recording more training
+    samples (a site that claims a huge count would dominate --weighting samples).
     """
 
     method: str = "fedsrd"
@@ -176,6 +184,7 @@ class AggregateConfig:
     require_dp: float | None = None
     organisation_dp: OrganisationDp | None = None
     max_epsilon: float | None = None
+    max_samples: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.truncation in TRUNCATIONS, f"--truncation must be one of {list(TRUNCATIONS)}")
@@ -194,6 +203,10 @@ class AggregateConfig:
         _require(
             self.max_epsilon is None or (math.isfinite(self.max_epsilon) and self.max_epsilon > 0),
             f"--dp-max-epsilon must be a number > 0, got {self.max_epsilon}",
+        )
+        _require(
+            self.max_samples is None or self.max_samples >= 1,
+            f"--max-samples must be >= 1, got {self.max_samples}",
         )
         _require(
             self.max_epsilon is None or self.organisation_dp is not None,

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from fedsrd_cli.errors import DataError
+from fedsrd_cli.errors import DataError, a_or_an
 
 FORMATS = ("instruction", "chat", "text")
 IGNORE_INDEX = -100
@@ -121,11 +121,28 @@ def _parse_record(record: dict, fmt: str, where: str) -> Example:
     return Example("", text, fmt)
 
 
+def _text_lines(path: Path) -> list[str]:
+    """The file's lines as UTF-8 text; a byte-order mark (Excel, Notepad) is read and dropped.
+    DataError names the line of the first byte that is not UTF-8."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: unreadable ({err.strerror or err})") from None
+    try:
+        return raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); save the file as UTF-8"
+        ) from None
+
+
 def read_jsonl(path: str | Path) -> Dataset:
     """Parse one JSON-lines file; DataError names the file and line of the first problem.
 
-    Blank lines are allowed; an empty file, a line that is not a JSON object, a missing
-    field or a line in another format than the first record's is an error.
+    Blank lines and a UTF-8 byte-order mark are allowed; an empty file, bytes that are not
+    UTF-8, a line that is not a JSON object, a missing field or a line in another format than
+    the first record's is an error.
     """
     path = Path(path)
     if path.is_dir():
@@ -134,11 +151,7 @@ def read_jsonl(path: str | Path) -> Dataset:
         raise DataError(f"{path}: no such data file")
     examples: list[Example] = []
     fmt: str | None = None
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: unreadable ({err})") from None
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(_text_lines(path), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -156,7 +169,7 @@ def read_jsonl(path: str | Path) -> Dataset:
         if fmt is None:
             fmt = found
         elif found != fmt:
-            raise DataError(f"{where}: a {found} record in a {fmt} file (one format per file)")
+            raise DataError(f"{where}: {a_or_an(found)} record in {a_or_an(fmt)} file (one format per file)")
         examples.append(_parse_record(record, fmt, where))
     if not examples:
         raise DataError(f"{path}: no records (empty data file)")

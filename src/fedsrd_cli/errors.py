@@ -27,6 +27,11 @@ Exit codes:
 from __future__ import annotations
 
 
+def a_or_an(word: str) -> str:
+    """The word with its indefinite article, as a message needs it: "an upload", "a state"."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
 class FedsrdError(Exception):
     """Base class: a problem the user can fix. `str(err)` is the whole message."""
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from fedsrd_cli.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORTED_FROM_KEY, LINEAGE_FILE
 from fedsrd_cli.artifacts import FORMAT_VERSION, Artifact, encode_safetensors
-from fedsrd_cli.atomic import FileWrite, ensure_output_dir, write_files_atomic
+from fedsrd_cli.atomic import FileWrite, check_output_folder, ensure_output_dir, write_files_atomic
 from fedsrd_cli.errors import OutputExistsError
 
 CONFIG_FILE = ADAPTER_CONFIG
@@ -74,6 +74,8 @@ def export_adapter(
     over the export, so `sparsify` can tell which state the adapter was trained from.
     """
     out_dir = Path(out_dir)
+    if not out_dir.exists():
+        check_output_folder(out_dir.parent)  # like every other command: no missing folder is made
     ensure_output_dir(out_dir)
     config_path, weights_path = out_dir / CONFIG_FILE, out_dir / WEIGHTS_FILE
     lineage_path = out_dir / LINEAGE_FILE
@@ -95,7 +97,7 @@ def export_adapter(
         FileWrite(lineage_path, _json_bytes(lineage_record(global_state))),
     ]
     created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(exist_ok=True)  # its parent exists (ensure_output_dir): no folder is made on the way
     try:
         write_files_atomic(files, force)
     except BaseException:

@@ -10,6 +10,7 @@ Sparse and factored tensors add a suffix to those names:
     <module>.lora_X.weight.mask       packed 1-bit mask (uploads), or instead
     <module>.lora_X.weight.positions  Rice-coded kept positions (uploads), where shorter
     <module>.aggregate.left           (d_out, k) and .right (k, d_in): W_r = left @ right
+    <module>.lora_B.weight.masked     (d_out, r) int32: a masked projection (secure uploads)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ MASK = ".mask"
 POSITIONS = ".positions"
 AGG_LEFT = ".aggregate.left"
 AGG_RIGHT = ".aggregate.right"
+MASKED = ".masked"
 
 _FACTOR_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 
@@ -65,3 +67,8 @@ def natural_key(text: str) -> list:
 
 def sorted_modules(modules: Iterable[str]) -> list[str]:
     return sorted(set(modules), key=natural_key)
+
+
+def masked_key(module: str) -> str:
+    """A secure upload's masked projection of `module`: <module>.lora_B.weight.masked."""
+    return factor_key(module, "B") + MASKED

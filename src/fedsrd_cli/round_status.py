@@ -47,13 +47,17 @@ class InboxFile:
     problem: str | None = None
 
 
+# A secure round's masked uploads wait in the inbox as plain uploads do.
+UPLOAD_KINDS = ("upload", "masked_upload")
+
+
 def _earlier_upload(path: Path, round_index: int) -> InboxFile | None:
     """An entry "old" for a readable upload of a round before `round_index`, else None."""
     try:
         head = read_artifact(path, verify=False).header
     except FedsrdError:
         return None  # unreadable: the full check reports it
-    if head.kind != "upload" or head.round >= round_index:
+    if head.kind not in UPLOAD_KINDS or head.round >= round_index:
         return None
     return InboxFile(str(path), "old", head.kind, head.client_id, head.round, signer=_claimed_signer(path))
 
@@ -72,7 +76,7 @@ def _inspect_file(path: Path, global_state: Artifact, trust: Trust | None) -> In
         artifact = read_artifact(path)
         head = artifact.header
         entry.kind, entry.round = head.kind, head.round
-        if head.kind != "upload":
+        if head.kind not in UPLOAD_KINDS:
             entry.status = "ignored"
             return entry
         entry.client_id = head.client_id

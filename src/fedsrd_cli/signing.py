@@ -92,6 +92,10 @@ def generate_keypair(out: str | os.PathLike, force: bool = False) -> tuple[Path,
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     out = Path(out)
+    if out.is_dir():
+        raise UsageError(
+            f"--out {out}: is a directory; give --out {out / 'NAME'} (NAME: the party's id, e.g. site-a)"
+        )
     check_party_name(out.name, "--out")
     key_path, pub_path = out.with_name(out.name + ".key"), out.with_name(out.name + ".pub")
     for path in (key_path, pub_path):
@@ -153,8 +157,8 @@ class SigningKey:
         name = check_party_name(path.stem, "--sign-key")
         try:
             private = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except FileNotFoundError:
-            raise TrustError(f"{path}: no such key file") from None
+        except FileNotFoundError:  # a flag that names no file: a usage error, like --trust's
+            raise UsageError(f"--sign-key {path}: no such key file (make one with `fedsrd keygen`)") from None
         except (OSError, ValueError, TypeError) as err:
             raise TrustError(f"{path}: not a readable unencrypted PEM private key ({err})") from None
         if not isinstance(private, Ed25519PrivateKey):
@@ -322,7 +326,7 @@ def read_verified(
 
 def check_signer(artifact: Artifact, signer: str, accept: Collection[str] | None = None) -> None:
     head = artifact.header
-    if head.kind == "upload":
+    if head.kind in ("upload", "masked_upload"):
         if signer != head.client_id:
             raise TrustError(
                 f"{artifact.path}: upload of client {head.client_id!r} is signed by {signer!r}; a"
@@ -372,7 +376,7 @@ def sign_file(
         ensure_writable(target, force)
     artifact = read_artifact(path)
     head = artifact.header
-    if head.kind == "upload" and key.name != head.client_id:
+    if head.kind in ("upload", "masked_upload") and key.name != head.client_id:
         raise UsageError(
             f"{path}: is the upload of client {head.client_id!r}; --sign-key signs as {key.name!r}, and an"
             " upload is accepted only when signed by the client it names"

@@ -295,7 +295,8 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _load_results(out_dir: Path, config: SimulateConfig) -> dict[str, Any]:
-    """The recorded results of an earlier run, or a fresh skeleton; refuses another configuration."""
+    """The recorded results of an earlier run, or a fresh skeleton; refuses another configuration.
+    Writes nothing (`_start` writes config.json once every input has been checked)."""
     config_path = out_dir / "config.json"
     if config_path.is_file():
         try:
@@ -316,10 +317,14 @@ def _load_results(out_dir: Path, config: SimulateConfig) -> dict[str, Any]:
                 return json.loads(results_path.read_text())
             except (OSError, ValueError) as err:
                 raise ArtifactError(f"{results_path}: unreadable ({err})") from None
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(config_path, config.record())
     return {"version": RESULTS_VERSION, "config": config.record(), "runs": {}}
+
+
+def _start(out_dir: Path, config: SimulateConfig) -> None:
+    """A new run's config.json (an earlier run's stays as it is)."""
+    if not (out_dir / "config.json").is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(out_dir / "config.json", config.record())
 
 
 def privacy_summary(privacy: dict[str, Any]) -> dict[str, Any]:
@@ -361,18 +366,22 @@ def simulate(
     config: SimulateConfig,
     out_dir: str | Path,
     on_progress: Callable[[int, int, str], None] | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the simulation; write results.json, results.md and traffic_vs_loss.png.
 
     on_progress(done, total, label) is called after each completed round, counting the
-    rounds of every algorithm and seed. Returns a summary: the output paths, the rounds
-    run now and those found done.
+    rounds of every algorithm and seed. threads: torch's thread count; None picks one per idle
+    core before every client's training (math.threads.use_threads), as the load may change
+    during a long run. Returns a summary: the output paths, the rounds run now and those
+    found done.
     """
     from fedsrd_cli.adapters import read_local
     from fedsrd_cli.algorithms import get_algorithm
     from fedsrd_cli.algorithms.protocol import apply_broadcast, default_download_seed, initial_state
     from fedsrd_cli.artifacts import read_artifact, write_artifact
     from fedsrd_cli.config import AggregateConfig
+    from fedsrd_cli.math.threads import use_threads
     from fedsrd_cli.model_spec import lora_module_shapes
     from fedsrd_cli.training import (
         TrainConfig,
@@ -400,10 +409,13 @@ def simulate(
     if done_before >= total:
         return _finish(out_dir, config, results, ran=[], done_before=done_before)
 
+    use_threads(threads)
+    # Every input is read and checked before anything is written.
     client_sets = [load_datasets([path]) for path in config.client_data]
     eval_sets = load_datasets(list(config.eval_data))
-    base = load_base(config.base, config.device)
     lora, module_shapes = lora_module_shapes(config.base, config.targets, config.rank, config.alpha)
+    base = load_base(config.base, config.device)
+    _start(out_dir, config)
     ran: list[dict[str, Any]] = []
     done = done_before
     initial_eval: dict[int, dict[str, Any]] = {}
@@ -478,6 +490,7 @@ def simulate(
                             client_sets[index],
                             train_config,
                         )
+                    use_threads(threads)
                     tensors, stats = train_local(base, global_state, client_sets[index], train_config)
                     if ledger is not None:
                         check_private_run(stats, ledger)

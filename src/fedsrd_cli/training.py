@@ -86,7 +86,7 @@ class TrainConfig:
         _require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         _require(self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}")
         _require(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
-        _require(0 <= self.seed < 2**32, f"--seed must be in [0, 2^32), got {self.seed}")
+        _require(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}")
         _require(self.device in DEVICES, f"--device must be one of {list(DEVICES)}")
         _require(self.dtype in DTYPES, f"--dtype must be one of {list(DTYPES)}")
         _require(
@@ -506,7 +506,7 @@ def _plain_steps(
         torch.nn.utils.clip_grad_norm_(list(trained.values()), config.max_grad_norm)
         optimizer.step()
         step_loss = loss_sum / step_tokens
-        _check_converging(step, total, step_loss, trained, config.lr)
+        _check_converging(step, total, step_loss, trained, config.lr, base.lora.scaling)
         elapsed = time.monotonic() - step_start
         record = {"step": step, "loss": step_loss, "tokens": step_tokens, "seconds": round(elapsed, 4)}
         if config.prox_mu > 0:
@@ -563,7 +563,8 @@ def _private_steps(
                             param.grad += config.prox_mu * (param - anchor[name])
                 optimizer.step()
                 step_loss = loss_sum / len(indices) if indices else None
-                _check_converging(step, total, 0.0 if step_loss is None else step_loss, trained, config.lr)
+                seen = 0.0 if step_loss is None else step_loss
+                _check_converging(step, total, seen, trained, config.lr, base.lora.scaling)
                 elapsed = time.monotonic() - step_start
                 log.append(
                     {
@@ -589,10 +590,16 @@ def _private_steps(
     return log, record
 
 
+# A LoRA scale alpha / r above this, not the learning rate, is named as the likely cause of a
+# divergence (alpha / r of 0.5 to 4 is usual; the factors' product is multiplied by it).
+LARGE_LORA_SCALE = 1e3
+
+
 def _check_converging(
-    step: int, total: int, loss: float, trained: dict[str, torch.nn.Parameter], lr: float
+    step: int, total: int, loss: float, trained: dict[str, torch.nn.Parameter], lr: float, scale: float
 ) -> None:
-    """TrainingDivergedError (exit 6) once the loss or a trained factor is NaN or Inf."""
+    """TrainingDivergedError (exit 6) once the loss or a trained factor is NaN or Inf; the message
+    names the LoRA scale alpha / r when that is large enough to be the cause."""
     if math.isfinite(loss):
         with torch.no_grad():
             broken = next((name for name, p in trained.items() if not bool(torch.isfinite(p).all())), None)
@@ -601,6 +608,12 @@ def _check_converging(
         what = f"{broken} became NaN or Inf"
     else:
         what = f"loss {loss}"
+    if scale > LARGE_LORA_SCALE:
+        raise TrainingDivergedError(
+            f"training diverged at step {step} of {total} ({what}): the LoRA scale alpha / r = {scale:.3g}"
+            " multiplies every update, so a lower --lr cannot help; make a global state with a smaller"
+            " `init --alpha` (alpha / r of 1 to 4 is usual)"
+        )
     raise TrainingDivergedError(
         f"training diverged at step {step} of {total} ({what}) with --lr {lr:g}; lower --lr (try {lr / 10:g})"
     )

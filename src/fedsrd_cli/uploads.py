@@ -20,13 +20,17 @@ adds what only the client side can know, before any work:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 from fedsrd_cli.adapters import LocalAdapter, read_local
+from fedsrd_cli.agreement import AgreementKey
 from fedsrd_cli.algorithms import get_algorithm
 from fedsrd_cli.algorithms.base import Payload, Track, no_progress
+from fedsrd_cli.algorithms.secure import masked_upload
 from fedsrd_cli.artifacts import Artifact, short
 from fedsrd_cli.config import SparsifyConfig
-from fedsrd_cli.errors import MismatchError, StaleUploadError
+from fedsrd_cli.errors import MismatchError, StaleUploadError, UsageError
+from fedsrd_cli.roster import Roster
 
 
 def check_local_origin(global_state: Artifact, local: LocalAdapter, client: str) -> None:
@@ -76,3 +80,29 @@ def make_upload(
         samples = local.header.num_samples if local.header else 0
     payload = get_algorithm(method).upload(global_state, local, client, samples, config, track)
     return payload, samples
+
+
+def make_masked_upload(
+    global_state: Artifact,
+    local_path: str | os.PathLike,
+    client: str,
+    samples: int | None,
+    roster: Roster,
+    key: AgreementKey,
+    published: Mapping[str, bytes],
+    min_sites: int,
+) -> tuple[Payload, int]:
+    """A secure round's masked upload (algorithms.secure), after the same origin checks as a
+    plain upload's; the site refuses a roster of fewer than `min_sites` sites (MismatchError)."""
+    if len(roster.sites) < min_sites:
+        raise MismatchError(
+            f"the roster lists {len(roster.sites)} sites, fewer than --min-sites {min_sites}: with so few"
+            " sites the sum tells too much about each one"
+        )
+    if key.party != client:
+        raise UsageError(f"--agreement-key is {key.party!r}'s, not {client!r}'s")
+    local = read_local(local_path, like=global_state)
+    check_local_origin(global_state, local, client)
+    if samples is None:
+        samples = local.header.num_samples if local.header else 0
+    return masked_upload(global_state, local, client, samples, roster, key, published), samples

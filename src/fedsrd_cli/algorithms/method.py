@@ -182,7 +182,7 @@ class Method(Algorithm):
                 f"organisation-level DP sampled {org.sampled} sites, but {len(uploads)} uploads came"
             )
         if uploads or org is None:  # organisation-level Poisson sampling may take no site at all
-            check_uploads(global_state, uploads, config.weighting)
+            check_uploads(global_state, uploads, config.weighting, config.max_samples)
         for upload in uploads:
             if upload.header.method != self.upload_method:
                 raise MismatchError(
@@ -278,11 +278,17 @@ class Method(Algorithm):
         round_index = global_state.header.round + 1
         value_dtype = VALUE_DTYPES[config.value_dtype]
         private = PrivateDownload.of(global_state, aggregate, config)  # None without organisation DP
+        secure = "secure" in aggregate.header.info  # the aggregate is exact on A's row space only
+        if secure and config.factor_choice != "b":
+            raise UsageError(
+                f"{aggregate.path} is the sum of a secure round, exact only where a B update sees it:"
+                f" broadcast it with --factor-choice b (its default), not {config.factor_choice}"
+            )
         decompose = self.decompose if private is None else private_b_update
         tensors: dict[str, torch.Tensor] = {}
         layout: dict[str, list[int]] = {}
         fallbacks: list[str] = []
-        diagnostics = BroadcastDiagnostics(target_known=private is None)
+        diagnostics = BroadcastDiagnostics(target_known=private is None and not secure)
         next_tensors: dict[str, torch.Tensor] = {}  # the next state, built as apply_update builds it
         modules = global_state.modules()
         for module in track(modules, len(modules), "broadcast"):

@@ -76,8 +76,11 @@ def check_same_tensors(global_state: Artifact, shapes: dict, where: str) -> None
             )
 
 
-def check_uploads(global_state: Artifact, uploads: Sequence[Artifact], weighting: str) -> None:
-    """Every upload must answer this round of this run, once per client."""
+def check_uploads(
+    global_state: Artifact, uploads: Sequence[Artifact], weighting: str, max_samples: int | None = None
+) -> None:
+    """Every upload must answer this round of this run, once per client (and record at most
+    `max_samples` training samples, when given)."""
     if not uploads:
         raise UsageError("no uploads given")
     round_index = global_state.header.round + 1
@@ -108,6 +111,11 @@ def check_uploads(global_state: Artifact, uploads: Sequence[Artifact], weighting
             )
         if head.content_hash in seen_hashes:
             raise MismatchError(f"{where}: the same upload as {seen_hashes[head.content_hash]}")
+        if max_samples is not None and head.num_samples > max_samples:
+            raise MismatchError(
+                f"{where}: client {head.client_id!r} records {head.num_samples:,} training samples, over"
+                f" --max-samples {max_samples:,}"
+            )
         if weighting == "samples" and head.num_samples <= 0:
             raise MismatchError(
                 f"{where}: records no sample count; use --weighting uniform or sparsify with --samples"

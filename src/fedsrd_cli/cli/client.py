@@ -18,14 +18,15 @@ from fedsrd_cli.cli.options import (
     OutOpt,
     QuietOpt,
     SignKeyOpt,
+    ThreadsOpt,
     TrustOpt,
     check_client_id,
     sign_with,
     trust_from_flags,
 )
 from fedsrd_cli.cli.render import written
-from fedsrd_cli.errors import UsageError
-from fedsrd_cli.output import Output, data_table, human_bytes, key_value_table
+from fedsrd_cli.errors import TrustError, UsageError
+from fedsrd_cli.output import Output, data_table, human_bytes, human_duration, key_value_table
 
 
 @command("train-local")
@@ -37,7 +38,7 @@ def train_local_cmd(
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps.")] = None,
     epochs: Annotated[float | None, typer.Option("--epochs", help="Epochs (default 1).")] = None,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate (AdamW).")] = 1e-3,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per micro-batch.")] = 8,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per step.")] = 1,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 512,
     seed: Annotated[
@@ -45,7 +46,9 @@ def train_local_cmd(
     ] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto, fp32, bf16 or fp16 (base weights).")] = "auto",
-    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing")] = False,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option("--gradient-checkpointing", help="Recompute activations: less memory, more time.")
+    ] = False,
     prox_mu: Annotated[
         float, typer.Option("--prox-mu", help="FedProx: add mu/2 ||theta - theta_G||^2.")
     ] = 0.0,
@@ -118,6 +121,7 @@ def train_local_cmd(
     dp_test_seed: Annotated[
         int | None, typer.Option("--dp-test-seed", hidden=True, help="Testing only: known DP randomness.")
     ] = None,
+    threads: ThreadsOpt = None,
     sign_key: SignKeyOpt = None,
     trust_dir: TrustOpt = None,
     quiet: QuietOpt = False,
@@ -131,9 +135,11 @@ def train_local_cmd(
     signed by `coordinator` (or by this client's key).
     """
     import json
+    import time
 
     from fedsrd_cli.artifacts import write_artifact
     from fedsrd_cli.atomic import FileWrite, ensure_writable
+    from fedsrd_cli.math.threads import use_threads
     from fedsrd_cli.signing import COORDINATOR, read_verified
     from fedsrd_cli.training import (
         TrainConfig,
@@ -218,13 +224,24 @@ def train_local_cmd(
             f" {release.sample_rate:.4g} of {release.population} records, {release.steps} steps; epsilon"
             f" {ledger.epsilon:.4g} at delta {ledger.delta:.3g} after this round"
         )
+    threads = use_threads(threads)
     model = load_base(base, device, dtype)
     total = config.total_steps(sum(len(d.examples) for d in datasets))
+    out.note(
+        f"training {total:,} steps of {config.batch_size * config.grad_accum} examples on {model.device}"
+        f" ({threads} thread{'s' if threads != 1 else ''})"
+    )
     with out.steps(total, "training") as progress:
+        started = time.monotonic()
 
         def on_step(step: int, _total: int, loss: float | None, tokens_per_s: float) -> None:
             shown = "no record sampled" if loss is None else f"loss {loss:.4f}"
             progress.update(step, f"{shown}  {tokens_per_s:,.0f} tok/s")
+            if step == 1 and total > 1:
+                first = time.monotonic() - started
+                out.note(
+                    f"step 1 took {first:.1f} s: about {human_duration(first * total)} for {total:,} steps"
+                )
 
         tensors, stats = train_local(model, global_state, datasets, config, on_step)
     if ledger is not None:
@@ -257,6 +274,7 @@ def train_local_cmd(
             "log": str(log_path),
             "client_id": client or None,
             "device": str(model.device),
+            "threads": threads,
             **(
                 {"dp_epsilon": ledger.epsilon, "dp_delta": ledger.delta, "dp_rounds": ledger.rounds}
                 if ledger is not None
@@ -284,8 +302,14 @@ def sparsify_cmd(
             show_default=False,
         ),
     ] = None,
-    kurtosis_coeff: Annotated[float, typer.Option("--kurtosis-coeff")] = 0.1,
-    kurtosis_cap: Annotated[float, typer.Option("--kurtosis-cap")] = 0.11,
+    kurtosis_coeff: Annotated[
+        float,
+        typer.Option("--kurtosis-coeff", help="c of the adaptive ratio alpha + min(cap, c ln kurtosis)."),
+    ] = 0.1,
+    kurtosis_cap: Annotated[
+        float,
+        typer.Option("--kurtosis-cap", help="cap of the adaptive ratio: at most this much above alpha."),
+    ] = 0.11,
     no_rescale: Annotated[
         bool, typer.Option("--no-rescale", help="Do not restore the L1 norm of kept values.")
     ] = False,
@@ -296,12 +320,32 @@ def sparsify_cmd(
     upload_drop: Annotated[
         float, typer.Option("--upload-drop", help="fed-dare: drop probability p of each upload element.")
     ] = 0.9,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            "--secure",
+            help="Write a masked upload for a secure round (needs --roster, --agreement-key and --trust):"
+            " the coordinator learns only the sum of the roster's uploads.",
+        ),
+    ] = False,
+    roster_path: Annotated[
+        Path | None, typer.Option("--roster", help="The secure round's roster, signed by the coordinator.")
+    ] = None,
+    agreement_key: Annotated[
+        Path | None,
+        typer.Option("--agreement-key", help="This site's NAME.agreement.key (`fedsrd agreement-key`)."),
+    ] = None,
+    min_sites: Annotated[
+        int,
+        typer.Option("--min-sites", help="Refuse a secure roster of fewer sites (at least 2)."),
+    ] = 2,
     sign_key: SignKeyOpt = None,
     trust_dir: TrustOpt = None,
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
 ) -> None:
-    """Client: turn a locally trained adapter into this round's upload (sparse for FedSRD)."""
+    """Client: turn a locally trained adapter into this round's upload (sparse for FedSRD; masked
+    with --secure)."""
     from fedsrd_cli.algorithms import get_algorithm
     from fedsrd_cli.artifacts import write_artifact
     from fedsrd_cli.atomic import ensure_writable
@@ -325,9 +369,34 @@ def sparsify_cmd(
     config = SparsifyConfig(
         base_sparsity, kurtosis_coeff, kurtosis_cap, not no_rescale, value_dtype, upload_drop
     )
+    if secure and (roster_path is None or agreement_key is None or trust is None):
+        raise UsageError("--secure needs --roster, --agreement-key and --trust (the other sites' keys)")
+    if not secure and (roster_path is not None or agreement_key is not None):
+        raise UsageError("--roster and --agreement-key belong to a secure round: add --secure")
+    if secure and method not in ("fedsrd", "fedsrd-e"):
+        raise UsageError(f"a secure round runs FedSRD-e's route; --method {method} has no secure upload")
     ensure_writable(out_path, force)
     global_state = read_verified(global_path, "state", trust, accept=(COORDINATOR, client))
-    payload, samples = make_upload(global_state, local, client, samples, method, config, out.track)
+    if secure:
+        from fedsrd_cli.agreement import AgreementKey, published_key
+        from fedsrd_cli.roster import read_roster
+        from fedsrd_cli.uploads import make_masked_upload
+
+        assert trust is not None and roster_path is not None and agreement_key is not None
+        key = AgreementKey.load(agreement_key)
+        if key.party != client:
+            raise UsageError(f"--agreement-key {agreement_key} is {key.party!r}'s, not {client!r}'s")
+        roster = read_roster(roster_path, trust)
+        published = {site: published_key(trust, site) for site in {*roster.sites, client}}
+        if published.get(client) != key.public:
+            raise TrustError(
+                f"--agreement-key {agreement_key} is not the key {client!r} published in {trust.directory}"
+            )
+        payload, samples = make_masked_upload(
+            global_state, local, client, samples, roster, key, published, max(min_sites, 2)
+        )
+    else:
+        payload, samples = make_upload(global_state, local, client, samples, method, config, out.track)
     header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
     if samples == 0:
         out.note("note: no sample count recorded; --weighting samples will refuse this upload")
@@ -335,7 +404,12 @@ def sparsify_cmd(
         out,
         out_path,
         header,
-        {"client_id": client, "num_samples": samples, "tensors": len(header.layout)},
+        {
+            "client_id": client,
+            "num_samples": samples,
+            "tensors": len(header.layout or payload.tensors),
+            **({"roster": header.info["secure"]["roster"]} if secure else {}),
+        },
     )
 
 
@@ -395,14 +469,17 @@ def eval_cmd(
     generate: Annotated[
         bool, typer.Option("--generate", help="Also generate greedily and score exact match.")
     ] = False,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Tokens generated per answer (--generate, --answers).")
+    ] = 32,
     answers: Annotated[
         int, typer.Option("--answers", help="Show the greedy answers to the first N examples of each file.")
     ] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass.")] = 8,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 512,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto, fp32, bf16 or fp16.")] = "auto",
+    threads: ThreadsOpt = None,
     trust_dir: TrustOpt = None,
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
@@ -415,6 +492,7 @@ def eval_cmd(
 
     from fedsrd_cli.artifacts import short
     from fedsrd_cli.atomic import ensure_writable, write_bytes_atomic
+    from fedsrd_cli.math.threads import use_threads
     from fedsrd_cli.signing import read_verified
     from fedsrd_cli.training import (
         check_adapter_base,
@@ -439,6 +517,7 @@ def eval_cmd(
         check_fingerprint(base, global_state)
     if adapter is not None:
         check_adapter_base(adapter, base)
+    use_threads(threads)
     model = load_base(base, device, dtype)
     if global_state is not None:
         set_global(model, global_state)
@@ -481,8 +560,9 @@ def eval_cmd(
         out.result(result, table)
         return
     answers_table = data_table("data", "prompt", "reference", "answer", title="answers")
-    for name, a in shown:
-        answers_table.add_row(name, a["prompt"].strip(), a["reference"], a["answer"].strip())
+    for name, a in shown:  # one line per row: a newline inside a text shows as backslash-n
+        cells = (a["prompt"].strip(), a["reference"], a["answer"].strip())
+        answers_table.add_row(name, *(cell.replace("\n", "\\n") for cell in cells))
     out.result(result, table, answers_table)
 
 
@@ -508,7 +588,9 @@ def export_cmd(
     global_state = read_verified(global_path, "state", trust)
     if base is not None:
         check_fingerprint(base, global_state)
-    report = export_adapter(global_state, out_dir, str(base) if base is not None else None, force)
+    # A GGUF file cannot be a PEFT base_model_name_or_path (docs/deployment.md shows how to load it).
+    named = str(base) if base is not None and base.suffix.lower() != ".gguf" else None
+    report = export_adapter(global_state, out_dir, named, force)
     out.result(
         report,
         key_value_table(

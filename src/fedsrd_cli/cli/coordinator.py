@@ -20,7 +20,6 @@ from fedsrd_cli.cli.options import (
     check_client_id,
     sign_with,
     trust_from_flags,
-    use_threads,
 )
 from fedsrd_cli.cli.render import worst, written
 from fedsrd_cli.errors import UsageError
@@ -67,6 +66,59 @@ def init_cmd(
     )
 
 
+@command("roster")
+def roster_cmd(
+    global_path: GlobalOpt,
+    sites: Annotated[str, typer.Option("--sites", help="Comma-separated site ids that mask for each other.")],
+    out_path: OutOpt,
+    sign_key: Annotated[Path, typer.Option("--sign-key", help="The coordinator's key (coordinator.key).")],
+    clip: Annotated[
+        float,
+        typer.Option(
+            "--clip",
+            help="Range X of every masked value: |w (B_i A_i - B A) A^T| <= X, elementwise (a site over it"
+            " refuses and asks for more).",
+        ),
+    ] = 1.0,
+    attempt: Annotated[
+        int,
+        typer.Option("--attempt", help="1, then 2, 3 ... when a site dropped out and the others mask again."),
+    ] = 1,
+    trust_dir: TrustOpt = None,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Coordinator: sign the roster of a secure round: the sites that mask for each other.
+
+    Every site on it runs `sparsify --secure --roster ...`; if one does not deliver, sign a new
+    roster without it (--attempt 2) and the others mask again (docs/security.md).
+    """
+    from fedsrd_cli.atomic import ensure_writable
+    from fedsrd_cli.roster import make_roster, write_roster
+    from fedsrd_cli.signing import SigningKey, read_verified
+
+    out = Output(json_mode)
+    names = [check_client_id(s.strip()) for s in sites.split(",") if s.strip()]
+    signer = SigningKey.load(sign_key)
+    _, trust = trust_from_flags(None, trust_dir)
+    ensure_writable(out_path, force)
+    global_state = read_verified(global_path, "state", trust)
+    head = global_state.header
+    roster = make_roster(head.content_hash, head.round + 1, names, attempt, clip)
+    write_roster(out_path, roster, signer, force)
+    out.result(
+        {"path": str(out_path), "roster": roster.hash, **roster.body()},
+        key_value_table(
+            [
+                ("wrote", f"{out_path} (roster of round {roster.round}, attempt {roster.attempt})"),
+                ("sites", ", ".join(roster.sites)),
+                ("hash", roster.hash.removeprefix("sha256:")[:12]),
+                ("clip", f"{roster.clip:g}"),
+            ]
+        ),
+    )
+
+
 @command("aggregate")
 def aggregate_cmd(
     global_path: GlobalOpt,
@@ -95,6 +147,15 @@ def aggregate_cmd(
             " or auto (exact up to 12 clients at the default sketch).",
         ),
     ] = "auto",
+    max_samples: Annotated[
+        int | None,
+        typer.Option(
+            "--max-samples",
+            help="Refuse uploads that record more training samples than this (a site that claims a huge"
+            " count would dominate --weighting samples).",
+            show_default=False,
+        ),
+    ] = None,
     require_dp: Annotated[
         float | None,
         typer.Option(
@@ -143,6 +204,16 @@ def aggregate_cmd(
     dp_test_seed: Annotated[
         int | None, typer.Option("--dp-test-seed", hidden=True, help="Testing only: known sampling.")
     ] = None,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            "--secure",
+            help="Sum the masked uploads of a secure round (needs --roster and --trust; FedSRD-e's route).",
+        ),
+    ] = False,
+    roster_path: Annotated[
+        Path | None, typer.Option("--roster", help="The secure round's roster (`fedsrd roster`).")
+    ] = None,
     threads: ThreadsOpt = None,
     sign_key: SignKeyOpt = None,
     trust_dir: TrustOpt = None,
@@ -163,6 +234,7 @@ def aggregate_cmd(
     from fedsrd_cli.artifacts import write_artifact
     from fedsrd_cli.atomic import ensure_writable
     from fedsrd_cli.config import AggregateConfig
+    from fedsrd_cli.math.threads import use_threads
     from fedsrd_cli.privacy.ledger import OrganisationDp
     from fedsrd_cli.signing import read_verified
 
@@ -177,7 +249,14 @@ def aggregate_cmd(
     if not 0.0 < dp_sampling_rate <= 1.0:
         raise UsageError(f"--dp-sampling-rate must be in (0, 1], got {dp_sampling_rate}")
     config = AggregateConfig(
-        method, weighting, max_update_norm, on_outlier, truncation, require_dp, max_epsilon=dp_max_epsilon
+        method,
+        weighting,
+        max_update_norm,
+        on_outlier,
+        truncation,
+        require_dp,
+        max_epsilon=dp_max_epsilon,
+        max_samples=max_samples,
     )
     if dp_clip is not None:
         # The flags' own checks (OrganisationDp, AggregateConfig) before any file is read.
@@ -187,14 +266,45 @@ def aggregate_cmd(
                 dp_clip, dp_noise_multiplier, dp_sampling_rate, dp_delta, max(1, len(uploads)), 0
             ),
         )
+    if secure and (roster_path is None or trust_dir is None):
+        raise UsageError("--secure needs --roster and --trust (the sites' keys)")
+    if not secure and roster_path is not None:
+        raise UsageError("--roster belongs to a secure round: add --secure")
+    if secure and (method not in ("fedsrd", "fedsrd-e") or config.organisation_dp is not None):
+        raise UsageError(
+            "a secure round runs FedSRD-e's route, without organisation-level DP (its noise would have to"
+            " be added by the sites, which is not built)"
+        )
     threads = use_threads(threads)
-    algorithm = get_algorithm(method)
+    algorithm = get_algorithm("fedsrd-e" if secure else method)
     signer, trust = trust_from_flags(sign_key, trust_dir)
     ensure_writable(out_path, force)
     global_state = read_verified(global_path, "state", trust)
+    if secure:
+        from fedsrd_cli.algorithms.secure import secure_aggregate
+        from fedsrd_cli.roster import read_roster
+
+        assert trust is not None and roster_path is not None
+        roster = read_roster(roster_path, trust)
+        masked = [read_verified(path, "masked_upload", trust) for path in uploads]
+        payload = secure_aggregate(global_state, masked, roster, replace(config, method="fedsrd-e"))
+        header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
+        written(
+            out,
+            out_path,
+            header,
+            {
+                "method": "fedsrd-e (secure)",
+                "clients": [a.header.client_id for a in masked],
+                "roster": roster.hash,
+                "threads": threads,
+                **_privacy_summary(header),
+            },
+        )
+        return
     artifacts = [read_verified(path, "upload", trust) for path in uploads]
     if config.organisation_dp is not None:
-        check_uploads(global_state, artifacts, weighting)  # every file, sampled or not
+        check_uploads(global_state, artifacts, weighting, max_samples)  # every file, sampled or not
         artifacts, config = sample_sites(artifacts, config, dp_test_seed)
     payload = algorithm.aggregate(global_state, artifacts, config, out.track)
     header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
@@ -321,6 +431,7 @@ def broadcast_cmd(
     from fedsrd_cli.artifacts import write_artifacts
     from fedsrd_cli.atomic import ensure_writable
     from fedsrd_cli.config import BroadcastConfig
+    from fedsrd_cli.math.threads import use_threads
     from fedsrd_cli.signing import read_verified
 
     threads = use_threads(threads)
@@ -338,8 +449,8 @@ def broadcast_cmd(
     algorithm = get_algorithm(agg.header.method)
     if download_sparsity is None:
         download_sparsity = algorithm.default_download_sparsity
-    if factor_choice is None and "organisation_dp" in agg.header.privacy:
-        factor_choice = "b"  # the only choice organisation-level DP allows
+    if factor_choice is None and ("organisation_dp" in agg.header.privacy or "secure" in agg.header.info):
+        factor_choice = "b"  # the only choice organisation-level DP and secure rounds allow
     given = {"damping": damping, "download_fit": download_fit, "factor_choice": factor_choice}
     config = BroadcastConfig(
         download_sparsity,
@@ -399,6 +510,10 @@ def _broadcast_privacy_summary(header: Any) -> dict[str, Any]:
     return out
 
 
+# Below this many columns, `status` lists one file per line instead of a six-column table.
+NARROW_TERMINAL = 100
+
+
 @command("status")
 def status_cmd(
     inbox: Annotated[Path, typer.Argument(help="The coordinator's inbox directory of uploads.")],
@@ -438,19 +553,29 @@ def status_cmd(
         raise UsageError(f"{inbox}: not a directory")
     _, trust = trust_from_flags(None, trust_dir)
     report, code = round_status(inbox, read_global(global_path, trust), trust, expect, client_list)
-    table = data_table("file", "status", "client", "round", "signer", "problem")
+    rows = []
     for f in report["files"]:
         signer = f["signer"] or "-"
         if f["signer"] and not f["signature_verified"]:
             signer += " (unverified)"
-        table.add_row(
-            Path(f["path"]).name,
-            f["status"] if f["kind"] in (None, "upload") else f"ignored ({f['kind']})",
-            f["client_id"] or "-",
-            "-" if f["round"] is None else str(f["round"]),
-            signer,
-            f["problem"] or "",
+        status = f["status"] if f["kind"] in (None, "upload") else f"ignored ({f['kind']})"
+        round_text = "-" if f["round"] is None else str(f["round"])
+        rows.append(
+            (Path(f["path"]).name, status, f["client_id"] or "-", round_text, signer, f["problem"] or "")
         )
+    if out.out.width < NARROW_TERMINAL:  # a table of six columns would cut the names into slivers
+        table: Any = key_value_table(
+            (
+                name,
+                f"{status}; client {client}, round {rnd}, signer {signer}"
+                + (f"; {problem}" if problem else ""),
+            )
+            for name, status, client, rnd, signer, problem in rows
+        )
+    else:
+        table = data_table("file", "status", "client", "round", "signer", "problem")
+        for row in rows:
+            table.add_row(*row)
     summary = key_value_table(
         [
             ("round", f"{report['round']} (global {short(report['global_hash'])})"),

@@ -1,4 +1,4 @@
-"""Key management: keygen."""
+"""Key management: keygen, agreement-key."""
 
 from __future__ import annotations
 
@@ -43,6 +43,38 @@ def keygen_cmd(
                 ("private key", f"{key_path} (keep secret)"),
                 ("public key", f"{pub_path} (share)"),
                 ("key id", fingerprint),
+            ]
+        ),
+    )
+
+
+@command("agreement-key")
+def agreement_key_cmd(
+    sign_key: Annotated[
+        Path,
+        typer.Option("--sign-key", help="This party's NAME.key (`fedsrd keygen`), which signs the new key."),
+    ],
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Create party NAME's X25519 key for secure rounds, beside NAME.key and signed by it.
+
+    Writes NAME.agreement.key (private, 0600) and NAME.agreement: give NAME.agreement to the
+    other parties, who put it in their --trust directory beside NAME.pub.
+    """
+    from fedsrd_cli.agreement import generate_agreement_key
+    from fedsrd_cli.signing import SigningKey
+
+    out = Output(json_mode)
+    signer = SigningKey.load(sign_key)
+    key_path, public_path = generate_agreement_key(signer, sign_key.parent, force)
+    out.result(
+        {"party": signer.name, "private_key": str(key_path), "public_key": str(public_path)},
+        key_value_table(
+            [
+                ("party", signer.name),
+                ("private key", f"{key_path} (keep secret)"),
+                ("published key", f"{public_path} (share: the others' --trust directories)"),
             ]
         ),
     )

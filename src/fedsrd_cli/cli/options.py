@@ -13,9 +13,7 @@ nothing is signed; `cryptography` is imported only when one is given.
 
 from __future__ import annotations
 
-import os
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -73,51 +71,11 @@ ThreadsOpt = Annotated[
     int | None,
     typer.Option(
         "--threads",
-        help="Threads for the large matrix products (default: one per core that is idle now);"
-        " small factorizations always run on one thread.",
+        help="Threads torch computes with (default: one per core that is idle now, so a busy machine"
+        " is not oversubscribed); the coordinator's small factorizations always run on one thread.",
         show_default=False,
     ),
 ]
-
-
-def use_threads(threads: int | None) -> int:
-    """Apply --threads, or pick the count: one thread per core left idle by other processes
-    (measured over 50 ms from /proc/stat; all usable cores where that cannot be read), at
-    least 1. A thread that waits for a busy core stalls every parallel region it is part of:
-    a 28-layer coordinator round took 20 s on 2 idle cores and 149 s with 2 threads beside
-    one busy process. Returns the count set."""
-    import torch
-
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {threads}")
-    if threads is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        idle = idle_cores()
-        threads = cores if idle is None else max(1, min(cores, int(idle + 0.5)))
-    torch.set_num_threads(threads)
-    return threads
-
-
-def _cpu_times() -> tuple[int, int] | None:
-    """(idle, total) jiffies of all CPUs from /proc/stat; None where there is none."""
-    try:
-        with open("/proc/stat") as stat:
-            fields = [int(v) for v in stat.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    if len(fields) < 5:
-        return None
-    return fields[3] + fields[4], sum(fields[:8])  # idle + iowait; user .. steal
-
-
-def idle_cores(window: float = 0.05) -> float | None:
-    """How many cores other processes left idle over the last `window` seconds, or None."""
-    before = _cpu_times()
-    time.sleep(window)
-    after = _cpu_times()
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    return (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or 1)
 
 
 def check_client_id(client: str) -> str:

@@ -31,8 +31,20 @@ def written(out: Output, path: Path, header: Any, extra: dict[str, Any] | None =
     ]
     if header.parent_hash:
         rows.append(("parent", short(header.parent_hash)))
-    rows += [(k, v) for k, v in (extra or {}).items() if not isinstance(v, (dict, list))]
+    rows += [(k, shown(v)) for k, v in (extra or {}).items() if not isinstance(v, (dict, list))]
     out.result(data, key_value_table(rows))
+
+
+def shown(value: Any) -> str:
+    """A value as a person reads it (--json keeps it whole): 4 significant digits of a float,
+    12 hex digits of a content hash."""
+    from fedsrd_cli.artifacts import HASH_PREFIX, short
+
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, str) and value.startswith(HASH_PREFIX):
+        return short(value)
+    return str(value)
 
 
 def worst(values: dict[str, float]) -> str:

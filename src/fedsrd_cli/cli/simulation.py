@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from fedsrd_cli.cli.app import command
-from fedsrd_cli.cli.options import METHODS_HELP, DemoModelOpt, ForceOpt, JsonOpt
+from fedsrd_cli.cli.options import METHODS_HELP, DemoModelOpt, ForceOpt, JsonOpt, ThreadsOpt
 from fedsrd_cli.errors import UsageError
 from fedsrd_cli.output import Output, data_table, key_value_table
 
@@ -21,12 +21,14 @@ def demo_assets_cmd(
     pretrain_steps: Annotated[
         int | None, typer.Option("--pretrain-steps", hidden=True, help="Testing only: fewer steps (toy).")
     ] = None,
+    threads: ThreadsOpt = None,
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
 ) -> None:
     """Make the demo's base model and 4 clients' data (offline, deterministic)."""
     from fedsrd_cli.atomic import ensure_output_dir
     from fedsrd_cli.demo import DEFAULT_RECIPE, MODELS, SMOLLM2_NAME, cache_root, demo_assets
+    from fedsrd_cli.math.threads import use_threads
 
     out = Output(json_mode)
     if model not in MODELS:
@@ -39,6 +41,7 @@ def demo_assets_cmd(
             raise UsageError("--pretrain-steps must be >= 1")
         recipe["pretrain_steps"] = pretrain_steps
     ensure_output_dir(out_dir)
+    use_threads(threads)
     out.note(f"base model cache: {cache_root()}")
     if model == "toy":
         with out.steps(recipe["pretrain_steps"], "pretraining the demo base (first run only)") as progress:
@@ -202,6 +205,7 @@ def simulate_cmd(
         float | None, typer.Option("--dp-org-delta", help="Organisation-level DP: delta.", show_default=False)
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
+    threads: ThreadsOpt = None,
     json_mode: JsonOpt = False,
 ) -> None:
     """Simulate every client and the coordinator in one process and compare methods.
@@ -241,7 +245,7 @@ def simulate_cmd(
     output_is_new(out_dir)
     demo_model = None
     if base is None and not clients_data and not eval_data:
-        from fedsrd_cli.demo import DOMAINS, MODELS, demo_assets, demo_assets_model
+        from fedsrd_cli.demo import DOMAINS, MODELS, demo_assets_model
 
         if model not in MODELS:
             raise UsageError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
@@ -254,9 +258,6 @@ def simulate_cmd(
                     f"{assets}: holds the demo for --model {found}; rerun with --model {found}"
                     " or choose another --out"
                 )
-        else:
-            out.note(f"writing the demo's base model ({model}) and data into {assets}")
-            demo_assets(assets, model=model)
         base = assets / "base"
         clients_data = [assets / "clients" / d / "train.jsonl" for d in DOMAINS]
         eval_data = [assets / "clients" / d / "eval.jsonl" for d in DOMAINS]
@@ -299,6 +300,12 @@ def simulate_cmd(
         record_dp=record_dp,
         organisation_dp=organisation_dp,
     )
+    # Every flag was checked (SimulateConfig) before the demo's assets are written.
+    if demo_model is not None and not (out_dir / "assets" / "manifest.json").is_file():
+        from fedsrd_cli.demo import demo_assets
+
+        out.note(f"writing the demo's base model ({demo_model}) and data into {out_dir / 'assets'}")
+        demo_assets(out_dir / "assets", model=demo_model)
     total = len(names) * seeds * rounds
     with out.steps(total, "simulating") as progress:
 
@@ -306,7 +313,7 @@ def simulate_cmd(
             progress.update(done, label)
             out.note(f"[{done}/{total}] {label}")
 
-        summary = simulate(config, out_dir, on_progress)
+        summary = simulate(config, out_dir, on_progress, threads)
     table = data_table("algorithm", "mean eval loss", "MB / round / client", "server s / round")
     for row in summary["summary"]:
         mean, std = row["mean_eval_loss"]

@@ -56,7 +56,20 @@ def _from_mapping(cls: type, config: Mapping[str, Scalar], what: str) -> dict[st
     for key, field in known.items():
         if key in config:
             values[field.name] = _coerce(key, config[key], field.default)
+            _check_range(key, values[field.name], field.default)
     return values
+
+
+def _check_range(key: str, value: Any, default: Any) -> None:
+    """A numeric key other than its default ("not given") must be within its flag's range
+    (cli/limits.py: the same declaration the commands check)."""
+    from fedsrd_cli.limits import LIMITS
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value == default:
+        return
+    limit = LIMITS.get(f"--{key}")
+    if limit is not None and not limit.holds(value):
+        raise UsageError(f"config {key!r} must be in {limit.describe()}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -282,6 +295,8 @@ class SiteSettings:
     dp_max_epsilon: this site's own record-level budget (`train-local --dp-max-epsilon`): a round
     the coordinator asks for that would pass it is refused before training (-1: the
     coordinator's planned epsilon).
+    threads: torch's threads for training and evaluation (0: one per core idle at the time, as
+    `train-local --threads` picks them).
     """
 
     client_id: str = ""
@@ -295,6 +310,7 @@ class SiteSettings:
     dtype: str = "auto"
     eval_batch_size: int = 16
     dp_max_epsilon: float = -1.0
+    threads: int = 0
 
     def __post_init__(self) -> None:
         from fedsrd_cli.signing import check_party_name
@@ -305,6 +321,7 @@ class SiteSettings:
         _require(bool(self.data_files), "node config 'data': give this site's training data file(s)")
         _require(bool(self.state_dir), "node config 'state-dir': give a directory for this site's files")
         _require(self.eval_batch_size >= 1, "node config 'eval-batch-size' must be >= 1")
+        _require(self.threads >= 0, "node config 'threads' must be >= 0 (0: one per idle core)")
         _require(
             self.dp_max_epsilon < 0 or (math.isfinite(self.dp_max_epsilon) and self.dp_max_epsilon > 0),
             "node config 'dp-max-epsilon' must be > 0 (or -1: none of its own)",

@@ -150,6 +150,7 @@ class Site:
         from fedsrd_cli.adapters import read_local
         from fedsrd_cli.algorithms import get_algorithm
         from fedsrd_cli.config import SparsifyConfig
+        from fedsrd_cli.math.threads import use_threads
         from fedsrd_cli.training import (
             TrainConfig,
             check_fingerprint,
@@ -189,6 +190,7 @@ class Site:
         round_dir = self.state_dir / f"round-{round_index}"
         round_dir.mkdir(exist_ok=True)
         base = self.base()
+        use_threads(self.settings.threads or None)
         tensors, stats = train_local(base, state, self.train_sets(), config)
         if ledger is not None:
             check_private_run(stats, ledger)
@@ -265,6 +267,7 @@ class Site:
 
     def evaluate(self, state: Artifact, max_length: int = 512) -> float | None:
         """This site's mean eval loss of a global state (None without eval data), as `fedsrd eval`."""
+        from fedsrd_cli.math.threads import use_threads
         from fedsrd_cli.training import evaluate, set_global
 
         datasets = self.eval_sets()
@@ -272,5 +275,6 @@ class Site:
             return None
         base = self.base()
         set_global(base, state)
+        use_threads(self.settings.threads or None)
         metrics = evaluate(base, datasets, self.settings.eval_batch_size, max_length)
         return float(metrics["mean"]["loss"])

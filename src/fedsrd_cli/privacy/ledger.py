@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fedsrd_cli.errors import ArtifactError, PrivacyError, UsageError
+from fedsrd_cli.errors import ArtifactError, PrivacyError, UsageError, a_or_an
 from fedsrd_cli.privacy.accounting import ACCOUNTANT, Step
 
 RECORD = "record"
@@ -43,6 +43,7 @@ RECORD_LEVEL, SITES, ORGANISATION_LEVEL, ORGANISATION_DP = (
 KEYS_BY_KIND = {
     "state": (RECORD_LEVEL, SITES, ORGANISATION_LEVEL),
     "upload": (RECORD_LEVEL,),
+    "masked_upload": (RECORD_LEVEL,),
     "aggregate": (SITES, ORGANISATION_LEVEL, ORGANISATION_DP),
     "broadcast": (SITES, ORGANISATION_LEVEL),
 }
@@ -341,7 +342,7 @@ def parse_privacy(data: Any, kind: str, where: str) -> Privacy:
     allowed = KEYS_BY_KIND[kind]
     unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise ArtifactError(f"{where}: a {kind} carries no privacy field {unknown[0]!r}")
+        raise ArtifactError(f"{where}: {a_or_an(kind)} carries no privacy field {unknown[0]!r}")
     record = parse_ledger(data[RECORD_LEVEL], where) if RECORD_LEVEL in data else None
     if record is not None and record.unit != RECORD:
         raise ArtifactError(f"{where}: its record-level ledger is of unit {record.unit!r}")

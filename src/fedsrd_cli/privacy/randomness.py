@@ -1,4 +1,4 @@
-"""Secret randomness for the DP mechanisms: Poisson sampling and Gaussian noise.
+"""Secret randomness: Poisson sampling and Gaussian noise for DP, mask words for secure aggregation.
 
 A differential-privacy guarantee assumes that nobody can predict which records (or sites)
 a step samples, nor the noise it adds. torch's own generator (a Mersenne Twister) is not
@@ -11,6 +11,8 @@ From the keystream:
   uniform:  u = (x >> 11 + 1) * 2^-53 for each 64-bit word x, so u is in (0, 1] with 53 bits
   normal:   Box-Muller, z = sqrt(-2 ln u1) * cos(2 pi u2), in float64
   Poisson sampling of n items at rate q: item i is taken when u_i < q (independently)
+  32-bit words: the keystream read 4 bytes at a time (little-endian)
+A key derived from a shared secret (secure/agreement.py) gives two parties the same words.
 """
 
 from __future__ import annotations
@@ -48,6 +50,16 @@ class SecretRandom:
             take = min(count, _MAX_BLOCK_WORDS)
             raw = self._stream.update(bytes(take * _WORD_BYTES))
             parts.append(torch.frombuffer(bytearray(raw), dtype=torch.int64))
+            count -= take
+        return torch.cat(parts) if len(parts) != 1 else parts[0]
+
+    def words32(self, count: int) -> torch.Tensor:
+        """(count,) int64 holding uniform 32-bit words, in [0, 2^32) (secure aggregation's masks)."""
+        parts = []
+        while count > 0:
+            take = min(count, 2 * _MAX_BLOCK_WORDS)
+            raw = self._stream.update(bytes(take * 4))
+            parts.append(torch.frombuffer(bytearray(raw), dtype=torch.int32).to(torch.int64) % 2**32)
             count -= take
         return torch.cat(parts) if len(parts) != 1 else parts[0]
 
