@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,22 @@ def test_simulate_with_dp_records_epsilon_per_round(sim_inputs: dict[str, Path],
     wrong = run_cli(*sim_args(sim_inputs, tmp_path / "org", 1), *org, code=2)
     assert "fedsrd-e alone" in wrong["output"]
     assert not (tmp_path / "org").exists()
+
+
+@pytest.mark.slow
+def test_simulate_secure_rounds(sim_inputs: dict[str, Path], tmp_path: Path) -> None:
+    """--secure sends masked projections (the dense (d_out, r) words of every module) and the
+    coordinator their sum: the rounds run and learn (tests/algorithms/test_secure.py checks the
+    sum against the plain round's)."""
+    args = [a if a != "fedsrd,fedavg" else "fedsrd-e" for a in sim_args(sim_inputs, tmp_path / "secure", 2)]
+    summary = run_cli(*args, "--secure")
+    rows = json.loads(Path(summary["results"]).read_text())["runs"]["fedsrd-e"]["0"]
+    assert rows[-1]["mean_eval_loss"] < rows[0]["mean_eval_loss"]
+    round_dir = tmp_path / "secure" / "work" / "fedsrd-e" / "seed-0" / "round-1"
+    upload = read_artifact(round_dir / "upload-alice.safetensors")
+    assert upload.header.kind == "masked_upload" and upload.header.info["secure"]["sites"] == ["alice", "bob"]
+    words = sum(math.prod(shape) for shape in upload.shapes.values())
+    assert rows[1]["upload_bytes"] > 4 * words  # 4 bytes per word, plus the header
+    assert read_artifact(round_dir / "broadcast.safetensors").header.info["factor_choice"] == "b"
+    wrong = run_cli(*sim_args(sim_inputs, tmp_path / "wrong", 1), "--secure", code=2)
+    assert "fedsrd-e alone" in wrong["output"]

@@ -109,6 +109,7 @@ LIMITS: dict[str, Limit] = {
     # secure rounds
     "--min-sites": Limit(2, 100_000),
     "--clip": _open_low(1e6),
+    "--secure-clip": _open_low(1e6),
     "--attempt": Limit(1, 1_000),
     # differential privacy
     "--dp-epsilon": _open_low(EPSILON_MAX),

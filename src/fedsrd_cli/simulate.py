@@ -115,6 +115,8 @@ class SimulateConfig:
     factor_choice: str | None = None
     record_dp: RecordDp | None = None
     organisation_dp: tuple[float, float, float, float] | None = None
+    secure: bool = False
+    secure_clip: float = 1.0
 
     def __post_init__(self) -> None:
         from fedsrd_cli.algorithms import get_algorithm
@@ -154,6 +156,16 @@ class SimulateConfig:
             self.demo_model in (None, "smollm2", "toy"),
             f"--model must be smollm2 or toy, got {self.demo_model!r}",
         )
+        if self.secure:
+            _require(
+                self.algorithms == (PRIVATE_METHOD,) and self.organisation_dp is None,
+                f"--secure runs on --algorithms {PRIVATE_METHOD} alone, without organisation-level DP",
+            )
+            _require(len(self.client_data) >= 2, "--secure needs at least two clients")
+            _require(
+                math.isfinite(self.secure_clip) and 0 < self.secure_clip <= 1e6,
+                f"--secure-clip must be in (0, 1e6], got {self.secure_clip}",
+            )
         if self.organisation_dp is not None:
             self.organisation_settings(len(self.client_data))  # its checks and messages
             _require(
@@ -203,8 +215,8 @@ class SimulateConfig:
             )
             if value is not None
         }
-        if self.organisation_dp is not None:
-            given.setdefault("factor_choice", "b")  # the only choice organisation-level DP allows
+        if self.organisation_dp is not None or self.secure:
+            given.setdefault("factor_choice", "b")  # the only choice DP's and secure rounds allow
         return BroadcastConfig(download_sparsity=download_sparsity, seed=seed, **given)
 
     def record(self) -> dict[str, Any]:
@@ -225,6 +237,9 @@ class SimulateConfig:
         ):
             if data[key] is None:
                 data.pop(key)
+        if not self.secure:  # recorded only when on, so runs from before the flag resume
+            data.pop("secure")
+            data.pop("secure_clip")
         if data["demo_model"] in (None, "toy"):  # demo runs recorded before --model existed were toy
             data.pop("demo_model")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
@@ -377,12 +392,15 @@ def simulate(
     found done.
     """
     from fedsrd_cli.adapters import read_local
+    from fedsrd_cli.agreement import AgreementKey
     from fedsrd_cli.algorithms import get_algorithm
     from fedsrd_cli.algorithms.protocol import apply_broadcast, default_download_seed, initial_state
+    from fedsrd_cli.algorithms.secure import masked_upload, secure_aggregate
     from fedsrd_cli.artifacts import read_artifact, write_artifact
     from fedsrd_cli.config import AggregateConfig
     from fedsrd_cli.math.threads import use_threads
     from fedsrd_cli.model_spec import lora_module_shapes
+    from fedsrd_cli.roster import make_roster
     from fedsrd_cli.training import (
         TrainConfig,
         check_private_run,
@@ -409,6 +427,14 @@ def simulate(
     if done_before >= total:
         return _finish(out_dir, config, results, ran=[], done_before=done_before)
 
+    agreement: dict[str, Any] = {}
+    published: dict[str, bytes] = {}
+    if config.secure:  # the clients' X25519 keys, made for this run (secure/agreement.py)
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+        for client in config.client_ids:
+            agreement[client] = AgreementKey(client, X25519PrivateKey.generate())
+            published[client] = agreement[client].public
     use_threads(threads)
     # Every input is read and checked before anything is written.
     client_sets = [load_datasets([path]) for path in config.client_data]
@@ -469,6 +495,11 @@ def simulate(
                 round_dir.mkdir(exist_ok=True)
                 chosen = _choose(config, seed, round_index)
                 only = algorithm.trained_factor(round_index)  # None: clients train both factors
+                roster = None
+                if config.secure:  # every chosen client masks for every other one
+                    head = global_state.header
+                    names = [config.client_ids[i] for i in chosen]
+                    roster = make_roster(head.content_hash, round_index, names, 1, config.secure_clip)
                 uploads, upload_sizes, train_losses = [], [], []
                 for index in chosen:
                     client = config.client_ids[index]
@@ -503,13 +534,19 @@ def simulate(
                         tensors,
                         force=True,
                     )
-                    upload = algorithm.upload(
-                        global_state, read_local(local_path), client, stats.samples, sparsify_config
-                    )
+                    if roster is None:
+                        upload = algorithm.upload(
+                            global_state, read_local(local_path), client, stats.samples, sparsify_config
+                        )
+                    else:  # --secure: the client's masked projection for this round's roster
+                        upload = masked_upload(
+                            global_state, read_local(local_path), client, stats.samples, roster,
+                            agreement[client], published,
+                        )  # fmt: skip
                     upload_path = round_dir / f"upload-{client}.safetensors"
                     write_artifact(upload_path, upload.header, upload.tensors, force=True)
                     local_path.unlink()
-                    uploads.append(read_artifact(upload_path, kind="upload"))
+                    uploads.append(read_artifact(upload_path, kind=upload.header.kind))
                     upload_sizes.append(upload_path.stat().st_size)
 
                 aggregate_config = AggregateConfig(method=name)
@@ -518,7 +555,10 @@ def simulate(
                         aggregate_config, organisation_dp=config.organisation_settings(len(chosen))
                     )
                 start = time.perf_counter()
-                aggregate = algorithm.aggregate(global_state, uploads, aggregate_config)
+                if roster is None:
+                    aggregate = algorithm.aggregate(global_state, uploads, aggregate_config)
+                else:
+                    aggregate = secure_aggregate(global_state, uploads, roster, aggregate_config)
                 server = time.perf_counter() - start
                 aggregate_path = round_dir / "aggregate.safetensors"
                 write_artifact(aggregate_path, aggregate.header, aggregate.tensors, force=True)

@@ -204,6 +204,17 @@ def simulate_cmd(
     dp_org_delta: Annotated[
         float | None, typer.Option("--dp-org-delta", help="Organisation-level DP: delta.", show_default=False)
     ] = None,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            "--secure",
+            help="Secure rounds (fedsrd-e): clients send masked projections, the coordinator sums them"
+            " (docs/security.md).",
+        ),
+    ] = False,
+    secure_clip: Annotated[
+        float, typer.Option("--secure-clip", help="The secure rounds' fixed-point range (roster --clip).")
+    ] = 1.0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
     threads: ThreadsOpt = None,
     json_mode: JsonOpt = False,
@@ -299,6 +310,8 @@ def simulate_cmd(
         factor_choice=factor_choice,
         record_dp=record_dp,
         organisation_dp=organisation_dp,
+        secure=secure,
+        secure_clip=secure_clip,
     )
     # Every flag was checked (SimulateConfig) before the demo's assets are written.
     if demo_model is not None and not (out_dir / "assets" / "manifest.json").is_file():
