@@ -53,6 +53,8 @@ MAX_METADATA_CHARS = 16 * 2**20
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
 # Keeps a broadcast's layout within ~1000x its stored values, so checking its mask stays cheap.
 MAX_DOWNLOAD_SPARSITY = 0.999
+# A sealed file (sealed.py) starts with this; readers say how to open it.
+SEALED_MAGIC = b"fedsrd-sealed-1\n"
 
 # safetensors dtype strings, used in the content hash (docs/format.md, "Content hash").
 _DTYPE_NAMES = {
@@ -663,6 +665,11 @@ def check_safetensors_start(path: str | os.PathLike) -> int:
         raise ArtifactError(f"{path}: cannot be read ({err.strerror or err})") from None
     if size == 0:
         raise ArtifactError(f"{path}: is empty, not a safetensors file")
+    if start.startswith(SEALED_MAGIC[:9]):
+        raise ArtifactError(
+            f"{path}: is sealed ({sealed_for(path)}); open it first:"
+            f" `fedsrd open {path} --agreement-key keys/NAME.agreement.key --out PLAIN`"
+        )
     length = int.from_bytes(start[:8], "little")
     if len(start) < 9 or start[8:9] != b"{" or not 2 <= length <= MAX_HEADER_BYTES:
         raise ArtifactError(
@@ -675,6 +682,17 @@ def check_safetensors_start(path: str | os.PathLike) -> int:
             f" the {size}-byte file); truncated or corrupt copy?"
         )
     return length
+
+
+def sealed_for(path: Path) -> str:
+    """Whom a sealed file (sealed.py) names as its recipients, for messages."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(len(SEALED_MAGIC) + 4)
+            header = json.loads(handle.read(min(int.from_bytes(data[-4:], "little"), 1 << 20)))
+        return "for " + ", ".join(str(entry["party"]) for entry in header["recipients"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its header is unreadable"
 
 
 def open_safetensors(path: Path) -> Any:
@@ -774,16 +792,20 @@ def write_artifact(
     sign: Callable[[list[Any]], list[Any]] | None = None,
     allow_identical: bool = False,
     also: Sequence[FileWrite] = (),
+    seal: Callable[[list[Any]], list[Any]] | None = None,
 ) -> Header:
     """Validate, hash and atomically write an artifact; returns the header as written.
 
     sign: turns the canonical file parts into signed parts (signing.SigningKey.sign_parts);
     it adds signature metadata only, so the content hash and the header are unchanged.
     also: other files written with it, all or none (train-local's loss log).
+    seal: turns the (signed) file into a sealed one (sealed.sealer), written instead.
     """
     header, data = serialize(header, tensors)
     if sign is not None:
         data = sign(data)
+    if seal is not None:
+        data = seal(data)
     write_files_atomic([FileWrite(Path(path), data, allow_identical), *also], force)
     return header
 
@@ -792,16 +814,22 @@ def write_artifacts(
     writes: Sequence[tuple[str | os.PathLike, Header, Mapping[str, torch.Tensor], bool]],
     force: bool = False,
     sign: Callable[[list[Any]], list[Any]] | None = None,
+    seal: Mapping[int, Callable[[list[Any]], list[Any]]] | None = None,
 ) -> list[Header]:
     """write_artifact for several artifacts, all or none (see write_files_atomic).
 
     writes: (path, header, tensors, allow_identical) per artifact, placed in this order.
+    seal: {index in `writes`: sealer} for the files written sealed.
     Returns the headers as written, in the same order.
     """
     headers, files = [], []
-    for path, header, tensors, allow_identical in writes:
+    for index, (path, header, tensors, allow_identical) in enumerate(writes):
         header, data = serialize(header, tensors)
         headers.append(header)
-        files.append(FileWrite(Path(path), sign(data) if sign is not None else data, allow_identical))
+        if sign is not None:
+            data = sign(data)
+        if seal and index in seal:
+            data = seal[index](data)
+        files.append(FileWrite(Path(path), data, allow_identical))
     write_files_atomic(files, force)
     return headers

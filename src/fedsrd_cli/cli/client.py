@@ -12,6 +12,7 @@ from fedsrd_cli.cli.options import (
     METHODS_HELP,
     BaseOpt,
     DataOpt,
+    EncryptToOpt,
     ForceOpt,
     GlobalOpt,
     JsonOpt,
@@ -21,6 +22,7 @@ from fedsrd_cli.cli.options import (
     ThreadsOpt,
     TrustOpt,
     check_client_id,
+    seal_for,
     sign_with,
     trust_from_flags,
 )
@@ -339,6 +341,7 @@ def sparsify_cmd(
         int,
         typer.Option("--min-sites", help="Refuse a secure roster of fewer sites (at least 2)."),
     ] = 2,
+    encrypt_to: EncryptToOpt = None,
     sign_key: SignKeyOpt = None,
     trust_dir: TrustOpt = None,
     force: ForceOpt = False,
@@ -375,6 +378,7 @@ def sparsify_cmd(
         raise UsageError("--roster and --agreement-key belong to a secure round: add --secure")
     if secure and method not in ("fedsrd", "fedsrd-e"):
         raise UsageError(f"a secure round runs FedSRD-e's route; --method {method} has no secure upload")
+    seal = seal_for(encrypt_to, trust_dir)
     ensure_writable(out_path, force)
     global_state = read_verified(global_path, "state", trust, accept=(COORDINATOR, client))
     if secure:
@@ -397,7 +401,9 @@ def sparsify_cmd(
         )
     else:
         payload, samples = make_upload(global_state, local, client, samples, method, config, out.track)
-    header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
+    header = write_artifact(
+        out_path, payload.header, payload.tensors, force, sign=sign_with(signer), seal=seal
+    )
     if samples == 0:
         out.note("note: no sample count recorded; --weighting samples will refuse this upload")
     written(

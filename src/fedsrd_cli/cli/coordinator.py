@@ -10,6 +10,7 @@ import typer
 from fedsrd_cli.cli.app import command
 from fedsrd_cli.cli.options import (
     METHODS_HELP,
+    EncryptToOpt,
     ForceOpt,
     GlobalOpt,
     JsonOpt,
@@ -18,6 +19,7 @@ from fedsrd_cli.cli.options import (
     ThreadsOpt,
     TrustOpt,
     check_client_id,
+    seal_for,
     sign_with,
     trust_from_flags,
 )
@@ -38,6 +40,8 @@ def init_cmd(
         str, typer.Option("--targets", help="all-linear, or module names like q_proj,v_proj.")
     ] = "all-linear",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random A factors.")] = 0,
+    encrypt_to: EncryptToOpt = None,
+    trust_dir: TrustOpt = None,
     sign_key: SignKeyOpt = None,
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
@@ -52,11 +56,14 @@ def init_cmd(
     out = Output(json_mode)
     config = InitConfig(rank, alpha, targets, seed)
     signer, _ = trust_from_flags(sign_key, None)
+    seal = seal_for(encrypt_to, trust_dir)
     ensure_writable(out_path, force)
     fingerprint = fingerprint_base(base)
     lora, shapes = lora_module_shapes(base, config.targets, config.rank, config.alpha)
     payload = initial_state(shapes, lora, config.seed, fingerprint)
-    header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
+    header = write_artifact(
+        out_path, payload.header, payload.tensors, force, sign=sign_with(signer), seal=seal
+    )
     params = sum(t.numel() for t in payload.tensors.values())
     written(
         out,
@@ -412,6 +419,7 @@ def broadcast_cmd(
     dp_test_seed: Annotated[
         int | None, typer.Option("--dp-test-seed", hidden=True, help="Testing only: known DP noise.")
     ] = None,
+    encrypt_to: EncryptToOpt = None,
     threads: ThreadsOpt = None,
     sign_key: SignKeyOpt = None,
     trust_dir: TrustOpt = None,
@@ -439,6 +447,7 @@ def broadcast_cmd(
     if out_path.resolve() == out_global.resolve():
         raise UsageError("--out and --out-global must be different files")
     signer, trust = trust_from_flags(sign_key, trust_dir)
+    seal = seal_for(encrypt_to, trust_dir)  # the broadcast only: the next state is the coordinator's
     ensure_writable(out_path, force)
     if out_path.exists() or not out_global.exists():
         ensure_writable(out_global, force)
@@ -467,6 +476,7 @@ def broadcast_cmd(
         ],
         force,
         sign=sign_with(signer),
+        seal=None if seal is None else {1: seal},
     )
     factors = sorted({name.rsplit(".", 2)[-2] for name in header.layout})
     error = header.info.get("update_error")  # not recorded under organisation-level DP

@@ -1,4 +1,4 @@
-"""Commands on any file: inspect, unpack, sign."""
+"""Commands on any file: inspect, unpack, sign, seal, open."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import typer
 from fedsrd_cli.cli.app import command
 from fedsrd_cli.cli.options import ForceOpt, JsonOpt, OutOpt, TrustOpt, trust_from_flags
 from fedsrd_cli.cli.render import worst, written
+from fedsrd_cli.errors import ArtifactError
 from fedsrd_cli.output import Output, data_table, human_bytes, key_value_table
 
 
@@ -286,4 +287,67 @@ def sign_cmd(
             "key_id": signer.key_id,
             **({"replaced_signature_of": signed.replaced} if signed.replaced else {}),
         },
+    )
+
+
+@command("seal")
+def seal_cmd(
+    path: Annotated[Path, typer.Argument(help="The file to seal (any fedsrd file, signed or not).")],
+    to: Annotated[str, typer.Option("--to", help="Comma-separated parties who may open it.")],
+    trust_dir: Annotated[
+        Path, typer.Option("--trust", help="Trust directory with their NAME.agreement files.")
+    ],
+    out_path: OutOpt,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Seal a file for the parties it is for: a lost copy (a USB stick) reveals nothing.
+
+    The file keeps its signature inside; `fedsrd open` gives it back byte for byte.
+    """
+    from fedsrd_cli.atomic import ensure_writable, write_bytes_atomic
+    from fedsrd_cli.cli.options import sealing_keys
+    from fedsrd_cli.sealed import seal
+
+    out = Output(json_mode)
+    recipients = sealing_keys(to, trust_dir)
+    ensure_writable(out_path, force)
+    try:
+        plain = path.read_bytes()
+    except OSError as err:
+        raise ArtifactError(f"{path}: cannot be read ({err.strerror or err})") from None
+    write_bytes_atomic(out_path, seal(plain, recipients), force)
+    out.result(
+        {"path": str(out_path), "sealed_for": sorted(recipients), "bytes": out_path.stat().st_size},
+        key_value_table([("wrote", f"{out_path} (sealed)"), ("for", ", ".join(sorted(recipients)))]),
+    )
+
+
+@command("open")
+def open_cmd(
+    path: Annotated[Path, typer.Argument(help="A sealed file.")],
+    agreement_key: Annotated[
+        Path, typer.Option("--agreement-key", help="Your NAME.agreement.key (`fedsrd agreement-key`).")
+    ],
+    out_path: OutOpt,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Open a file sealed for you: writes the plain file, its signature intact (check it with --trust
+    when you use it)."""
+    from fedsrd_cli.agreement import AgreementKey
+    from fedsrd_cli.atomic import ensure_writable, write_bytes_atomic
+    from fedsrd_cli.sealed import open_sealed
+
+    out = Output(json_mode)
+    key = AgreementKey.load(agreement_key)
+    ensure_writable(out_path, force)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ArtifactError(f"{path}: cannot be read ({err.strerror or err})") from None
+    write_bytes_atomic(out_path, open_sealed(data, key, str(path)), force)
+    out.result(
+        {"path": str(out_path), "opened_by": key.party, "bytes": out_path.stat().st_size},
+        key_value_table([("wrote", f"{out_path} (opened by {key.party})")]),
     )

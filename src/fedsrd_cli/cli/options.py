@@ -100,3 +100,37 @@ def trust_from_flags(sign_key: Path | None, trust_dir: Path | None) -> tuple[Sig
 def sign_with(signer: SigningKey | None) -> Callable[[list[Any]], list[Any]] | None:
     """The `sign=` argument of artifacts.write_artifact for an optional key."""
     return None if signer is None else signer.sign_parts
+
+
+EncryptToOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--encrypt-to",
+        help="Seal the output for these parties (comma-separated; their NAME.agreement in --trust):"
+        " only they can open it (`fedsrd open`).",
+        show_default=False,
+    ),
+]
+
+
+def sealing_keys(parties: str, trust_dir: Path | None) -> dict[str, bytes]:
+    """{party: its published X25519 key} for --encrypt-to / --to, checked against --trust."""
+    from fedsrd_cli.agreement import published_key
+    from fedsrd_cli.signing import Trust
+
+    names = [check_client_id(name.strip()) for name in parties.split(",") if name.strip()]
+    if not names:
+        raise UsageError("--encrypt-to / --to names no party")
+    if trust_dir is None:
+        raise UsageError("sealing needs --trust: the directory with the parties' NAME.agreement files")
+    trust = Trust.load(trust_dir)
+    return {name: published_key(trust, name) for name in names}
+
+
+def seal_for(encrypt_to: str | None, trust_dir: Path | None) -> Callable[[list[Any]], list[Any]] | None:
+    """The `seal=` argument of artifacts.write_artifact for an optional --encrypt-to."""
+    if encrypt_to is None:
+        return None
+    from fedsrd_cli.sealed import sealer
+
+    return sealer(sealing_keys(encrypt_to, trust_dir))

@@ -1,0 +1,142 @@
+"""Sealed files: a fedsrd file encrypted to the parties it is for, so a lost copy reveals nothing.
+
+A sealed file is
+
+    MAGIC                     b"fedsrd-sealed-1\\n" (16 bytes)
+    length                    4 bytes, little-endian: the header's length
+    header                    JSON: {"recipients": [{"party", "key" (sha256 of its raw X25519
+                              public key), "ephemeral" (base64 raw X25519 public key), "wrapped"
+                              (base64: the file key, sealed to that party)}], "nonce" (base64, 12)}
+    body                      ChaCha20-Poly1305(file key, nonce, the whole plain file,
+                              associated data = MAGIC + length + header)
+
+The file key is 32 random bytes. For each recipient, a fresh ephemeral X25519 key pair gives
+kek = HKDF-SHA256(X25519(ephemeral, recipient), salt none, length 32, info = b"fedsrd-seal-v1\\n"
++ ephemeral public + recipient public), and wrapped = ChaCha20-Poly1305(kek, nonce = 12 zero
+bytes (each kek is used once), file key, associated data = the recipient's name). The plain file
+keeps its own signature inside, so the reader checks who wrote it after opening it. The
+recipients' public keys are their published agreement keys (agreement.py), checked against
+their trusted NAME.pub. Everything comes from `cryptography` (OpenSSL): X25519, HKDF and
+ChaCha20-Poly1305.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from fedsrd_cli.agreement import AgreementKey
+from fedsrd_cli.artifacts import SEALED_MAGIC
+from fedsrd_cli.errors import ArtifactError, TrustError
+
+MAGIC = SEALED_MAGIC
+KEK_INFO = b"fedsrd-seal-v1\n"
+MAX_HEADER = 1 << 20
+MAX_PLAIN = (1 << 31) - 1  # what one ChaCha20-Poly1305 call of `cryptography` encrypts
+
+
+def is_sealed(start: bytes) -> bool:
+    return start.startswith(MAGIC)
+
+
+def _kek(shared: bytes, ephemeral: bytes, recipient: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    info = KEK_INFO + ephemeral + recipient
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
+
+
+def seal(plain: bytes, recipients: Mapping[str, bytes]) -> bytes:
+    """The sealed form of `plain` for {party: raw X25519 public key}."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    if not recipients:
+        raise ValueError("a sealed file needs at least one recipient")
+    if len(plain) > MAX_PLAIN:
+        raise ArtifactError(f"a file of {len(plain):,} bytes is too large to seal (at most {MAX_PLAIN:,})")
+    file_key = ChaCha20Poly1305.generate_key()
+    entries = []
+    for party, public in sorted(recipients.items()):
+        ephemeral = X25519PrivateKey.generate()
+        ephemeral_public = ephemeral.public_key().public_bytes_raw()
+        shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(public))
+        wrapped = ChaCha20Poly1305(_kek(shared, ephemeral_public, public)).encrypt(
+            bytes(12), file_key, party.encode()
+        )
+        entries.append(
+            {
+                "party": party,
+                "key": "sha256:" + hashlib.sha256(public).hexdigest(),
+                "ephemeral": base64.b64encode(ephemeral_public).decode("ascii"),
+                "wrapped": base64.b64encode(wrapped).decode("ascii"),
+            }
+        )
+    nonce = os.urandom(12)
+    header = json.dumps(
+        {"recipients": entries, "nonce": base64.b64encode(nonce).decode("ascii")},
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+    prefix = MAGIC + len(header).to_bytes(4, "little") + header
+    return prefix + ChaCha20Poly1305(file_key).encrypt(nonce, plain, prefix)
+
+
+def recipients_of(data: bytes, where: str) -> tuple[list[dict[str, Any]], bytes, bytes]:
+    """(the recipient entries, the nonce, the authenticated prefix) of a sealed file."""
+    if not is_sealed(data):
+        raise ArtifactError(f"{where}: not a sealed fedsrd file")
+    length = int.from_bytes(data[len(MAGIC) : len(MAGIC) + 4], "little")
+    end = len(MAGIC) + 4 + length
+    if length > MAX_HEADER or end > len(data):
+        raise ArtifactError(f"{where}: a sealed file whose header runs past its end; truncated copy?")
+    try:
+        header = json.loads(data[len(MAGIC) + 4 : end])
+        entries = list(header["recipients"])
+        nonce = base64.b64decode(header["nonce"], validate=True)
+        for entry in entries:
+            entry["party"], entry["key"] = str(entry["party"]), str(entry["key"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ArtifactError(
+            f"{where}: a sealed file with a malformed header ({type(err).__name__})"
+        ) from None
+    return entries, nonce, data[:end]
+
+
+def open_sealed(data: bytes, key: AgreementKey, where: str) -> bytes:
+    """The plain file inside a sealed one, opened with this party's agreement key. TrustError when
+    it is not sealed for this key, or was changed after sealing."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    entries, nonce, prefix = recipients_of(data, where)
+    mine = "sha256:" + hashlib.sha256(key.public).hexdigest()
+    entry = next((e for e in entries if e["party"] == key.party and e["key"] == mine), None)
+    if entry is None:
+        named = ", ".join(e["party"] for e in entries) or "nobody"
+        raise TrustError(f"{where}: is sealed for {named}, not for this key of {key.party!r}")
+    try:
+        ephemeral = base64.b64decode(entry["ephemeral"], validate=True)
+        wrapped = base64.b64decode(entry["wrapped"], validate=True)
+        shared = key.private.exchange(X25519PublicKey.from_public_bytes(ephemeral))
+        file_key = ChaCha20Poly1305(_kek(shared, ephemeral, key.public)).decrypt(
+            bytes(12), wrapped, key.party.encode()
+        )
+        return ChaCha20Poly1305(file_key).decrypt(nonce, data[len(prefix) :], prefix)
+    except (InvalidTag, ValueError):
+        raise TrustError(f"{where}: cannot be opened: it was changed after sealing, or is damaged") from None
+
+
+def sealer(recipients: Mapping[str, bytes]) -> Callable[[list[Any]], list[Any]]:
+    """The `seal=` argument of artifacts.write_artifact: file parts -> [the sealed bytes]."""
+
+    def apply(parts: list[Any]) -> list[Any]:
+        return [seal(b"".join(bytes(p) for p in parts), recipients)]
+
+    return apply

@@ -1,0 +1,112 @@
+"""Sealed files (sealed.py): only the parties a file is sealed for can open it; a changed byte or
+another key is refused; readers say how to open one; commands seal what they write for others."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedsrd_cli.agreement import AgreementKey, generate_agreement_key
+from fedsrd_cli.errors import TrustError
+from fedsrd_cli.sealed import open_sealed, seal
+from fedsrd_cli.signing import SigningKey, generate_keypair
+
+from .conftest import make_global, make_local
+from .test_cli import run
+from .test_cli_surprises import refused
+
+runner = CliRunner()
+PARTIES = ("coordinator", "site-a", "site-b", "site-c")
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> dict:
+    keys, trust = tmp_path / "keys", tmp_path / "trust"
+    trust.mkdir()
+    for party in PARTIES:
+        generate_keypair(keys / party)
+        generate_agreement_key(SigningKey.load(keys / f"{party}.key"), keys)
+        shutil.copy(keys / f"{party}.pub", trust)
+        shutil.copy(keys / f"{party}.agreement", trust)
+    g0 = make_global(tmp_path / "g0.safetensors")
+    run("sign", g0, "--sign-key", keys / "coordinator.key")
+    return {"tmp": tmp_path, "keys": keys, "trust": trust, "g0": g0}
+
+
+def key(world, party: str) -> AgreementKey:
+    return AgreementKey.load(world["keys"] / f"{party}.agreement.key")
+
+
+def test_a_sealed_file_opens_for_each_recipient_and_no_one_else(world):
+    plain = world["g0"].read_bytes()
+    recipients = {p: key(world, p).public for p in ("site-a", "site-b")}
+    sealed = seal(plain, recipients)
+    assert b"fedsrd.kind" not in sealed and b"lora_B" not in sealed  # nothing of the file shows
+    for party in recipients:
+        assert open_sealed(sealed, key(world, party), "f") == plain
+    with pytest.raises(TrustError, match="sealed for site-a, site-b, not for this key of 'site-c'"):
+        open_sealed(sealed, key(world, "site-c"), "f")
+    for position in (40, len(sealed) // 2, len(sealed) - 1):  # the header, the body, the tag
+        changed = bytearray(sealed)
+        changed[position] ^= 1
+        with pytest.raises(TrustError):
+            open_sealed(bytes(changed), key(world, "site-a"), "f")
+    assert seal(plain, recipients) != sealed  # a fresh file key and nonce every time
+
+
+def test_an_upload_sealed_for_the_coordinator_travels_and_aggregates(world):
+    tmp, keys = world["tmp"], world["keys"]
+    local = make_local(world["g0"], tmp / "local.safetensors", seed=1)
+    sealed = tmp / "up-sealed.safetensors"
+    run(
+        "sparsify", "--global", world["g0"], "--local", local, "--client", "site-a", "--out", sealed,
+        "--encrypt-to", "coordinator", "--trust", world["trust"], "--sign-key", keys / "site-a.key",
+    )  # fmt: skip
+    agg = tmp / "agg.safetensors"
+    line = refused(
+        ["aggregate", "--global", world["g0"], "--out", agg, sealed], 3, "is sealed (for coordinator)"
+    )
+    assert "fedsrd open" in line
+    opened = tmp / "up.safetensors"
+    refused(
+        ["open", sealed, "--agreement-key", keys / "site-b.agreement.key", "--out", opened],
+        7,
+        "not for this key",
+        watch=(opened,),
+    )
+    run("open", sealed, "--agreement-key", keys / "coordinator.agreement.key", "--out", opened)
+    report = json.loads(run("inspect", opened, "--json", "--trust", world["trust"]).stdout)
+    assert report["signature"]["signer"] == "site-a" and report["signature"]["verified"]  # signed inside
+    run("aggregate", "--global", world["g0"], "--out", agg, opened)
+
+
+def test_a_broadcast_sealed_for_the_sites_and_any_file_sealed_afterwards(world):
+    tmp, keys = world["tmp"], world["keys"]
+    local = make_local(world["g0"], tmp / "local.safetensors", seed=2)
+    up, agg = tmp / "up.safetensors", tmp / "agg.safetensors"
+    run("sparsify", "--global", world["g0"], "--local", local, "--client", "site-a", "--out", up)
+    run("aggregate", "--global", world["g0"], "--out", agg, up, "--sign-key", keys / "coordinator.key")
+    bc, nxt = tmp / "bc.sealed", tmp / "g1.safetensors"
+    run(
+        "broadcast", "--global", world["g0"], "--aggregate", agg, "--out", bc, "--out-global", nxt,
+        "--encrypt-to", "site-a,site-b", "--trust", world["trust"],
+    )  # fmt: skip
+    assert run("inspect", nxt, "--json").stdout  # the coordinator's own copy stays plain
+    for site in ("site-a", "site-b"):
+        opened = tmp / f"bc-{site}.safetensors"
+        run("open", bc, "--agreement-key", keys / f"{site}.agreement.key", "--out", opened)
+        run("apply", "--global", world["g0"], "--broadcast", opened, "--out", tmp / f"g1-{site}.safetensors")
+    sealed_g0 = tmp / "g0.sealed"
+    run("seal", world["g0"], "--to", "site-c", "--trust", world["trust"], "--out", sealed_g0)
+    back = tmp / "g0-back.safetensors"
+    run("open", sealed_g0, "--agreement-key", keys / "site-c.agreement.key", "--out", back)
+    assert back.read_bytes() == world["g0"].read_bytes()
+    refused(
+        ["seal", world["g0"], "--to", "nobody", "--trust", world["trust"], "--out", tmp / "x"],
+        7,
+        "'nobody' is not a trusted party",
+    )
