@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("flwr", reason="Flower is not installed: pip install -e '.[flower]'")
 
-from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -316,3 +316,60 @@ def test_organisation_level_dp_on_flower(inputs: dict[str, Path], tmp_path: Path
     assert broadcast.header.aggregate_hash == "" and broadcast.header.info["organisation_dp"]["noise_std"] > 0
     assert set(last["extra"]["sampled"]) <= {"alice", "bob", "carol"}
     assert sorted(last["extra"]["applied"]) == ["alice", "bob", "carol"]  # every site follows the broadcast
+
+
+@pytest.mark.slow
+def test_a_secure_round_on_flower_re_issues_the_roster_when_a_site_drops(
+    inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Secure rounds over Flower Messages, with the files of `sparsify --secure`: carol's first
+    reply is lost, the coordinator signs a roster of alice and bob, they mask again, and every
+    node follows the broadcast."""
+    clients = ["alice", "bob", "carol"]
+    keys = make_keys(tmp_path, clients, run_cli)
+    for client in clients:
+        run_cli("agreement-key", "--sign-key", keys["keys"] / f"{client}.key")
+    for client in clients:  # every site trusts every site's identity and agreement key
+        for other in clients:
+            for suffix in (".pub", ".agreement"):
+                shutil.copy(keys["keys"] / f"{other}{suffix}", keys[f"trust-{client}"] / f"{other}{suffix}")
+    per_client = {
+        c: {
+            "sign-key": str(keys["keys"] / f"{c}.key"),
+            "trust": str(keys[f"trust-{c}"]),
+            "agreement-key": str(keys["keys"] / f"{c}.agreement.key"),
+        }
+        for c in clients
+    }
+
+    def lose_carol(message: Message, reply: Message) -> Message:
+        if (
+            message.metadata.message_type == wire.TRAIN
+            and wire.config_of(reply.content)["client-id"] == "carol"
+        ):
+            return Message(Error(code=1, reason="the USB stick got lost"), reply_to=message)
+        return reply
+
+    grid = LocalGrid(node_configs(inputs, tmp_path, clients, **per_client), intercept=lose_carol)
+    out = tmp_path / "server"
+    settings = {
+        "method": "fedsrd-e",
+        "secure": True,
+        "clients": ",".join(clients),
+        "rounds": 1,
+        "sign-key": str(keys["keys"] / "coordinator.key"),
+        "trust": str(keys["trust-server"]),
+    }
+    server(out, inputs["model"], **settings).start(grid)
+    record = records(out, "fedsrd-e")[1]
+    assert record["participants"] == ["alice", "bob"] and record["extra"]["roster_attempt"] == 2
+    assert sorted(record["extra"]["applied"]) == clients
+    assert read_artifact(out / "round-1" / "upload-alice.safetensors").header.kind == "masked_upload"
+    assert (
+        out / "round-1" / "attempt-1" / "upload-alice.safetensors"
+    ).is_file()  # the first mask, superseded
+    final = read_artifact(out / "global-r1.safetensors", kind="state").header.content_hash
+    for client in clients:
+        assert (
+            read_artifact(tmp_path / f"site-{client}" / "global-r1.safetensors").header.content_hash == final
+        )

@@ -125,39 +125,46 @@ def secure_info(roster: Roster, scale: int) -> dict:
     }
 
 
+def check_masked_upload(global_state: Artifact, upload: Artifact, roster: Roster) -> None:
+    """One masked upload answers this round, state and roster, from a site on the roster."""
+    head = global_state.header
+    where, up = str(upload.path), upload.header
+    if up.kind != "masked_upload":
+        raise MismatchError(f"{where}: is a plain {up.kind}; a secure round aggregates masked uploads")
+    if up.parent_hash != head.content_hash:
+        raise StaleUploadError(
+            f"{where}: belongs to round {up.round} (made from state {short(up.parent_hash)}), not to"
+            f" {describe_state(global_state)}"
+        )
+    check_same_lora(head.lora, up.lora, where, str(global_state.path))
+    check_same_model(global_state, up, where)
+    found = up.info.get("secure", {}).get("roster")
+    if found != roster.hash:
+        raise MismatchError(
+            f"{where}: was masked for roster {short(found or '')}, not for this one"
+            f" ({short(roster.hash)}, attempt {roster.attempt}): an upload of another roster cannot"
+            " be summed with these"
+        )
+    if up.client_id not in roster.sites:
+        raise MismatchError(f"{where}: client {up.client_id!r} is not on the roster")
+    for module in global_state.modules():
+        name = naming.masked_key(module)
+        expected = global_state.shapes[naming.factor_key(module, "B")]
+        if upload.shapes.get(name) != expected:
+            raise MismatchError(f"{where}: {name} is missing or not of shape {list(expected)}")
+
+
 def check_masked_uploads(global_state: Artifact, uploads: Sequence[Artifact], roster: Roster) -> None:
     """Every site of the roster sent exactly one upload of this round, state and roster."""
     head = global_state.header
     check_roster_for(roster, head.content_hash, head.round + 1, "the roster")
     seen: dict[str, str] = {}
     for upload in uploads:
-        where, up = str(upload.path), upload.header
-        if up.kind != "masked_upload":
-            raise MismatchError(f"{where}: is a plain {up.kind}; a secure round aggregates masked uploads")
-        if up.parent_hash != head.content_hash:
-            raise StaleUploadError(
-                f"{where}: belongs to round {up.round} (made from state {short(up.parent_hash)}), not to"
-                f" {describe_state(global_state)}"
-            )
-        check_same_lora(head.lora, up.lora, where, str(global_state.path))
-        check_same_model(global_state, up, where)
-        found = up.info.get("secure", {}).get("roster")
-        if found != roster.hash:
-            raise MismatchError(
-                f"{where}: was masked for roster {short(found or '')}, not for this one"
-                f" ({short(roster.hash)}, attempt {roster.attempt}): an upload of another roster cannot"
-                " be summed with these"
-            )
-        if up.client_id not in roster.sites:
-            raise MismatchError(f"{where}: client {up.client_id!r} is not on the roster")
-        if up.client_id in seen:
-            raise MismatchError(f"{where}: client {up.client_id!r} already uploaded {seen[up.client_id]}")
-        seen[up.client_id] = where
-        for module in global_state.modules():
-            name = naming.masked_key(module)
-            expected = global_state.shapes[naming.factor_key(module, "B")]
-            if upload.shapes.get(name) != expected:
-                raise MismatchError(f"{where}: {name} is missing or not of shape {list(expected)}")
+        check_masked_upload(global_state, upload, roster)
+        client = upload.header.client_id
+        if client in seen:
+            raise MismatchError(f"{upload.path}: client {client!r} already uploaded {seen[client]}")
+        seen[client] = str(upload.path)
     missing = [site for site in roster.sites if site not in seen]
     if missing:
         raise MismatchError(

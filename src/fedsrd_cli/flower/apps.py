@@ -127,6 +127,19 @@ def _train(message: Message, context: Context) -> Message:
     )
 
 
+@client_app.train("fedsrd_remask")
+@_answers_errors
+def _remask(message: Message, context: Context) -> Message:
+    """A secure round's re-issued roster: mask this round's local state again; the reply carries the
+    new masked upload."""
+    site = site_for(context)
+    instructions = wire.config_of(message.content)
+    round_index = int(instructions["round"])
+    state = site.state(round_index - 1, str(instructions["state-hash"]), None)
+    upload = site.mask(state, round_index, str(instructions["roster"]))
+    return Message(wire.content(config={"client-id": site.client_id}, upload=upload), reply_to=message)
+
+
 @client_app.train("fedsrd_apply")
 @_answers_errors
 def _apply(message: Message, context: Context) -> Message:

@@ -72,6 +72,8 @@ class RoundState:
     broadcast_path: Path | None = None
     next_hash: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    roster: Any = None  # a secure round's current roster (roster.Roster), else None
+    roster_text: str = ""  # the signed roster file, as the sites receive it
 
 
 class Coordinator:
@@ -218,7 +220,66 @@ class Coordinator:
         for client in absent:
             self.current.failed.append({"client_id": client, "reason": "not connected"})
             self.report(f"round {index}: client {client!r} was sampled but is not connected")
+        if self.settings.secure:
+            self._sign_roster([c for c in sampled if c in connected], attempt=1)
         return self.current
+
+    def _sign_roster(self, sites: list[str], attempt: int) -> None:
+        """A secure round's roster of `sites`, signed and kept as round-N/roster-K.json."""
+        from fedsrd_cli.roster import make_roster, write_roster
+
+        round_state = self._round()
+        state = self.state
+        assert state is not None and self.signer is not None
+        roster = make_roster(
+            state.header.content_hash, round_state.index, sites, attempt, self.settings.secure_clip
+        )
+        path = round_state.directory / f"roster-{attempt}.json"
+        write_roster(path, roster, self.signer, force=True)
+        round_state.roster, round_state.roster_text = roster, path.read_text()
+
+    def missing_from_roster(self) -> list[str]:
+        """A secure round's roster sites whose masked upload was not accepted."""
+        round_state = self._round()
+        if round_state.roster is None:
+            return []
+        return [site for site in round_state.roster.sites if site not in round_state.accepted]
+
+    def reissue_roster(self) -> list[str]:
+        """A secure round where some sites did not deliver: sign the next roster, of the sites that
+        did, whose earlier uploads no longer count (they are masked for the old roster). Returns
+        those sites, who must mask again; MismatchError when fewer than two remain."""
+        round_state = self._round()
+        delivered = sorted(round_state.accepted)
+        missing = self.missing_from_roster()
+        if len(delivered) < 2:
+            raise MismatchError(
+                f"round {round_state.index}: {len(delivered)} site(s) delivered a masked upload"
+                f" ({', '.join(delivered) or 'none'}); a secure round needs at least two"
+            )
+        attempt = round_state.roster.attempt + 1
+        self.report(
+            f"round {round_state.index}: {', '.join(missing)} did not deliver; roster attempt {attempt}"
+            f" of {', '.join(delivered)}"
+        )
+        superseded = round_state.directory / f"attempt-{attempt - 1}"
+        superseded.mkdir(exist_ok=True)
+        for upload in round_state.accepted.values():
+            upload.path.replace(superseded / upload.path.name)
+        round_state.accepted.clear()
+        self._sign_roster(delivered, attempt)
+        return delivered
+
+    def remask_instructions(self) -> dict[str, Any]:
+        """What a site that delivered needs to mask again for the re-issued roster."""
+        round_state = self._round()
+        state = self.state
+        assert state is not None
+        return {
+            "round": round_state.index,
+            "state-hash": state.header.content_hash,
+            "roster": round_state.roster_text,
+        }
 
     def train_instructions(self, client_id: str) -> dict[str, Any]:
         """What a sampled client runs: `train-local` and `sparsify` with these flags, from this state."""
@@ -249,6 +310,9 @@ class Coordinator:
             "dp-max-grad-norm": settings.dp_max_grad_norm,
             "dp-noise-multiplier": settings.dp_noise_multiplier,
             "dp-rounds": (settings.dp_rounds or settings.rounds) if settings.dp_epsilon > 0 else 0,
+            # a secure round: mask for this signed roster (sparsify --secure)
+            "secure": settings.secure,
+            "roster": round_state.roster_text,
         }
 
     def sent_state(self, size: int) -> None:
@@ -267,6 +331,7 @@ class Coordinator:
         """
         from fedsrd_cli.algorithms.private import aggregate_privacy
         from fedsrd_cli.algorithms.protocol import check_uploads, guard_update_norms
+        from fedsrd_cli.algorithms.secure import check_masked_upload
         from fedsrd_cli.signing import read_verified
 
         round_state = self._round()
@@ -278,12 +343,16 @@ class Coordinator:
             if client_id not in round_state.sampled:
                 raise MismatchError(f"client {client_id!r} was not sampled for round {round_state.index}")
             write_bytes_atomic(path, data, force=True)
-            upload = read_verified(path, "upload", self.trust)
+            kind = "masked_upload" if round_state.roster is not None else "upload"
+            upload = read_verified(path, kind, self.trust)
             head = upload.header
             if head.client_id != client_id:
                 raise MismatchError(f"{path}: is client {head.client_id!r}'s upload, sent by {client_id!r}")
-            check_uploads(self.state, [upload], self.settings.weighting)  # type: ignore[arg-type]
-            if head.method != self.algorithm.upload_method:
+            if round_state.roster is not None:
+                check_masked_upload(self.state, upload, round_state.roster)  # type: ignore[arg-type]
+            else:
+                check_uploads(self.state, [upload], self.settings.weighting)  # type: ignore[arg-type]
+            if round_state.roster is None and head.method != self.algorithm.upload_method:
                 raise MismatchError(
                     f"{path}: was made by `sparsify --method {head.method}`, but this run aggregates"
                     f" with --method {self.algorithm.name}"
@@ -292,7 +361,8 @@ class Coordinator:
                 if accepted.header.content_hash == head.content_hash:
                     raise MismatchError(f"{path}: the same upload as client {other!r}'s")
             config = self.settings.aggregate_config(sampled=0)
-            guard_update_norms(self.state, [upload], config)  # type: ignore[arg-type]
+            if round_state.roster is None:
+                guard_update_norms(self.state, [upload], config)  # type: ignore[arg-type]
             aggregate_privacy(self.state, [upload], replace(config, organisation_dp=None))  # type: ignore[arg-type]
         except FedsrdError as err:
             refused_dir = round_state.directory / "refused"
@@ -304,7 +374,7 @@ class Coordinator:
             self.report(f"round {round_state.index}: refused the upload of client {client_id!r}: {reason}")
             return reason
         round_state.accepted[client_id] = upload
-        round_state.upload_bytes[client_id] = len(data)
+        round_state.upload_bytes[client_id] = round_state.upload_bytes.get(client_id, 0) + len(data)
         if train_loss is not None:
             round_state.train_loss[client_id] = train_loss
         return None
@@ -332,7 +402,12 @@ class Coordinator:
         uploads = [round_state.accepted[c] for c in sorted(round_state.accepted)]
         start = time.perf_counter()
         config = self.settings.aggregate_config(len(uploads), len(round_state.population))
-        aggregate = self.algorithm.aggregate(state, uploads, config)
+        if round_state.roster is not None:
+            from fedsrd_cli.algorithms.secure import secure_aggregate
+
+            aggregate = secure_aggregate(state, uploads, round_state.roster, config)
+        else:
+            aggregate = self.algorithm.aggregate(state, uploads, config)
         round_state.server_seconds += time.perf_counter() - start
         aggregate_path = round_state.directory / "aggregate.safetensors"
         write_artifact(aggregate_path, aggregate.header, aggregate.tensors, force=True, sign=self.sign)
@@ -406,6 +481,7 @@ class Coordinator:
                     "applied": sorted(c for c, h in applied.items() if h == round_state.next_hash),
                     "state_bytes_sent": round_state.state_bytes_sent,
                 }
+                | ({"roster_attempt": round_state.roster.attempt} if round_state.roster is not None else {})
                 | ({"prox_mu": self.settings.prox_mu} if self.settings.method == "fedprox" else {})
                 | (
                     {"trained_factor": factor}

@@ -90,6 +90,9 @@ class ServerSettings:
         require_dp is `aggregate --require-dp`; dp_org_clip, dp_org_noise_multiplier,
         dp_org_sampling_rate and dp_org_delta are organisation-level DP (fedsrd-e; the sites
         of a round are then a secret Poisson sample instead of `sample-clients`).
+    secure, secure_clip: secure rounds (`sparsify --secure`, `aggregate --secure`; fedsrd-e):
+        the coordinator signs each round's roster of the sampled sites (range secure_clip) and
+        re-issues it without a site that did not deliver; it needs sign_key and trust.
     Everything else is the flag of the same name of `train-local`, `sparsify`, `aggregate` or
     `broadcast`; -1 / "" leaves a flag out (the command's default).
     """
@@ -134,6 +137,8 @@ class ServerSettings:
     dp_org_noise_multiplier: float = -1.0
     dp_org_sampling_rate: float = 1.0
     dp_org_delta: float = -1.0
+    secure: bool = False
+    secure_clip: float = 1.0
     sign_key: str = ""
     trust: str = ""
     round_timeout: float = 3600.0
@@ -168,6 +173,15 @@ class ServerSettings:
         self.aggregate_config(sampled=0)
         self.record_dp()
         _require(self.dp_rounds >= 0, "config 'dp-rounds' must be >= 0 (0: the run's rounds)")
+        if self.secure:
+            _require(
+                self.method == "fedsrd-e" and self.organisation_dp is None,
+                "config 'secure' runs method fedsrd-e, without organisation-level DP",
+            )
+            _require(
+                bool(self.sign_key) and bool(self.trust),
+                "config 'secure' needs 'sign-key' (rosters are signed) and 'trust' (masked uploads are)",
+            )
         _require(
             self.organisation_dp is None or self.sample_clients == 0,
             "organisation-level DP samples the sites itself (dp-org-sampling-rate): set sample-clients to 0",
@@ -261,8 +275,8 @@ class ServerSettings:
             given["download_fit"] = self.download_fit
         if self.factor_choice:
             given["factor_choice"] = self.factor_choice
-        elif self.organisation_dp is not None:
-            given["factor_choice"] = "b"  # the only choice organisation-level DP allows
+        elif self.organisation_dp is not None or self.secure:
+            given["factor_choice"] = "b"  # the only choice DP's and secure rounds allow
         return BroadcastConfig(download_sparsity, seed, self.value_dtype, **given)
 
     def download_sparsity_for(self) -> float:
@@ -277,7 +291,7 @@ class ServerSettings:
         for key in ("rounds", "round_timeout", "connect_timeout", "min_clients"):
             data.pop(key)
         defaults = ServerSettings.__dataclass_fields__
-        for key in [k for k in data if k.startswith("dp_") or k == "require_dp"]:
+        for key in [k for k in data if k.startswith(("dp_", "secure")) or k == "require_dp"]:
             if data[key] == defaults[key].default:
                 data.pop(key)
         if self.record_dp() is not None and self.dp_epsilon > 0:
@@ -297,6 +311,8 @@ class SiteSettings:
     coordinator's planned epsilon).
     threads: torch's threads for training and evaluation (0: one per core idle at the time, as
     `train-local --threads` picks them).
+    agreement_key, min_sites: secure rounds' `sparsify --agreement-key` and `--min-sites` (the
+    trust directory must hold the other sites' NAME.pub and NAME.agreement).
     """
 
     client_id: str = ""
@@ -311,6 +327,8 @@ class SiteSettings:
     eval_batch_size: int = 16
     dp_max_epsilon: float = -1.0
     threads: int = 0
+    agreement_key: str = ""
+    min_sites: int = 2
 
     def __post_init__(self) -> None:
         from fedsrd_cli.signing import check_party_name

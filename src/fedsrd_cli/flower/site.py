@@ -221,11 +221,41 @@ class Site:
             str(instructions["value-dtype"]),
             float(instructions["upload-drop"]),
         )
+        if instructions.get("secure"):
+            data = self.mask(state, round_index, str(instructions["roster"]))
+            return TrainResult(data, stats.final_loss, stats.samples, stats.seconds)
         local = read_local(local_path)
         payload = algorithm.upload(state, local, self.client_id, local.header.num_samples, sparsify)
         upload_path = round_dir / f"upload-{self.client_id}.safetensors"
         write_artifact(upload_path, payload.header, payload.tensors, force=True, sign=self.sign)
         return TrainResult(upload_path.read_bytes(), stats.final_loss, stats.samples, stats.seconds)
+
+    def mask(self, state: Artifact, round_index: int, roster_text: str) -> bytes:
+        """A secure round's masked upload of this round's local state, for the signed roster the
+        coordinator sent (`sparsify --secure`); its bytes. Called again for a re-issued roster."""
+        from fedsrd_cli.agreement import AgreementKey, published_key
+        from fedsrd_cli.roster import read_roster
+        from fedsrd_cli.uploads import make_masked_upload
+
+        if not self.settings.agreement_key or self.trust is None:
+            raise UsageError(
+                "a secure round needs node config 'agreement-key' and 'trust' (the other sites' keys)"
+            )
+        round_dir = self.state_dir / f"round-{round_index}"
+        roster_path = round_dir / "roster.json"
+        write_bytes_atomic(roster_path, roster_text.encode(), force=True)
+        roster = read_roster(roster_path, self.trust)
+        key = AgreementKey.load(self.settings.agreement_key)
+        published = {site: published_key(self.trust, site) for site in {*roster.sites, self.client_id}}
+        if published[self.client_id] != key.public:
+            raise UsageError(f"node config 'agreement-key' is not the key {self.client_id!r} published")
+        payload, _samples = make_masked_upload(
+            state, round_dir / "local.safetensors", self.client_id, None, roster, key, published,
+            self.settings.min_sites,
+        )  # fmt: skip
+        path = round_dir / f"upload-{self.client_id}-attempt-{roster.attempt}.safetensors"
+        write_artifact(path, payload.header, payload.tensors, force=True, sign=self.sign)
+        return path.read_bytes()
 
     def record_dp(self, instructions: Mapping[str, Any]) -> Any:
         """The DP-SGD the coordinator asks for (its dp-* instructions), capped by this site's own

@@ -8,6 +8,9 @@ A round, as messages (docs/flower.md has the full table):
    state file for a node that does not hold it; the reply carries the upload file.
 3. the coordinator checks each upload (a refused one is reported, the round goes on), then
    aggregates and broadcasts (`aggregate_train`).
+   In a secure round (`secure`), the train instruction carries the signed roster and the
+   uploads are masked; when a roster site sends nothing, `train.fedsrd_remask` gives the sites
+   that did a re-issued roster, and they mask their same local state again.
 4. `train.fedsrd_apply` to every node: the broadcast file (or, for a node that missed the
    previous state, the new global state file); each node applies it, checks the result hash,
    evaluates, and answers with the hash it holds and its eval loss (`aggregate_evaluate`).
@@ -108,7 +111,11 @@ class FedSRDStrategy(Strategy):
             replies = self._exchange(
                 grid, self.configure_train(round_index, ArrayRecord(), ConfigRecord(), grid)
             )
-            broadcast, train_metrics = self.aggregate_train(round_index, replies)
+            if coordinator.settings.secure:  # mask again for a new roster until every site delivered
+                self._receive(replies, coordinator.current.sampled)  # type: ignore[union-attr]
+                broadcast, train_metrics = self._remask_and_finish(grid, round_index)
+            else:
+                broadcast, train_metrics = self.aggregate_train(round_index, replies)
             if broadcast is None:
                 break
             if train_metrics is not None:
@@ -147,9 +154,33 @@ class FedSRDStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Hand every upload to the coordinator (refusals are reported), then aggregate and broadcast."""
-        coordinator = self.coordinator
-        round_state = coordinator.current
+        round_state = self.coordinator.current
         assert round_state is not None
+        self._receive(replies, round_state.sampled)
+        return self._finish()
+
+    def _remask_and_finish(
+        self, grid: Grid, server_round: int
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """A secure round: while a roster site did not deliver, sign a roster of those that did and
+        let them mask again (one more message each); then aggregate. The attempts are bounded by
+        the sites (each one drops at least one)."""
+        coordinator = self.coordinator
+        while coordinator.missing_from_roster():
+            sites = coordinator.reissue_roster()
+            instructions = coordinator.remask_instructions()
+            nodes = {client: node for node, client in self.clients.items()}
+            messages = [
+                self._message(grid, wire.content(config=instructions), nodes[site], wire.REMASK, server_round)
+                for site in sites
+                if site in nodes
+            ]
+            self._receive(self._exchange(grid, messages), sites)
+        return self._finish()
+
+    def _receive(self, replies: Iterable[Message], expected: Iterable[str]) -> None:
+        """Hand every upload to the coordinator; a client of `expected` that sent none failed."""
+        coordinator = self.coordinator
         answered = set()
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -170,9 +201,15 @@ class FedSRDStrategy(Strategy):
             metrics = wire.metrics_of(reply.content)
             loss = metrics.get("train-loss")
             coordinator.receive_upload(client, data, float(loss) if loss is not None else None)
-        for client in round_state.sampled:
+        for client in expected:
             if client not in answered and client in self.clients.values():
                 coordinator.failed(client, f"no reply within {self.timeout:g} s")
+
+    def _finish(self) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate and broadcast the accepted uploads; every node that trained holds the state."""
+        coordinator = self.coordinator
+        round_state = coordinator.current
+        assert round_state is not None
         broadcast = coordinator.finish_round()
         for node, client in self.clients.items():
             # a client whose upload was accepted trained from the current state, so it holds it

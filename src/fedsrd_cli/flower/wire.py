@@ -35,6 +35,7 @@ QUERY_STATE = "query.fedsrd_state"
 EVALUATE = "evaluate"
 TRAIN = "train"
 APPLY = "train.fedsrd_apply"
+REMASK = "train.fedsrd_remask"  # a secure round's re-issued roster: mask the same local state again
 
 
 def artifact_record(data: bytes) -> ArrayRecord:
