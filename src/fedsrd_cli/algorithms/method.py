@@ -30,6 +30,7 @@ from fedsrd_cli.algorithms.protocol import (
     client_weights,
     guard_update_norms,
     next_state_header,
+    round_header,
 )
 from fedsrd_cli.algorithms.steps import (
     ClientFactors,
@@ -46,7 +47,7 @@ from fedsrd_cli.algorithms.steps import (
     upload_seed,
     with_previous,
 )
-from fedsrd_cli.artifacts import Artifact, Header, content_hash
+from fedsrd_cli.artifacts import Artifact, content_hash
 from fedsrd_cli.config import VALUE_DTYPES, AggregateConfig, BroadcastConfig, SparsifyConfig
 from fedsrd_cli.errors import MismatchError, UsageError
 from fedsrd_cli.math.masks import seeded_keep_mask
@@ -152,12 +153,9 @@ class Method(Algorithm):
             info["prune_ratio"] = ratios
         if self.random_upload:
             info["upload_seed"] = seed
-        header = Header(
-            kind="upload",
-            round=head.round + 1,
-            lora=head.lora,
-            base_fingerprint=head.base_fingerprint,
-            parent_hash=head.content_hash,
+        header = round_header(
+            global_state,
+            "upload",
             method=self.upload_method,
             client_id=client_id,
             num_samples=num_samples,
@@ -222,13 +220,9 @@ class Method(Algorithm):
             left_name, right_name = naming.aggregate_keys(module)
             tensors[left_name] = left.float()  # (d_out, k)
             tensors[right_name] = right.float()  # (k, d_in)
-        head = global_state.header
-        header = Header(
-            kind="aggregate",
-            round=head.round + 1,
-            lora=head.lora,
-            base_fingerprint=head.base_fingerprint,
-            parent_hash=head.content_hash,
+        header = round_header(
+            global_state,
+            "aggregate",
             method=self.name,
             info={
                 "weighting": config.weighting,
@@ -321,13 +315,9 @@ class Method(Algorithm):
                 after[factor] = apply_values(prev[factor], mask, values)  # as every client will
             diagnostics.add(module, left, right, prev, after)
             next_tensors.update({naming.factor_key(module, f): t for f, t in after.items()})
-        head = global_state.header
-        header = Header(
-            kind="broadcast",
-            round=round_index,
-            lora=head.lora,
-            base_fingerprint=head.base_fingerprint,
-            parent_hash=head.content_hash,
+        header = round_header(
+            global_state,
+            "broadcast",
             method=self.name,
             # The aggregate's hash is a function of the un-noised sum: not sent under organisation DP.
             aggregate_hash=aggregate.header.content_hash if private is None else "",

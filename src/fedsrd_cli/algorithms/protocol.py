@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -194,19 +195,24 @@ def check_aggregate(global_state: Artifact, aggregate: Artifact) -> None:
         raise MismatchError(f"{aggregate.path}: its modules differ from the global state's")
 
 
-def next_state_header(global_state: Artifact, method: str, privacy: dict | None = None) -> Header:
-    """The next global state's header; `privacy`: the broadcast's (its sites' ledgers and the
-    organisation-level ledger travel on to the state)."""
+def round_header(global_state: Artifact, kind: str, **fields: Any) -> Header:
+    """The header of a file of round t + 1 made from the round-t `global_state`: its LoRA config,
+    base model and content hash (the parent) carried over; `fields`, the rest of the header."""
     head = global_state.header
     return Header(
-        kind="state",
+        kind=kind,
         round=head.round + 1,
         lora=head.lora,
         base_fingerprint=head.base_fingerprint,
         parent_hash=head.content_hash,
-        method=method,
-        privacy=dict(privacy or {}),
+        **fields,
     )
+
+
+def next_state_header(global_state: Artifact, method: str, privacy: dict | None = None) -> Header:
+    """The next global state's header; `privacy`: the broadcast's (its sites' ledgers and the
+    organisation-level ledger travel on to the state)."""
+    return round_header(global_state, "state", method=method, privacy=dict(privacy or {}))
 
 
 def default_download_seed(global_state: Artifact, aggregate: Artifact) -> int:

@@ -33,8 +33,14 @@ from fedsrd_cli.adapters import LocalAdapter
 from fedsrd_cli.agreement import AgreementKey
 from fedsrd_cli.algorithms.base import Payload
 from fedsrd_cli.algorithms.private import aggregate_privacy, upload_privacy
-from fedsrd_cli.algorithms.protocol import check_local, check_same_lora, check_same_model, describe_state
-from fedsrd_cli.artifacts import Artifact, Header, short
+from fedsrd_cli.algorithms.protocol import (
+    check_local,
+    check_same_lora,
+    check_same_model,
+    describe_state,
+    round_header,
+)
+from fedsrd_cli.artifacts import Artifact, short
 from fedsrd_cli.config import PRIVATE_METHOD, AggregateConfig
 from fedsrd_cli.errors import DataError, MismatchError, StaleUploadError
 from fedsrd_cli.math import fixedpoint
@@ -98,12 +104,9 @@ def masked_upload(
             combine = fixedpoint.add if client < other else fixedpoint.subtract
             words[module] = combine(words[module], mask)
             offset += n
-    header = Header(
-        kind="masked_upload",
-        round=head.round + 1,
-        lora=head.lora,
-        base_fingerprint=head.base_fingerprint,
-        parent_hash=head.content_hash,
+    header = round_header(
+        global_state,
+        "masked_upload",
         method=SECURE_METHOD,
         client_id=client,
         num_samples=num_samples,
@@ -212,13 +215,9 @@ def secure_aggregate(
         # float64: the sum keeps its fixed-point precision (the aggregate stays at the coordinator)
         tensors[left_name] = torch.cat([b_prev, lifted], dim=1)  # (d_out, 2r)
         tensors[right_name] = torch.cat([a_prev, a_prev], dim=0)  # (2r, d_in)
-    head = global_state.header
-    header = Header(
-        kind="aggregate",
-        round=head.round + 1,
-        lora=head.lora,
-        base_fingerprint=head.base_fingerprint,
-        parent_hash=head.content_hash,
+    header = round_header(
+        global_state,
+        "aggregate",
         method=SECURE_METHOD,
         info={
             "weighting": "uniform",

@@ -456,7 +456,7 @@ def alternating_update(
         delta = deltas.get(factor)
         if delta is None:
             delta = whole[factor](left, right, b_prev, a_prev, download.damping)
-        sent = torch.where(keep, delta / download.keep_prob, torch.zeros((), dtype=delta.dtype))
+        sent = dare_fit(delta, keep, download.keep_prob)
     fell_back = download.factor_choice == "parity" and factor != scheduled_factor(round_index)
     return ModuleUpdate([(factor, sent)], fell_back)
 
@@ -522,6 +522,10 @@ def private_b_update(
     if download.noise is None:
         raise ValueError("private_b_update needs the round's noise")
     delta = update_b(left, right, b_prev, a_prev, download.damping) + download.noise(tuple(b_prev.shape))
-    keep = download.keep("B")
-    sent = torch.where(keep, delta / download.keep_prob, torch.zeros((), dtype=delta.dtype))
-    return ModuleUpdate([("B", sent)])
+    return ModuleUpdate([("B", dare_fit(delta, download.keep("B"), download.keep_prob))])
+
+
+def dare_fit(delta: torch.Tensor, keep: torch.Tensor, keep_prob: float) -> torch.Tensor:
+    """The paper's fit of a whole-factor update to the download mask: the kept elements divided by
+    the keep probability, the others zero (an unbiased estimate of `delta`)."""
+    return torch.where(keep, delta / keep_prob, torch.zeros((), dtype=delta.dtype))

@@ -12,6 +12,11 @@ from fedsrd_cli.cli.options import (
     METHODS_HELP,
     BaseOpt,
     DataOpt,
+    DpDeltaOpt,
+    DpEpsilonOpt,
+    DpMaxGradNormOpt,
+    DpNoiseMultiplierOpt,
+    DpRoundsOpt,
     EncryptToOpt,
     ForceOpt,
     GlobalOpt,
@@ -66,43 +71,11 @@ def train_local_cmd(
         ),
     ] = False,
     client: Annotated[str | None, typer.Option("--client", help="This client's id (recorded).")] = None,
-    dp_epsilon: Annotated[
-        float | None,
-        typer.Option(
-            "--dp-epsilon",
-            help="DP-SGD: record-level epsilon of the whole planned run (--dp-rounds rounds); the noise"
-            " is calibrated to it (docs/privacy.md).",
-            show_default=False,
-        ),
-    ] = None,
-    dp_delta: Annotated[
-        float | None,
-        typer.Option(
-            "--dp-delta", help="DP-SGD: delta [1 / records, the most accepted].", show_default=False
-        ),
-    ] = None,
-    dp_max_grad_norm: Annotated[
-        float | None,
-        typer.Option(
-            "--dp-max-grad-norm", help="DP-SGD: clip of each record's gradient [1.0].", show_default=False
-        ),
-    ] = None,
-    dp_noise_multiplier: Annotated[
-        float | None,
-        typer.Option(
-            "--dp-noise-multiplier",
-            help="DP-SGD with this noise multiplier instead of a target --dp-epsilon.",
-            show_default=False,
-        ),
-    ] = None,
-    dp_rounds: Annotated[
-        int | None,
-        typer.Option(
-            "--dp-rounds",
-            help="DP-SGD: rounds this site plans to train (with --dp-epsilon).",
-            show_default=False,
-        ),
-    ] = None,
+    dp_epsilon: DpEpsilonOpt = None,
+    dp_delta: DpDeltaOpt = None,
+    dp_max_grad_norm: DpMaxGradNormOpt = None,
+    dp_noise_multiplier: DpNoiseMultiplierOpt = None,
+    dp_rounds: DpRoundsOpt = None,
     dp_max_epsilon: Annotated[
         float | None,
         typer.Option(

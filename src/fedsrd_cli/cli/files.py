@@ -312,11 +312,7 @@ def seal_cmd(
     out = Output(json_mode)
     recipients = sealing_keys(to, trust_dir)
     ensure_writable(out_path, force)
-    try:
-        plain = path.read_bytes()
-    except OSError as err:
-        raise ArtifactError(f"{path}: cannot be read ({err.strerror or err})") from None
-    write_bytes_atomic(out_path, seal(plain, recipients), force)
+    write_bytes_atomic(out_path, seal(_read(path), recipients), force)
     out.result(
         {"path": str(out_path), "sealed_for": sorted(recipients), "bytes": out_path.stat().st_size},
         key_value_table([("wrote", f"{out_path} (sealed)"), ("for", ", ".join(sorted(recipients)))]),
@@ -342,12 +338,16 @@ def open_cmd(
     out = Output(json_mode)
     key = AgreementKey.load(agreement_key)
     ensure_writable(out_path, force)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise ArtifactError(f"{path}: cannot be read ({err.strerror or err})") from None
-    write_bytes_atomic(out_path, open_sealed(data, key, str(path)), force)
+    write_bytes_atomic(out_path, open_sealed(_read(path), key, str(path)), force)
     out.result(
         {"path": str(out_path), "opened_by": key.party, "bytes": out_path.stat().st_size},
         key_value_table([("wrote", f"{out_path} (opened by {key.party})")]),
     )
+
+
+def _read(path: Path) -> bytes:
+    """A whole file's bytes; ArtifactError (exit 3) when it cannot be read."""
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ArtifactError(f"{path}: cannot be read ({err.strerror or err})") from None

@@ -67,6 +67,44 @@ TrustOpt = Annotated[
 ]
 
 
+# DP-SGD's flags, the same in train-local and simulate (docs/privacy.md).
+DpEpsilonOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--dp-epsilon",
+        help="Train with DP-SGD, the noise calibrated so that the planned run (--dp-rounds) ends at"
+        " this record-level epsilon (docs/privacy.md).",
+        show_default=False,
+    ),
+]
+DpDeltaOpt = Annotated[
+    float | None,
+    typer.Option("--dp-delta", help="DP-SGD's delta [1 / records, the most accepted].", show_default=False),
+]
+DpMaxGradNormOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--dp-max-grad-norm", help="DP-SGD: clip of each record's gradient [1.0].", show_default=False
+    ),
+]
+DpNoiseMultiplierOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--dp-noise-multiplier",
+        help="DP-SGD with this noise multiplier instead of a target --dp-epsilon.",
+        show_default=False,
+    ),
+]
+DpRoundsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--dp-rounds",
+        help="DP-SGD: the rounds the budget is planned for (with --dp-epsilon; simulate: [--rounds]).",
+        show_default=False,
+    ),
+]
+
+
 ThreadsOpt = Annotated[
     int | None,
     typer.Option(

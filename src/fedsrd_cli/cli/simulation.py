@@ -9,7 +9,18 @@ from typing import Annotated
 import typer
 
 from fedsrd_cli.cli.app import command
-from fedsrd_cli.cli.options import METHODS_HELP, DemoModelOpt, ForceOpt, JsonOpt, ThreadsOpt
+from fedsrd_cli.cli.options import (
+    METHODS_HELP,
+    DemoModelOpt,
+    DpDeltaOpt,
+    DpEpsilonOpt,
+    DpMaxGradNormOpt,
+    DpNoiseMultiplierOpt,
+    DpRoundsOpt,
+    ForceOpt,
+    JsonOpt,
+    ThreadsOpt,
+)
 from fedsrd_cli.errors import UsageError
 from fedsrd_cli.output import Output, data_table, key_value_table
 
@@ -154,36 +165,11 @@ def simulate_cmd(
             "--factor-choice", help="broadcast --factor-choice (default: broadcast's).", show_default=False
         ),
     ] = None,
-    dp_epsilon: Annotated[
-        float | None,
-        typer.Option(
-            "--dp-epsilon",
-            help="Every client trains with DP-SGD, calibrated to this record-level epsilon over the run"
-            " (train-local --dp-epsilon; docs/privacy.md).",
-            show_default=False,
-        ),
-    ] = None,
-    dp_delta: Annotated[
-        float | None,
-        typer.Option("--dp-delta", help="DP-SGD delta [1 / each client's records].", show_default=False),
-    ] = None,
-    dp_max_grad_norm: Annotated[
-        float, typer.Option("--dp-max-grad-norm", help="DP-SGD: clip of each record's gradient.")
-    ] = 1.0,
-    dp_noise_multiplier: Annotated[
-        float | None,
-        typer.Option(
-            "--dp-noise-multiplier",
-            help="DP-SGD with this noise multiplier instead of --dp-epsilon.",
-            show_default=False,
-        ),
-    ] = None,
-    dp_rounds: Annotated[
-        int | None,
-        typer.Option(
-            "--dp-rounds", help="DP-SGD: the rounds the budget is planned for [--rounds].", show_default=False
-        ),
-    ] = None,
+    dp_epsilon: DpEpsilonOpt = None,
+    dp_delta: DpDeltaOpt = None,
+    dp_max_grad_norm: DpMaxGradNormOpt = None,
+    dp_noise_multiplier: DpNoiseMultiplierOpt = None,
+    dp_rounds: DpRoundsOpt = None,
     dp_org_clip: Annotated[
         float | None,
         typer.Option(
@@ -231,11 +217,12 @@ def simulate_cmd(
     out = Output(json_mode)
     names = tuple(a.strip() for a in algorithms.split(",") if a.strip())
     record_dp = None
-    if dp_epsilon is not None or dp_noise_multiplier is not None or dp_delta is not None:
+    if any(flag is not None for flag in (dp_epsilon, dp_noise_multiplier, dp_delta, dp_max_grad_norm)):
         from fedsrd_cli.privacy.budget import RecordDp
 
         planned = (dp_rounds or rounds) if dp_epsilon is not None else None  # a resumed run keeps the plan
-        record_dp = RecordDp(dp_epsilon, dp_delta, dp_max_grad_norm, dp_noise_multiplier, planned)
+        clip = 1.0 if dp_max_grad_norm is None else dp_max_grad_norm
+        record_dp = RecordDp(dp_epsilon, dp_delta, clip, dp_noise_multiplier, planned)
     elif dp_rounds is not None:
         raise UsageError("--dp-rounds plans a DP-SGD run: give --dp-epsilon too")
     org_flags = (dp_org_clip, dp_org_noise_multiplier, dp_org_delta)
