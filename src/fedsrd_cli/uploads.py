@@ -21,16 +21,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from fedsrd_cli.adapters import LocalAdapter, read_local
-from fedsrd_cli.agreement import AgreementKey
+from fedsrd_cli.agreement import AgreementKey, published_key
 from fedsrd_cli.algorithms import get_algorithm
 from fedsrd_cli.algorithms.base import Payload, Track, no_progress
 from fedsrd_cli.algorithms.secure import masked_upload
 from fedsrd_cli.artifacts import Artifact, short
 from fedsrd_cli.config import SparsifyConfig
-from fedsrd_cli.errors import MismatchError, StaleUploadError, UsageError
+from fedsrd_cli.errors import MismatchError, StaleUploadError, TrustError, UsageError
 from fedsrd_cli.roster import Roster
+
+if TYPE_CHECKING:
+    from fedsrd_cli.signing import Trust
 
 
 def check_local_origin(global_state: Artifact, local: LocalAdapter, client: str) -> None:
@@ -80,6 +84,17 @@ def make_upload(
         samples = local.header.num_samples if local.header else 0
     payload = get_algorithm(method).upload(global_state, local, client, samples, config, track)
     return payload, samples
+
+
+def roster_keys(
+    trust: Trust, roster: Roster, client: str, key: AgreementKey, key_name: str
+) -> dict[str, bytes]:
+    """{site: its published X25519 key} for every roster site and `client`; TrustError when `key`
+    (named `key_name` in the message) is not the one `client` published."""
+    published = {site: published_key(trust, site) for site in {*roster.sites, client}}
+    if published[client] != key.public:
+        raise TrustError(f"{key_name} is not the key {client!r} published in {trust.directory}")
+    return published
 
 
 def make_masked_upload(

@@ -32,7 +32,7 @@ from fedsrd_cli.cli.options import (
     trust_from_flags,
 )
 from fedsrd_cli.cli.render import written
-from fedsrd_cli.errors import TrustError, UsageError
+from fedsrd_cli.errors import UsageError
 from fedsrd_cli.output import Output, data_table, human_bytes, human_duration, key_value_table
 
 
@@ -355,20 +355,16 @@ def sparsify_cmd(
     ensure_writable(out_path, force)
     global_state = read_verified(global_path, "state", trust, accept=(COORDINATOR, client))
     if secure:
-        from fedsrd_cli.agreement import AgreementKey, published_key
+        from fedsrd_cli.agreement import AgreementKey
         from fedsrd_cli.roster import read_roster
-        from fedsrd_cli.uploads import make_masked_upload
+        from fedsrd_cli.uploads import make_masked_upload, roster_keys
 
         assert trust is not None and roster_path is not None and agreement_key is not None
         key = AgreementKey.load(agreement_key)
         if key.party != client:
             raise UsageError(f"--agreement-key {agreement_key} is {key.party!r}'s, not {client!r}'s")
         roster = read_roster(roster_path, trust)
-        published = {site: published_key(trust, site) for site in {*roster.sites, client}}
-        if published.get(client) != key.public:
-            raise TrustError(
-                f"--agreement-key {agreement_key} is not the key {client!r} published in {trust.directory}"
-            )
+        published = roster_keys(trust, roster, client, key, f"--agreement-key {agreement_key}")
         payload, samples = make_masked_upload(
             global_state, local, client, samples, roster, key, published, max(min_sites, 2)
         )

@@ -233,9 +233,9 @@ class Site:
     def mask(self, state: Artifact, round_index: int, roster_text: str) -> bytes:
         """A secure round's masked upload of this round's local state, for the signed roster the
         coordinator sent (`sparsify --secure`); its bytes. Called again for a re-issued roster."""
-        from fedsrd_cli.agreement import AgreementKey, published_key
+        from fedsrd_cli.agreement import AgreementKey
         from fedsrd_cli.roster import read_roster
-        from fedsrd_cli.uploads import make_masked_upload
+        from fedsrd_cli.uploads import make_masked_upload, roster_keys
 
         if not self.settings.agreement_key or self.trust is None:
             raise UsageError(
@@ -246,9 +246,7 @@ class Site:
         write_bytes_atomic(roster_path, roster_text.encode(), force=True)
         roster = read_roster(roster_path, self.trust)
         key = AgreementKey.load(self.settings.agreement_key)
-        published = {site: published_key(self.trust, site) for site in {*roster.sites, self.client_id}}
-        if published[self.client_id] != key.public:
-            raise UsageError(f"node config 'agreement-key' is not the key {self.client_id!r} published")
+        published = roster_keys(self.trust, roster, self.client_id, key, "node config 'agreement-key'")
         payload, _samples = make_masked_upload(
             state, round_dir / "local.safetensors", self.client_id, None, roster, key, published,
             self.settings.min_sites,
