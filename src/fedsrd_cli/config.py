@@ -241,7 +241,9 @@ DOWNLOAD_FITS = ("dare", "lstsq")
 #   parity  the paper: B in odd rounds, A in even ones
 #   b       B in every round (A keeps its round-0 value): what organisation-level DP requires,
 #           and what `fit` picks nearly always (docs/results.md)
-FACTOR_CHOICES = ("fit", "parity", "b")
+#   both    two alternating least-squares steps, both sent: B for the target, then A for what
+#           the sent B update leaves of it (docs/algorithms.md, "Few, long rounds")
+FACTOR_CHOICES = ("fit", "parity", "b", "both")
 
 
 @dataclass(frozen=True)

@@ -78,8 +78,10 @@ class SimulateConfig:
     your own --base. The demo's base is always RESULTS_DIR/assets/base, so its path cannot tell
     the two apart: the model is recorded instead.
     value_dtype: dtype of the values every upload and broadcast carries; damping, download_fit,
-    factor_choice: the one-factor download's settings (config.BroadcastConfig). None = the
-    commands' defaults.
+    factor_choice, download_sparsity: the download's settings (config.BroadcastConfig). None =
+    the commands' defaults (download_sparsity: each method's).
+    rescale: the importance-sparsified upload restores the L1 norm of the kept values
+    (sparsify's default; False = sparsify --no-rescale).
     record_dp: every client trains with DP-SGD (train-local --dp-*; a resumed run keeps the plan,
         so its rounds past record_dp.planned_rounds are refused); None trains without DP.
     organisation_dp: organisation-level DP at the coordinator (aggregate --dp-clip ...): each
@@ -113,6 +115,8 @@ class SimulateConfig:
     damping: float | None = None
     download_fit: str | None = None
     factor_choice: str | None = None
+    download_sparsity: float | None = None
+    rescale: bool = True
     record_dp: RecordDp | None = None
     organisation_dp: tuple[float, float, float, float] | None = None
     secure: bool = False
@@ -125,6 +129,14 @@ class SimulateConfig:
         if self.base_sparsity is not None:
             SparsifyConfig(base_sparsity=self.base_sparsity)  # its checks and messages
         self.broadcast_config(0.0, 0)  # its checks and messages for the download settings
+        if self.download_sparsity is not None:
+            self.broadcast_config(self.download_sparsity, 0)
+            for name in self.algorithms:
+                _require(
+                    not get_algorithm(name).dense_download or self.download_sparsity == 0.0,
+                    f"--download-sparsity {self.download_sparsity:g}: {name} sends whole factors down;"
+                    " run it in a separate simulation",
+                )
 
         _require(len(self.algorithms) > 0, "--algorithms names no algorithm")
         for name in self.algorithms:
@@ -199,10 +211,11 @@ class SimulateConfig:
 
         base_sparsity = algorithm_base_sparsity if self.base_sparsity is None else self.base_sparsity
         given = {} if self.value_dtype is None else {"value_dtype": self.value_dtype}
-        return SparsifyConfig(base_sparsity=base_sparsity, **given)
+        return SparsifyConfig(base_sparsity=base_sparsity, rescale=self.rescale, **given)
 
     def broadcast_config(self, download_sparsity: float, seed: int) -> Any:
-        """The coordinator's broadcast settings: this run's where given, else broadcast's defaults."""
+        """The coordinator's broadcast settings: this run's where given, else broadcast's defaults
+        (download_sparsity: the method's default, used when the run gives none)."""
         from fedsrd_cli.config import BroadcastConfig
 
         given = {
@@ -217,6 +230,8 @@ class SimulateConfig:
         }
         if self.organisation_dp is not None or self.secure:
             given.setdefault("factor_choice", "b")  # the only choice DP's and secure rounds allow
+        if self.download_sparsity is not None:
+            download_sparsity = self.download_sparsity
         return BroadcastConfig(download_sparsity=download_sparsity, seed=seed, **given)
 
     def record(self) -> dict[str, Any]:
@@ -232,11 +247,14 @@ class SimulateConfig:
             "damping",
             "download_fit",
             "factor_choice",
+            "download_sparsity",
             "record_dp",
             "organisation_dp",
         ):
             if data[key] is None:
                 data.pop(key)
+        if self.rescale:  # recorded only when off, so runs from before the flag resume
+            data.pop("rescale")
         if not self.secure:  # recorded only when on, so runs from before the flag resume
             data.pop("secure")
             data.pop("secure_clip")
@@ -697,6 +715,10 @@ def render_markdown(config: SimulateConfig, table: list[dict[str, Any]]) -> str:
         f" batch {config.batch_size}; seeds {', '.join(map(str, config.seed_values()))}"
         + (" (mean ± std)" if seeds > 1 else "")
         + (f"; upload base sparsity {config.base_sparsity:g}" if config.base_sparsity is not None else "")
+        + ("" if config.rescale else "; uploads not rescaled")
+        + ("" if config.download_sparsity is None else f"; download sparsity {config.download_sparsity:g}")
+        + (f"; factor choice {config.factor_choice}" if config.factor_choice is not None else "")
+        + (f"; download fit {config.download_fit}" if config.download_fit is not None else "")
         + ".",
         "",
         "Eval loss (response tokens) of the global state after the final round. Traffic: bytes of the",

@@ -431,6 +431,7 @@ def alternating_update(
       "fit": the factor whose whole least-squares update (before the mask) leaves the smaller
           residual ||B' A' - W||_F; B when both tie (round 1: B_0 = 0 cannot be inverted).
       "b": B in every round.
+      "both": both factors, B first (both_factors_update).
     How its values are fitted to the mask (download.fit):
       "lstsq": the least-squares update restricted to the kept elements (math.lowrank.
           masked_update_b / masked_update_a), sent as it is;
@@ -438,6 +439,8 @@ def alternating_update(
           divided by keep_prob.
     Every solve is ridge-damped by download.damping (0: the exact pseudo-inverse).
     """
+    if download.factor_choice == "both":
+        return both_factors_update(a_prev, b_prev, left, right, download)
     whole = {"B": update_b, "A": update_a}
     deltas: dict[str, torch.Tensor] = {}  # whole-factor least-squares updates, as far as needed
     if download.factor_choice == "parity":
@@ -459,6 +462,42 @@ def alternating_update(
         sent = dare_fit(delta, keep, download.keep_prob)
     fell_back = download.factor_choice == "parity" and factor != scheduled_factor(round_index)
     return ModuleUpdate([(factor, sent)], fell_back)
+
+
+def both_factors_update(
+    a_prev: torch.Tensor,
+    b_prev: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    download: Download,
+) -> ModuleUpdate:
+    """Two alternating least-squares steps for the target W = left @ right, each fitted to its
+    factor's download mask, both sent:
+
+      dB = fit_B(W; B_prev, A_prev)           (d_out, r)   then B' = B_prev + dB
+      dA = fit_A(W; B', A_prev)               (r, d_in)    so that B' (A_prev + dA) ~ W
+
+    fit is download.fit as in alternating_update ("lstsq": least squares on the kept elements;
+    "dare": the whole-factor solve, kept elements / keep_prob), ridge-damped by
+    download.damping. The A step sees the B update as it is sent (masked and fitted), so it
+    corrects what that update missed, including the part of W outside A_prev's row space
+    that no B update can reach. With no mask (keep_prob 1) and damping 0, B' = W pinv(A_prev)
+    spans W's column space when W has rank r, and the two steps deliver W exactly.
+    "lstsq" never moves the state farther from W than the step before it did.
+    """
+    keep_b, keep_a = download.keep("B"), download.keep("A")
+    if download.fit == "lstsq":
+        delta_b = masked_update_b(left, right, b_prev, a_prev, keep_b, download.damping)
+        b_next = b_prev + delta_b  # (d_out, r)
+        delta_a = masked_update_a(left, right, b_next, a_prev, keep_a, download.damping)
+    else:
+        whole_b = update_b(left, right, b_prev, a_prev, download.damping)  # (d_out, r)
+        delta_b = dare_fit(whole_b, keep_b, download.keep_prob)
+        b_next = b_prev + delta_b
+        delta_a = dare_fit(
+            update_a(left, right, b_next, a_prev, download.damping), keep_a, download.keep_prob
+        )
+    return ModuleUpdate([("B", delta_b), ("A", delta_a)])
 
 
 def _check_factor_shapes(module: str, a_prev, b_prev, left, right) -> None:

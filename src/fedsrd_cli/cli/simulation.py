@@ -165,6 +165,21 @@ def simulate_cmd(
             "--factor-choice", help="broadcast --factor-choice (default: broadcast's).", show_default=False
         ),
     ] = None,
+    download_sparsity: Annotated[
+        float | None,
+        typer.Option(
+            "--download-sparsity",
+            help="broadcast --download-sparsity of the methods with a sparse download (default: 0.8).",
+            show_default=False,
+        ),
+    ] = None,
+    no_rescale: Annotated[
+        bool,
+        typer.Option(
+            "--no-rescale",
+            help="sparsify --no-rescale: send the importance-sparsified upload's kept values as they are.",
+        ),
+    ] = False,
     dp_epsilon: DpEpsilonOpt = None,
     dp_delta: DpDeltaOpt = None,
     dp_max_grad_norm: DpMaxGradNormOpt = None,
@@ -295,6 +310,8 @@ def simulate_cmd(
         damping=damping,
         download_fit=download_fit,
         factor_choice=factor_choice,
+        download_sparsity=download_sparsity,
+        rescale=not no_rescale,
         record_dp=record_dp,
         organisation_dp=organisation_dp,
         secure=secure,
