@@ -167,9 +167,60 @@ def test_config_is_validated() -> None:
     ]:
         with pytest.raises(UsageError, match=message):
             SimulateConfig(**{**good, **change})
+    # the download's sparsity is the run's for every method with a sparse download; a method that
+    # sends whole factors cannot take a sparsity other than 0
+    assert SimulateConfig(**good, download_sparsity=0.5).broadcast_config(0.8, 0).download_sparsity == 0.5
+    assert SimulateConfig(**good).broadcast_config(0.8, 0).download_sparsity == 0.8
+    with pytest.raises(UsageError, match="flexlora sends whole factors"):
+        SimulateConfig(**{**good, "algorithms": ("fedsrd", "flexlora")}, download_sparsity=0.5)
+    with pytest.raises(UsageError, match="--download-sparsity"):
+        SimulateConfig(**good, download_sparsity=1.0)
+    assert SimulateConfig(**good, rescale=False).sparsify_config(0.85).rescale is False
     # left out, --base-sparsity is not recorded, so runs made before the flag existed resume
     assert "base_sparsity" not in SimulateConfig(**good).record()
     assert SimulateConfig(**good, base_sparsity=0.75).record()["base_sparsity"] == 0.75
+    for key in ("download_sparsity", "rescale"):
+        assert key not in SimulateConfig(**good).record()
+    assert SimulateConfig(**good, download_sparsity=0.5, rescale=False).record() == {
+        **SimulateConfig(**good).record(),
+        "download_sparsity": 0.5,
+        "rescale": False,
+    }
+
+
+def test_simulate_sends_both_factors_at_the_given_download_sparsity(
+    sim_inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    """--factor-choice both --download-fit lstsq --download-sparsity 0.5 --download-value-dtype int4
+    --no-rescale reach the broadcast and the uploads: one round, the broadcast changes both factors
+    of every module, in packed 4-bit codes (simulate applies it as a client does, result hash checked)."""
+    out = tmp_path / "both"
+    args = [*sim_args(sim_inputs, out, 1), "--algorithms", "fedsrd", "--factor-choice", "both"]
+    run_cli(
+        *args,
+        "--download-fit",
+        "lstsq",
+        "--download-sparsity",
+        0.5,
+        "--no-rescale",
+        "--download-value-dtype",
+        "int4",
+    )
+    broadcast = read_artifact(out / "work" / "fedsrd" / "seed-0" / "round-1" / "broadcast.safetensors")
+    assert broadcast.header.download_sparsity == 0.5
+    assert broadcast.header.info["factor_choice"] == "both"
+    assert broadcast.header.info["download_fit"] == "lstsq"
+    assert broadcast.header.info["value_dtype"] == "int4"  # the uploads' values stay bf16
+    for name in broadcast.header.layout:  # packed codes and their scales; the clients' state matched
+        assert broadcast.tensor(name + ".values").dtype == torch.uint8
+        assert broadcast.tensor(name + ".scales").dtype == torch.float32
+    factors = {name.split(".")[-2] for name in broadcast.header.layout}  # ...lora_A.weight
+    assert factors == {"lora_A", "lora_B"}
+    upload = next((out / "work" / "fedsrd" / "seed-0" / "round-1").glob("upload-*.safetensors"))
+    assert read_artifact(upload).header.info["sparsify"]["rescale"] is False
+    recorded = json.loads((out / "results.json").read_text())["config"]
+    assert recorded["download_sparsity"] == 0.5 and recorded["rescale"] is False
+    assert recorded["download_value_dtype"] == "int4"
 
 
 def test_refuses_a_foreign_output_directory(tmp_path: Path) -> None:

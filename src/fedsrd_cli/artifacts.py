@@ -37,6 +37,7 @@ from fedsrd_cli.math.masks import (
     unpack_bits,
 )
 from fedsrd_cli.math.positions import PositionCodeError, read_positions_tensor
+from fedsrd_cli.math.quantize import QUANTIZED_BITS, block_count, dequantize_blocks, unpack_int4
 from fedsrd_cli.privacy.ledger import parse_privacy
 
 # Version 2 added coded upload positions (X.positions); version 1 files are read as before.
@@ -63,6 +64,7 @@ _DTYPE_NAMES = {
     torch.float16: "F16",
     torch.bfloat16: "BF16",
     torch.uint8: "U8",
+    torch.int8: "I8",
     torch.int64: "I64",
     torch.int32: "I32",
     torch.bool: "BOOL",
@@ -320,7 +322,11 @@ def _check_delta_layout(
         expected.add(values_name)
         if values_name not in shapes:
             raise ArtifactError(f"{where}: {values_name} is missing")
-        if dtypes[values_name] not in FLOAT_DTYPES:
+        quantized = _quantized_dtype(header)
+        if quantized is not None:
+            _check_quantized_layout(name, quantized, shapes, dtypes, where)
+            expected.add(naming.scales_key(name))
+        elif dtypes[values_name] not in FLOAT_DTYPES:
             raise ArtifactError(f"{where}: {values_name} has non-float dtype {dtypes[values_name]}")
         numel = math.prod(logical)
         values_shape = shapes[values_name]
@@ -366,6 +372,46 @@ def _check_delta_layout(
     extra = set(shapes) - expected
     if extra:
         raise ArtifactError(f"{where}: tensors not in the layout: {sorted(extra)[:3]}")
+
+
+def _quantized_dtype(header: Header) -> str | None:
+    """ "int8" or "int4" for a broadcast whose values are block-quantized codes, else None."""
+    value_dtype = header.info.get("value_dtype")
+    if header.kind == "broadcast" and value_dtype in QUANTIZED_BITS:
+        return value_dtype
+    return None
+
+
+def _check_quantized_layout(
+    name: str,
+    value_dtype: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    dtypes: Mapping[str, torch.dtype],
+    where: str,
+) -> None:
+    """A quantized broadcast tensor: X.values int8 (int8) or uint8 (packed int4) and X.scales
+    float32, both 1-D; their counts are checked against the seeded mask by Artifact.verify."""
+    values_name, scales_name = naming.values_key(name), naming.scales_key(name)
+    code_dtype = torch.int8 if value_dtype == "int8" else torch.uint8
+    if dtypes[values_name] != code_dtype or len(shapes[values_name]) != 1:
+        raise ArtifactError(
+            f"{where}: {values_name} of a {value_dtype} broadcast should be 1-D"
+            f" {_DTYPE_NAMES[code_dtype]}, not {_DTYPE_NAMES.get(dtypes[values_name], dtypes[values_name])}"
+            f" {list(shapes[values_name])}"
+        )
+    if scales_name not in shapes:
+        raise ArtifactError(f"{where}: {scales_name} is missing ({value_dtype} values need their scales)")
+    if dtypes[scales_name] != torch.float32 or len(shapes[scales_name]) != 1:
+        raise ArtifactError(f"{where}: {scales_name} should be 1-D float32")
+
+
+def stored_value_count(value_dtype: str | None, kept: int) -> tuple[int, int | None]:
+    """(X.values length, X.scales length or None) that a broadcast keeping `kept` elements stores."""
+    if value_dtype == "int4":
+        return math.ceil(kept / 2), block_count(kept)
+    if value_dtype == "int8":
+        return kept, block_count(kept)
+    return kept, None
 
 
 # --------------------------------------------------------------------------- reading
@@ -589,11 +635,47 @@ class Artifact:
                 kept = count_set_bits(packed)
             else:
                 kept = self._broadcast_kept(name, numel)
+                quantized = _quantized_dtype(self.header)
+                if quantized is not None:
+                    self._verify_quantized(name, quantized, kept)
+                    continue
             stored = self.shapes[naming.values_key(name)][0]
             if kept != stored:
                 raise ArtifactError(
                     f"{self.where}: the mask of {name} keeps {kept} elements but {stored} values are stored"
                 )
+
+    def _verify_quantized(self, name: str, value_dtype: str, kept: int) -> None:
+        """The code and scale counts fit the mask's kept count, and packed int4 codes decode."""
+        codes, scales = stored_value_count(value_dtype, kept)
+        stored = self.shapes[naming.values_key(name)][0]
+        stored_scales = self.shapes[naming.scales_key(name)][0]
+        if (stored, stored_scales) != (codes, scales):
+            raise ArtifactError(
+                f"{self.where}: the mask of {name} keeps {kept} elements, which {value_dtype} stores as"
+                f" {codes} code bytes and {scales} scales, but the file has {stored} and {stored_scales}"
+            )
+        self.broadcast_values(name)  # decodes (int4: no unused nibble) and checks finite scales
+
+    def broadcast_values(self, name: str) -> torch.Tensor:
+        """A broadcast tensor's kept values (kept,) as every client applies them: float32,
+        dequantized from their codes and block scales when the broadcast is int8 or int4."""
+        values = self.tensor(naming.values_key(name))
+        quantized = _quantized_dtype(self.header)
+        if quantized is None:
+            return values.float()
+        scales = self.tensor(naming.scales_key(name))
+        if not all_finite(scales) or bool((scales < 0).any()):
+            raise ArtifactError(f"{self.where}: {naming.scales_key(name)} holds a negative or infinite scale")
+        if quantized == "int8":
+            return dequantize_blocks(values, scales)
+        head = self.header
+        kept = count_kept(head.seed, name, math.prod(head.layout[name]), head.download_sparsity)
+        try:
+            codes = unpack_int4(values, kept)
+        except ValueError as exc:
+            raise ArtifactError(f"{self.where}: {naming.values_key(name)}: {exc}") from None
+        return dequantize_blocks(codes, scales)
 
     def _broadcast_kept(self, name: str, numel: int) -> int:
         """Elements the seeded mask keeps, counted in bounded memory after a cheap plausibility check.
@@ -603,6 +685,8 @@ class Artifact:
         cannot come from this layout, and is refused before the O(numel) count.
         """
         stored = self.shapes[naming.values_key(name)][0]
+        if _quantized_dtype(self.header) == "int4":
+            stored *= 2  # two codes a byte (the last byte may hold one)
         keep = 1.0 - self.header.download_sparsity
         spread = 10.0 * math.sqrt(numel * keep * (1.0 - keep)) + 10.0
         if abs(stored - numel * keep) > spread:

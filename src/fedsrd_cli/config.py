@@ -112,6 +112,10 @@ class InitConfig:
         _require(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}")
 
 
+# A broadcast may also send its values as block-quantized codes (math.quantize): int8, or int4
+# packed two a byte, each with one float32 scale per 64 values.
+DOWNLOAD_VALUE_DTYPES = (*VALUE_DTYPES, "int8", "int4")
+
 # The values of uploads and broadcasts travel in bfloat16 unless --value-dtype says otherwise:
 # on SmolLM2-135M-Instruct (3 seeds, docs/results.md) FedSRD ended no worse than with fp32 at
 # about 60% of its bytes. fp32 reproduces the paper's accounting.
@@ -272,7 +276,10 @@ class BroadcastConfig:
             f"--download-sparsity must be in [0, 0.999], got {self.download_sparsity}",
         )
         _require(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}")
-        _require(self.value_dtype in VALUE_DTYPES, f"--value-dtype must be one of {list(VALUE_DTYPES)}")
+        _require(
+            self.value_dtype in DOWNLOAD_VALUE_DTYPES,
+            f"--value-dtype must be one of {list(DOWNLOAD_VALUE_DTYPES)}, got {self.value_dtype!r}",
+        )
         _require(
             math.isfinite(self.damping) and 0.0 <= self.damping <= 1.0,
             f"--damping must be in [0, 1], got {self.damping}",

@@ -49,6 +49,8 @@ def describe(artifact: Artifact) -> dict[str, Any]:
                 head.kind == "broadcast" and head.download_sparsity == 0.0
             )  # a download-sparsity-0 broadcast sends every element: no mask is needed
             kept = None if dense else values_shape[0]
+            if kept is not None and head.kind == "broadcast" and head.info.get("value_dtype") == "int4":
+                kept = int(artifact.broadcast_mask(name).sum())  # two codes a byte
             paper_total += paper_bytes(numel, kept)
             logical_numel += numel
             if head.kind == "upload":
@@ -172,7 +174,7 @@ def dense_tensors(artifact: Artifact) -> dict[str, torch.Tensor]:
         out = {}
         for name, shape in head.layout.items():
             delta = torch.zeros(tuple(shape), dtype=torch.float32)
-            delta[artifact.broadcast_mask(name)] = artifact.tensor(naming.values_key(name)).float()
+            delta[artifact.broadcast_mask(name)] = artifact.broadcast_values(name)
             out[name] = delta
         return out
     return dict(artifact.iter_tensors())

@@ -6,7 +6,9 @@ weights file of a PEFT adapter:
     <module>.lora_B.weight          (d_out, r)
 where <module> is PEFT's path, e.g. base_model.model.model.layers.0.self_attn.q_proj.
 Sparse and factored tensors add a suffix to those names:
-    <module>.lora_X.weight.values     kept values (uploads, broadcasts)
+    <module>.lora_X.weight.values     kept values (uploads, broadcasts; int8 or packed int4 codes
+                                      in a quantized broadcast)
+    <module>.lora_X.weight.scales     float32 block scales of a quantized broadcast's codes
     <module>.lora_X.weight.mask       packed 1-bit mask (uploads), or instead
     <module>.lora_X.weight.positions  Rice-coded kept positions (uploads), where shorter
     <module>.aggregate.left           (d_out, k) and .right (k, d_in): W_r = left @ right
@@ -22,6 +24,7 @@ FACTORS = ("A", "B")
 VALUES = ".values"
 MASK = ".mask"
 POSITIONS = ".positions"
+SCALES = ".scales"
 AGG_LEFT = ".aggregate.left"
 AGG_RIGHT = ".aggregate.right"
 MASKED = ".masked"
@@ -42,6 +45,10 @@ def parse_factor_key(name: str) -> tuple[str, str] | None:
 
 def values_key(name: str) -> str:
     return name + VALUES
+
+
+def scales_key(name: str) -> str:
+    return name + SCALES
 
 
 def mask_key(name: str) -> str:

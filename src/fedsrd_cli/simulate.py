@@ -79,7 +79,8 @@ class SimulateConfig:
     the two apart: the model is recorded instead.
     value_dtype: dtype of the values every upload and broadcast carries; damping, download_fit,
     factor_choice, download_sparsity: the download's settings (config.BroadcastConfig). None =
-    the commands' defaults (download_sparsity: each method's).
+    the commands' defaults (download_sparsity: each method's). download_value_dtype: the
+    broadcasts' values (config.DOWNLOAD_VALUE_DTYPES), when not value_dtype.
     rescale: the importance-sparsified upload restores the L1 norm of the kept values
     (sparsify's default; False = sparsify --no-rescale).
     record_dp: every client trains with DP-SGD (train-local --dp-*; a resumed run keeps the plan,
@@ -116,6 +117,7 @@ class SimulateConfig:
     download_fit: str | None = None
     factor_choice: str | None = None
     download_sparsity: float | None = None
+    download_value_dtype: str | None = None
     rescale: bool = True
     record_dp: RecordDp | None = None
     organisation_dp: tuple[float, float, float, float] | None = None
@@ -221,7 +223,7 @@ class SimulateConfig:
         given = {
             key: value
             for key, value in (
-                ("value_dtype", self.value_dtype),
+                ("value_dtype", self.download_value_dtype or self.value_dtype),
                 ("damping", self.damping),
                 ("download_fit", self.download_fit),
                 ("factor_choice", self.factor_choice),
@@ -248,6 +250,7 @@ class SimulateConfig:
             "download_fit",
             "factor_choice",
             "download_sparsity",
+            "download_value_dtype",
             "record_dp",
             "organisation_dp",
         ):
@@ -717,6 +720,7 @@ def render_markdown(config: SimulateConfig, table: list[dict[str, Any]]) -> str:
         + (f"; upload base sparsity {config.base_sparsity:g}" if config.base_sparsity is not None else "")
         + ("" if config.rescale else "; uploads not rescaled")
         + ("" if config.download_sparsity is None else f"; download sparsity {config.download_sparsity:g}")
+        + ("" if config.download_value_dtype is None else f"; download values {config.download_value_dtype}")
         + (f"; factor choice {config.factor_choice}" if config.factor_choice is not None else "")
         + (f"; download fit {config.download_fit}" if config.download_fit is not None else "")
         + ".",

@@ -28,6 +28,8 @@ from fedsrd_cli.algorithms.protocol import (
     check_local,
     check_uploads,
     client_weights,
+    decode_download_values,
+    encode_download_values,
     guard_update_norms,
     next_state_header,
     round_header,
@@ -270,7 +272,6 @@ class Method(Algorithm):
                 f" got {config.download_sparsity}"
             )
         round_index = global_state.header.round + 1
-        value_dtype = VALUE_DTYPES[config.value_dtype]
         private = PrivateDownload.of(global_state, aggregate, config)  # None without organisation DP
         secure = "secure" in aggregate.header.info  # the aggregate is exact on A's row space only
         if secure and config.factor_choice != "b":
@@ -292,6 +293,14 @@ class Method(Algorithm):
             left = aggregate.tensor(left_name).double()  # (d_out, k)
             right = aggregate.tensor(right_name).double()  # (k, d_in)
             masks = _LazyMasks(config, module, {"A": a_prev.shape, "B": b_prev.shape})
+
+            def as_sent(factor: str, delta: torch.Tensor, masks: _LazyMasks = masks) -> torch.Tensor:
+                """The factor's dense delta as clients will apply it: masked, stored, decoded."""
+                mask = masks[factor]
+                stored = encode_download_values(delta[mask], config.value_dtype)
+                kept = decode_download_values(stored, config.value_dtype, int(mask.sum()))
+                return torch.zeros_like(delta).masked_scatter_(mask, kept.to(delta.dtype))
+
             download = Download(
                 masks.__getitem__,
                 1.0 - config.download_sparsity,
@@ -299,6 +308,7 @@ class Method(Algorithm):
                 config.download_fit,
                 config.factor_choice,
                 None if private is None else private.noise,
+                as_sent,
             )
             update = decompose(module, round_index, a_prev, b_prev, left, right, download)
             if update.fell_back:
@@ -309,9 +319,10 @@ class Method(Algorithm):
                     continue  # nothing changed this factor
                 name = naming.factor_key(module, factor)
                 mask = masks[factor]
-                values = delta[mask].to(value_dtype)  # (kept,)
-                tensors[naming.values_key(name)] = values
+                stored = encode_download_values(delta[mask], config.value_dtype)  # (kept,) values or codes
+                tensors.update({name + suffix: tensor for suffix, tensor in stored.items()})
                 layout[name] = list(delta.shape)
+                values = decode_download_values(stored, config.value_dtype, int(mask.sum()))  # (kept,)
                 after[factor] = apply_values(prev[factor], mask, values)  # as every client will
             diagnostics.add(module, left, right, prev, after)
             next_tensors.update({naming.factor_key(module, f): t for f, t in after.items()})

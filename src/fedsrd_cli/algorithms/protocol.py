@@ -17,10 +17,17 @@ from fedsrd_cli import naming
 from fedsrd_cli.adapters import LocalAdapter
 from fedsrd_cli.algorithms.base import Payload
 from fedsrd_cli.artifacts import Artifact, Header, content_hash, short
-from fedsrd_cli.config import AggregateConfig, LoraSpec
+from fedsrd_cli.config import VALUE_DTYPES, AggregateConfig, LoraSpec
 from fedsrd_cli.errors import MismatchError, StaleUploadError, UsageError
 from fedsrd_cli.math.lowrank import product_frobenius_norm
 from fedsrd_cli.math.masks import seeded_keep_mask
+from fedsrd_cli.math.quantize import (
+    QUANTIZED_BITS,
+    dequantize_blocks,
+    pack_int4,
+    quantize_blocks,
+    unpack_int4,
+)
 
 
 def describe_state(state: Artifact) -> str:
@@ -231,7 +238,8 @@ def apply_update(
 ) -> dict[str, torch.Tensor]:
     """The next global state's tensors: G + the broadcast's sparse deltas.
 
-    For each tensor NAME in the broadcast layout:
+    values(NAME) -> the kept values (kept,) of layout tensor NAME as stored in float, or
+    dequantized (Artifact.broadcast_values). For each tensor NAME in the broadcast layout:
         next[NAME] = apply_values(G[NAME], mask(seed, NAME), values(NAME))
     Every other tensor is copied. Every client runs this function, and the coordinator's
     broadcast runs apply_values on the same bits, so they hold the same state.
@@ -244,7 +252,7 @@ def apply_update(
             continue
         shape = tuple(broadcast.layout[name])
         mask = seeded_keep_mask(broadcast.seed, name, shape, broadcast.download_sparsity)
-        out[name] = apply_values(current, mask, values(naming.values_key(name)))
+        out[name] = apply_values(current, mask, values(name))
     return out
 
 
@@ -254,6 +262,29 @@ def apply_values(current: torch.Tensor, mask: torch.Tensor, values: torch.Tensor
     update = torch.zeros(current.shape, dtype=current.dtype)
     update[mask] = values.to(current.dtype)
     return current + update
+
+
+def encode_download_values(values: torch.Tensor, value_dtype: str) -> dict[str, torch.Tensor]:
+    """A broadcast tensor's kept values (kept,) as stored: {suffix: tensor}.
+
+    fp32, bf16, fp16: {".values": the values in that dtype}. int8, int4: {".values": the block
+    codes (int8; int4 packed two a byte), ".scales": float32 block scales} (math.quantize).
+    """
+    if value_dtype not in QUANTIZED_BITS:
+        return {naming.VALUES: values.to(VALUE_DTYPES[value_dtype])}
+    codes, scales = quantize_blocks(values, QUANTIZED_BITS[value_dtype])
+    stored = pack_int4(codes) if value_dtype == "int4" else codes
+    return {naming.VALUES: stored, naming.SCALES: scales}
+
+
+def decode_download_values(stored: dict[str, torch.Tensor], value_dtype: str, kept: int) -> torch.Tensor:
+    """The (kept,) float32 values a client applies, from encode_download_values' tensors, computed
+    as Artifact.broadcast_values computes them from the file."""
+    values = stored[naming.VALUES]
+    if value_dtype not in QUANTIZED_BITS:
+        return values.float()
+    codes = unpack_int4(values, kept) if value_dtype == "int4" else values
+    return dequantize_blocks(codes, stored[naming.SCALES])
 
 
 def apply_broadcast(global_state: Artifact, broadcast: Artifact) -> Payload:
@@ -268,7 +299,7 @@ def apply_broadcast(global_state: Artifact, broadcast: Artifact) -> Payload:
     for name, shape in head.layout.items():
         if tuple(shape) != global_state.shapes.get(name):
             raise MismatchError(f"{broadcast.path}: {name} does not match the global state")
-    tensors = apply_update(global_state, head, broadcast.tensor)
+    tensors = apply_update(global_state, head, broadcast.broadcast_values)
     result = content_hash(tensors)
     if result != head.result_hash:
         raise MismatchError(

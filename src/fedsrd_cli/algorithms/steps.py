@@ -402,7 +402,9 @@ class Download:
     keep(factor) -> the factor's seeded download mask (bool, the factor's shape; all True
     when nothing is dropped); keep_prob = 1 - download sparsity; damping, fit and
     factor_choice as in config.BroadcastConfig; noise(shape) -> float64 Gaussian noise of the
-    round's organisation-level DP (None without it).
+    round's organisation-level DP (None without it); sent(factor, delta) -> the dense delta as
+    clients will apply it (masked, stored in the broadcast's value dtype, decoded; None: the
+    delta masked, as it is).
     """
 
     keep: Callable[[str], torch.Tensor]
@@ -411,6 +413,13 @@ class Download:
     fit: str
     factor_choice: str
     noise: Callable[[tuple[int, ...]], torch.Tensor] | None = None
+    sent: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+
+    def as_sent(self, factor: str, delta: torch.Tensor) -> torch.Tensor:
+        """delta as clients will apply it (see `sent`)."""
+        if self.sent is None:
+            return torch.where(self.keep(factor), delta, torch.zeros((), dtype=delta.dtype))
+        return self.sent(factor, delta)
 
 
 def alternating_update(
@@ -479,7 +488,8 @@ def both_factors_update(
 
     fit is download.fit as in alternating_update ("lstsq": least squares on the kept elements;
     "dare": the whole-factor solve, kept elements / keep_prob), ridge-damped by
-    download.damping. The A step sees the B update as it is sent (masked and fitted), so it
+    download.damping. The A step sees the B update as clients will apply it (masked, fitted,
+    rounded to the value dtype or quantized: download.as_sent), so it
     corrects what that update missed, including the part of W outside A_prev's row space
     that no B update can reach. With no mask (keep_prob 1) and damping 0, B' = W pinv(A_prev)
     spans W's column space when W has rank r, and the two steps deliver W exactly.
@@ -488,12 +498,12 @@ def both_factors_update(
     keep_b, keep_a = download.keep("B"), download.keep("A")
     if download.fit == "lstsq":
         delta_b = masked_update_b(left, right, b_prev, a_prev, keep_b, download.damping)
-        b_next = b_prev + delta_b  # (d_out, r)
+        b_next = b_prev + download.as_sent("B", delta_b)  # (d_out, r)
         delta_a = masked_update_a(left, right, b_next, a_prev, keep_a, download.damping)
     else:
         whole_b = update_b(left, right, b_prev, a_prev, download.damping)  # (d_out, r)
         delta_b = dare_fit(whole_b, keep_b, download.keep_prob)
-        b_next = b_prev + delta_b
+        b_next = b_prev + download.as_sent("B", delta_b)
         delta_a = dare_fit(
             update_a(left, right, b_next, a_prev, download.damping), keep_a, download.keep_prob
         )

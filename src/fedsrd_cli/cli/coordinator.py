@@ -386,7 +386,12 @@ def broadcast_cmd(
         ),
     ] = None,
     value_dtype: Annotated[
-        str, typer.Option("--value-dtype", help="fp32 (the paper's accounting), bf16 or fp16.")
+        str,
+        typer.Option(
+            "--value-dtype",
+            help="fp32 (the paper's accounting), bf16, fp16, or int8 / int4 (block-quantized codes, a"
+            " float32 scale per 64 values).",
+        ),
     ] = "bf16",
     damping: Annotated[
         float | None,

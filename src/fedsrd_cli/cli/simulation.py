@@ -173,6 +173,14 @@ def simulate_cmd(
             show_default=False,
         ),
     ] = None,
+    download_value_dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--download-value-dtype",
+            help="broadcast --value-dtype, when not --value-dtype's: also int8 or int4 (block-quantized).",
+            show_default=False,
+        ),
+    ] = None,
     no_rescale: Annotated[
         bool,
         typer.Option(
@@ -311,6 +319,7 @@ def simulate_cmd(
         download_fit=download_fit,
         factor_choice=factor_choice,
         download_sparsity=download_sparsity,
+        download_value_dtype=download_value_dtype,
         rescale=not no_rescale,
         record_dp=record_dp,
         organisation_dp=organisation_dp,
