@@ -11,8 +11,9 @@ transformers is never imported here (training.py loads the model).
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -127,3 +128,34 @@ def score_tasks(
     result["score"] = tm.pass_at_1([o.passed for o in outcomes])
     result["outcomes"] = dict(sorted(Counter(o.status for o in outcomes).items()))
     return result
+
+
+@contextlib.contextmanager
+def base_only(base: Any) -> Iterator[None]:
+    """The loaded base model without its LoRA (PEFT's disable_adapter) inside the block: the
+    round-0 model, whose B factors are zero. A model without an adapter is left as it is."""
+    disable = getattr(base.model, "disable_adapter", None)
+    if disable is None:
+        yield
+        return
+    with disable():
+        yield
+
+
+def base_task_scores(
+    base: Any,
+    datasets: Sequence[data_mod.Dataset],
+    names: Sequence[str],
+    batch_size: int,
+    max_length: int,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> dict[str, Any]:
+    """The base model's task scores (its LoRA disabled) beside a state's: {"files": {name:
+    score}, "mean": score} over the files with task records."""
+    files: dict[str, float] = {}
+    with base_only(base):
+        for name, ds in zip(names, datasets, strict=True):
+            scored = score_tasks(base, ds, batch_size, max_length, max_new_tokens)
+            if scored is not None:
+                files[name] = scored["score"]
+    return {"files": files, "mean": tm.mean_of(list(files.values()))}
