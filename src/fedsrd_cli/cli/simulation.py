@@ -19,6 +19,8 @@ from fedsrd_cli.cli.options import (
     DpRoundsOpt,
     ForceOpt,
     JsonOpt,
+    MetricsMaxNewTokensOpt,
+    MetricsOpt,
     ThreadsOpt,
 )
 from fedsrd_cli.errors import UsageError
@@ -270,6 +272,8 @@ def simulate_cmd(
     secure_clip: Annotated[
         float, typer.Option("--secure-clip", help="The secure rounds' fixed-point range (roster --clip).")
     ] = 1.0,
+    task_metrics: MetricsOpt = False,
+    metrics_max_new_tokens: MetricsMaxNewTokensOpt = 256,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
     threads: ThreadsOpt = None,
     json_mode: JsonOpt = False,
@@ -278,7 +282,8 @@ def simulate_cmd(
 
     Without --base/--clients-data it runs the demo (4 clients, 4 domains) on --model. Writes
     results.json, results.md and traffic_vs_loss.png into --out; rerunning with the same
-    --out continues where it stopped (only --rounds may change).
+    --out continues where it stopped (only --rounds may change). --metrics also scores the eval
+    files' tasks every round (round 0: the base model) and prints them per file and round.
     """
     from fedsrd_cli.atomic import ensure_output_dir
     from fedsrd_cli.simulate import SimulateConfig, local_training_defaults, output_is_new, simulate
@@ -368,6 +373,8 @@ def simulate_cmd(
         organisation_dp=organisation_dp,
         secure=secure,
         secure_clip=secure_clip,
+        task_metrics=task_metrics,
+        metrics_max_new_tokens=metrics_max_new_tokens,
     )
     # Every flag was checked (SimulateConfig) before the demo's assets are written.
     if demo_model is not None and not (out_dir / "assets" / "manifest.json").is_file():
@@ -396,6 +403,7 @@ def simulate_cmd(
     out.result(
         summary,
         table,
+        *_task_tables(summary["summary"]),
         key_value_table(
             [
                 ("rounds run now", f"{ran} ({summary['rounds_already_done']} were already done)"),
@@ -405,3 +413,20 @@ def simulate_cmd(
             ]
         ),
     )
+
+
+def _task_tables(rows: list[dict]) -> list:
+    """simulate --metrics: per algorithm, the task score of each eval file and their mean per
+    round (mean over seeds; round 0 is the base model)."""
+    tables = []
+    for row in rows:
+        if "task_scores_per_round" not in row:
+            continue
+        names = [key for key in row["task_scores_per_round"][0] if key not in ("round", "mean")]
+        table = data_table(
+            "round", *names, "mean", title=f"{row['algorithm']}: task scores (round 0: base model)"
+        )
+        for point in row["task_scores_per_round"]:
+            table.add_row(str(point["round"]), *(f"{point[key]:.1%}" for key in [*names, "mean"]))
+        tables.append(table)
+    return tables
