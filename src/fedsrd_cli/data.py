@@ -14,6 +14,10 @@ response (the last, assistant message). The loss covers the response tokens and
 the end-of-sequence token only (labels are -100 elsewhere). Text records are
 trained on every token.
 
+Any record may also carry a `task` object: how to score the model on it beyond the loss
+(multiple choice, a GSM8K answer, MBPP tests; task_metrics.py). It is kept on the Example and
+does not change what is trained.
+
 Nothing here imports transformers: a tokenizer is any object with `__call__`
 (returning "input_ids"), `eos_token_id`, `pad_token_id`, and optionally
 `chat_template` / `apply_chat_template`.
@@ -22,13 +26,14 @@ Nothing here imports transformers: a tokenizer is any object with `__call__`
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedsrd_cli.errors import DataError, a_or_an
+from fedsrd_cli.task_metrics import TaskSpec, parse_task
 
 FORMATS = ("instruction", "chat", "text")
 IGNORE_INDEX = -100
@@ -46,13 +51,15 @@ class Example:
     """One record: `prompt` (no loss) + `response` (loss); text records have an empty prompt.
 
     `messages` keeps the prompt turns of a chat record so the tokenizer's own template
-    can render them.
+    can render them. `task` says how to score the model on the record (task_metrics.py);
+    None for a record without one.
     """
 
     prompt: str
     response: str
     format: str
     messages: tuple[tuple[str, str], ...] = ()
+    task: TaskSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,13 @@ def _string_field(record: dict, key: str, where: str, required: bool = True) -> 
 
 
 def _parse_record(record: dict, fmt: str, where: str) -> Example:
+    example = _parse_fields(record, fmt, where)
+    if "task" not in record:
+        return example
+    return replace(example, task=parse_task(record["task"], where))
+
+
+def _parse_fields(record: dict, fmt: str, where: str) -> Example:
     if fmt == "instruction":
         instruction = _string_field(record, "instruction", where)
         extra = _string_field(record, "input", where, required=False)
@@ -212,6 +226,21 @@ def encode(tokenizer: Any, example: Example, max_length: int) -> tuple[list[int]
     body = _ids(tokenizer, example.response, special=False)
     if tokenizer.eos_token_id is not None:
         body.append(int(tokenizer.eos_token_id))
+    room = max(0, max_length - len(body))
+    if len(head) > room:
+        head = head[len(head) - room :] if room else []
+    body = body[: max_length - len(head)]
+    return head + body, [IGNORE_INDEX] * len(head) + body
+
+
+def encode_continuation(
+    tokenizer: Any, example: Example, continuation: str, max_length: int
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of the example's prompt followed by `continuation` (no EOS), at most
+    max_length tokens, truncated as `encode` truncates: labels cover the continuation only, so
+    the sum of their log-probabilities is the continuation's log-likelihood given the prompt."""
+    head = prompt_ids(tokenizer, example)
+    body = _ids(tokenizer, continuation, special=False)
     room = max(0, max_length - len(body))
     if len(head) > room:
         head = head[len(head) - room :] if room else []

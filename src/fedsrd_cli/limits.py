@@ -93,6 +93,10 @@ LIMITS: dict[str, Limit] = {
     "--max-length": Limit(2, 1_048_576),
     "--max-new-tokens": Limit(1, 65_536),
     "--answers": Limit(0, 1_000_000),
+    "--metrics-max-new-tokens": Limit(1, 65_536),
+    # the real-task suite (demo-assets --suite real)
+    "--eval-size": Limit(1, 100_000),
+    "--train-size": Limit(1, 1_000_000),
     "--prox-mu": Limit(0, 1e6),
     "--threads": Limit(1, usable_cores, meaning="the cores this process may use"),
     # uploads

@@ -10,8 +10,11 @@ No math is repeated here.
 Layout of RESULTS_DIR:
     config.json          the run's settings; a rerun must give the same ones (only --rounds may grow)
     results.json         per algorithm, per seed, per round: eval losses, bytes, server seconds
-    results.md           a table of the final round (mean +- std over seeds)
-    traffic_vs_loss.png  mean eval loss against cumulative traffic per client
+                         (and with --metrics each eval file's task score and their mean)
+    results.md           a table of the final round (mean +- std over seeds); with --metrics the
+                         task scores of the final round and the mean task score of every round
+    traffic_vs_loss.png  mean eval loss against cumulative traffic per client (with --metrics a
+                         second panel: the mean task score)
     work/ALG/seed-S/     global-rT.safetensors, and round-T/ with uploads, aggregate, broadcast
     assets/              the demo's base model (--model) and data (only when no --base was given)
 
@@ -88,6 +91,8 @@ class SimulateConfig:
     organisation_dp: organisation-level DP at the coordinator (aggregate --dp-clip ...): each
         round Poisson-samples the clients that train at (clip, noise multiplier, sampling
         rate, delta); FedSRD-e only. None: none.
+    task_metrics: also score every eval file's task records each round, round 0 included
+        (eval --metrics; task_eval.py); generated answers get at most metrics_max_new_tokens.
     """
 
     base: str
@@ -123,6 +128,8 @@ class SimulateConfig:
     organisation_dp: tuple[float, float, float, float] | None = None
     secure: bool = False
     secure_clip: float = 1.0
+    task_metrics: bool = False
+    metrics_max_new_tokens: int = 256
 
     def __post_init__(self) -> None:
         from fedsrd_cli.algorithms import get_algorithm
@@ -166,6 +173,10 @@ class SimulateConfig:
         )
         _require(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
         _require(self.eval_batch_size >= 1, "eval batch size must be >= 1")
+        _require(
+            1 <= self.metrics_max_new_tokens <= 65_536,
+            f"--metrics-max-new-tokens must be in [1, 65,536], got {self.metrics_max_new_tokens}",
+        )
         _require(
             self.demo_model in (None, "smollm2", "toy"),
             f"--model must be smollm2 or toy, got {self.demo_model!r}",
@@ -261,6 +272,9 @@ class SimulateConfig:
         if not self.secure:  # recorded only when on, so runs from before the flag resume
             data.pop("secure")
             data.pop("secure_clip")
+        if not self.task_metrics:  # likewise
+            data.pop("task_metrics")
+            data.pop("metrics_max_new_tokens")
         if data["demo_model"] in (None, "toy"):  # demo runs recorded before --model existed were toy
             data.pop("demo_model")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
@@ -292,6 +306,7 @@ class RoundRecord:
         mean_eval_loss: float,
         global_state: str,
         global_hash: str,
+        extra: dict[str, Any] | None = None,
     ) -> RoundRecord:
         """The record of a run's starting state: evaluated, nothing trained or sent yet."""
         return cls(
@@ -307,6 +322,7 @@ class RoundRecord:
             train_loss=None,
             global_state=global_state,
             global_hash=global_hash,
+            extra=dict(extra or {}),
         )
 
 
@@ -460,6 +476,15 @@ def simulate(
     # Every input is read and checked before anything is written.
     client_sets = [load_datasets([path]) for path in config.client_data]
     eval_sets = load_datasets(list(config.eval_data))
+    if config.task_metrics:
+        from fedsrd_cli.task_eval import file_kind
+
+        kinds = {name: file_kind(ds) for name, ds in zip(config.eval_names, eval_sets, strict=True)}
+        if all(kind is None for kind in kinds.values()):
+            raise UsageError(
+                "--metrics: no --eval-data file has task records (the real-task suite's files do:"
+                " `fedsrd demo-assets --suite real`)"
+            )
     lora, module_shapes = lora_module_shapes(config.base, config.targets, config.rank, config.alpha)
     base = load_base(config.base, config.device)
     _start(out_dir, config)
@@ -467,15 +492,36 @@ def simulate(
     done = done_before
     initial_eval: dict[int, dict[str, Any]] = {}
 
-    def scores(state_path: Path) -> tuple[dict[str, float], float]:
+    def scores(state_path: Path) -> tuple[dict[str, float], float, dict[str, Any]]:
+        """(eval loss per file, their mean, the round's task scores for its record's extra)."""
         state = read_artifact(state_path, kind="state")
         set_global(base, state)
-        metrics = evaluate(base, eval_sets, config.eval_batch_size, config.max_length)
-        losses = {
-            name: float(m["loss"])
-            for name, m in zip(config.eval_names, metrics["files"].values(), strict=True)
-        }
-        return losses, float(metrics["mean"]["loss"])
+        metrics = evaluate(
+            base,
+            eval_sets,
+            config.eval_batch_size,
+            config.max_length,
+            tasks=config.task_metrics,
+            task_max_new_tokens=config.metrics_max_new_tokens,
+        )
+        named = dict(zip(config.eval_names, metrics["files"].values(), strict=True))
+        losses = {name: float(m["loss"]) for name, m in named.items()}
+        tasks: dict[str, Any] = {}
+        if config.task_metrics:
+            tasks["task_scores"] = {
+                name: float(m["task"]["score"]) for name, m in named.items() if "task" in m
+            }
+            tasks["mean_task_score"] = float(metrics["mean"]["task_score"])
+            results["tasks"] = {
+                name: {
+                    "kind": m["task"]["kind"],
+                    "metric": m["task"]["metric"],
+                    "examples": m["task"]["examples"],
+                }
+                for name, m in named.items()
+                if "task" in m
+            }
+        return losses, float(metrics["mean"]["loss"]), tasks
 
     for name in config.algorithms:
         algorithm = get_algorithm(name)
@@ -489,7 +535,9 @@ def simulate(
                 payload = initial_state(module_shapes, lora, seed, base.fingerprint)
                 head = write_artifact(start_path, payload.header, payload.tensors, force=True)
                 if seed not in initial_eval:
-                    initial_eval[seed] = dict(zip(("eval_loss", "mean"), scores(start_path), strict=True))
+                    initial_eval[seed] = dict(
+                        zip(("eval_loss", "mean", "tasks"), scores(start_path), strict=True)
+                    )
                 records.append(
                     asdict(
                         RoundRecord.initial(
@@ -498,6 +546,7 @@ def simulate(
                             initial_eval[seed]["mean"],
                             str(start_path.relative_to(out_dir)),
                             head.content_hash,
+                            initial_eval[seed]["tasks"],
                         )
                     )
                 )
@@ -600,7 +649,7 @@ def simulate(
                     raise MismatchError(f"{next_path}: differs from the state its broadcast announces")
                 del followed
 
-                losses, mean_loss = scores(next_path)
+                losses, mean_loss, task_scores = scores(next_path)
                 download = broadcast_path.stat().st_size
                 n = len(config.client_data)
                 traffic = sum(upload_sizes) / n + download
@@ -626,7 +675,8 @@ def simulate(
                             }
                             | privacy_summary(next_state.header.privacy)
                             | ({"prox_mu": config.prox_mu} if name == "fedprox" else {})
-                            | ({"trained_factor": only} if only else {}),
+                            | ({"trained_factor": only} if only else {})
+                            | task_scores,
                         )
                     )
                 )
@@ -634,7 +684,8 @@ def simulate(
                 ran.append({"algorithm": name, "seed": seed, "round": round_index})
                 done += 1
                 if on_progress is not None:
-                    on_progress(done, total, f"{name} seed {seed} round {round_index}: loss {mean_loss:.4f}")
+                    label = f"{name} seed {seed} round {round_index}: loss {mean_loss:.4f}"
+                    on_progress(done, total, label + task_label(task_scores, results.get("tasks", {})))
     return _finish(out_dir, config, results, ran, done_before)
 
 
@@ -699,8 +750,33 @@ def summary_table(config: SimulateConfig, results: dict[str, Any]) -> list[dict[
         row["server_seconds_per_round"] = _spread(
             [statistics.fmean(x["server_seconds"] for x in r[1:]) for r in seeds]
         )
+        if config.task_metrics:
+            names = list(seeds[0][-1]["extra"]["task_scores"])
+            row["task_score"] = {
+                domain: _spread([r[-1]["extra"]["task_scores"][domain] for r in seeds]) for domain in names
+            }
+            row["mean_task_score"] = _spread([r[-1]["extra"]["mean_task_score"] for r in seeds])
+            row["task_scores_per_round"] = [
+                {
+                    "round": t,
+                    **{d: statistics.fmean(r[t]["extra"]["task_scores"][d] for r in seeds) for d in names},
+                    "mean": statistics.fmean(r[t]["extra"]["mean_task_score"] for r in seeds),
+                }
+                for t in range(config.rounds + 1)
+            ]
         rows.append(row)
     return rows
+
+
+def task_label(task_scores: dict[str, Any], tasks: dict[str, Any]) -> str:
+    """ ", math exact_match 12.0%, law accuracy 30.0%, mean 21.0%" for a progress line; "" without."""
+    if not task_scores:
+        return ""
+    parts = [
+        f"{name} {tasks.get(name, {}).get('metric', 'score')} {score:.1%}"
+        for name, score in task_scores["task_scores"].items()
+    ]
+    return ", " + ", ".join([*parts, f"mean {task_scores['mean_task_score']:.1%}"])
 
 
 def _cell(pair: tuple[float, float], digits: int, seeds: int) -> str:
@@ -743,7 +819,43 @@ def render_markdown(config: SimulateConfig, table: list[dict[str, Any]]) -> str:
         ]
         cells.append(_cell(row["server_seconds_per_round"], 3, seeds))
         lines.append("| " + " | ".join(cells) + " |")
+    if config.task_metrics and table:
+        lines += _task_markdown(config, table)
     return "\n".join(lines) + "\n"
+
+
+def _task_markdown(config: SimulateConfig, table: list[dict[str, Any]]) -> list[str]:
+    """results.md's task scores: the final round's per eval file (as a percentage), and the
+    mean over seeds of every round's scores per algorithm, round 0 being the base model."""
+    seeds = config.seeds
+    names = list(table[0]["task_score"])
+    lines = [
+        "",
+        f"## Task scores, round {config.rounds}",
+        "",
+        "Accuracy (multiple choice, by option log-likelihood), exact match (GSM8K final answer) or",
+        "pass@1 (MBPP, sandboxed) of the global state on each eval file's task records, in %.",
+        "",
+        "| " + " | ".join(["algorithm", *names, "mean"]) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(names) + 1)) + "|",
+    ]
+    for row in table:
+        cells = [_cell(tuple(100 * v for v in row["task_score"][d]), 1, seeds) for d in names]
+        cells.append(_cell(tuple(100 * v for v in row["mean_task_score"]), 1, seeds))
+        lines.append("| " + " | ".join([row["algorithm"], *cells]) + " |")
+    lines += ["", "## Task scores per round (round 0: the base model)", ""]
+    for row in table:
+        lines += [
+            f"{row['algorithm']}" + (" (mean over seeds)" if seeds > 1 else "") + ":",
+            "",
+            "| " + " | ".join(["round", *names, "mean"]) + " |",
+            "|" + "|".join(["---:"] * (len(names) + 2)) + "|",
+        ]
+        for point in row["task_scores_per_round"]:
+            cells = [f"{100 * point[d]:.1f}" for d in [*names, "mean"]]
+            lines.append("| " + " | ".join([str(point["round"]), *cells]) + " |")
+        lines.append("")
+    return lines
 
 
 def plot_traffic_vs_loss(config: SimulateConfig, results: dict[str, Any], path: Path) -> None:
@@ -758,8 +870,9 @@ def plot_traffic_vs_loss(config: SimulateConfig, results: dict[str, Any], path: 
 
     from fedsrd_cli.atomic import write_bytes_atomic
 
-    figure = Figure(figsize=(7, 4.5), dpi=120)
-    axes = figure.add_subplot()
+    figure = Figure(figsize=(12, 4.5) if config.task_metrics else (7, 4.5), dpi=120)
+    axes = figure.add_subplot(1, 2, 1) if config.task_metrics else figure.add_subplot()
+    task_axes = figure.add_subplot(1, 2, 2) if config.task_metrics else None
     for name in config.algorithms:
         seeds = _rounds(config, results, name)
         if not seeds:
@@ -779,6 +892,17 @@ def plot_traffic_vs_loss(config: SimulateConfig, results: dict[str, Any], path: 
                 color=line.get_color(),
                 alpha=0.2,
             )
+        if task_axes is not None:
+            task = [_spread([100 * r[t]["extra"]["mean_task_score"] for r in seeds]) for t in range(length)]
+            task_axes.plot(
+                xs, [m for m, _ in task], marker="o", markersize=3, label=name, color=line.get_color()
+            )
+    if task_axes is not None:
+        task_axes.set_xlabel("cumulative traffic per client (MB)")
+        task_axes.set_ylabel("mean task score (%)")
+        task_axes.set_title("task score vs traffic (round 0: the base model)")
+        task_axes.grid(True, alpha=0.3)
+        task_axes.legend()
     axes.set_xlabel("cumulative traffic per client (MB)")
     axes.set_ylabel("mean eval loss")
     axes.set_title(f"eval loss vs traffic ({config.seeds} seed{'s' if config.seeds > 1 else ''})")

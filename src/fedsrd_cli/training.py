@@ -770,6 +770,8 @@ def evaluate(
     max_new_tokens: int = 32,
     on_batch: Callable[[], None] | None = None,
     answers: int = 0,
+    tasks: bool = False,
+    task_max_new_tokens: int = 256,
 ) -> dict[str, Any]:
     """Loss and perplexity on response tokens, per file and their mean; exact match with generate.
 
@@ -778,6 +780,9 @@ def evaluate(
     exact_match: greedy generation from the prompt, compared with the reference after strip().
     answers: also the greedy answers to the first `answers` examples of each file, as
     {"prompt", "reference", "answer"} records under the file's "answers".
+    tasks: also each file's task metric (task_eval.score_tasks) under its "task", and their
+    mean over the files that have one as "mean"'s "task_score"; generation tasks get at most
+    task_max_new_tokens tokens.
     """
     if answers < 0:
         raise UsageError("--answers must be >= 0")
@@ -821,6 +826,12 @@ def evaluate(
                 {"prompt": ex.prompt, "reference": ex.response, "answer": text}
                 for ex, text in zip(shown, texts, strict=True)
             ]
+        if tasks:
+            from fedsrd_cli.task_eval import score_tasks
+
+            scored = score_tasks(base, ds, batch_size, max_length, task_max_new_tokens, on_batch)
+            if scored is not None:
+                metrics["task"] = scored
         files[names[index]] = metrics
     result: dict[str, Any] = {"files": files}
     result["mean"] = {
@@ -828,6 +839,9 @@ def evaluate(
         for key in ("loss", "perplexity", "exact_match")
         if all(key in m for m in files.values())
     }
+    task_scores = [m["task"]["score"] for m in files.values() if "task" in m]
+    if task_scores:
+        result["mean"]["task_score"] = sum(task_scores) / len(task_scores)
     return result
 
 

@@ -21,6 +21,8 @@ from fedsrd_cli.cli.options import (
     ForceOpt,
     GlobalOpt,
     JsonOpt,
+    MetricsMaxNewTokensOpt,
+    MetricsOpt,
     OutOpt,
     QuietOpt,
     SignKeyOpt,
@@ -450,6 +452,8 @@ def eval_cmd(
     answers: Annotated[
         int, typer.Option("--answers", help="Show the greedy answers to the first N examples of each file.")
     ] = 0,
+    task_metrics: MetricsOpt = False,
+    metrics_max_new_tokens: MetricsMaxNewTokensOpt = 256,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass.")] = 8,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 512,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
@@ -461,6 +465,8 @@ def eval_cmd(
 ) -> None:
     """Loss and perplexity on response tokens (per file and mean); the base alone without an adapter.
 
+    --metrics adds the task metric of files whose records carry a task (the real-task suite:
+    accuracy, GSM8K exact match, MBPP pass@1), the base model's beside a state's or adapter's.
     With --trust, --global must be signed by `coordinator`.
     """
     import json
@@ -506,8 +512,34 @@ def eval_cmd(
         source = {"adapter": str(adapter)}
     else:
         source = {"base_only": True}
-    metrics = evaluate(model, datasets, batch_size, max_length, generate, max_new_tokens, answers=answers)
+    if task_metrics:
+        from fedsrd_cli.task_eval import file_kind
+
+        if all(file_kind(ds) is None for ds in datasets):
+            raise UsageError(
+                "--metrics: no --data file has task records (the real-task suite's files do:"
+                " `fedsrd demo-assets --suite real`)"
+            )
+    metrics = evaluate(
+        model,
+        datasets,
+        batch_size,
+        max_length,
+        generate,
+        max_new_tokens,
+        answers=answers,
+        tasks=task_metrics,
+        task_max_new_tokens=metrics_max_new_tokens,
+    )
     result = {**source, "base": str(base), **metrics}
+    beside = None
+    if task_metrics and (global_state is not None or adapter is not None):
+        from fedsrd_cli.task_eval import base_task_scores
+        from fedsrd_cli.training import file_labels
+
+        names = file_labels([ds.path for ds in datasets])
+        beside = base_task_scores(model, datasets, names, batch_size, max_length, metrics_max_new_tokens)
+        result["base_model_tasks"] = beside
     if out_path is not None:
         text = json.dumps(result, indent=2, sort_keys=True) + "\n"
         write_bytes_atomic(out_path, text.encode("utf-8"), force)
@@ -517,18 +549,27 @@ def eval_cmd(
         else (str(adapter) if adapter is not None else "base model only")
     )
     show_em = "exact_match" in metrics["mean"]
+    show_task = "task_score" in metrics["mean"]
     headers = ["data", "examples", "tokens", "loss", "perplexity"] + (["exact match"] if show_em else [])
+    headers += (["task metric", "score"] + (["base model"] if beside else [])) if show_task else []
     table = data_table(*headers, title=f"eval: {label}")
     for name, m in metrics["files"].items():
         row = [name, str(m["examples"]), str(m["tokens"]), f"{m['loss']:.4f}", f"{m['perplexity']:.2f}"]
         if show_em:
             row.append(f"{m['exact_match']:.2%}")
+        if show_task:
+            task = m.get("task")
+            row += [task["metric"], f"{task['score']:.2%}"] if task else ["", ""]
+            if beside:
+                row.append(f"{beside['files'][name]:.2%}" if name in beside["files"] else "")
         table.add_row(*row)
     if len(metrics["files"]) > 1:
         mean = metrics["mean"]
         row = ["mean", "", "", f"{mean['loss']:.4f}", f"{mean['perplexity']:.2f}"]
         if show_em:
             row.append(f"{mean['exact_match']:.2%}")
+        if show_task:
+            row += ["", f"{mean['task_score']:.2%}"] + ([f"{beside['mean']:.2%}"] if beside else [])
         table.add_row(*row)
     shown = [(name, a) for name, m in metrics["files"].items() for a in m.get("answers", [])]
     if not shown:

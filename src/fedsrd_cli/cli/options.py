@@ -105,6 +105,21 @@ DpRoundsOpt = Annotated[
 ]
 
 
+# Task metrics, the same in eval and simulate (docs/real-tasks.md).
+MetricsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--metrics",
+        help="Also score the task of every record that has one (the real-task suite: accuracy by"
+        " option log-likelihood, GSM8K final-answer exact match, MBPP pass@1 in a sandbox).",
+    ),
+]
+MetricsMaxNewTokensOpt = Annotated[
+    int,
+    typer.Option("--metrics-max-new-tokens", help="--metrics: tokens generated per GSM8K or MBPP answer."),
+]
+
+
 ThreadsOpt = Annotated[
     int | None,
     typer.Option(

