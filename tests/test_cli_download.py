@@ -123,3 +123,44 @@ def test_broadcast_prints_the_warning_when_a_round_diverges(tmp_path):
         outputs.append(result.output)
         state = nxt
     assert any("warning: round" in out and "times its own size" in out for out in outputs), outputs
+
+
+def test_one_factor_residual_matches_a_dense_reference_and_warns_above_its_level(tmp_path):
+    """The recorded one-factor residual is ||(B + dB) A - W|| / ||W - B A|| of the whole damped B
+    update, target-weighted over modules, computed here from dense matrices; a two-factor
+    broadcast records none; the warning fires above ONE_FACTOR_RESIDUAL_WARNING only."""
+    import torch
+
+    from fedsrd_cli import naming
+    from fedsrd_cli.algorithms.diagnostics import ONE_FACTOR_RESIDUAL_WARNING
+
+    g0 = make_global(tmp_path / "g0.safetensors")
+    _, bc, g1 = _broadcast(tmp_path, g0, "r1", "--factor-choice", "b")
+    _, bc2, _ = _broadcast(tmp_path, g1, "r2", "--factor-choice", "b")  # round 2: B is not zero
+    for state, broadcast, tag in ((g0, bc, "r1"), (g1, bc2, "r2")):
+        header = read_artifact(broadcast).header
+        aggregate = read_artifact(tmp_path / f"agg-{tag}.safetensors")
+        miss2 = target2 = 0.0
+        for module in read_artifact(state).modules():
+            a, b = (t.double() for t in read_artifact(state).factors(module))
+            left, right = (aggregate.tensor(k).double() for k in naming.aggregate_keys(module))
+            w = left @ right  # (d_out, d_in)
+            gram = a @ a.T
+            lam = header.info["damping"] * float(torch.linalg.eigvalsh(gram)[-1])
+            delta_b = (
+                (w - b @ a) @ a.T @ torch.linalg.inv(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype))
+            )
+            miss2 += float(((b + delta_b) @ a - w).norm()) ** 2
+            target2 += float((w - b @ a).norm()) ** 2
+        assert header.info["one_factor_residual"] == round((miss2 / target2) ** 0.5, 6)
+    _, both, _ = _broadcast(tmp_path, g0, "both", "--factor-choice", "both")
+    assert "one_factor_residual" not in read_artifact(both).header.info
+    header = read_artifact(bc).header
+    quiet = {**header.info, "update_error": {"overall": 0.5, "modules": {}}}
+    below = replace(
+        header, round=2, info={**quiet, "one_factor_residual": ONE_FACTOR_RESIDUAL_WARNING - 0.01}
+    )
+    assert update_error_warning(below) is None
+    above = replace(header, round=2, info={**quiet, "one_factor_residual": ONE_FACTOR_RESIDUAL_WARNING + 0.1})
+    warning = update_error_warning(above)
+    assert warning and "outside what one factor can carry" in warning and "--factor-choice both" in warning

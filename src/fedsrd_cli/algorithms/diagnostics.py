@@ -9,6 +9,9 @@ Per module, two figures, both computed from thin factors (math.lowrank), never f
   sqrt(sum miss^2 / sum target^2).
 - step = ||X' - X||_F / ||X||_F for each factor X the broadcast changes: how large the update
   is against the factor it updates (not recorded while X is still zero).
+- one-factor residual (one-factor downloads) = ||B' A' - W||_F / ||W - B A||_F for the whole
+  least-squares update of the chosen factor, before any mask: the part of the target that no
+  update of that factor can carry, whatever the download sparsity. Overall, target-weighted.
 
 A one-factor least-squares solve that inverts a weak factor shows up first in the step: the
 factor it updates jumps by more than its own size, is then out of scale with the other one,
@@ -37,6 +40,10 @@ STEP_WARN_FROM_ROUND = 3
 # nothing), 1 / sqrt(1 - p) for "dare" (a fit error of at most 1 plus the mask's variance
 # p / (1 - p)).
 ERROR_WARNING = 1.5
+# ... or when the one-factor residual exceeds ONE_FACTOR_RESIDUAL_WARNING: the clients moved the
+# factor the download keeps (A) so far that most of the round's target lies outside what one
+# factor can carry. Measured on SmolLM2-135M-Instruct (docs/results.md, "Few, long rounds").
+ONE_FACTOR_RESIDUAL_WARNING = 0.75
 
 
 class BroadcastDiagnostics:
@@ -53,6 +60,7 @@ class BroadcastDiagnostics:
         self.steps: dict[str, float] = {}
         self._miss2 = 0.0
         self._target2 = 0.0
+        self._reach2: float | None = None
 
     def add(
         self,
@@ -61,9 +69,11 @@ class BroadcastDiagnostics:
         right: torch.Tensor,
         before: dict[str, torch.Tensor],
         after: dict[str, torch.Tensor],
+        reach_miss: float | None = None,
     ) -> None:
         """One module: target W = left (d_out, k) @ right (k, d_in); before/after: {"A": (r, d_in),
-        "B": (d_out, r)}, the factors before the broadcast and after it is applied."""
+        "B": (d_out, r)}, the factors before the broadcast and after it is applied; reach_miss:
+        the chosen factor's whole-update miss (steps.ModuleUpdate), for one-factor downloads."""
         if self.target_known:
             b_prev, a_prev = before["B"].double(), before["A"].double()
             miss, target = update_error_norms(
@@ -72,6 +82,8 @@ class BroadcastDiagnostics:
             self.errors[module] = round(miss / target, 6) if target > 0 else 0.0
             self._miss2 += miss**2
             self._target2 += target**2
+            if reach_miss is not None:
+                self._reach2 = (self._reach2 or 0.0) + reach_miss**2
         for factor in ("A", "B"):
             size = float(before[factor].norm())
             change = float((after[factor] - before[factor]).norm())
@@ -84,7 +96,11 @@ class BroadcastDiagnostics:
         if not self.target_known:
             return step
         overall = math.sqrt(self._miss2 / self._target2) if self._target2 > 0 else 0.0
-        return {"update_error": {"overall": round(overall, 6), "modules": self.errors}, **step}
+        record = {"update_error": {"overall": round(overall, 6), "modules": self.errors}, **step}
+        if self._reach2 is not None:
+            reach = math.sqrt(self._reach2 / self._target2) if self._target2 > 0 else 0.0
+            record["one_factor_residual"] = round(reach, 6)
+        return record
 
 
 def error_level(header: Header) -> float | None:
@@ -110,6 +126,13 @@ def update_error_warning(header: Header) -> str | None:
                 " one-factor solve is inverting a weak factor and may diverge (see docs/algorithms.md:"
                 " fewer local steps or a lower --lr, or a larger --damping)"
             )
+    reach = info.get("one_factor_residual")
+    if reach is not None and reach > ONE_FACTOR_RESIDUAL_WARNING:
+        return (
+            f"round {header.round}'s target lies {reach:.3g} (relative) outside what one factor can"
+            f" carry (above {ONE_FACTOR_RESIDUAL_WARNING:g}): the clients trained far from the global"
+            " state; with few, long rounds send both factors (--factor-choice both; docs/algorithms.md)"
+        )
     level = error_level(header)
     error = info.get("update_error", {}).get("overall")
     if level is not None and error is not None and error > ERROR_WARNING * level:

@@ -324,7 +324,7 @@ class Method(Algorithm):
                 layout[name] = list(delta.shape)
                 values = decode_download_values(stored, config.value_dtype, int(mask.sum()))  # (kept,)
                 after[factor] = apply_values(prev[factor], mask, values)  # as every client will
-            diagnostics.add(module, left, right, prev, after)
+            diagnostics.add(module, left, right, prev, after, update.reach_miss)
             next_tensors.update({naming.factor_key(module, f): t for f, t in after.items()})
         header = round_header(
             global_state,

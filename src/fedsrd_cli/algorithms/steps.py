@@ -389,10 +389,13 @@ def average_factors(
 class ModuleUpdate:
     """One module's broadcast: (factor, delta) pairs to send, each delta dense and zero outside
     that factor's download mask, and whether the scheduled factor was replaced by the other
-    (FedSRD's rank-deficiency fallback)."""
+    (FedSRD's rank-deficiency fallback). reach_miss (one-factor downloads): how far the chosen
+    factor's whole least-squares update, before any mask, lands from the target W,
+    ||B' A' - W||_F: the part of the target no update of that factor can carry."""
 
     deltas: list[tuple[str, torch.Tensor]]
     fell_back: bool = False
+    reach_miss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -460,17 +463,21 @@ def alternating_update(
         deltas = {f: whole[f](left, right, b_prev, a_prev, download.damping) for f in ("B", "A")}
         miss_b, miss_a = one_factor_misses(left, right, b_prev, a_prev, deltas["B"], deltas["A"])
         factor = "B" if miss_b <= miss_a else "A"
+    if factor not in deltas:
+        deltas[factor] = whole[factor](left, right, b_prev, a_prev, download.damping)
+    zero = {"B": torch.zeros_like(b_prev), "A": torch.zeros_like(a_prev)}
+    trial = {**zero, factor: deltas[factor]}
+    reach_miss = one_factor_misses(left, right, b_prev, a_prev, trial["B"], trial["A"])[
+        0 if factor == "B" else 1
+    ]
     keep = download.keep(factor)
     if download.fit == "lstsq":
         masked = masked_update_b if factor == "B" else masked_update_a
         sent = masked(left, right, b_prev, a_prev, keep, download.damping)
     else:
-        delta = deltas.get(factor)
-        if delta is None:
-            delta = whole[factor](left, right, b_prev, a_prev, download.damping)
-        sent = dare_fit(delta, keep, download.keep_prob)
+        sent = dare_fit(deltas[factor], keep, download.keep_prob)
     fell_back = download.factor_choice == "parity" and factor != scheduled_factor(round_index)
-    return ModuleUpdate([(factor, sent)], fell_back)
+    return ModuleUpdate([(factor, sent)], fell_back, reach_miss)
 
 
 def both_factors_update(
