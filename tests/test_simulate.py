@@ -89,6 +89,10 @@ def test_simulate_two_rounds_then_resume(sim_inputs: dict[str, Path], tmp_path: 
             assert r["upload_bytes"] == pytest.approx(sum(upload_sizes) / 2)
             broadcast = state.parent / f"round-{r['round']}" / "broadcast.safetensors"
             assert r["download_bytes"] == broadcast.stat().st_size
+            # the one-factor download records what one factor cannot carry; FedAvg sends both
+            residual = read_artifact(broadcast).header.info.get("one_factor_residual")
+            assert r["extra"].get("one_factor_residual") == residual
+            assert (residual is None) == (name == "fedavg")
         assert records[2]["cumulative_traffic_per_client"] == pytest.approx(
             records[1]["traffic_per_client"] + records[2]["traffic_per_client"]
         )
@@ -218,6 +222,8 @@ def test_simulate_sends_both_factors_at_the_given_download_sparsity(
     assert factors == {"lora_A", "lora_B"}
     upload = next((out / "work" / "fedsrd" / "seed-0" / "round-1").glob("upload-*.safetensors"))
     assert read_artifact(upload).header.info["sparsify"]["rescale"] is False
+    extra = json.loads((out / "results.json").read_text())["runs"]["fedsrd"]["0"][1]["extra"]
+    assert "one_factor_residual" not in extra  # both factors are sent
     recorded = json.loads((out / "results.json").read_text())["config"]
     assert recorded["download_sparsity"] == 0.5 and recorded["rescale"] is False
     assert recorded["download_value_dtype"] == "int4"

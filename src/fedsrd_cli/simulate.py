@@ -431,6 +431,7 @@ def simulate(
     from fedsrd_cli.adapters import read_local
     from fedsrd_cli.agreement import AgreementKey
     from fedsrd_cli.algorithms import get_algorithm
+    from fedsrd_cli.algorithms.diagnostics import update_error_warning
     from fedsrd_cli.algorithms.protocol import apply_broadcast, default_download_seed, initial_state
     from fedsrd_cli.algorithms.secure import masked_upload, secure_aggregate
     from fedsrd_cli.artifacts import read_artifact, write_artifact
@@ -650,6 +651,7 @@ def simulate(
                 del followed
 
                 losses, mean_loss, task_scores = scores(next_path)
+                warning = update_error_warning(broadcast.header)  # what `broadcast` would print
                 download = broadcast_path.stat().st_size
                 n = len(config.client_data)
                 traffic = sum(upload_sizes) / n + download
@@ -673,6 +675,12 @@ def simulate(
                                 "update_error": broadcast.header.info.get("update_error", {}).get("overall"),
                                 "update_step": broadcast.header.info["update_step"]["max"],
                             }
+                            | (
+                                {"one_factor_residual": broadcast.header.info["one_factor_residual"]}
+                                if "one_factor_residual" in broadcast.header.info
+                                else {}
+                            )
+                            | ({"warning": warning} if warning else {})
                             | privacy_summary(next_state.header.privacy)
                             | ({"prox_mu": config.prox_mu} if name == "fedprox" else {})
                             | ({"trained_factor": only} if only else {})
@@ -685,7 +693,8 @@ def simulate(
                 done += 1
                 if on_progress is not None:
                     label = f"{name} seed {seed} round {round_index}: loss {mean_loss:.4f}"
-                    on_progress(done, total, label + task_label(task_scores, results.get("tasks", {})))
+                    label += task_label(task_scores, results.get("tasks", {}))
+                    on_progress(done, total, label + (f"; warning: {warning}" if warning else ""))
     return _finish(out_dir, config, results, ran, done_before)
 
 
