@@ -178,6 +178,8 @@ class AggregateConfig:
     and replaces --max-update-norm. max_epsilon: refuse a round that would take the
     organisation-level epsilon past it. max_samples: refuse an upload recording more training
     samples (a site that claims a huge count would dominate --weighting samples).
+    align: store W as rank-r factors in the clients' own scale (math.lowrank.align_factors, from
+    their weighted mean factors), for the two-factor download (`--align-factors`).
     """
 
     method: str = "fedsrd"
@@ -189,8 +191,17 @@ class AggregateConfig:
     organisation_dp: OrganisationDp | None = None
     max_epsilon: float | None = None
     max_samples: int | None = None
+    align: bool = False
 
     def __post_init__(self) -> None:
+        _require(
+            not self.align or self.method in ("fedsrd", "fedsrd-e"),
+            f"--align-factors refactors FedSRD's full-rank aggregate; --method {self.method} has none",
+        )
+        _require(
+            not self.align or self.organisation_dp is None,
+            "--align-factors depends on each site's factors: not with organisation-level DP",
+        )
         _require(self.truncation in TRUNCATIONS, f"--truncation must be one of {list(TRUNCATIONS)}")
         _require(self.method in AGGREGATE_METHODS, f"--method must be one of {list(AGGREGATE_METHODS)}")
         _require(self.weighting in WEIGHTINGS, f"--weighting must be one of {list(WEIGHTINGS)}")

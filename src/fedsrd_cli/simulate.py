@@ -60,6 +60,10 @@ LOCAL_TRAINING_REAL = LocalTraining(local_steps=10, lr=1e-4, batch_size=8, max_l
 LOCAL_TRAINING_TOY = LocalTraining(local_steps=30, lr=1e-3, batch_size=16, max_length=512)
 
 
+# The methods whose aggregate is a full-rank W that aggregate --align-factors can refactor.
+ALIGNABLE_METHODS = ("fedsrd", "fedsrd-e")
+
+
 def local_training_defaults(demo_model: str | None) -> LocalTraining:
     """The defaults for `--model toy`, or for every other base (SmolLM2, or the user's own)."""
     return LOCAL_TRAINING_TOY if demo_model == "toy" else LOCAL_TRAINING_REAL
@@ -84,6 +88,8 @@ class SimulateConfig:
     factor_choice, download_sparsity: the download's settings (config.BroadcastConfig). None =
     the commands' defaults (download_sparsity: each method's). download_value_dtype: the
     broadcasts' values (config.DOWNLOAD_VALUE_DTYPES), when not value_dtype.
+    align: aggregate --align-factors for fedsrd and fedsrd-e (the other methods have no
+    full-rank aggregate to refactor).
     rescale: the importance-sparsified upload restores the L1 norm of the kept values
     (sparsify's default; False = sparsify --no-rescale).
     record_dp: every client trains with DP-SGD (train-local --dp-*; a resumed run keeps the plan,
@@ -123,6 +129,7 @@ class SimulateConfig:
     factor_choice: str | None = None
     download_sparsity: float | None = None
     download_value_dtype: str | None = None
+    align: bool = False
     rescale: bool = True
     record_dp: RecordDp | None = None
     organisation_dp: tuple[float, float, float, float] | None = None
@@ -269,6 +276,8 @@ class SimulateConfig:
                 data.pop(key)
         if self.rescale:  # recorded only when off, so runs from before the flag resume
             data.pop("rescale")
+        if not self.align:  # recorded only when on, so runs from before the flag resume
+            data.pop("align")
         if not self.secure:  # recorded only when on, so runs from before the flag resume
             data.pop("secure")
             data.pop("secure_clip")
@@ -620,7 +629,9 @@ def simulate(
                     uploads.append(read_artifact(upload_path, kind=upload.header.kind))
                     upload_sizes.append(upload_path.stat().st_size)
 
-                aggregate_config = AggregateConfig(method=name)
+                aggregate_config = AggregateConfig(
+                    method=name, align=config.align and name in ALIGNABLE_METHODS
+                )
                 if config.organisation_dp is not None:
                     aggregate_config = replace(
                         aggregate_config, organisation_dp=config.organisation_settings(len(chosen))
@@ -806,6 +817,7 @@ def render_markdown(config: SimulateConfig, table: list[dict[str, Any]]) -> str:
         + ("" if config.rescale else "; uploads not rescaled")
         + ("" if config.download_sparsity is None else f"; download sparsity {config.download_sparsity:g}")
         + ("" if config.download_value_dtype is None else f"; download values {config.download_value_dtype}")
+        + ("; aggregates aligned to the clients' factors" if config.align else "")
         + (f"; factor choice {config.factor_choice}" if config.factor_choice is not None else "")
         + (f"; download fit {config.download_fit}" if config.download_fit is not None else "")
         + ".",

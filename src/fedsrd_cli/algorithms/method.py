@@ -40,6 +40,7 @@ from fedsrd_cli.algorithms.steps import (
     Encoded,
     FactorDelta,
     ModuleUpdate,
+    average_factors,
     client_factors,
     clip_clients,
     private_b_update,
@@ -52,6 +53,7 @@ from fedsrd_cli.algorithms.steps import (
 from fedsrd_cli.artifacts import Artifact, content_hash
 from fedsrd_cli.config import VALUE_DTYPES, AggregateConfig, BroadcastConfig, SparsifyConfig
 from fedsrd_cli.errors import MismatchError, UsageError
+from fedsrd_cli.math.lowrank import align_factors
 from fedsrd_cli.math.masks import seeded_keep_mask
 from fedsrd_cli.math.positions import store_mask
 
@@ -219,6 +221,9 @@ class Method(Algorithm):
                 if previous_weight != 0.0:
                     clients, module_weights = with_previous(clients, module_weights, previous_weight)
                 left, right = self.combine(clients, module_weights, rank, route)
+                if config.align:  # W's rank-r factors in the clients' own scale
+                    mean_b, mean_a = average_factors(clients, module_weights, rank, route)
+                    left, right = align_factors(left, right, mean_b, mean_a)
             left_name, right_name = naming.aggregate_keys(module)
             tensors[left_name] = left.float()  # (d_out, k)
             tensors[right_name] = right.float()  # (k, d_in)
@@ -247,6 +252,7 @@ class Method(Algorithm):
                     else {}
                 ),
                 **({"update_norms": decisions} if org is not None else {}),
+                **({"aligned": True} if config.align else {}),
             },
             privacy=privacy,
         )
@@ -309,6 +315,7 @@ class Method(Algorithm):
                 config.factor_choice,
                 None if private is None else private.noise,
                 as_sent,
+                bool(aggregate.header.info.get("aligned", False)),
             )
             update = decompose(module, round_index, a_prev, b_prev, left, right, download)
             if update.fell_back:

@@ -407,7 +407,9 @@ class Download:
     factor_choice as in config.BroadcastConfig; noise(shape) -> float64 Gaussian noise of the
     round's organisation-level DP (None without it); sent(factor, delta) -> the dense delta as
     clients will apply it (masked, stored in the broadcast's value dtype, decoded; None: the
-    delta masked, as it is).
+    delta masked, as it is). aligned: the aggregate's factors (left (d_out, r), right (r, d_in))
+    are W's rank-r factors in the clients' own scale (aggregate --align-factors): the two-factor
+    download moves toward them.
     """
 
     keep: Callable[[str], torch.Tensor]
@@ -417,6 +419,7 @@ class Download:
     factor_choice: str
     noise: Callable[[tuple[int, ...]], torch.Tensor] | None = None
     sent: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+    aligned: bool = False
 
     def as_sent(self, factor: str, delta: torch.Tensor) -> torch.Tensor:
         """delta as clients will apply it (see `sent`)."""
@@ -503,12 +506,15 @@ def both_factors_update(
     "lstsq" never moves the state farther from W than the step before it did.
     """
     keep_b, keep_a = download.keep("B"), download.keep("A")
+    # The A the B step solves against: A_prev, or the aligned aggregate's own A, so that with
+    # nothing masked the two steps land on the aggregate's factors themselves.
+    a_ref = right if download.aligned and right.shape == a_prev.shape else a_prev
     if download.fit == "lstsq":
-        delta_b = masked_update_b(left, right, b_prev, a_prev, keep_b, download.damping)
+        delta_b = masked_update_b(left, right, b_prev, a_ref, keep_b, download.damping)
         b_next = b_prev + download.as_sent("B", delta_b)  # (d_out, r)
         delta_a = masked_update_a(left, right, b_next, a_prev, keep_a, download.damping)
     else:
-        whole_b = update_b(left, right, b_prev, a_prev, download.damping)  # (d_out, r)
+        whole_b = update_b(left, right, b_prev, a_ref, download.damping)  # (d_out, r)
         delta_b = dare_fit(whole_b, keep_b, download.keep_prob)
         b_next = b_prev + download.as_sent("B", delta_b)
         delta_a = dare_fit(

@@ -154,6 +154,14 @@ def aggregate_cmd(
             " or auto (exact up to 12 clients at the default sketch).",
         ),
     ] = "auto",
+    align_factors: Annotated[
+        bool,
+        typer.Option(
+            "--align-factors",
+            help="fedsrd, fedsrd-e: store W as rank-r factors in the clients' own scale (one least-squares"
+            " sweep from their mean factors), for broadcast --factor-choice both (few, long rounds).",
+        ),
+    ] = False,
     max_samples: Annotated[
         int | None,
         typer.Option(
@@ -264,6 +272,7 @@ def aggregate_cmd(
         require_dp,
         max_epsilon=dp_max_epsilon,
         max_samples=max_samples,
+        align=align_factors,
     )
     if dp_clip is not None:
         # The flags' own checks (OrganisationDp, AggregateConfig) before any file is read.

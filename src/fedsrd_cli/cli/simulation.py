@@ -252,6 +252,13 @@ def simulate_cmd(
             show_default=False,
         ),
     ] = None,
+    align_factors: Annotated[
+        bool,
+        typer.Option(
+            "--align-factors",
+            help="aggregate --align-factors for fedsrd and fedsrd-e (with --factor-choice both).",
+        ),
+    ] = False,
     no_rescale: Annotated[
         bool,
         typer.Option(
@@ -394,6 +401,7 @@ def simulate_cmd(
         factor_choice=factor_choice,
         download_sparsity=download_sparsity,
         download_value_dtype=download_value_dtype,
+        align=align_factors,
         rescale=not no_rescale,
         record_dp=record_dp,
         organisation_dp=organisation_dp,
