@@ -116,3 +116,58 @@ def test_broadcast_config_accepts_both_and_names_the_choices_when_wrong():
     assert BroadcastConfig(factor_choice="both").factor_choice == "both"
     with pytest.raises(UsageError, match="'fit', 'parity', 'b', 'both'"):
         BroadcastConfig(factor_choice="neither")
+
+
+def test_align_factors_matches_the_dense_least_squares_sweep_and_keeps_the_clients_scale():
+    from fedsrd_cli.math.lowrank import align_factors
+
+    g = torch.Generator().manual_seed(7)
+    d_out, d_in, r = 30, 44, 5
+    mean_b = 0.05 * torch.randn(d_out, r, generator=g, dtype=torch.float64)
+    mean_a = 0.2 * torch.randn(r, d_in, generator=g, dtype=torch.float64)
+    w = (mean_b + 0.01 * torch.randn(d_out, r, generator=g, dtype=torch.float64)) @ (
+        mean_a + 0.05 * torch.randn(r, d_in, generator=g, dtype=torch.float64)
+    )  # (d_out, d_in), rank r
+    u, s, vh = torch.linalg.svd(w)
+    left, right = u[:, :r] * s[:r], vh[:r]  # the truncated SVD's scale: all of W in `left`
+    damping = 1e-3
+    b_new, a_new = align_factors(left, right, mean_b, mean_a, damping)
+    gram_a = mean_a @ mean_a.T
+    lam_a = damping * float(torch.linalg.eigvalsh(gram_a)[-1])
+    ref_b = w @ mean_a.T @ torch.linalg.inv(gram_a + lam_a * torch.eye(r, dtype=torch.float64))
+    gram_b = ref_b.T @ ref_b
+    lam_b = damping * float(torch.linalg.eigvalsh(gram_b)[-1])
+    ref_a = torch.linalg.inv(gram_b + lam_b * torch.eye(r, dtype=torch.float64)) @ ref_b.T @ w
+    torch.testing.assert_close(b_new, ref_b, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(a_new, ref_a, rtol=1e-9, atol=1e-12)
+    exact_b, exact_a = align_factors(left, right, mean_b, mean_a, 1e-14)
+    torch.testing.assert_close(exact_b @ exact_a, w, rtol=1e-8, atol=1e-10)  # rank r: W itself
+    assert float((exact_b - mean_b).norm()) < 0.5 * float(mean_b.norm())  # near the clients' B
+    assert float((exact_a - mean_a).norm()) < 0.5 * float(mean_a.norm())
+    # ... which the SVD's factors of the same W are not
+    assert float((left - mean_b).norm()) > 2 * float((exact_b - mean_b).norm())
+    assert float((right - mean_a).norm()) > 2 * float((exact_a - mean_a).norm())
+
+
+def test_aligned_two_factor_download_with_nothing_masked_lands_on_the_aggregate_factors():
+    b_prev, a_prev, left, right, _ = _state(4)
+    keep_b = torch.ones_like(b_prev, dtype=torch.bool)
+    keep_a = torch.ones_like(a_prev, dtype=torch.bool)
+    aligned = Download({"B": keep_b, "A": keep_a}.__getitem__, 1.0, 0.0, "lstsq", "both", aligned=True)
+    update = both_factors_update(a_prev, b_prev, left, right, aligned)
+    b_next, a_next = _apply(b_prev, a_prev, update)
+    torch.testing.assert_close(b_next, left, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(a_next, right, rtol=1e-9, atol=1e-12)
+
+
+def test_align_is_refused_where_there_is_no_full_rank_aggregate():
+    from fedsrd_cli.config import AggregateConfig
+    from fedsrd_cli.privacy.ledger import OrganisationDp
+
+    assert AggregateConfig(method="fedsrd-e", align=True).align
+    with pytest.raises(UsageError, match="--align-factors refactors"):
+        AggregateConfig(method="fedavg", align=True)
+    with pytest.raises(UsageError, match="not with organisation-level DP"):
+        AggregateConfig(
+            method="fedsrd-e", align=True, organisation_dp=OrganisationDp(0.1, 1.0, 1.0, 1e-3, 4, 4)
+        )
