@@ -227,3 +227,169 @@ def write_tiny_gguf(model_dir: Path, path: Path) -> Path:
 def tiny_gguf(tiny_model: Path, tmp_path_factory) -> Path:
     """tiny_model's weights and tokenizer as one F32 GGUF file."""
     return write_tiny_gguf(tiny_model, tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")
+
+
+# --------------------------------------------------------------------------- a tiny Gemma-3 GGUF base
+
+# Gemma-3-270M's Q4_K_M file stores its tensors in these llama.cpp types (the rest in F32); the tiny
+# one does too, so transformers' dequantization of each is compared with gguf-py's.
+_GEMMA3_TYPES = {
+    "token_embd": "Q8_0",
+    "attn_q": "Q5_0",
+    "attn_k": "Q5_0",
+    "attn_v": "Q8_0",
+    "attn_output": "Q4_K",
+    "ffn_gate": "Q5_0",
+    "ffn_up": "Q5_0",
+    "ffn_down": "Q6_K",
+}
+# Whole words in the tiny SentencePiece vocabulary (with every prefix, so that merges exist).
+_GEMMA3_WORDS = ["###", "\u2581Instruction", "\u2581Response", "What", "\u2581What", "\u2581is"]
+
+
+def _gemma3_vocab() -> tuple[list[str], list[int]]:
+    """A SentencePiece-style vocabulary as Gemma's GGUF files spell it: <pad> <eos> <bos> <unk>,
+    256 byte tokens, single characters ("\u2581" for a space), then words and their prefixes."""
+    import string
+
+    import gguf
+
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    types = [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.UNKNOWN]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [gguf.TokenType.BYTE] * 256
+    chars = ["\n", "\u2581"] + [c for c in string.printable if c not in string.whitespace]
+    words = [w[:n] for w in _GEMMA3_WORDS for n in range(2, len(w) + 1)]
+    for token in chars + list(dict.fromkeys(words)):
+        if token not in tokens:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def _gemma3_stored(rows: int, cols: int, kind: str, weight: torch.Tensor, generator: torch.Generator):
+    """(the bytes or floats llama.cpp would store, the GGML type) for one tensor of `kind`.
+
+    Q8_0 / Q5_0 quantize `weight` with gguf-py. gguf-py cannot quantize the K types, so a
+    Q4_K / Q6_K tensor is random well-formed blocks (small scales, random codes)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    qtype = GGMLQuantizationType[kind]
+    if kind in ("Q8_0", "Q5_0"):
+        return quants.quantize(weight.float().numpy(), qtype), qtype
+    blocks = rows * cols // 256
+    raw = torch.randint(0, 256, (blocks, 144 if kind == "Q4_K" else 210), generator=generator).numpy()
+    raw = raw.astype(np.uint8)
+    half = np.dtype("<f2")
+    if kind == "Q4_K":  # d, dmin (fp16), 12 bytes of 6-bit scales and mins, 128 bytes of 4-bit codes
+        raw[:, 0:2] = np.full(blocks, 1e-4, half).view(np.uint8).reshape(blocks, 2)
+        raw[:, 2:4] = np.full(blocks, 5e-5, half).view(np.uint8).reshape(blocks, 2)
+    else:  # Q6_K: 128 + 64 bytes of 6-bit codes, 16 int8 scales, d (fp16) last
+        raw[:, 208:210] = np.full(blocks, 2e-5, half).view(np.uint8).reshape(blocks, 2)
+    return raw.reshape(rows, -1), qtype
+
+
+def build_tiny_gemma3_gguf(folder: Path, seed: int = 0) -> tuple[Path, Path]:
+    """A 6-layer Gemma-3 (hidden 256: the K types need rows of 256) written as one Q4_K_M-like
+    GGUF file the way llama.cpp writes Gemma-3-270M, and the same weights as gguf-py
+    dequantizes them saved by save_pretrained: (gguf file, reference directory).
+
+    What llama.cpp does for Gemma that the tiny Llama does not show: norm weights stored as
+    1 + w, no output.weight (lm_head is tied to the embedding), q/k rows not permuted,
+    a SentencePiece ("llama") vocabulary without merges, the sliding window in the metadata.
+    Six layers, so that transformers' default pattern gives five sliding layers and one full.
+    """
+    import gguf
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokens, types = _gemma3_vocab()
+    config = Gemma3TextConfig(
+        vocab_size=len(tokens),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=256,
+        sliding_window=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = Gemma3ForCausalLM(config)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, config.num_hidden_layers)
+    path = folder / "tiny-gemma3.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_name("tiny-gemma3")
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["full_attention"]["rope_theta"])
+    writer.add_sliding_window(config.sliding_window)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([float(-i) for i in range(len(tokens))])
+    writer.add_token_types(types)
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(config.pad_token_id)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(False)
+    expected = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied: llama.cpp writes no output.weight for Gemma
+        gguf_name = names.get_name(name, try_suffixes=(".weight",))  # e.g. "blk.0.attn_q.weight"
+        assert gguf_name is not None, name
+        stem = gguf_name.removesuffix(".weight")
+        kind = _GEMMA3_TYPES.get(stem.rsplit(".", 1)[-1])
+        if kind is None:
+            # norms: Gemma computes x * (1 + w); random w (not the zeros it starts with), stored as 1 + w
+            stored = torch.randn(tensor.shape, generator=generator) * 0.1 + 1
+            writer.add_tensor(gguf_name, stored.numpy())
+            expected[name] = stored - 1  # what the file holds, fp32 rounding included
+            continue
+        stored, qtype = _gemma3_stored(*tensor.shape, kind, tensor, generator)
+        writer.add_tensor(gguf_name, stored, raw_dtype=qtype)
+        floats = quants.dequantize(stored, GGMLQuantizationType(qtype))
+        expected[name] = torch.from_numpy(np.ascontiguousarray(floats, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert all(bool(t.isfinite().all()) and float(t.abs().max()) < 1 for t in expected.values())
+    model.load_state_dict(expected, strict=False)  # lm_head follows the tied embedding
+    reference = folder / "tiny-gemma3"
+    model.save_pretrained(str(reference))
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(folder), gguf_file=str(path.resolve()), local_files_only=True
+    )
+    tokenizer.save_pretrained(str(reference))
+    return path, reference
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> tuple[Path, Path]:
+    """(tiny Gemma-3 GGUF file, the same weights dequantized and saved by save_pretrained)."""
+    return build_tiny_gemma3_gguf(tmp_path_factory.mktemp("gemma3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_gguf(tiny_gemma3: tuple[Path, Path]) -> Path:
+    return tiny_gemma3[0]

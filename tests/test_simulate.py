@@ -320,11 +320,19 @@ def test_demo_assets_of_another_model_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_simulate_on_a_gguf_base(tiny_gguf: Path, tiny_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("base_fixture", ["tiny_gguf", "tiny_gemma3_gguf"])
+def test_simulate_on_a_gguf_base(
+    base_fixture: str, tiny_data: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """One round of two clients on a GGUF base: the tiny Llama, and the tiny Gemma-3 (tied
+    embeddings, K-quant tensors, a SentencePiece vocabulary)."""
+    tiny_gguf = request.getfixturevalue(base_fixture)
+    left = write_jsonl(tmp_path / "left.jsonl", TINY_RECORDS[:3])
+    right = write_jsonl(tmp_path / "right.jsonl", TINY_RECORDS[3:])
     summary = run_cli(
-        "simulate", "--base", tiny_gguf, "--clients-data", tiny_data, "--eval-data", tiny_data,
-        "--algorithms", "fedavg", "--rounds", 1, "--local-steps", 2, "--batch-size", 3, "--rank", 4,
-        "--out", tmp_path / "results", "--json",
+        "simulate", "--base", tiny_gguf, "--clients-data", left, "--clients-data", right,
+        "--eval-data", tiny_data, "--algorithms", "fedavg", "--rounds", 1, "--local-steps", 2,
+        "--batch-size", 3, "--rank", 4, "--out", tmp_path / "results", "--json",
     )  # fmt: skip
     assert summary["rounds_run_now"]
     config = json.loads((tmp_path / "results" / "config.json").read_text())

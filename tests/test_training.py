@@ -452,6 +452,93 @@ def test_cli_round_on_a_gguf_base(tiny_model: Path, tiny_gguf: Path, tiny_data: 
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "adapter-x").exists()
 
 
+# --------------------------------------------------------------------------- a Gemma-3 GGUF file as --base
+
+
+def test_gemma3_gguf_base_loads_as_its_dequantized_weights(
+    tiny_gemma3: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A Gemma-3 GGUF in Gemma-3-270M's Q4_K_M types (Q8_0, Q5_0, Q4_K, Q6_K) loads to exactly
+    gguf-py's dequantization of its tensors: norms back from llama.cpp's 1 + w, lm_head tied to the
+    embedding, five sliding-window layers and one full, a tokenizer that adds <bos>."""
+    gguf_file, reference = tiny_gemma3
+    loaded = load_base(gguf_file, "cpu", "fp32")
+    source = load_base(reference, "cpu", "fp32")
+    model = loaded.model
+    assert type(model).__name__ == "Gemma3ForCausalLM" and model.config.model_type == "gemma3_text"
+    assert model.config.layer_types == ["sliding_attention"] * 5 + ["full_attention"]
+    assert model.config.sliding_window == 8
+    expected, found = source.model.state_dict(), model.state_dict()
+    assert set(found) == set(expected)
+    assert all(torch.equal(found[name], expected[name]) for name in expected)
+    # tied, as in the file (which has no output.weight), after _plain_model's rebuild too
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    text = "### Instruction:\nWhat is 12 + 7?\n\n### Response:\n"
+    ids = loaded.tokenizer(text)["input_ids"]
+    pieces = loaded.tokenizer.convert_ids_to_tokens(ids)
+    assert pieces[:3] == ["<bos>", "###", "\u2581Instruction"] and "\u2581Response" in pieces
+    assert (loaded.tokenizer.eos_token_id, loaded.tokenizer.pad_token_id) == (1, 0)
+    assert len(ids) > model.config.sliding_window  # so that the sliding layers mask something
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=torch.tensor([ids])).logits,
+                                   source.model(input_ids=torch.tensor([ids])).logits)  # fmt: skip
+    assert getattr(model, "hf_quantizer", None) is None
+    model.save_pretrained(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_cli_round_on_a_gemma3_gguf_base(tiny_gemma3_gguf: Path, tmp_path: Path) -> None:
+    """A whole round on the Gemma-3 GGUF: init (all-linear: the 7 projections of its 6 layers),
+    train-local of two clients, sparsify, aggregate, broadcast, apply, eval and export; the exported
+    adapter loads onto the GGUF as docs/deployment.md shows, giving fedsrd's own logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedsrd_cli.training import load_adapter
+
+    base = tiny_gemma3_gguf
+    data = [write_jsonl(tmp_path / f"c{i}.jsonl", TINY_RECORDS[i * 3 : i * 3 + 3]) for i in range(2)]
+    g0, g1 = tmp_path / "g0.safetensors", tmp_path / "g1.safetensors"
+    report = run_cli("init", "--base", base, "--out", g0, "--rank", "4", "--json")
+    assert report["modules"] == 6 * 7
+    assert read_artifact(g0, kind="state").header.lora.target_modules == (
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj",
+    )  # fmt: skip
+    uploads = []
+    for i, file in enumerate(data):
+        local, upload = tmp_path / f"local{i}.safetensors", tmp_path / f"upload{i}.safetensors"
+        run_cli("train-local", "--base", base, "--global", g0, "--data", file, "--out", local,
+                "--steps", "2", "--batch-size", "2", "--max-length", "64", "--client", f"c{i}")  # fmt: skip
+        run_cli("sparsify", "--global", g0, "--local", local, "--client", f"c{i}", "--out", upload)
+        uploads.append(upload)
+    aggregate = tmp_path / "aggregate.safetensors"
+    run_cli("aggregate", "--global", g0, "--out", aggregate, *uploads)
+    broadcast = tmp_path / "broadcast.safetensors"
+    run_cli("broadcast", "--global", g0, "--aggregate", aggregate, "--out", broadcast, "--out-global", g1)
+    client_g1 = tmp_path / "client-g1.safetensors"
+    run_cli("apply", "--global", g0, "--broadcast", broadcast, "--out", client_g1)
+    assert client_g1.read_bytes() == g1.read_bytes()
+    metrics = run_cli(
+        "eval", "--base", base, "--global", g1, *("--data", data[0]), "--max-length", "64", "--json"
+    )
+    assert metrics["mean"]["loss"] > 0
+    adapter = tmp_path / "adapter"
+    run_cli("export", "--global", g1, "--base", base, "--out", adapter)
+    # docs/deployment.md: load the GGUF base yourself, then the adapter
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base.parent, gguf_file=base.name), str(adapter)
+    )
+    ours = load_base(base, "cpu", "fp32")
+    load_adapter(ours, adapter)
+    ids = torch.tensor([ours.tokenizer("What is 1 + 2?")["input_ids"]])
+    with torch.no_grad():
+        with_adapter = ours.model(input_ids=ids).logits
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, with_adapter)
+        with ours.model.disable_adapter():
+            assert not torch.equal(ours.model(input_ids=ids).logits, with_adapter)
+
+
 def test_cli_bad_base_path_gives_one_line(tiny_data: Path, tmp_path: Path) -> None:
     weights = tmp_path / "pytorch_model.bin"
     weights.write_bytes(b"\x80\x02 not a model")
