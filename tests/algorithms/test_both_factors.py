@@ -134,13 +134,14 @@ def test_align_factors_matches_the_dense_least_squares_sweep_and_keeps_the_clien
     b_new, a_new = align_factors(left, right, mean_b, mean_a, damping)
     gram_a = mean_a @ mean_a.T
     lam_a = damping * float(torch.linalg.eigvalsh(gram_a)[-1])
-    ref_b = w @ mean_a.T @ torch.linalg.inv(gram_a + lam_a * torch.eye(r, dtype=torch.float64))
+    eye = torch.eye(r, dtype=torch.float64)
+    ref_b = mean_b + (w - mean_b @ mean_a) @ mean_a.T @ torch.linalg.inv(gram_a + lam_a * eye)
     gram_b = ref_b.T @ ref_b
     lam_b = damping * float(torch.linalg.eigvalsh(gram_b)[-1])
-    ref_a = torch.linalg.inv(gram_b + lam_b * torch.eye(r, dtype=torch.float64)) @ ref_b.T @ w
+    ref_a = mean_a + torch.linalg.inv(gram_b + lam_b * eye) @ ref_b.T @ (w - ref_b @ mean_a)
     torch.testing.assert_close(b_new, ref_b, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(a_new, ref_a, rtol=1e-9, atol=1e-12)
-    exact_b, exact_a = align_factors(left, right, mean_b, mean_a, 1e-14)
+    exact_b, exact_a = align_factors(left, right, mean_b, mean_a, 0.0)
     torch.testing.assert_close(exact_b @ exact_a, w, rtol=1e-8, atol=1e-10)  # rank r: W itself
     assert float((exact_b - mean_b).norm()) < 0.5 * float(mean_b.norm())  # near the clients' B
     assert float((exact_a - mean_a).norm()) < 0.5 * float(mean_a.norm())

@@ -471,29 +471,17 @@ def align_factors(
     damping: float = 1e-3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Refactor W = left @ right into rank-r factors in the clients' own scale: one alternating
-    least-squares sweep from their mean A.
+    least-squares sweep that starts from, and is ridge-damped toward, their mean factors.
 
     left (d_out, k), right (k, d_in), mean_b (d_out, r), mean_a (r, d_in) -> (B' (d_out, r), A' (r, d_in))
-        B' = W mean_a^T (mean_a mean_a^T + lam_a I)^-1        = left (right mean_a^T) (G_a + lam_a I)^-1
-        A' = (B'^T B' + lam_b I)^-1 B'^T W                    = (G_b + lam_b I)^-1 (B'^T left) right
-    lam = damping * sigma_max^2 of the factor inverted (G_a = mean_a mean_a^T, G_b = B'^T B').
-    A truncated SVD's factors (U S, V^T) hold W's scale in one factor; these keep each factor
-    near the clients' averaged one, the scale their optimizer trained (FedAvg's factors, when
-    the clients' products average to W). When W has rank r and B' has rank r, B' A' = W up to
-    the damping. A zero mean_b with a zero W gives zero factors (mean_a is then returned).
+        B' = mean_b + update_b(W; mean_b, mean_a)   = mean_b + (W - mean_b mean_a) mean_a^T (G_a + lam_a I)^-1
+        A' = mean_a + update_a(W; B', mean_a)       = mean_a + (G_b + lam_b I)^-1 B'^T (W - B' mean_a)
+    G_a = mean_a mean_a^T, G_b = B'^T B', lam = damping * sigma_max^2 of the factor inverted; no
+    (d_out, d_in) matrix is formed. A truncated SVD's factors (U S, V^T) hold W's scale in one
+    factor; these stay near the clients' averaged factors, the scale their optimizer trained,
+    and where a factor is weak the damping leaves the mean factor as it is instead of
+    shrinking it to zero. With damping 0, W of rank r and B' of rank r, B' A' = W.
     """
-    gram_a = mean_a @ mean_a.mT  # (r, r)
-    lam_a = _ridge_scale(gram_a, damping)
-    if float(lam_a) == 0.0:
-        return torch.zeros_like(mean_b), mean_a.clone()
-    with single_threaded():
-        chol = torch.linalg.cholesky(gram_a + lam_a * torch.eye(gram_a.shape[0], dtype=gram_a.dtype))
-        b_new = torch.cholesky_solve((left @ (right @ mean_a.mT)).mT, chol).mT  # (d_out, r)
-    gram_b = b_new.mT @ b_new  # (r, r)
-    lam_b = _ridge_scale(gram_b, damping)
-    if float(lam_b) == 0.0:
-        return b_new, mean_a.clone()
-    with single_threaded():
-        chol = torch.linalg.cholesky(gram_b + lam_b * torch.eye(gram_b.shape[0], dtype=gram_b.dtype))
-        a_new = torch.cholesky_solve((b_new.mT @ left) @ right, chol)  # (r, d_in)
+    b_new = mean_b + update_b(left, right, mean_b, mean_a, damping)  # (d_out, r)
+    a_new = mean_a + update_a(left, right, b_new, mean_a, damping)  # (r, d_in)
     return b_new, a_new
