@@ -548,3 +548,48 @@ def test_cli_bad_base_path_gives_one_line(tiny_data: Path, tmp_path: Path) -> No
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {base}:")
     assert not (tmp_path / "g.safetensors").exists()
+
+
+def test_train_local_measures_what_a_one_factor_download_cannot_carry(
+    run_dir: Path, tiny_model: Path, tiny_data: Path
+) -> None:
+    """train-local reports ||dW (I - P_A)|| / ||dW|| of its own update (P_A: the projector on the
+    global A's row space), equal to a dense computation from the files, and warns in one line
+    above the level where FedSRD's default download loses to FedAvg; a short, slow run does not."""
+    from fedsrd_cli.algorithms.diagnostics import ONE_FACTOR_RESIDUAL_WARNING, local_update_warning
+
+    g = read_artifact(run_dir / "g0.safetensors", kind="state")
+    reports = {}
+    for tag, steps, lr in (("short", "1", "1e-4"), ("long", "20", "2e-2")):
+        out = run_dir / f"residual-{tag}.safetensors"
+        args = [
+            "train-local",
+            "--base",
+            tiny_model,
+            "--global",
+            run_dir / "g0.safetensors",
+            "--data",
+            tiny_data,
+        ]
+        result = runner.invoke(
+            app, [str(a) for a in [*args, "--out", out, "--steps", steps, "--lr", lr, "--json"]]
+        )
+        assert result.exit_code == 0, result.output
+        local = read_artifact(out, kind="state")
+        outside2 = total2 = 0.0
+        for module in g.modules():
+            a, b = (t.double() for t in g.factors(module))
+            a_new, b_new = (t.double() for t in local.factors(module))
+            dw = b_new @ a_new - b @ a  # (d_out, d_in)
+            projector = torch.linalg.pinv(a) @ a  # (d_in, d_in)
+            outside2 += float((dw - dw @ projector).norm()) ** 2
+            total2 += float(dw.norm()) ** 2
+        reported = json.loads(result.stdout)["one_factor_residual"]
+        assert reported == pytest.approx((outside2 / total2) ** 0.5, abs=1e-5)
+        reports[tag] = (reported, "warning:" in result.output)
+    for residual, warned in reports.values():  # the one-line warning, exactly above the level
+        assert warned == (residual > ONE_FACTOR_RESIDUAL_WARNING)
+    assert reports["short"][0] < 0.5 * reports["long"][0]
+    warning = local_update_warning(ONE_FACTOR_RESIDUAL_WARNING + 0.05)
+    assert warning and "outside what FedSRD's default one-factor download can carry" in warning
+    assert local_update_warning(ONE_FACTOR_RESIDUAL_WARNING) is None

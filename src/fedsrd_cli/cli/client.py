@@ -114,6 +114,7 @@ def train_local_cmd(
     import json
     import time
 
+    from fedsrd_cli.algorithms.diagnostics import local_one_factor_residual, local_update_warning
     from fedsrd_cli.artifacts import write_artifact
     from fedsrd_cli.atomic import FileWrite, ensure_writable
     from fedsrd_cli.math.threads import use_threads
@@ -223,6 +224,10 @@ def train_local_cmd(
         tensors, stats = train_local(model, global_state, datasets, config, on_step)
     if ledger is not None:
         check_private_run(stats, ledger)
+    residual = local_one_factor_residual(global_state, tensors)
+    warning = local_update_warning(residual)
+    if warning:
+        out.note(f"warning: {warning}")
     info = {
         "train": {
             "steps": stats.steps,
@@ -252,6 +257,7 @@ def train_local_cmd(
             "client_id": client or None,
             "device": str(model.device),
             "threads": threads,
+            "one_factor_residual": round(residual, 6),
             **(
                 {"dp_epsilon": ledger.epsilon, "dp_delta": ledger.delta, "dp_rounds": ledger.rounds}
                 if ledger is not None

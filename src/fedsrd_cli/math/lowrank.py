@@ -485,3 +485,22 @@ def align_factors(
     b_new = mean_b + update_b(left, right, mean_b, mean_a, damping)  # (d_out, r)
     a_new = mean_a + update_a(left, right, b_new, mean_a, damping)  # (r, d_in)
     return b_new, a_new
+
+
+def outside_row_space(
+    b_new: torch.Tensor, a_new: torch.Tensor, b_prev: torch.Tensor, a_prev: torch.Tensor
+) -> tuple[float, float]:
+    """How much of a client's update lies outside A_prev's row space, which no B update reaches.
+
+    b_new (d_out, r), a_new (r, d_in), b_prev (d_out, r), a_prev (r, d_in) -> (||dW (I - P)||_F^2,
+    ||dW||_F^2) with dW = B_new A_new - B_prev A_prev and P = A_prev^T (A_prev A_prev^T)^-1 A_prev
+    the projector on A_prev's row space (pseudo-inverse when A_prev is rank-deficient).
+    ||dW P||^2 = ||dW A_prev^T L^-T||^2 for G = A_prev A_prev^T = L L^T, and
+    dW A_prev^T = B_new (A_new A_prev^T) - B_prev G: only (d_out, r) and (r, r) products.
+    """
+    total2 = float(product_frobenius_norm(torch.cat([b_new, -b_prev], 1), torch.cat([a_new, a_prev], 0))) ** 2
+    gram = a_prev @ a_prev.mT  # (r, r)
+    along = b_new @ (a_new @ a_prev.mT) - b_prev @ gram  # (d_out, r) = dW A_prev^T
+    with single_threaded():
+        inside2 = float((along @ torch.linalg.pinv(gram, hermitian=True) * along).sum())
+    return max(total2 - inside2, 0.0), total2
