@@ -270,3 +270,18 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def replaces_assets(out_dir: Path, force: bool) -> bool:
+    """Whether writing demo assets into out_dir replaces an earlier demo-assets output (True:
+    --force was given and out_dir holds one); False when out_dir is absent or empty. Anything
+    else raises OutputExistsError, saying how to proceed."""
+    if not (out_dir.exists() and any(out_dir.iterdir())):
+        return False
+    if not force:
+        raise OutputExistsError(f"{out_dir}: exists and is not empty (pass --force to replace it)")
+    if not (out_dir / "manifest.json").is_file():
+        raise OutputExistsError(
+            f"{out_dir}: not a fedsrd demo-assets directory; refusing to replace it even with --force"
+        )
+    return True

