@@ -164,3 +164,49 @@ def test_one_factor_residual_matches_a_dense_reference_and_warns_above_its_level
     above = replace(header, round=2, info={**quiet, "one_factor_residual": ONE_FACTOR_RESIDUAL_WARNING + 0.1})
     warning = update_error_warning(above)
     assert warning and "outside what one factor can carry" in warning and "--factor-choice both" in warning
+
+
+def test_quantized_broadcast_applies_as_the_coordinator_computed_and_bad_codes_are_refused(tmp_path):
+    """broadcast --value-dtype int4 / int8: apply reproduces the coordinator's next state bit for
+    bit (the result hash), each value is within half a block step of the unquantized update, and
+    a file whose codes or scales do not fit the seeded mask is refused on read."""
+    import pytest
+    import torch
+
+    from fedsrd_cli import naming
+    from fedsrd_cli.artifacts import write_artifact
+    from fedsrd_cli.errors import ArtifactError
+
+    g0 = make_global(tmp_path / "g0.safetensors")
+    _, plain, _ = _broadcast(tmp_path, g0, "q", "--factor-choice", "both", "--value-dtype", "fp32")
+    for dtype in ("int8", "int4"):
+        bc, nxt = tmp_path / f"bc-{dtype}.safetensors", tmp_path / f"g-{dtype}.safetensors"
+        agg = tmp_path / "agg-q.safetensors"
+        run("broadcast", "--global", g0, "--aggregate", agg, "--out", bc, "--out-global", nxt,
+            "--factor-choice", "both", "--value-dtype", dtype)  # fmt: skip
+        applied = tmp_path / f"applied-{dtype}.safetensors"
+        run("apply", "--global", g0, "--broadcast", bc, "--out", applied)
+        assert read_artifact(applied).header.content_hash == read_artifact(nxt).header.content_hash
+        quantized, reference = read_artifact(bc), read_artifact(plain)
+        for name in quantized.header.layout:  # the B values are the same solve; A's follow B as sent
+            if name.endswith("lora_B.weight"):
+                values = quantized.broadcast_values(name)
+                exact = reference.broadcast_values(name)
+                step = quantized.tensor(naming.scales_key(name)).repeat_interleave(64)[: values.numel()]
+                assert bool(((values - exact).abs() <= step / 2 + 1e-6).all())
+    name = next(n for n in quantized.header.layout)
+    tensors = {n: quantized.tensor(n) for n in quantized.names}
+    broken = dict(tensors)
+    broken[naming.scales_key(name)] = tensors[naming.scales_key(name)][:-1]  # one scale short
+    bad = tmp_path / "bad.safetensors"
+    with pytest.raises(ArtifactError, match="scales"):
+        write_artifact(bad, quantized.header, broken, force=True)
+        read_artifact(bad)
+    zero_nibble = dict(tensors)
+    codes = tensors[naming.values_key(name)].clone()
+    codes[0] = codes[0] & 0xF0  # a low nibble of 0: never written
+    zero_nibble[naming.values_key(name)] = codes
+    with pytest.raises(ArtifactError, match="is 0"):
+        write_artifact(bad, quantized.header, zero_nibble, force=True)
+        read_artifact(bad)
+    assert torch.equal(read_artifact(bc).tensor(naming.values_key(name)), tensors[naming.values_key(name)])
