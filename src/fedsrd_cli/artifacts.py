@@ -376,7 +376,7 @@ def _check_delta_layout(
 
 def _quantized_dtype(header: Header) -> str | None:
     """ "int8" or "int4" for a broadcast whose values are block-quantized codes, else None."""
-    value_dtype = header.info.get("value_dtype")
+    value_dtype = header.info.get("value_dtype") if isinstance(header.info, dict) else None
     if header.kind == "broadcast" and value_dtype in QUANTIZED_BITS:
         return value_dtype
     return None

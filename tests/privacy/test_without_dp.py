@@ -3,6 +3,10 @@
 The digest below was computed from the files of this same round written by the commit before
 the privacy work (170b35e): one round of FedSRD, FedSRD-e, FedAvg and FFA-LoRA with three
 clients, every local state, upload, aggregate, broadcast and next state (37 files).
+
+Updated on 2026-11-30: the one-factor broadcasts (FedSRD, FedSRD-e) now record
+info.one_factor_residual. Comparing this round's 37 files with those of 9ceea1b showed that
+this key is the only change: every tensor, and every other file, is byte for byte the same.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
 
 from ..conftest import make_global
 
-BEFORE_PRIVACY = "fd85ca82cac5249467b0c48d9a3c2ef09fef6349e8832d19b3287d653ece7716"
+BEFORE_PRIVACY = "17e237828670cca3e6868f63097a5716976e177526ffaf968d56d1b6bfd305d0"
 
 
 def write_round(out: Path) -> list[Path]:
