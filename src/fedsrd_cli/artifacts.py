@@ -655,11 +655,12 @@ class Artifact:
                 f"{self.where}: the mask of {name} keeps {kept} elements, which {value_dtype} stores as"
                 f" {codes} code bytes and {scales} scales, but the file has {stored} and {stored_scales}"
             )
-        self.broadcast_values(name)  # decodes (int4: no unused nibble) and checks finite scales
+        self.broadcast_values(name, kept)  # decodes (int4: no unused nibble) and checks finite scales
 
-    def broadcast_values(self, name: str) -> torch.Tensor:
+    def broadcast_values(self, name: str, kept: int | None = None) -> torch.Tensor:
         """A broadcast tensor's kept values (kept,) as every client applies them: float32,
-        dequantized from their codes and block scales when the broadcast is int8 or int4."""
+        dequantized from their codes and block scales when the broadcast is int8 or int4.
+        kept: the seeded mask's count when the caller has it (int4 needs it; else counted)."""
         values = self.tensor(naming.values_key(name))
         quantized = _quantized_dtype(self.header)
         if quantized is None:
@@ -669,8 +670,9 @@ class Artifact:
             raise ArtifactError(f"{self.where}: {naming.scales_key(name)} holds a negative or infinite scale")
         if quantized == "int8":
             return dequantize_blocks(values, scales)
-        head = self.header
-        kept = count_kept(head.seed, name, math.prod(head.layout[name]), head.download_sparsity)
+        if kept is None:
+            head = self.header
+            kept = count_kept(head.seed, name, math.prod(head.layout[name]), head.download_sparsity)
         try:
             codes = unpack_int4(values, kept)
         except ValueError as exc:

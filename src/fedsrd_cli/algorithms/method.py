@@ -28,8 +28,7 @@ from fedsrd_cli.algorithms.protocol import (
     check_local,
     check_uploads,
     client_weights,
-    decode_download_values,
-    encode_download_values,
+    download_values,
     guard_update_norms,
     next_state_header,
     round_header,
@@ -303,8 +302,7 @@ class Method(Algorithm):
             def as_sent(factor: str, delta: torch.Tensor, masks: _LazyMasks = masks) -> torch.Tensor:
                 """The factor's dense delta as clients will apply it: masked, stored, decoded."""
                 mask = masks[factor]
-                stored = encode_download_values(delta[mask], config.value_dtype)
-                kept = decode_download_values(stored, config.value_dtype, int(mask.sum()))
+                _, kept = download_values(delta[mask], config.value_dtype)  # (kept,)
                 return torch.zeros_like(delta).masked_scatter_(mask, kept.to(delta.dtype))
 
             download = Download(
@@ -326,10 +324,9 @@ class Method(Algorithm):
                     continue  # nothing changed this factor
                 name = naming.factor_key(module, factor)
                 mask = masks[factor]
-                stored = encode_download_values(delta[mask], config.value_dtype)  # (kept,) values or codes
+                stored, values = download_values(delta[mask], config.value_dtype)  # values: (kept,)
                 tensors.update({name + suffix: tensor for suffix, tensor in stored.items()})
                 layout[name] = list(delta.shape)
-                values = decode_download_values(stored, config.value_dtype, int(mask.sum()))  # (kept,)
                 after[factor] = apply_values(prev[factor], mask, values)  # as every client will
             diagnostics.add(module, left, right, prev, after, update.reach_miss)
             next_tensors.update({naming.factor_key(module, f): t for f, t in after.items()})

@@ -26,7 +26,6 @@ from fedsrd_cli.math.quantize import (
     dequantize_blocks,
     pack_int4,
     quantize_blocks,
-    unpack_int4,
 )
 
 
@@ -264,27 +263,20 @@ def apply_values(current: torch.Tensor, mask: torch.Tensor, values: torch.Tensor
     return current + update
 
 
-def encode_download_values(values: torch.Tensor, value_dtype: str) -> dict[str, torch.Tensor]:
-    """A broadcast tensor's kept values (kept,) as stored: {suffix: tensor}.
+def download_values(values: torch.Tensor, value_dtype: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A broadcast tensor's kept values (kept,) as stored, and as every client will apply them.
 
-    fp32, bf16, fp16: {".values": the values in that dtype}. int8, int4: {".values": the block
-    codes (int8; int4 packed two a byte), ".scales": float32 block scales} (math.quantize).
+    -> ({suffix: stored tensor}, (kept,) float32 values decoded from those tensors, computed as
+    Artifact.broadcast_values computes them from the file). Stored: fp32, bf16, fp16:
+    {".values": the values in that dtype}; int8, int4: {".values": the block codes (int8; int4
+    packed two a byte), ".scales": float32 block scales} (math.quantize).
     """
     if value_dtype not in QUANTIZED_BITS:
-        return {naming.VALUES: values.to(VALUE_DTYPES[value_dtype])}
+        stored = values.to(VALUE_DTYPES[value_dtype])
+        return {naming.VALUES: stored}, stored.float()
     codes, scales = quantize_blocks(values, QUANTIZED_BITS[value_dtype])
-    stored = pack_int4(codes) if value_dtype == "int4" else codes
-    return {naming.VALUES: stored, naming.SCALES: scales}
-
-
-def decode_download_values(stored: dict[str, torch.Tensor], value_dtype: str, kept: int) -> torch.Tensor:
-    """The (kept,) float32 values a client applies, from encode_download_values' tensors, computed
-    as Artifact.broadcast_values computes them from the file."""
-    values = stored[naming.VALUES]
-    if value_dtype not in QUANTIZED_BITS:
-        return values.float()
-    codes = unpack_int4(values, kept) if value_dtype == "int4" else values
-    return dequantize_blocks(codes, stored[naming.SCALES])
+    stored = pack_int4(codes) if value_dtype == "int4" else codes  # unpack_int4 gives codes back exactly
+    return {naming.VALUES: stored, naming.SCALES: scales}, dequantize_blocks(codes, scales)
 
 
 def apply_broadcast(global_state: Artifact, broadcast: Artifact) -> Payload:

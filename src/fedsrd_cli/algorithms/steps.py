@@ -457,22 +457,20 @@ def alternating_update(
     if download.factor_choice == "both":
         return both_factors_update(a_prev, b_prev, left, right, download)
     whole = {"B": update_b, "A": update_a}
-    deltas: dict[str, torch.Tensor] = {}  # whole-factor least-squares updates, as far as needed
-    if download.factor_choice == "parity":
-        factor = choose_factor(round_index, b_prev, a_prev)
-    elif download.factor_choice == "b":
-        factor = "B"
-    else:
+    if download.factor_choice == "fit":
         deltas = {f: whole[f](left, right, b_prev, a_prev, download.damping) for f in ("B", "A")}
-        miss_b, miss_a = one_factor_misses(left, right, b_prev, a_prev, deltas["B"], deltas["A"])
-        factor = "B" if miss_b <= miss_a else "A"
-    if factor not in deltas:
+    else:
+        factor = "B" if download.factor_choice == "b" else choose_factor(round_index, b_prev, a_prev)
+        # the other factor's update left at zero: its miss is not used
+        deltas = {"B": torch.zeros_like(b_prev), "A": torch.zeros_like(a_prev)}
         deltas[factor] = whole[factor](left, right, b_prev, a_prev, download.damping)
-    zero = {"B": torch.zeros_like(b_prev), "A": torch.zeros_like(a_prev)}
-    trial = {**zero, factor: deltas[factor]}
-    reach_miss = one_factor_misses(left, right, b_prev, a_prev, trial["B"], trial["A"])[
-        0 if factor == "B" else 1
-    ]
+    # whole-factor least-squares updates (d_out, r) and (r, d_in), and how far each lands from W
+    misses = dict(
+        zip(("B", "A"), one_factor_misses(left, right, b_prev, a_prev, deltas["B"], deltas["A"]), strict=True)
+    )
+    if download.factor_choice == "fit":
+        factor = "B" if misses["B"] <= misses["A"] else "A"
+    reach_miss = misses[factor]
     keep = download.keep(factor)
     if download.fit == "lstsq":
         masked = masked_update_b if factor == "B" else masked_update_a
