@@ -43,6 +43,8 @@ WEIGHTINGS = ("uniform", "samples")
 # The method organisation-level DP runs on (AggregateConfig.organisation_dp).
 PRIVATE_METHOD = "fedsrd-e"
 OUTLIER_ACTIONS = ("refuse", "clip")
+# The methods whose aggregate is a full-rank W that `aggregate --align-factors` can refactor.
+ALIGNABLE_METHODS = ("fedsrd", "fedsrd-e")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -195,7 +197,7 @@ class AggregateConfig:
 
     def __post_init__(self) -> None:
         _require(
-            not self.align or self.method in ("fedsrd", "fedsrd-e"),
+            not self.align or self.method in ALIGNABLE_METHODS,
             f"--align-factors refactors FedSRD's full-rank aggregate; --method {self.method} has none",
         )
         _require(

@@ -60,10 +60,6 @@ LOCAL_TRAINING_REAL = LocalTraining(local_steps=10, lr=1e-4, batch_size=8, max_l
 LOCAL_TRAINING_TOY = LocalTraining(local_steps=30, lr=1e-3, batch_size=16, max_length=512)
 
 
-# The methods whose aggregate is a full-rank W that aggregate --align-factors can refactor.
-ALIGNABLE_METHODS = ("fedsrd", "fedsrd-e")
-
-
 def local_training_defaults(demo_model: str | None) -> LocalTraining:
     """The defaults for `--model toy`, or for every other base (SmolLM2, or the user's own)."""
     return LOCAL_TRAINING_TOY if demo_model == "toy" else LOCAL_TRAINING_REAL
@@ -146,7 +142,6 @@ class SimulateConfig:
             SparsifyConfig(base_sparsity=self.base_sparsity)  # its checks and messages
         self.broadcast_config(0.0, 0)  # its checks and messages for the download settings
         if self.download_sparsity is not None:
-            self.broadcast_config(self.download_sparsity, 0)
             for name in self.algorithms:
                 _require(
                     not get_algorithm(name).dense_download or self.download_sparsity == 0.0,
@@ -444,7 +439,7 @@ def simulate(
     from fedsrd_cli.algorithms.protocol import apply_broadcast, default_download_seed, initial_state
     from fedsrd_cli.algorithms.secure import masked_upload, secure_aggregate
     from fedsrd_cli.artifacts import read_artifact, write_artifact
-    from fedsrd_cli.config import AggregateConfig
+    from fedsrd_cli.config import ALIGNABLE_METHODS, AggregateConfig
     from fedsrd_cli.math.threads import use_threads
     from fedsrd_cli.model_spec import lora_module_shapes
     from fedsrd_cli.roster import make_roster
