@@ -50,6 +50,11 @@ def test_broadcast_records_its_download_settings_and_update_error(tmp_path):
     assert set(info["update_step"]["factors"]) == sent  # a step for every factor sent
     human = run("inspect", bc).stdout
     assert "fit lstsq, factor choice parity, damping 0.01" in human
+    assert "server_lr" not in info  # recorded only when the step is not 1
+
+    _, damped, _ = _broadcast(tmp_path, g1, "b", "--server-lr", "0.25", "--force")
+    assert read_artifact(damped).header.info["server_lr"] == 0.25
+    assert "server lr" in (human := run("inspect", damped).stdout) and "0.25: every factor" in human
     assert "update error" in human and "largest step" in human
 
 
@@ -70,6 +75,8 @@ def test_bad_download_flags_are_usage_errors_with_no_output(tmp_path):
         (("--damping", "nan"), "--damping must be in [0, 1]"),
         (("--download-fit", "exact"), "--download-fit must be one of"),
         (("--factor-choice", "odd"), "--factor-choice must be one of"),
+        (("--server-lr", "0"), "--server-lr"),
+        (("--server-lr", "1.5"), "--server-lr"),
     ):
         bc, nxt = tmp_path / "bc-bad.safetensors", tmp_path / "g-bad.safetensors"
         result = run(

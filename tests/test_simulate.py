@@ -168,6 +168,8 @@ def test_config_is_validated() -> None:
         ({"seeds": 0}, "--seeds"),
         ({"base_sparsity": 1.0}, "--base-sparsity"),
         ({"base_sparsity": 0.95}, "below 1"),
+        ({"server_lr": 0.0}, "--server-lr"),
+        ({"server_lr": 2.0}, "--server-lr"),
     ]:
         with pytest.raises(UsageError, match=message):
             SimulateConfig(**{**good, **change})
@@ -183,8 +185,11 @@ def test_config_is_validated() -> None:
     # left out, --base-sparsity is not recorded, so runs made before the flag existed resume
     assert "base_sparsity" not in SimulateConfig(**good).record()
     assert SimulateConfig(**good, base_sparsity=0.75).record()["base_sparsity"] == 0.75
-    for key in ("download_sparsity", "rescale"):
+    assert SimulateConfig(**good, server_lr=0.25).broadcast_config(0.8, 0).server_lr == 0.25
+    assert SimulateConfig(**good).broadcast_config(0.8, 0).server_lr == 1.0
+    for key in ("download_sparsity", "rescale", "server_lr"):
         assert key not in SimulateConfig(**good).record()
+    assert SimulateConfig(**good, server_lr=0.25).record()["server_lr"] == 0.25
     assert SimulateConfig(**good, download_sparsity=0.5, rescale=False).record() == {
         **SimulateConfig(**good).record(),
         "download_sparsity": 0.5,
@@ -196,8 +201,9 @@ def test_simulate_sends_both_factors_at_the_given_download_sparsity(
     sim_inputs: dict[str, Path], tmp_path: Path
 ) -> None:
     """--factor-choice both --download-fit lstsq --download-sparsity 0.5 --download-value-dtype int4
-    --no-rescale reach the broadcast and the uploads: one round, the broadcast changes both factors
-    of every module, in packed 4-bit codes (simulate applies it as a client does, result hash checked)."""
+    --server-lr 0.5 --no-rescale reach the broadcast and the uploads: one round, the broadcast
+    changes both factors of every module, in packed 4-bit codes (simulate applies it as a client
+    does, result hash checked)."""
     out = tmp_path / "both"
     args = [*sim_args(sim_inputs, out, 1), "--algorithms", "fedsrd", "--factor-choice", "both"]
     run_cli(
@@ -209,12 +215,15 @@ def test_simulate_sends_both_factors_at_the_given_download_sparsity(
         "--no-rescale",
         "--download-value-dtype",
         "int4",
+        "--server-lr",
+        0.5,
     )
     broadcast = read_artifact(out / "work" / "fedsrd" / "seed-0" / "round-1" / "broadcast.safetensors")
     assert broadcast.header.download_sparsity == 0.5
     assert broadcast.header.info["factor_choice"] == "both"
     assert broadcast.header.info["download_fit"] == "lstsq"
     assert broadcast.header.info["value_dtype"] == "int4"  # the uploads' values stay bf16
+    assert broadcast.header.info["server_lr"] == 0.5
     for name in broadcast.header.layout:  # packed codes and their scales; the clients' state matched
         assert broadcast.tensor(name + ".values").dtype == torch.uint8
         assert broadcast.tensor(name + ".scales").dtype == torch.float32
@@ -226,7 +235,7 @@ def test_simulate_sends_both_factors_at_the_given_download_sparsity(
     assert "one_factor_residual" not in extra  # both factors are sent
     recorded = json.loads((out / "results.json").read_text())["config"]
     assert recorded["download_sparsity"] == 0.5 and recorded["rescale"] is False
-    assert recorded["download_value_dtype"] == "int4"
+    assert recorded["download_value_dtype"] == "int4" and recorded["server_lr"] == 0.5
 
 
 def test_refuses_a_foreign_output_directory(tmp_path: Path) -> None:

@@ -273,6 +273,10 @@ class BroadcastConfig:
     matters to methods that send whole factors.
     noise_seed: organisation-level DP draws its noise from a secret key; a seed makes the
     noise reproducible, for tests only (it protects nothing).
+    server_lr: the coordinator's step (FedOpt's server learning rate): every factor update the
+    broadcast sends is multiplied by it, so the state moves server_lr of the way the full
+    download would take it: X' = X + server_lr * dX for each factor X sent. 1 (the default)
+    sends the download unchanged, bit for bit.
     """
 
     download_sparsity: float = 0.8
@@ -282,6 +286,7 @@ class BroadcastConfig:
     download_fit: str = "dare"
     factor_choice: str = "fit"
     noise_seed: int | None = None
+    server_lr: float = 1.0
 
     def __post_init__(self) -> None:
         _require(
@@ -304,4 +309,8 @@ class BroadcastConfig:
         _require(
             self.factor_choice in FACTOR_CHOICES,
             f"--factor-choice must be one of {list(FACTOR_CHOICES)}, got {self.factor_choice!r}",
+        )
+        _require(
+            math.isfinite(self.server_lr) and 0.0 < self.server_lr <= 1.0,
+            f"--server-lr must be in (0, 1], got {self.server_lr}",
         )

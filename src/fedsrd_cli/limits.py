@@ -110,6 +110,7 @@ LIMITS: dict[str, Limit] = {
     "--max-samples": Limit(1, 10**12),
     "--download-sparsity": Limit(0, 0.999),
     "--damping": Limit(0, 1),
+    "--server-lr": _open_low(1),
     # secure rounds
     "--min-sites": Limit(2, 100_000),
     "--clip": _open_low(1e6),

@@ -84,6 +84,7 @@ class SimulateConfig:
     factor_choice, download_sparsity: the download's settings (config.BroadcastConfig). None =
     the commands' defaults (download_sparsity: each method's). download_value_dtype: the
     broadcasts' values (config.DOWNLOAD_VALUE_DTYPES), when not value_dtype.
+    server_lr: broadcast --server-lr, every method's coordinator step (1: none).
     align: aggregate --align-factors for fedsrd and fedsrd-e (the other methods have no
     full-rank aggregate to refactor).
     rescale: the importance-sparsified upload restores the L1 norm of the kept values
@@ -126,6 +127,7 @@ class SimulateConfig:
     download_sparsity: float | None = None
     download_value_dtype: str | None = None
     align: bool = False
+    server_lr: float = 1.0
     rescale: bool = True
     record_dp: RecordDp | None = None
     organisation_dp: tuple[float, float, float, float] | None = None
@@ -247,7 +249,9 @@ class SimulateConfig:
             given.setdefault("factor_choice", "b")  # the only choice DP's and secure rounds allow
         if self.download_sparsity is not None:
             download_sparsity = self.download_sparsity
-        return BroadcastConfig(download_sparsity=download_sparsity, seed=seed, **given)
+        return BroadcastConfig(
+            download_sparsity=download_sparsity, seed=seed, server_lr=self.server_lr, **given
+        )
 
     def record(self) -> dict[str, Any]:
         """The settings a resumed run must share (everything but --rounds and --device)."""
@@ -273,6 +277,8 @@ class SimulateConfig:
             data.pop("rescale")
         if not self.align:  # recorded only when on, so runs from before the flag resume
             data.pop("align")
+        if self.server_lr == 1.0:  # likewise: recorded only when set
+            data.pop("server_lr")
         if not self.secure:  # recorded only when on, so runs from before the flag resume
             data.pop("secure")
             data.pop("secure_clip")

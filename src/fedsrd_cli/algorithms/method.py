@@ -322,6 +322,8 @@ class Method(Algorithm):
             for factor, delta in update.deltas:
                 if not bool(delta.any()):
                     continue  # nothing changed this factor
+                if config.server_lr != 1.0:  # the coordinator's step: X' = X + server_lr * dX
+                    delta = delta * config.server_lr
                 name = naming.factor_key(module, factor)
                 mask = masks[factor]
                 stored, values = download_values(delta[mask], config.value_dtype)  # values: (kept,)
@@ -343,6 +345,7 @@ class Method(Algorithm):
                 "factor_fallbacks": fallbacks,
                 "value_dtype": config.value_dtype,
                 "lora_numel": global_state.numel(),
+                **({"server_lr": config.server_lr} if config.server_lr != 1.0 else {}),
                 **(
                     {}
                     if self.dense_download

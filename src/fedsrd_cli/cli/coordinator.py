@@ -430,6 +430,14 @@ def broadcast_cmd(
             show_default=False,
         ),
     ] = None,
+    server_lr: Annotated[
+        float,
+        typer.Option(
+            "--server-lr",
+            help="The coordinator's step in (0, 1]: every factor update sent is multiplied by it"
+            " (1: the download as it is; below 1 for few, long rounds, docs/algorithms.md).",
+        ),
+    ] = 1.0,
     dp_test_seed: Annotated[
         int | None, typer.Option("--dp-test-seed", hidden=True, help="Testing only: known DP noise.")
     ] = None,
@@ -481,6 +489,7 @@ def broadcast_cmd(
         value_dtype,
         **{k: v for k, v in given.items() if v is not None},
         noise_seed=dp_test_seed,
+        server_lr=server_lr,
     )
     broadcast, next_state = algorithm.broadcast(global_state, agg, config, out.track)
     state_header, header = write_artifacts(

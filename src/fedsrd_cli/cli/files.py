@@ -166,6 +166,8 @@ def _broadcast_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     if "download_fit" in info:
         choice, damping = info["factor_choice"], info["damping"]
         rows.append(("download", f"fit {info['download_fit']}, factor choice {choice}, damping {damping:g}"))
+    if "server_lr" in info:
+        rows.append(("server lr", f"{info['server_lr']:g}: every factor update sent is scaled by it"))
     if "update_error" in info:
         error = info["update_error"]
         rows.append(("update error", f"{error['overall']:.4g} overall; worst {worst(error['modules'])}"))

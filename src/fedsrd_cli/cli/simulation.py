@@ -259,6 +259,10 @@ def simulate_cmd(
             help="aggregate --align-factors for fedsrd and fedsrd-e (with --factor-choice both).",
         ),
     ] = False,
+    server_lr: Annotated[
+        float,
+        typer.Option("--server-lr", help="broadcast --server-lr: the coordinator's step in (0, 1]."),
+    ] = 1.0,
     no_rescale: Annotated[
         bool,
         typer.Option(
@@ -402,6 +406,7 @@ def simulate_cmd(
         download_sparsity=download_sparsity,
         download_value_dtype=download_value_dtype,
         align=align_factors,
+        server_lr=server_lr,
         rescale=not no_rescale,
         record_dp=record_dp,
         organisation_dp=organisation_dp,

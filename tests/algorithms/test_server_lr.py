@@ -1,0 +1,80 @@
+"""broadcast --server-lr: the coordinator's step, X' = X + server_lr * dX, for every method."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedsrd_cli.algorithms import get_algorithm
+from fedsrd_cli.algorithms.protocol import apply_broadcast
+from fedsrd_cli.artifacts import read_artifact
+from fedsrd_cli.config import AggregateConfig, BroadcastConfig
+from fedsrd_cli.errors import UsageError
+
+from ..conftest import make_global
+from .rounds import make_locals, upload, write
+
+
+def _round(tmp_path, method: str, **download):
+    """One round's state and aggregate, and the broadcast's full and half steps (fp32 values)."""
+    g0 = make_global(tmp_path / "g0.safetensors")
+    uploads = [
+        upload(tmp_path, method, g0, p, f"c{i}") for i, p in enumerate(make_locals(tmp_path, g0, 3, "s"))
+    ]
+    algorithm = get_algorithm(method)
+    state = read_artifact(g0)
+    agg = read_artifact(
+        write(algorithm.aggregate(state, uploads, AggregateConfig()), tmp_path / "agg.safetensors")
+    )
+    settings = {"seed": 5, "value_dtype": "fp32", **download}
+    full = algorithm.broadcast(state, agg, BroadcastConfig(**settings))
+    half = algorithm.broadcast(state, agg, BroadcastConfig(server_lr=0.5, **settings))
+    return state, full, half
+
+
+@pytest.mark.parametrize(
+    ("method", "download"),
+    [
+        ("fedsrd", {}),
+        ("fedsrd", {"factor_choice": "both", "download_fit": "lstsq", "download_sparsity": 0.5}),
+        ("fedsrd", {"download_fit": "lstsq", "factor_choice": "parity", "damping": 0.0}),
+        ("fedavg", {"download_sparsity": 0.0}),
+    ],
+)
+def test_a_half_step_moves_every_factor_half_way_to_the_full_download(tmp_path, method, download):
+    state, (bc_full, next_full), (bc_half, next_half) = _round(tmp_path, method, **download)
+    assert bc_half.header.layout == bc_full.header.layout  # the same factors and masks
+    changed = 0
+    for name, before in state.iter_tensors():
+        full_step = next_full.tensors[name].double() - before.double()
+        half_step = next_half.tensors[name].double() - before.double()
+        # fp32 values: each stored value is rounded once, so compare at fp32's precision
+        torch.testing.assert_close(half_step, 0.5 * full_step, rtol=1e-5, atol=1e-7)
+        changed += int(bool(full_step.any()))
+    assert changed > 0
+    assert bc_half.header.info["server_lr"] == 0.5 and "server_lr" not in bc_full.header.info
+
+
+def test_clients_applying_a_damped_broadcast_hold_the_coordinators_state(tmp_path):
+    state, _, (bc_half, next_half) = _round(tmp_path, "fedsrd")
+    applied = apply_broadcast(state, read_artifact(write(bc_half, tmp_path / "bc.safetensors")))
+    assert all(torch.equal(applied.tensors[n], t) for n, t in next_half.tensors.items())
+
+
+def test_the_update_error_records_the_shorter_step(tmp_path):
+    _, (bc_full, _), (bc_half, _) = _round(
+        tmp_path, "fedsrd", factor_choice="b", download_fit="lstsq", download_sparsity=0.0, damping=0.0
+    )
+    # One factor, nothing masked: the update lands at the target's projection P; half a step
+    # lands half way, so miss^2 = e^2 + (1 - e^2) / 4 for the full step's error e.
+    full = bc_full.header.info["update_error"]["overall"]
+    half = bc_half.header.info["update_error"]["overall"]
+    assert half == pytest.approx(math.sqrt(full**2 + (1 - full**2) / 4), rel=1e-4)
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, 1.5, float("nan"), float("inf")])
+def test_server_lr_outside_zero_one_is_refused(value):
+    with pytest.raises(UsageError, match="--server-lr must be in"):
+        BroadcastConfig(server_lr=value)
