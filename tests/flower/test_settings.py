@@ -36,6 +36,10 @@ def test_run_config_is_checked_with_the_flags_messages() -> None:
     assert settings.client_list == ("a", "b", "c") and settings.alpha == 8.0
     assert settings.sparsify_config().base_sparsity == 0.85  # the method's default
     assert ServerSettings.from_run_config({**good, "method": "fedavg"}).download_sparsity_for() == 0.0
+    assert settings.broadcast_config(0.8, 0).server_lr == 1.0
+    assert (
+        ServerSettings.from_run_config({**good, "server-lr": 0.25}).broadcast_config(0.8, 0).server_lr == 0.25
+    )
     for bad, message in (
         ({"method": "nope"}, "unknown method"),
         ({"sample-clients": 4}, "at most the 3 clients"),
@@ -43,6 +47,7 @@ def test_run_config_is_checked_with_the_flags_messages() -> None:
         ({"typo": 1}, "unknown key 'typo'"),
         ({"value-dtype": "fp8"}, "value-dtype"),
         ({"base": ""}, "initial-state"),
+        ({"server-lr": 0.0}, "server-lr"),
     ):
         with pytest.raises(UsageError, match=message):
             ServerSettings.from_run_config({**good, **bad})

@@ -127,6 +127,7 @@ class ServerSettings:
     damping: float = -1.0
     download_fit: str = ""
     factor_choice: str = ""
+    server_lr: float = 1.0
     dp_epsilon: float = -1.0
     dp_delta: float = -1.0
     dp_max_grad_norm: float = 1.0
@@ -277,7 +278,7 @@ class ServerSettings:
             given["factor_choice"] = self.factor_choice
         elif self.organisation_dp is not None or self.secure:
             given["factor_choice"] = "b"  # the only choice DP's and secure rounds allow
-        return BroadcastConfig(download_sparsity, seed, self.value_dtype, **given)
+        return BroadcastConfig(download_sparsity, seed, self.value_dtype, server_lr=self.server_lr, **given)
 
     def download_sparsity_for(self) -> float:
         """--download-sparsity, or the method's default (0 for dense downloads, 0.8 otherwise)."""
