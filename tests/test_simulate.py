@@ -170,6 +170,7 @@ def test_config_is_validated() -> None:
         ({"base_sparsity": 0.95}, "below 1"),
         ({"server_lr": 0.0}, "--server-lr"),
         ({"server_lr": 2.0}, "--server-lr"),
+        ({"server_lr_from": 0}, "--server-lr-from"),
     ]:
         with pytest.raises(UsageError, match=message):
             SimulateConfig(**{**good, **change})
@@ -190,6 +191,9 @@ def test_config_is_validated() -> None:
     for key in ("download_sparsity", "rescale", "server_lr"):
         assert key not in SimulateConfig(**good).record()
     assert SimulateConfig(**good, server_lr=0.25).record()["server_lr"] == 0.25
+    late = SimulateConfig(**good, server_lr=0.25, server_lr_from=3)
+    assert [late.broadcast_config(0.8, 0, r).server_lr for r in (1, 2, 3, 4)] == [1.0, 1.0, 0.25, 0.25]
+    assert late.record()["server_lr_from"] == 3 and "server_lr_from" not in SimulateConfig(**good).record()
     assert SimulateConfig(**good, download_sparsity=0.5, rescale=False).record() == {
         **SimulateConfig(**good).record(),
         "download_sparsity": 0.5,
@@ -236,6 +240,27 @@ def test_simulate_sends_both_factors_at_the_given_download_sparsity(
     recorded = json.loads((out / "results.json").read_text())["config"]
     assert recorded["download_sparsity"] == 0.5 and recorded["rescale"] is False
     assert recorded["download_value_dtype"] == "int4" and recorded["server_lr"] == 0.5
+
+
+def test_server_lr_from_damps_only_the_later_rounds(sim_inputs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "late"
+    args = [
+        *sim_args(sim_inputs, out, 2),
+        "--algorithms",
+        "fedsrd",
+        "--server-lr",
+        0.5,
+        "--server-lr-from",
+        2,
+    ]
+    run_cli(*args)
+    infos = [
+        read_artifact(out / "work" / "fedsrd" / "seed-0" / f"round-{r}" / "broadcast.safetensors").header.info
+        for r in (1, 2)
+    ]
+    assert "server_lr" not in infos[0] and infos[1]["server_lr"] == 0.5
+    recorded = json.loads((out / "results.json").read_text())["config"]
+    assert (recorded["server_lr"], recorded["server_lr_from"]) == (0.5, 2)
 
 
 def test_refuses_a_foreign_output_directory(tmp_path: Path) -> None:

@@ -111,6 +111,7 @@ LIMITS: dict[str, Limit] = {
     "--download-sparsity": Limit(0, 0.999),
     "--damping": Limit(0, 1),
     "--server-lr": _open_low(1),
+    "--server-lr-from": Limit(1, 100_000),
     # secure rounds
     "--min-sites": Limit(2, 100_000),
     "--clip": _open_low(1e6),

@@ -84,7 +84,8 @@ class SimulateConfig:
     factor_choice, download_sparsity: the download's settings (config.BroadcastConfig). None =
     the commands' defaults (download_sparsity: each method's). download_value_dtype: the
     broadcasts' values (config.DOWNLOAD_VALUE_DTYPES), when not value_dtype.
-    server_lr: broadcast --server-lr, every method's coordinator step (1: none).
+    server_lr: broadcast --server-lr, every method's coordinator step (1: none), from round
+    server_lr_from on (the rounds before it take the whole step).
     align: aggregate --align-factors for fedsrd and fedsrd-e (the other methods have no
     full-rank aggregate to refactor).
     rescale: the importance-sparsified upload restores the L1 norm of the kept values
@@ -128,6 +129,7 @@ class SimulateConfig:
     download_value_dtype: str | None = None
     align: bool = False
     server_lr: float = 1.0
+    server_lr_from: int = 1
     rescale: bool = True
     record_dp: RecordDp | None = None
     organisation_dp: tuple[float, float, float, float] | None = None
@@ -143,6 +145,7 @@ class SimulateConfig:
         if self.base_sparsity is not None:
             SparsifyConfig(base_sparsity=self.base_sparsity)  # its checks and messages
         self.broadcast_config(0.0, 0)  # its checks and messages for the download settings
+        _require(self.server_lr_from >= 1, f"--server-lr-from must be >= 1, got {self.server_lr_from}")
         if self.download_sparsity is not None:
             for name in self.algorithms:
                 _require(
@@ -230,9 +233,10 @@ class SimulateConfig:
         given = {} if self.value_dtype is None else {"value_dtype": self.value_dtype}
         return SparsifyConfig(base_sparsity=base_sparsity, rescale=self.rescale, **given)
 
-    def broadcast_config(self, download_sparsity: float, seed: int) -> Any:
+    def broadcast_config(self, download_sparsity: float, seed: int, round_index: int | None = None) -> Any:
         """The coordinator's broadcast settings: this run's where given, else broadcast's defaults
-        (download_sparsity: the method's default, used when the run gives none)."""
+        (download_sparsity: the method's default, used when the run gives none); server_lr
+        applies from round server_lr_from on (round_index None: the run's server_lr)."""
         from fedsrd_cli.config import BroadcastConfig
 
         given = {
@@ -249,8 +253,12 @@ class SimulateConfig:
             given.setdefault("factor_choice", "b")  # the only choice DP's and secure rounds allow
         if self.download_sparsity is not None:
             download_sparsity = self.download_sparsity
+        damped = round_index is None or round_index >= self.server_lr_from
         return BroadcastConfig(
-            download_sparsity=download_sparsity, seed=seed, server_lr=self.server_lr, **given
+            download_sparsity=download_sparsity,
+            seed=seed,
+            server_lr=self.server_lr if damped else 1.0,
+            **given,
         )
 
     def record(self) -> dict[str, Any]:
@@ -279,6 +287,8 @@ class SimulateConfig:
             data.pop("align")
         if self.server_lr == 1.0:  # likewise: recorded only when set
             data.pop("server_lr")
+        if self.server_lr_from == 1:
+            data.pop("server_lr_from")
         if not self.secure:  # recorded only when on, so runs from before the flag resume
             data.pop("secure")
             data.pop("secure_clip")
@@ -647,7 +657,9 @@ def simulate(
                 write_artifact(aggregate_path, aggregate.header, aggregate.tensors, force=True)
                 aggregate_file = read_artifact(aggregate_path, kind="aggregate")
                 broadcast_config = config.broadcast_config(
-                    algorithm.default_download_sparsity, default_download_seed(global_state, aggregate_file)
+                    algorithm.default_download_sparsity,
+                    default_download_seed(global_state, aggregate_file),
+                    round_index,
                 )
                 start = time.perf_counter()
                 broadcast, next_state = algorithm.broadcast(global_state, aggregate_file, broadcast_config)

@@ -263,6 +263,10 @@ def simulate_cmd(
         float,
         typer.Option("--server-lr", help="broadcast --server-lr: the coordinator's step in (0, 1]."),
     ] = 1.0,
+    server_lr_from: Annotated[
+        int,
+        typer.Option("--server-lr-from", help="The first round that takes --server-lr (before: 1)."),
+    ] = 1,
     no_rescale: Annotated[
         bool,
         typer.Option(
@@ -407,6 +411,7 @@ def simulate_cmd(
         download_value_dtype=download_value_dtype,
         align=align_factors,
         server_lr=server_lr,
+        server_lr_from=server_lr_from,
         rescale=not no_rescale,
         record_dp=record_dp,
         organisation_dp=organisation_dp,
