@@ -170,7 +170,10 @@ def test_one_factor_residual_matches_a_dense_reference_and_warns_above_its_level
     assert update_error_warning(below) is None
     above = replace(header, round=2, info={**quiet, "one_factor_residual": ONE_FACTOR_RESIDUAL_WARNING + 0.1})
     warning = update_error_warning(above)
-    assert warning and "outside what one factor can carry" in warning and "--factor-choice both" in warning
+    assert warning and "outside what one factor can carry" in warning and "--server-lr 0.25" in warning
+    # a coordinator that already shortens its step is not told to again
+    damped = replace(above, info={**above.info, "server_lr": 0.25})
+    assert update_error_warning(damped) is None
 
 
 def test_quantized_broadcast_applies_as_the_coordinator_computed_and_bad_codes_are_refused(tmp_path):

@@ -592,4 +592,5 @@ def test_train_local_measures_what_a_one_factor_download_cannot_carry(
     assert reports["short"][0] < 0.5 * reports["long"][0]
     warning = local_update_warning(ONE_FACTOR_RESIDUAL_WARNING + 0.05)
     assert warning and "outside what FedSRD's default one-factor download can carry" in warning
+    assert "--server-lr 0.25" in warning
     assert local_update_warning(ONE_FACTOR_RESIDUAL_WARNING) is None

@@ -131,11 +131,13 @@ def update_error_warning(header: Header) -> str | None:
                 " fewer local steps or a lower --lr, or a larger --damping)"
             )
     reach = info.get("one_factor_residual")
-    if reach is not None and reach > ONE_FACTOR_RESIDUAL_WARNING:
+    damped = info.get("server_lr", 1.0) < 1.0  # the coordinator already shortens its step
+    if reach is not None and reach > ONE_FACTOR_RESIDUAL_WARNING and not damped:
         return (
             f"round {header.round}'s target lies {reach:.3g} (relative) outside what one factor can"
-            f" carry (above {ONE_FACTOR_RESIDUAL_WARNING:g}): the clients trained far from the global"
-            " state; with few, long rounds send both factors (--factor-choice both; docs/algorithms.md)"
+            f" carry (above {ONE_FACTOR_RESIDUAL_WARNING:g}): few, long rounds, where FedSRD's whole"
+            " steps overshoot and FedAvg wins; from round 3 on, broadcast with --server-lr 0.25"
+            ' (docs/results.md, "Few, long rounds")'
         )
     level = error_level(header)
     error = info.get("update_error", {}).get("overall")
@@ -171,7 +173,7 @@ def local_update_warning(residual: float) -> str | None:
         return None
     return (
         f"{residual:.3g} of this update lies outside what FedSRD's default one-factor download can"
-        f" carry (above {ONE_FACTOR_RESIDUAL_WARNING:g}): long local training, where FedSRD's default"
-        " loses to FedAvg; fewer steps or a lower --lr, or a two-factor download on the coordinator"
-        ' (docs/algorithms.md, "Few, long rounds")'
+        f" carry (above {ONE_FACTOR_RESIDUAL_WARNING:g}): long local training, where FedSRD's whole"
+        " steps overshoot and lose to FedAvg; fewer steps or a lower --lr, or a coordinator that"
+        ' broadcasts with --server-lr 0.25 from round 3 on (docs/results.md, "Few, long rounds")'
     )
