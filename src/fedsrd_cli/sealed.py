@@ -88,7 +88,9 @@ def seal(plain: bytes, recipients: Mapping[str, bytes]) -> bytes:
 
 
 def recipients_of(data: bytes, where: str) -> tuple[list[dict[str, Any]], bytes, bytes]:
-    """(the recipient entries, the nonce, the authenticated prefix) of a sealed file."""
+    """(the recipient entries, the nonce, the authenticated prefix) of a sealed file. TrustError
+    when the header does not parse (changed or damaged); ArtifactError when it is not sealed or cut
+    short."""
     if not is_sealed(data):
         raise ArtifactError(f"{where}: not a sealed fedsrd file")
     length = int.from_bytes(data[len(MAGIC) : len(MAGIC) + 4], "little")
@@ -100,10 +102,15 @@ def recipients_of(data: bytes, where: str) -> tuple[list[dict[str, Any]], bytes,
         entries = list(header["recipients"])
         nonce = base64.b64decode(header["nonce"], validate=True)
         for entry in entries:
-            entry["party"], entry["key"] = str(entry["party"]), str(entry["key"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise ArtifactError(
-            f"{where}: a sealed file with a malformed header ({type(err).__name__})"
+            for field in ("party", "key", "ephemeral", "wrapped"):
+                if not isinstance(entry[field], str):
+                    raise TypeError(field)
+    except (ValueError, KeyError, TypeError):
+        # The header is authenticated with the body (it is the AEAD's associated data), so a header
+        # that no longer parses was changed after sealing, exactly like one that parses but fails
+        # the tag: one refusal for both, whichever byte the damage hit.
+        raise TrustError(
+            f"{where}: cannot be opened: its header was changed after sealing, or is damaged"
         ) from None
     return entries, nonce, data[:end]
 
