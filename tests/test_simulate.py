@@ -263,6 +263,36 @@ def test_server_lr_from_damps_only_the_later_rounds(sim_inputs: dict[str, Path],
     assert (recorded["server_lr"], recorded["server_lr_from"]) == (0.5, 2)
 
 
+def test_round_0_is_scored_once_for_every_seed(
+    sim_inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedsrd_cli.training as training
+
+    scored: list[int] = []
+    real = training.evaluate
+
+    def counting(*args, **kwargs):
+        scored.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", counting)
+    out = tmp_path / "seeds"
+    args = [*sim_args(sim_inputs, out, 1), "--algorithms", "fedavg", "--seeds", 2]
+    run_cli(*args)
+    assert len(scored) == 1 + 2  # round 0 once, then round 1 of each seed
+    runs = json.loads((out / "results.json").read_text())["runs"]["fedavg"]
+    assert runs["0"][0]["eval_loss"] == runs["1"][0]["eval_loss"]
+    # Seed 1's own start (another A, B = 0), scored by `fedsrd eval`, gives the recorded loss.
+    start = out / runs["1"][0]["global_state"]
+    report = tmp_path / "eval.json"
+    run_cli(
+        "eval", "--base", sim_inputs["model"], "--global", start, "--data", sim_inputs["eval"],
+        "--max-length", 128, "--out", report,
+    )  # fmt: skip
+    loss = json.loads(report.read_text())["mean"]["loss"]
+    assert loss == pytest.approx(runs["1"][0]["mean_eval_loss"], rel=1e-6)
+
+
 def test_refuses_a_foreign_output_directory(tmp_path: Path) -> None:
     assert output_is_new(tmp_path / "missing")
     (tmp_path / "other.txt").write_text("x")
