@@ -45,14 +45,31 @@ def brute_force_logliks(model, example: data_mod.Example) -> list[float]:
     return out
 
 
-def test_option_logliks_match_a_brute_force_reference(model, tmp_path: Path) -> None:
+def row_alone(model, ids: list[int], labels: list[int]) -> float:
+    """One encoded row, unpadded, in one forward pass: its labelled tokens' log-probabilities summed."""
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model.model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    return sum(float(logprobs[i - 1, t]) for i, t in enumerate(labels) if t != data_mod.IGNORE_INDEX)
+
+
+@pytest.fixture(scope="module")
+def gemma3_model(tiny_gemma3_gguf: Path):
+    return load_base(tiny_gemma3_gguf, "cpu", "fp32")
+
+
+@pytest.mark.parametrize("which", ["model", "gemma3_model"])  # Llama; Gemma-3's sliding-window cache
+def test_option_logliks_match_a_brute_force_reference(which, request, tmp_path: Path, monkeypatch) -> None:
+    model = request.getfixturevalue(which)
+    shared = []
+    real = task_eval._shared_prompt_logliks
+    monkeypatch.setattr(task_eval, "_shared_prompt_logliks", lambda *a: shared.append(1) or real(*a))
     ds = data_mod.read_jsonl(write_jsonl(tmp_path / "mc.jsonl", MC_RECORDS))
     reference = [brute_force_logliks(model, ex) for ex in ds.examples]
-    for batch_size in (1, 4):  # 4: choices of different examples and lengths share a padded batch
-        found = task_eval.choice_logliks(model, ds.examples, batch_size, max_length=512)
-        assert [len(row) for row in found] == [len(row) for row in reference]
-        flat = [value for row in found for value in row]
-        assert flat == pytest.approx([value for row in reference for value in row], abs=1e-4)
+    found = task_eval.choice_logliks(model, ds.examples, 4, max_length=512)
+    assert len(shared) == len(MC_RECORDS)  # every prompt ran once, its choices on its cache
+    assert [len(row) for row in found] == [len(row) for row in reference]
+    flat = [value for row in found for value in row]
+    assert flat == pytest.approx([value for row in reference for value in row], abs=1e-4)
     tasks = [ex.task for ex in ds.examples]
     scored = task_eval.score_tasks(model, ds, batch_size=4, max_length=512)
     expected = tm.mc_accuracy(reference, tasks)
@@ -63,6 +80,32 @@ def test_option_logliks_match_a_brute_force_reference(model, tmp_path: Path) -> 
         "score": expected["accuracy"],
         "accuracy_norm": expected["accuracy_norm"],
     }
+
+
+def test_option_logliks_of_cut_prompts_match_each_row_alone(model, tmp_path: Path) -> None:
+    # Long and short prompts: at this max_length the long ones lose different numbers of tokens
+    # per choice (their choices differ in length), so they take the padded batches; the short
+    # ones keep one prompt and share it. Both in one call, indices interleaved.
+    records = [
+        {**record, "instruction": record["instruction"] + (" Think it over carefully." * 6 if i % 2 else "")}
+        for i, record in enumerate(MC_RECORDS)
+    ]
+    ds = data_mod.read_jsonl(write_jsonl(tmp_path / "mc-long.jsonl", records))
+    tokenizer = model.tokenizer
+    lengths = [len(data_mod.prompt_ids(tokenizer, ex)) for ex in ds.examples]
+    max_length = (max(lengths[0::2]) + min(lengths[1::2])) // 2 + 2
+    encoded = [
+        [data_mod.encode_continuation(tokenizer, ex, c, max_length) for c in ex.task.choices]
+        for ex in ds.examples
+    ]
+    cut = [len({tuple(ids[: lab.count(-100)]) for ids, lab in rows}) > 1 for rows in encoded]
+    assert cut == [False, True, False, True, False]  # the shapes this test is about
+    reference = [[row_alone(model, ids, labels) for ids, labels in rows] for rows in encoded]
+    for batch_size in (1, 3):  # 3: choices of different examples and lengths share a padded batch
+        found = task_eval.choice_logliks(model, ds.examples, batch_size, max_length)
+        assert [len(row) for row in found] == [len(row) for row in reference]
+        flat = [value for row in found for value in row]
+        assert flat == pytest.approx([value for row in reference for value in row], abs=1e-4)
 
 
 def test_gsm8k_scoring_from_hand_made_answers(model, tmp_path: Path, monkeypatch) -> None:

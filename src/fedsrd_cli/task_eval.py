@@ -2,7 +2,7 @@
 
 `score_tasks(base, dataset)` scores the records of one data file that carry a `task`
 (task_metrics.py says what each kind means):
-    mc     every choice's log-likelihood after the record's prompt (batched forward passes);
+    mc     every choice's log-likelihood after the record's prompt (the prompt's pass shared);
     gsm8k  a greedy answer of at most max_new_tokens tokens, its final number;
     mbpp   a greedy answer, its code run against the record's asserts in sandbox.run_program.
 The model is whatever `base` holds (the base alone, a global state, an adapter);
@@ -48,32 +48,82 @@ def choice_logliks(
     batch_size: int,
     max_length: int,
     on_batch: Callable[[], None] | None = None,
+    share_prompt: bool = True,
 ) -> list[list[float]]:
     """Per example, per choice: the sum of the choice's token log-probabilities after the prompt
-    (data.encode_continuation: the prompt is cut from the left to fit max_length)."""
+    (data.encode_continuation: the prompt is cut from the left to fit max_length),
+
+        loglik(c) = sum_k log p(c_k | prompt, c_<k).
+
+    An example whose choices all follow the same prompt tokens (no choice made the cut differ)
+    runs its prompt once and its choices on a copy of the prompt's key/value cache
+    (`_shared_prompt_logliks`); the prompt is most of an MC record (hundreds of tokens against a
+    few per option), so this costs about one forward pass per example instead of one per choice.
+    The others (all, with share_prompt=False) run every prompt + choice row in padded batches of
+    `batch_size`."""
     tokenizer, model = base.tokenizer, base.model
     pad = data_mod.pad_id(tokenizer)
-    rows: list[tuple[int, tuple[list[int], list[int]]]] = []
+    out: list[list[float]] = [[] for _ in examples]
+    rows: list[tuple[int, int, tuple[list[int], list[int]]]] = []  # (example, choice, encoded)
     for index, example in enumerate(examples):
         assert example.task is not None and example.task.kind == "mc"
-        for choice in example.task.choices:
-            rows.append((index, data_mod.encode_continuation(tokenizer, example, choice, max_length)))
-    sums: list[float] = []
+        encoded = [
+            data_mod.encode_continuation(tokenizer, example, choice, max_length)
+            for choice in example.task.choices
+        ]
+        heads = {tuple(ids[: labels.count(data_mod.IGNORE_INDEX)]) for ids, labels in encoded}
+        bodies = [ids[labels.count(data_mod.IGNORE_INDEX) :] for ids, labels in encoded]
+        if share_prompt and len(heads) == 1 and next(iter(heads)) and all(bodies):
+            out[index] = _shared_prompt_logliks(base, list(next(iter(heads))), bodies, pad)
+            if on_batch is not None:
+                on_batch()
+        else:
+            out[index] = [0.0] * len(encoded)
+            rows.extend((index, choice, pair) for choice, pair in enumerate(encoded))
     for start in range(0, len(rows), batch_size):
-        batch = data_mod.collate([pair for _, pair in rows[start : start + batch_size]], pad)
+        chunk = rows[start : start + batch_size]
+        batch = data_mod.collate([pair for _, _, pair in chunk], pad)
         batch = {k: v.to(base.device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logprobs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+        logprobs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)  # (rows, T-1, V)
         labels = batch["labels"][:, 1:]
         mask = labels != data_mod.IGNORE_INDEX
         picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        sums.extend(float(v) for v in (picked * mask).sum(dim=1))
+        for (index, choice, _), value in zip(chunk, (picked * mask).sum(dim=1), strict=True):
+            out[index][choice] = float(value)
         if on_batch is not None:
             on_batch()
-    out: list[list[float]] = [[] for _ in examples]
-    for (index, _), value in zip(rows, sums, strict=True):
-        out[index].append(value)
     return out
+
+
+def _shared_prompt_logliks(base: Any, head: list[int], bodies: list[list[int]], pad: int) -> list[float]:
+    """The log-likelihood of each body (n choices, len >= 1) after the one prompt `head` (P
+    tokens): the prompt's forward pass once, its cache repeated n times, the bodies right-padded
+    after it. The prompt's last logits predict every body's first token."""
+    model, device = base.model, base.device
+    prompt = model(input_ids=torch.tensor([head], device=device), use_cache=True)
+    first = torch.log_softmax(prompt.logits[0, -1].float(), dim=-1)  # (V,)
+    # transformers 5.24 names the cache `cache` (in and out); earlier 5.x `past_key_values`.
+    cache_name = "cache" if "cache" in prompt else "past_key_values"
+    cache = prompt[cache_name]
+    n, width = len(bodies), max(len(body) for body in bodies)
+    cache.batch_repeat_interleave(n)
+    ids = torch.full((n, width), pad, dtype=torch.long)  # (n, W), right-padded
+    mask = torch.zeros((n, len(head) + width), dtype=torch.long)  # (n, P + W)
+    mask[:, : len(head)] = 1
+    for row, body in enumerate(bodies):
+        ids[row, : len(body)] = torch.tensor(body)
+        mask[row, len(head) : len(head) + len(body)] = 1
+    logits = model(
+        input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, **{cache_name: cache}
+    ).logits  # (n, W, V): position k predicts body token k + 1
+    logprobs = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)  # (n, W-1, V)
+    sums = []
+    for row, body in enumerate(bodies):
+        rest = torch.tensor(body[1:], device=logprobs.device)
+        picked = logprobs[row, : len(body) - 1].gather(-1, rest.unsqueeze(-1)).sum()
+        sums.append(float(first[body[0]] + picked))
+    return sums
 
 
 def file_kind(ds: data_mod.Dataset) -> str | None:
