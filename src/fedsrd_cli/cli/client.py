@@ -34,6 +34,7 @@ from fedsrd_cli.cli.options import (
     trust_from_flags,
 )
 from fedsrd_cli.cli.render import written
+from fedsrd_cli.config import DEFAULT_DP_MAX_GRAD_NORM
 from fedsrd_cli.errors import UsageError
 from fedsrd_cli.output import Output, data_table, human_bytes, human_duration, key_value_table
 
@@ -165,7 +166,7 @@ def train_local_cmd(
         record_dp = RecordDp(
             epsilon=dp_epsilon,
             delta=dp_delta,
-            max_grad_norm=1.0 if dp_max_grad_norm is None else dp_max_grad_norm,
+            max_grad_norm=DEFAULT_DP_MAX_GRAD_NORM if dp_max_grad_norm is None else dp_max_grad_norm,
             noise_multiplier=dp_noise_multiplier,
             planned_rounds=dp_rounds,
             max_epsilon=dp_max_epsilon,

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from fedsrd_cli.config import DEFAULT_DP_MAX_GRAD_NORM
 from fedsrd_cli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -84,7 +85,9 @@ DpDeltaOpt = Annotated[
 DpMaxGradNormOpt = Annotated[
     float | None,
     typer.Option(
-        "--dp-max-grad-norm", help="DP-SGD: clip of each record's gradient [1.0].", show_default=False
+        "--dp-max-grad-norm",
+        help=f"DP-SGD: clip of each record's gradient [{DEFAULT_DP_MAX_GRAD_NORM}].",
+        show_default=False,
     ),
 ]
 DpNoiseMultiplierOpt = Annotated[

@@ -23,6 +23,7 @@ from fedsrd_cli.cli.options import (
     MetricsOpt,
     ThreadsOpt,
 )
+from fedsrd_cli.config import DEFAULT_DP_MAX_GRAD_NORM
 from fedsrd_cli.errors import UsageError
 from fedsrd_cli.output import Output, data_table, key_value_table
 
@@ -333,7 +334,7 @@ def simulate_cmd(
         from fedsrd_cli.privacy.budget import RecordDp
 
         planned = (dp_rounds or rounds) if dp_epsilon is not None else None  # a resumed run keeps the plan
-        clip = 1.0 if dp_max_grad_norm is None else dp_max_grad_norm
+        clip = DEFAULT_DP_MAX_GRAD_NORM if dp_max_grad_norm is None else dp_max_grad_norm
         record_dp = RecordDp(dp_epsilon, dp_delta, clip, dp_noise_multiplier, planned)
     elif dp_rounds is not None:
         raise UsageError("--dp-rounds plans a DP-SGD run: give --dp-epsilon too")

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fedsrd_cli.config import DEFAULT_VALUE_DTYPE, _require
+from fedsrd_cli.config import DEFAULT_DP_MAX_GRAD_NORM, DEFAULT_VALUE_DTYPE, _require
 from fedsrd_cli.errors import UsageError
 
 Scalar = bool | int | float | str
@@ -130,7 +130,7 @@ class ServerSettings:
     server_lr: float = 1.0
     dp_epsilon: float = -1.0
     dp_delta: float = -1.0
-    dp_max_grad_norm: float = 1.0
+    dp_max_grad_norm: float = DEFAULT_DP_MAX_GRAD_NORM
     dp_noise_multiplier: float = -1.0
     dp_rounds: int = 0
     require_dp: float = -1.0

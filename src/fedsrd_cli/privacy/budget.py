@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from fedsrd_cli.config import DEFAULT_DP_MAX_GRAD_NORM
 from fedsrd_cli.errors import PrivacyError, UsageError
 from fedsrd_cli.privacy.accounting import noise_multiplier_for
 from fedsrd_cli.privacy.ledger import MECHANISMS, RECORD, Ledger, Release
@@ -43,7 +44,7 @@ class RecordDp:
 
     epsilon: float | None = None
     delta: float | None = None
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = DEFAULT_DP_MAX_GRAD_NORM
     noise_multiplier: float | None = None
     planned_rounds: int | None = None
     max_epsilon: float | None = None
