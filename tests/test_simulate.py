@@ -171,6 +171,7 @@ def test_config_is_validated() -> None:
         ({"server_lr": 0.0}, "--server-lr"),
         ({"server_lr": 2.0}, "--server-lr"),
         ({"server_lr_from": 0}, "--server-lr-from"),
+        ({"eval_batch_size": 0}, "--eval-batch-size"),
     ]:
         with pytest.raises(UsageError, match=message):
             SimulateConfig(**{**good, **change})
@@ -277,10 +278,12 @@ def test_round_0_is_scored_once_for_every_seed(
 
     monkeypatch.setattr(training, "evaluate", counting)
     out = tmp_path / "seeds"
-    args = [*sim_args(sim_inputs, out, 1), "--algorithms", "fedavg", "--seeds", 2]
+    args = [*sim_args(sim_inputs, out, 1), "--algorithms", "fedavg", "--seeds", 2, "--eval-batch-size", 2]
     run_cli(*args)
     assert len(scored) == 1 + 2  # round 0 once, then round 1 of each seed
-    runs = json.loads((out / "results.json").read_text())["runs"]["fedavg"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["eval_batch_size"] == 2
+    runs = results["runs"]["fedavg"]
     assert runs["0"][0]["eval_loss"] == runs["1"][0]["eval_loss"]
     # Seed 1's own start (another A, B = 0), scored by `fedsrd eval`, gives the recorded loss.
     start = out / runs["1"][0]["global_state"]

@@ -179,7 +179,7 @@ class SimulateConfig:
             math.isfinite(self.prox_mu) and self.prox_mu >= 0, f"--prox-mu must be >= 0, got {self.prox_mu}"
         )
         _require(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
-        _require(self.eval_batch_size >= 1, "eval batch size must be >= 1")
+        _require(self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size}")
         _require(
             1 <= self.metrics_max_new_tokens <= 65_536,
             f"--metrics-max-new-tokens must be in [1, 65,536], got {self.metrics_max_new_tokens}",

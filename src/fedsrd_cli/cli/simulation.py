@@ -194,6 +194,14 @@ def simulate_cmd(
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="[8; 16 for --model toy]", show_default=False)
     ] = None,
+    eval_batch_size: Annotated[
+        int,
+        typer.Option(
+            "--eval-batch-size",
+            help="Eval examples per forward pass (and --metrics answers generated at once); lower"
+            " it for a base with a large vocabulary (Gemma-3: 262,144 tokens) on a small machine.",
+        ),
+    ] = 16,
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = 16,
     alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha.")] = 32.0,
     targets: Annotated[str, typer.Option("--targets", help="all-linear, or module names.")] = "all-linear",
@@ -397,6 +405,7 @@ def simulate_cmd(
         local_steps=defaults.local_steps if local_steps is None else local_steps,
         lr=defaults.lr if lr is None else lr,
         batch_size=defaults.batch_size if batch_size is None else batch_size,
+        eval_batch_size=eval_batch_size,
         rank=rank,
         alpha=alpha,
         targets=targets,
