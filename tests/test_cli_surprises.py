@@ -41,7 +41,8 @@ TINY_LLAMA_CONFIG = (
 )
 FEDSRD = Path(sys.executable).with_name("fedsrd")
 TRAINING_NOTE = re.compile(
-    r"^(training [\d,]+ steps of \d+ examples on \S+ \(\d+ threads?\)|step 1 took .*)$"
+    r"^(training [\d,]+ steps of \d+ examples on \S+ \(\d+ threads?\)|step 1 took .*"
+    r"|warning: [\d,]+ local steps at lr \S+ \(steps x lr = .* is long local training, .*)$"
 )
 
 
@@ -53,8 +54,8 @@ def refused(args: list, code: int, words: str, watch: tuple[Path, ...] = (), roo
     assert result.exit_code == code, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     lines = [line for line in result.output.splitlines() if line.strip()]
-    # One error line. train-local announces its steps first ("training N steps ..."), which
-    # may precede it; nothing else may.
+    # One error line. train-local announces its steps first ("training N steps ...") and warns
+    # about long local training from its flags alone, which may precede it; nothing else may.
     lines = [line for line in lines if not TRAINING_NOTE.match(line)]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert "Traceback" not in result.output

@@ -66,6 +66,8 @@ def sim_args(inputs: dict[str, Path], out: Path, rounds: int) -> list[object]:
 def test_simulate_two_rounds_then_resume(sim_inputs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "results"
     summary = run_cli(*sim_args(sim_inputs, out, 2))
+    # 3 local steps at lr 2e-2 is long local training for fedsrd (steps x lr = 0.06): one line
+    assert len(summary["warnings"]) == 1 and "steps x lr = 0.06" in summary["warnings"][0]
     assert [(r["algorithm"], r["round"]) for r in summary["rounds_run_now"]] == [
         ("fedsrd", 1), ("fedsrd", 2), ("fedavg", 1), ("fedavg", 2)
     ]  # fmt: skip

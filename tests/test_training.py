@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from fedsrd_cli.artifacts import read_artifact
+from fedsrd_cli.artifacts import read_artifact, write_artifact
 from fedsrd_cli.cli import app
 from fedsrd_cli.errors import UsageError
 from fedsrd_cli.model_spec import file_sha256
@@ -584,13 +585,59 @@ def test_train_local_measures_what_a_one_factor_download_cannot_carry(
             projector = torch.linalg.pinv(a) @ a  # (d_in, d_in)
             outside2 += float((dw - dw @ projector).norm()) ** 2
             total2 += float(dw.norm()) ** 2
-        reported = json.loads(result.stdout)["one_factor_residual"]
+        summary = json.loads(result.stdout)
+        reported = summary["one_factor_residual"]
         assert reported == pytest.approx((outside2 / total2) ** 0.5, abs=1e-5)
-        reports[tag] = (reported, "warning:" in result.output)
+        reports[tag] = (reported, summary["warnings"])
     for residual, warned in reports.values():  # the one-line warning, exactly above the level
-        assert warned == (residual > ONE_FACTOR_RESIDUAL_WARNING)
+        about_residual = [w for w in warned if "one-factor download can carry" in w]
+        assert len(about_residual) == (residual > ONE_FACTOR_RESIDUAL_WARNING)
+    # the settings alone: 20 steps at lr 2e-2 is long local training, 1 at 1e-4 is not
+    assert sum("long local training" in w for w in reports["long"][1]) == 1
+    assert reports["short"][1] == []
     assert reports["short"][0] < 0.5 * reports["long"][0]
     warning = local_update_warning(ONE_FACTOR_RESIDUAL_WARNING + 0.05)
     assert warning and "outside what FedSRD's default one-factor download can carry" in warning
     assert "--server-lr 0.25" in warning
     assert local_update_warning(ONE_FACTOR_RESIDUAL_WARNING) is None
+
+
+def test_long_local_training_warns_for_the_one_factor_download_only() -> None:
+    """steps x lr at or above LONG_LOCAL_TRAINING warns, below it does not; only when a method
+    that sends FedSRD's one-factor download runs, or when the method is not known yet."""
+    from fedsrd_cli.algorithms.diagnostics import long_local_training_warning
+
+    at_level = long_local_training_warning(20, 5e-4, ("fedsrd",))
+    assert at_level and at_level.startswith("20 local steps at lr 0.0005 (steps x lr = 0.01")
+    assert "\n" not in at_level and 'docs/results.md, "Few, long rounds"' in at_level
+    assert long_local_training_warning(19, 5e-4, ("fedsrd",)) is None
+    assert long_local_training_warning(10, 1e-4, ("fedsrd",)) is None  # the default: FedSRD won
+    assert long_local_training_warning(30, 1e-3, ("fedavg", "ffa-lora", "flexlora")) is None
+    assert long_local_training_warning(30, 1e-3, ("fedavg", "fedsrd-e")) is not None
+    unknown = long_local_training_warning(30, 1e-3, None)
+    assert unknown and "if the coordinator aggregates with it" in unknown
+
+
+def test_train_local_warns_about_long_training_for_fedsrd_states_only(
+    run_dir: Path, tiny_model: Path, tiny_data: Path
+) -> None:
+    """A global state written by fedavg never warns about long local training; one written by
+    fedsrd does, with the same settings."""
+    g = read_artifact(run_dir / "g0.safetensors", kind="state")
+    warned = {}
+    for method in ("fedavg", "fedsrd"):
+        state = run_dir / f"g-{method}.safetensors"
+        write_artifact(state, replace(g.header, method=method), dict(g.iter_tensors()), force=True)
+        out = run_dir / f"long-{method}.safetensors"
+        result = runner.invoke(
+            app,
+            [
+                str(a)
+                for a in ["train-local", "--base", tiny_model, "--global", state, "--data", tiny_data]
+                + ["--out", out, "--steps", "2", "--lr", "1e-2", "--force"]
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        warned[method] = [line for line in result.output.splitlines() if "long local training" in line]
+    assert warned["fedavg"] == []
+    assert len(warned["fedsrd"]) == 1 and warned["fedsrd"][0].startswith("warning: 2 local steps at lr 0.01")

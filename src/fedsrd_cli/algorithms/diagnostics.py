@@ -48,6 +48,17 @@ ERROR_WARNING = 1.5
 # steps at lr 1e-4, and at most 0.70 (client) with 10 DP-SGD steps at lr 1e-3. train-local
 # warns at the same level for the client's own update.
 ONE_FACTOR_RESIDUAL_WARNING = 0.75
+# Local training's reach, known before anything trains. Adam moves each weight by about lr per
+# step at most, so local steps x lr bounds how far one client's round can go. On SmolLM2-135M-
+# Instruct (docs/results.md, "Few, long rounds") FedSRD's default lost to FedAvg at steps x lr =
+# 0.01 (5 rounds of 20 steps at lr 5e-4: +6.1%; 10 DP-SGD steps at lr 1e-3, epsilon 8: +7.0%,
+# though epsilon 3 and 1 won there) and 0.03 (3 rounds of 30 steps at lr 1e-3: +154%, +3.4% with
+# a quarter step from round 3), and won at 0.001 (10 steps at lr 1e-4: -7.0%) and 0.0002. Nothing
+# between 0.001 and 0.01 was measured. `simulate` and `train-local` warn from LONG_LOCAL_TRAINING
+# on, for the methods that send FedSRD's one-factor download (fedsrd-e shares it; only fedsrd
+# was measured).
+LONG_LOCAL_TRAINING = 1e-2
+ONE_FACTOR_DOWNLOAD_METHODS = ("fedsrd", "fedsrd-e")
 
 
 class BroadcastDiagnostics:
@@ -176,4 +187,23 @@ def local_update_warning(residual: float) -> str | None:
         f" carry (above {ONE_FACTOR_RESIDUAL_WARNING:g}): long local training, where FedSRD's whole"
         " steps overshoot and lose to FedAvg; fewer steps or a lower --lr, or a coordinator that"
         ' broadcasts with --server-lr 0.25 from round 3 on (docs/results.md, "Few, long rounds")'
+    )
+
+
+def long_local_training_warning(steps: int, lr: float, methods: tuple[str, ...] | None) -> str | None:
+    """One line when `steps` local steps at `lr` are long local training (steps x lr >=
+    LONG_LOCAL_TRAINING), where FedSRD's default download lost to FedAvg, and one of `methods`
+    sends that download; None otherwise. methods None: not known yet (train-local on a round-0
+    state, which no method has written), so the line says which methods it is about."""
+    if methods is not None and not set(methods) & set(ONE_FACTOR_DOWNLOAD_METHODS):
+        return None
+    reach = steps * lr
+    if reach < LONG_LOCAL_TRAINING * (1 - 1e-9):  # 20 x 5e-4 is at the level, whatever the rounding
+        return None
+    who = "FedSRD" if methods is not None else "FedSRD (if the coordinator aggregates with it)"
+    return (
+        f"{steps} local steps at lr {lr:g} (steps x lr = {reach:.3g}, at or above {LONG_LOCAL_TRAINING:g})"
+        f" is long local training, where {who} lost to FedAvg on SmolLM2-135M (by 6% to 154% in eval"
+        " loss at 20 to 30 steps, lr 5e-4 to 1e-3); use fedavg, or shorter rounds (10 steps at lr 1e-4"
+        ' won by 7%), or with 3 rounds --server-lr 0.25 from round 3 (docs/results.md, "Few, long rounds")'
     )

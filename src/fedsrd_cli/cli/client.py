@@ -115,7 +115,11 @@ def train_local_cmd(
     import json
     import time
 
-    from fedsrd_cli.algorithms.diagnostics import local_one_factor_residual, local_update_warning
+    from fedsrd_cli.algorithms.diagnostics import (
+        local_one_factor_residual,
+        local_update_warning,
+        long_local_training_warning,
+    )
     from fedsrd_cli.artifacts import write_artifact
     from fedsrd_cli.atomic import FileWrite, ensure_writable
     from fedsrd_cli.math.threads import use_threads
@@ -206,6 +210,12 @@ def train_local_cmd(
     threads = use_threads(threads)
     model = load_base(base, device, dtype)
     total = config.total_steps(sum(len(d.examples) for d in datasets))
+    method = global_state.header.method or None  # None: a round-0 state, no method has written it
+    warned: list[str] = []  # every warning line, also in the --json result
+    long_training = long_local_training_warning(total, lr, None if method is None else (method,))
+    if long_training:
+        out.note(f"warning: {long_training}")
+        warned.append(long_training)
     out.note(
         f"training {total:,} steps of {config.batch_size * config.grad_accum} examples on {model.device}"
         f" ({threads} thread{'s' if threads != 1 else ''})"
@@ -229,6 +239,7 @@ def train_local_cmd(
     warning = local_update_warning(residual)
     if warning:
         out.note(f"warning: {warning}")
+        warned.append(warning)
     info = {
         "train": {
             "steps": stats.steps,
@@ -259,6 +270,7 @@ def train_local_cmd(
             "device": str(model.device),
             "threads": threads,
             "one_factor_residual": round(residual, 6),
+            "warnings": warned,
             **(
                 {"dp_epsilon": ledger.epsilon, "dp_delta": ledger.delta, "dp_rounds": ledger.rounds}
                 if ledger is not None

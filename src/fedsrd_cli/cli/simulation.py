@@ -332,6 +332,7 @@ def simulate_cmd(
     --out continues where it stopped (only --rounds may change). --metrics also scores the eval
     files' tasks every round (round 0: the base model) and prints them per file and round.
     """
+    from fedsrd_cli.algorithms.diagnostics import long_local_training_warning
     from fedsrd_cli.atomic import ensure_output_dir
     from fedsrd_cli.simulate import SimulateConfig, local_training_defaults, output_is_new, simulate
 
@@ -430,6 +431,10 @@ def simulate_cmd(
         task_metrics=task_metrics,
         metrics_max_new_tokens=metrics_max_new_tokens,
     )
+    long_training = long_local_training_warning(config.local_steps, config.lr, config.algorithms)
+    if long_training:
+        out.note(f"warning: {long_training}")
+    warned = [long_training] if long_training else []  # also in the --json result
     # Every flag was checked (SimulateConfig) before the demo's assets are written.
     if demo_model is not None and not (out_dir / "assets" / "manifest.json").is_file():
         from fedsrd_cli.demo import demo_assets
@@ -455,7 +460,7 @@ def simulate_cmd(
         )
     ran = len(summary["rounds_run_now"])
     out.result(
-        summary,
+        {**summary, "warnings": warned},
         table,
         *_task_tables(summary["summary"]),
         key_value_table(
