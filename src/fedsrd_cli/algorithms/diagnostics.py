@@ -51,7 +51,7 @@ ONE_FACTOR_RESIDUAL_WARNING = 0.75
 # Local training's reach, known before anything trains. Adam moves each weight by about lr per
 # step at most, so local steps x lr bounds how far one client's round can go. On SmolLM2-135M-
 # Instruct (docs/results.md, "Few, long rounds") FedSRD's default lost to FedAvg at steps x lr =
-# 0.01 (5 rounds of 20 steps at lr 5e-4: +6.1%; 10 DP-SGD steps at lr 1e-3, epsilon 8: +7.0%,
+# 0.01 (5 rounds of 20 steps at lr 5e-4: +5.7%, 3 seeds; 10 DP-SGD steps at lr 1e-3, epsilon 8: +7.0%,
 # though epsilon 3 and 1 won there) and 0.03 (3 rounds of 30 steps at lr 1e-3: +154%, +3.4% with
 # a quarter step from round 3), and won at 0.001 (10 steps at lr 1e-4: -7.0%) and 0.0002. Nothing
 # between 0.001 and 0.01 was measured. `simulate` and `train-local` warn from LONG_LOCAL_TRAINING
