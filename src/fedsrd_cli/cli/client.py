@@ -210,9 +210,10 @@ def train_local_cmd(
     threads = use_threads(threads)
     model = load_base(base, device, dtype)
     total = config.total_steps(sum(len(d.examples) for d in datasets))
-    method = global_state.header.method or None  # None: a round-0 state, no method has written it
+    # The method that wrote the global state; None for a round-0 state, which no method wrote.
+    methods = (global_state.header.method,) if global_state.header.method else None
     warned: list[str] = []  # every warning line, also in the --json result
-    long_training = long_local_training_warning(total, lr, None if method is None else (method,))
+    long_training = long_local_training_warning(total, lr, methods)
     if long_training:
         out.note(f"warning: {long_training}")
         warned.append(long_training)
