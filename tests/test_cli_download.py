@@ -115,6 +115,54 @@ def test_warning_names_a_factor_that_moved_more_than_its_own_size(tmp_path):
     assert "lands 2 (relative) from its target" in update_error_warning(off_target)
 
 
+def test_a_whole_factor_broadcast_never_warns_on_its_step(tmp_path):
+    """FlexLoRA's SVD re-split moves factors by about twice their size in healthy rounds; only a
+    one-factor download (which records its download fit) is warned about a large step."""
+    from .conftest import make_local
+
+    g0 = make_global(tmp_path / "g0.safetensors")
+    uploads = []
+    for i in range(2):
+        local = make_local(g0, tmp_path / f"local-flex-{i}.safetensors", seed=i + 1)
+        up = tmp_path / f"up-flex-{i}.safetensors"
+        run(
+            "sparsify",
+            "--global",
+            g0,
+            "--local",
+            local,
+            "--client",
+            f"c{i}",
+            "--method",
+            "flexlora",
+            "--out",
+            up,
+        )
+        uploads.append(up)
+    agg = tmp_path / "agg-flex.safetensors"
+    run("aggregate", "--global", g0, "--method", "flexlora", "--out", agg, *uploads)
+    bc = tmp_path / "bc-flex.safetensors"
+    run(
+        "broadcast",
+        "--global",
+        g0,
+        "--aggregate",
+        agg,
+        "--out",
+        bc,
+        "--out-global",
+        tmp_path / "g1-flex.safetensors",
+    )
+    flex = read_artifact(bc).header
+    assert flex.method == "flexlora" and "download_fit" not in flex.info
+    big_step = {"update_step": {"max": 3.0, "factors": {"m.lora_B": 3.0}}}
+    assert update_error_warning(replace(flex, round=5, info={**flex.info, **big_step})) is None
+    _, one_factor, _ = _broadcast(tmp_path, g0, "of")  # the default fedsrd download
+    header = read_artifact(one_factor).header
+    warning = update_error_warning(replace(header, round=5, info={**header.info, **big_step}))
+    assert warning and "m.lora_B by 3 times its own size" in warning
+
+
 def test_broadcast_prints_the_warning_when_a_round_diverges(tmp_path):
     """Round 3 of the paper's download on the fixture's noisy clients inverts a weak B."""
     g0 = make_global(tmp_path / "g0.safetensors")
