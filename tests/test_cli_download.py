@@ -6,12 +6,16 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
+from fedsrd_cli.algorithms import get_algorithm
 from fedsrd_cli.algorithms.diagnostics import STEP_WARNING, update_error_warning
 from fedsrd_cli.artifacts import read_artifact
-from fedsrd_cli.config import BroadcastConfig
+from fedsrd_cli.config import AGGREGATE_METHODS, BroadcastConfig
 
 from .conftest import make_global
 from .test_cli import run, run_round
+from .test_cli_methods import _round as method_round
 
 
 def _broadcast(tmp: Path, g0: Path, tag: str, *flags: str) -> tuple[dict, Path, Path]:
@@ -115,48 +119,16 @@ def test_warning_names_a_factor_that_moved_more_than_its_own_size(tmp_path):
     assert "lands 2 (relative) from its target" in update_error_warning(off_target)
 
 
-def test_a_whole_factor_broadcast_never_warns_on_its_step(tmp_path):
+@pytest.mark.parametrize("method", [m for m in AGGREGATE_METHODS if get_algorithm(m).dense_download])
+def test_a_whole_factor_broadcast_never_warns_on_its_step(tmp_path, method):
     """FlexLoRA's SVD re-split moves factors by about twice their size in healthy rounds; only a
     one-factor download (which records its download fit) is warned about a large step."""
-    from .conftest import make_local
-
-    g0 = make_global(tmp_path / "g0.safetensors")
-    uploads = []
-    for i in range(2):
-        local = make_local(g0, tmp_path / f"local-flex-{i}.safetensors", seed=i + 1)
-        up = tmp_path / f"up-flex-{i}.safetensors"
-        run(
-            "sparsify",
-            "--global",
-            g0,
-            "--local",
-            local,
-            "--client",
-            f"c{i}",
-            "--method",
-            "flexlora",
-            "--out",
-            up,
-        )
-        uploads.append(up)
-    agg = tmp_path / "agg-flex.safetensors"
-    run("aggregate", "--global", g0, "--method", "flexlora", "--out", agg, *uploads)
-    bc = tmp_path / "bc-flex.safetensors"
-    run(
-        "broadcast",
-        "--global",
-        g0,
-        "--aggregate",
-        agg,
-        "--out",
-        bc,
-        "--out-global",
-        tmp_path / "g1-flex.safetensors",
-    )
-    flex = read_artifact(bc).header
-    assert flex.method == "flexlora" and "download_fit" not in flex.info
+    (tmp_path / "whole").mkdir()
+    whole = read_artifact(method_round(tmp_path / "whole", method)["broadcast"]).header
+    assert whole.method == method and "download_fit" not in whole.info
     big_step = {"update_step": {"max": 3.0, "factors": {"m.lora_B": 3.0}}}
-    assert update_error_warning(replace(flex, round=5, info={**flex.info, **big_step})) is None
+    assert update_error_warning(replace(whole, round=5, info={**whole.info, **big_step})) is None
+    g0 = make_global(tmp_path / "g0.safetensors")
     _, one_factor, _ = _broadcast(tmp_path, g0, "of")  # the default fedsrd download
     header = read_artifact(one_factor).header
     warning = update_error_warning(replace(header, round=5, info={**header.info, **big_step}))
