@@ -132,13 +132,12 @@ def error_level(header: Header) -> float | None:
 def update_error_warning(header: Header) -> str | None:
     """One line when a broadcast looks like the start of a divergence, else None."""
     info = header.info
+    steps = info.get("update_step", {}).get("factors", {})
     # Only a one-factor solve (its broadcast records its download fit) inverts a factor. A
     # whole-factor broadcast may move a factor by more than its size and be healthy: FlexLoRA's
     # re-split W_r = (U sqrt(S)) (sqrt(S) Vh) moved factors by 2.0 times their size in rounds 2
     # and 3 of the real-task suite while its loss kept falling (docs/results.md).
-    one_factor = "download_fit" in info
-    steps = info.get("update_step", {}).get("factors", {}) if one_factor else {}
-    if header.round >= STEP_WARN_FROM_ROUND and steps:
+    if "download_fit" in info and header.round >= STEP_WARN_FROM_ROUND and steps:
         name = max(steps, key=steps.__getitem__)
         if steps[name] > STEP_WARNING:
             return (
