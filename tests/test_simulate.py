@@ -171,7 +171,7 @@ def test_config_is_validated() -> None:
         ({"base_sparsity": 1.0}, "--base-sparsity"),
         ({"base_sparsity": 0.95}, "below 1"),
         ({"server_lr": 0.0}, "--server-lr"),
-        ({"server_lr": 2.0}, "--server-lr"),
+        ({"server_lr": 17.0}, "--server-lr"),
         ({"server_lr_from": 0}, "--server-lr-from"),
         ({"eval_batch_size": 0}, "--eval-batch-size"),
     ]:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fedsrd_cli.errors import UsageError
+from fedsrd_cli.limits import MAX_SERVER_LR
 from fedsrd_cli.privacy.ledger import OrganisationDp
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -275,10 +276,10 @@ class BroadcastConfig:
     matters to methods that send whole factors.
     noise_seed: organisation-level DP draws its noise from a secret key; a seed makes the
     noise reproducible, for tests only (it protects nothing).
-    server_lr: the coordinator's step (FedOpt's server learning rate): every factor update the
-    broadcast sends is multiplied by it, so the state moves server_lr of the way the full
-    download would take it: X' = X + server_lr * dX for each factor X sent. 1 (the default)
-    sends the download unchanged, bit for bit.
+    server_lr: the coordinator's step (FedOpt's server learning rate, Reddi et al., ICLR 2021):
+    every factor update the broadcast sends is multiplied by it, X' = X + server_lr * dX for
+    each factor X sent: below 1 a shorter step than the download, above 1 an extrapolation
+    past it (up to MAX_SERVER_LR). 1 (the default) sends the download unchanged, bit for bit.
     """
 
     download_sparsity: float = 0.8
@@ -313,6 +314,6 @@ class BroadcastConfig:
             f"--factor-choice must be one of {list(FACTOR_CHOICES)}, got {self.factor_choice!r}",
         )
         _require(
-            math.isfinite(self.server_lr) and 0.0 < self.server_lr <= 1.0,
-            f"--server-lr must be in (0, 1], got {self.server_lr}",
+            math.isfinite(self.server_lr) and 0.0 < self.server_lr <= MAX_SERVER_LR,
+            f"--server-lr must be in (0, {MAX_SERVER_LR:g}], got {self.server_lr}",
         )

@@ -23,6 +23,8 @@ from fedsrd_cli.errors import UsageError
 FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32: learning rates, scales, norms
 SEED_MAX = 2**63 - 1
 EPSILON_MAX = 1e6
+# The longest coordinator step (--server-lr); config.BroadcastConfig checks the same bound.
+MAX_SERVER_LR = 16.0
 
 
 def usable_cores() -> int:
@@ -110,7 +112,7 @@ LIMITS: dict[str, Limit] = {
     "--max-samples": Limit(1, 10**12),
     "--download-sparsity": Limit(0, 0.999),
     "--damping": Limit(0, 1),
-    "--server-lr": _open_low(1),
+    "--server-lr": _open_low(MAX_SERVER_LR),
     "--server-lr-from": Limit(1, 100_000),
     # secure rounds
     "--min-sites": Limit(2, 100_000),

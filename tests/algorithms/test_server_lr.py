@@ -17,8 +17,8 @@ from ..conftest import make_global
 from .rounds import make_locals, upload, write
 
 
-def _round(tmp_path, method: str, **download):
-    """One round's state and aggregate, and the broadcast's full and half steps (fp32 values)."""
+def _round(tmp_path, method: str, step: float = 0.5, **download):
+    """One round's state and aggregate, and the broadcast's whole step and `step` (fp32 values)."""
     g0 = make_global(tmp_path / "g0.safetensors")
     uploads = [
         upload(tmp_path, method, g0, p, f"c{i}") for i, p in enumerate(make_locals(tmp_path, g0, 3, "s"))
@@ -30,10 +30,11 @@ def _round(tmp_path, method: str, **download):
     )
     settings = {"seed": 5, "value_dtype": "fp32", **download}
     full = algorithm.broadcast(state, agg, BroadcastConfig(**settings))
-    half = algorithm.broadcast(state, agg, BroadcastConfig(server_lr=0.5, **settings))
+    half = algorithm.broadcast(state, agg, BroadcastConfig(server_lr=step, **settings))
     return state, full, half
 
 
+@pytest.mark.parametrize("step", [0.5, 2.0])
 @pytest.mark.parametrize(
     ("method", "download"),
     [
@@ -41,20 +42,21 @@ def _round(tmp_path, method: str, **download):
         ("fedsrd", {"factor_choice": "both", "download_fit": "lstsq", "download_sparsity": 0.5}),
         ("fedsrd", {"download_fit": "lstsq", "factor_choice": "parity", "damping": 0.0}),
         ("fedavg", {"download_sparsity": 0.0}),
+        ("flexlora", {"download_sparsity": 0.0}),
     ],
 )
-def test_a_half_step_moves_every_factor_half_way_to_the_full_download(tmp_path, method, download):
-    state, (bc_full, next_full), (bc_half, next_half) = _round(tmp_path, method, **download)
+def test_a_step_moves_every_factor_that_multiple_of_the_full_download(tmp_path, method, download, step):
+    state, (bc_full, next_full), (bc_half, next_half) = _round(tmp_path, method, step, **download)
     assert bc_half.header.layout == bc_full.header.layout  # the same factors and masks
     changed = 0
     for name, before in state.iter_tensors():
         full_step = next_full.tensors[name].double() - before.double()
         half_step = next_half.tensors[name].double() - before.double()
         # fp32 values: each stored value is rounded once, so compare at fp32's precision
-        torch.testing.assert_close(half_step, 0.5 * full_step, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(half_step, step * full_step, rtol=1e-5, atol=1e-6)
         changed += int(bool(full_step.any()))
     assert changed > 0
-    assert bc_half.header.info["server_lr"] == 0.5 and "server_lr" not in bc_full.header.info
+    assert bc_half.header.info["server_lr"] == step and "server_lr" not in bc_full.header.info
 
 
 def test_clients_applying_a_damped_broadcast_hold_the_coordinators_state(tmp_path):
@@ -74,7 +76,7 @@ def test_the_update_error_records_the_shorter_step(tmp_path):
     assert half == pytest.approx(math.sqrt(full**2 + (1 - full**2) / 4), rel=1e-4)
 
 
-@pytest.mark.parametrize("value", [0.0, -0.5, 1.5, float("nan"), float("inf")])
-def test_server_lr_outside_zero_one_is_refused(value):
+@pytest.mark.parametrize("value", [0.0, -0.5, 16.5, float("nan"), float("inf")])
+def test_server_lr_outside_its_range_is_refused(value):
     with pytest.raises(UsageError, match="--server-lr must be in"):
         BroadcastConfig(server_lr=value)

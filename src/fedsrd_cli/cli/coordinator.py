@@ -434,8 +434,8 @@ def broadcast_cmd(
         float,
         typer.Option(
             "--server-lr",
-            help="The coordinator's step in (0, 1]: every factor update sent is multiplied by it"
-            " (1: the download as it is; below 1 for few, long rounds, docs/algorithms.md).",
+            help="The coordinator's step in (0, 16]: every factor update sent is multiplied by it"
+            " (1: the download as it is; above 1 extrapolates, FedOpt; docs/algorithms.md).",
         ),
     ] = 1.0,
     dp_test_seed: Annotated[

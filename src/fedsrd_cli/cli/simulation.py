@@ -270,7 +270,7 @@ def simulate_cmd(
     ] = False,
     server_lr: Annotated[
         float,
-        typer.Option("--server-lr", help="broadcast --server-lr: the coordinator's step in (0, 1]."),
+        typer.Option("--server-lr", help="broadcast --server-lr: the coordinator's step in (0, 16]."),
     ] = 1.0,
     server_lr_from: Annotated[
         int,
