@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedsrd_cli.math.lowrank import one_factor_misses, product_frobenius_norm
+from fedsrd_cli.math.lowrank import one_factor_misses, product_frobenius_norm, product_inner
 
 
 def test_matches_dense_norm() -> None:
@@ -48,3 +48,17 @@ def test_one_factor_misses_match_the_dense_residuals():
     assert one_factor_misses(b_prev, a_prev, b_prev, a_prev, zero_b, zero_a) == pytest.approx(
         (0.0, 0.0), abs=1e-6
     )
+
+
+def test_product_inner_matches_the_dense_inner_product():
+    generator = torch.Generator().manual_seed(11)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    xs = [(rand(7, 2), rand(2, 9)), (rand(7, 3), rand(3, 9))]
+    ys = [(rand(7, 4), rand(4, 9))]
+    dense_x = sum(x @ y for x, y in xs)
+    dense_y = sum(u @ v for u, v in ys)
+    assert product_inner(xs, ys) == pytest.approx(float((dense_x * dense_y).sum()), rel=1e-12)
+    assert product_inner(xs, xs) == pytest.approx(float(dense_x.norm()) ** 2, rel=1e-12)

@@ -7,6 +7,11 @@ clients, every local state, upload, aggregate, broadcast and next state (37 file
 Updated on 2026-11-30: the one-factor broadcasts (FedSRD, FedSRD-e) now record
 info.one_factor_residual. Comparing this round's 37 files with those of 9ceea1b showed that
 this key is the only change: every tensor, and every other file, is byte for byte the same.
+
+Updated on 2026-12-06: every upload now records info.fidelity (its reconstruction against the
+site's exact update) and every aggregate info.upload_fidelity (the uploads' figures). Comparing
+this round's 37 files with those of b08b9db showed that these two keys, in the 12 uploads and
+the 4 aggregates, are the only change: every tensor and every other header field is the same.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
 
 from ..conftest import make_global
 
-BEFORE_PRIVACY = "17e237828670cca3e6868f63097a5716976e177526ffaf968d56d1b6bfd305d0"
+BEFORE_PRIVACY = "fb7a98664470bc07f61783b77dacb44bceb3bdd6889430402a0e4db9d084e1d2"
 
 
 def write_round(out: Path) -> list[Path]:

@@ -7,7 +7,7 @@ lineage through .protocol, and builds the headers. Nothing here touches a file.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 
 import torch
@@ -15,7 +15,7 @@ import torch
 from fedsrd_cli import naming
 from fedsrd_cli.adapters import LocalAdapter
 from fedsrd_cli.algorithms.base import Algorithm, Payload, Track, no_progress
-from fedsrd_cli.algorithms.diagnostics import BroadcastDiagnostics
+from fedsrd_cli.algorithms.diagnostics import BroadcastDiagnostics, Fidelity, upload_fidelity
 from fedsrd_cli.algorithms.private import (
     PrivateDownload,
     aggregate_privacy,
@@ -80,6 +80,12 @@ class _LazyMasks(dict):
         return mask
 
 
+def _scattered(kept: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """kept (rows, cols) bool, values (count,) in row-major order of the kept positions ->
+    (rows, cols) fp32, the values at their positions and zero elsewhere."""
+    return torch.zeros(kept.shape, dtype=torch.float32).masked_scatter_(kept, values.float())
+
+
 class Method(Algorithm):
     """Upload = `encode` per factor; aggregate = `combine` per module; broadcast = `decompose`.
 
@@ -112,8 +118,10 @@ class Method(Algorithm):
         num_samples: int,
         config: SparsifyConfig,
         track: Track = no_progress,
+        carry: Mapping[str, torch.Tensor] | None = None,
     ) -> Payload:
         check_local(global_state, local)
+        carried = dict(carry or {}) if config.error_feedback else None  # name -> fp32 left out before
         head = global_state.header
         seed = upload_seed(head.content_hash, client_id)
         value_dtype = VALUE_DTYPES[config.value_dtype]
@@ -123,39 +131,58 @@ class Method(Algorithm):
         round_index = head.round + 1
         only = self.trained_factor(round_index)
         modules = global_state.modules()
+        fidelity = Fidelity()  # the reconstruction the coordinator will make against the exact update
         for module in track(modules, len(modules), "sparsify"):
             a_prev, b_prev = global_state.factors(module)  # (r, d_in), (d_out, r)
             a_new, b_new = (t.float() for t in local.factors(module))
             deltas = (("B", b_new - b_prev.float()), ("A", a_new - a_prev.float()))
+            decoded: dict[str, torch.Tensor] = {}  # factor -> the dense delta the coordinator decodes
             for factor, delta in deltas:
-                if not bool(delta.any()):
-                    continue  # an unchanged matrix uploads nothing
                 name = naming.factor_key(module, factor)
-                if only is not None and factor != only:
+                if bool(delta.any()) and only is not None and factor != only:
                     raise MismatchError(
                         f"{name} changed, but {self.name} trains only lora_{only} in round"
                         f" {round_index}; train with `train-local {self.training_flag}` and sparsify again"
                     )
+                if carried is not None and name in carried:
+                    delta = delta + carried.pop(name).to(delta.dtype)  # EF: send what was left out too
+                if not bool(delta.any()):
+                    continue  # an unchanged matrix (with nothing carried) uploads nothing
                 encoded = self.encode(FactorDelta(name, factor, delta, a_prev, b_new, seed), config)
                 if encoded.kept is None:
-                    tensors[naming.values_key(name)] = encoded.values.to(value_dtype)  # (rows, cols)
+                    sent = encoded.values.to(value_dtype)  # (rows, cols)
+                    tensors[naming.values_key(name)] = sent
                 else:
-                    tensors[naming.values_key(name)] = encoded.values[encoded.kept].to(value_dtype)
+                    sent = encoded.values[encoded.kept].to(value_dtype)  # (kept,)
+                    tensors[naming.values_key(name)] = sent
                     tensors.update({name + s: t for s, t in store_mask(encoded.kept).items()})  # smaller one
+                decoded[factor] = sent.float() if encoded.kept is None else _scattered(encoded.kept, sent)
+                if carried is not None:  # what the coordinator will not see: the delta less what it decodes
+                    carried[name] = delta - decoded[factor]
                 layout[name] = list(delta.shape)
                 if encoded.ratio is not None:
                     ratios[name] = round(encoded.ratio, 6)
+            prev_b, prev_a = b_prev.double(), a_prev.double()
+            sent_b = prev_b + decoded["B"].double() if "B" in decoded else prev_b
+            sent_a = prev_a + decoded["A"].double() if "A" in decoded else prev_a
+            fidelity.add(
+                [(b_new.double(), a_new.double()), (-prev_b, prev_a)],  # D = B' A' - B A
+                [(sent_b, sent_a), (-prev_b, prev_a)],  # E = (B + dB_sent)(A + dA_sent) - B A
+            )
         if not tensors:
             raise MismatchError(f"{local.path}: identical to the global state; nothing to upload")
         used = asdict(config)
         info: dict = {
             "sparsify": {key: used[key] for key in self.upload_settings},
             "lora_numel": global_state.numel(),
+            "fidelity": fidelity.record(),
         }
         if ratios:
             info["prune_ratio"] = ratios
         if self.random_upload:
             info["upload_seed"] = seed
+        if config.error_feedback:
+            info["sparsify"]["error_feedback"] = True
         header = round_header(
             global_state,
             "upload",
@@ -166,7 +193,7 @@ class Method(Algorithm):
             info=info,
             privacy=upload_privacy(local.header),
         )
-        return Payload(header, tensors)
+        return Payload(header, tensors, carried)
 
     # ------------------------------------------------------------------ coordinator: aggregate
 
@@ -252,6 +279,7 @@ class Method(Algorithm):
                 ),
                 **({"update_norms": decisions} if org is not None else {}),
                 **({"aligned": True} if config.align else {}),
+                **upload_fidelity(uploads, weights),
             },
             privacy=privacy,
         )

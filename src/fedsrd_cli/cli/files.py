@@ -81,6 +81,7 @@ def _artifact_view(report: dict[str, Any], tensors: bool) -> list[Any]:
     if "result_hash" in report:
         rows.append(("result state", short(report["result_hash"])))
     rows += _broadcast_rows(report.get("info", {}) if report["kind"] == "broadcast" else {})
+    rows += _fidelity_rows(report.get("info", {}))
     rows += _privacy_rows(report.get("privacy"))
     signature = report["signature"]
     if signature is None:
@@ -173,6 +174,23 @@ def _broadcast_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("update error", f"{error['overall']:.4g} overall; worst {worst(error['modules'])}"))
     if info.get("update_step", {}).get("factors"):
         rows.append(("largest step", worst(info["update_step"]["factors"])))
+    return rows
+
+
+def _fidelity_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """inspect's lines on how well uploads carry their sites' exact updates (docs/algorithms.md)."""
+    from fedsrd_cli.algorithms.diagnostics import fidelity_line
+
+    rows = []
+    if info.get("sparsify", {}).get("error_feedback"):
+        rows.append(("error feedback", "on: what earlier uploads left out is sent with this one"))
+    if "fidelity" in info:
+        rows.append(("reconstructs", fidelity_line(info["fidelity"])))
+    if "upload_fidelity" in info:
+        mean = info["upload_fidelity"]
+        rows.append(("uploads carry", f"{fidelity_line(mean)} (weighted mean of the sites' own figures)"))
+        for client, record in mean["clients"].items():
+            rows.append(("", f"{client}: {fidelity_line(record)}"))
     return rows
 
 

@@ -359,6 +359,22 @@ def _sum_product_norm(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> flo
     return float(total.clamp(min=0.0).sqrt())
 
 
+def product_inner(
+    pairs_x: Sequence[tuple[torch.Tensor, torch.Tensor]], pairs_y: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> float:
+    """<sum_j X_j Y_j, sum_l U_l V_l>_F for thin pairs, without forming either sum.
+
+    pairs_x: (X_j (d_out, k_j), Y_j (k_j, d_in)); pairs_y: (U_l (d_out, h_l), V_l (h_l, d_in)).
+        <X Y, U V>_F = trace((X Y)^T U V) = sum((X^T U) * (Y V^T)),   each term (k_j, h_l)
+    summed over every j and l. <S, S> = ||S||_F^2 (_sum_product_norm squared).
+    """
+    total = 0.0
+    for x, y in pairs_x:
+        for u, v in pairs_y:
+            total += float(((x.mT @ u) * (y @ v.mT)).sum())
+    return total
+
+
 def update_error_norms(
     left: torch.Tensor,
     right: torch.Tensor,
