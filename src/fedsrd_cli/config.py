@@ -288,6 +288,11 @@ class BroadcastConfig:
     every factor update the broadcast sends is multiplied by it, X' = X + server_lr * dX for
     each factor X sent: below 1 a shorter step than the download, above 1 an extrapolation
     past it (up to MAX_SERVER_LR). 1 (the default) sends the download unchanged, bit for bit.
+    calibrate_step: divide server_lr by the uploads' gain (the aggregate's upload_fidelity: how
+    many times their own updates the sites' reconstructions carry along them), so the step is
+    the same multiple of the sites' updates whatever the upload inflates; capped at
+    MAX_SERVER_LR. Ignored where the aggregate records no gain (secure sums, whose projections
+    are exact) and under organisation-level DP (the gain depends on the sites' data).
     """
 
     download_sparsity: float = 0.8
@@ -298,6 +303,7 @@ class BroadcastConfig:
     factor_choice: str = "fit"
     noise_seed: int | None = None
     server_lr: float = 1.0
+    calibrate_step: bool = False
 
     def __post_init__(self) -> None:
         _require(

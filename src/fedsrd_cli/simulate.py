@@ -85,7 +85,8 @@ class SimulateConfig:
     the commands' defaults (download_sparsity: each method's). download_value_dtype: the
     broadcasts' values (config.DOWNLOAD_VALUE_DTYPES), when not value_dtype.
     server_lr: broadcast --server-lr, every method's coordinator step (1: none), from round
-    server_lr_from on (the rounds before it take the whole step).
+    server_lr_from on (the rounds before it take the whole step); calibrate_step: broadcast
+    --calibrate-step (the step divided by the uploads' gain).
     align: aggregate --align-factors for fedsrd and fedsrd-e (the other methods have no
     full-rank aggregate to refactor).
     rescale: the importance-sparsified upload restores the L1 norm of the kept values
@@ -133,6 +134,7 @@ class SimulateConfig:
     align: bool = False
     server_lr: float = 1.0
     server_lr_from: int = 1
+    calibrate_step: bool = False
     rescale: bool = True
     error_feedback: bool = False
     record_dp: RecordDp | None = None
@@ -269,6 +271,7 @@ class SimulateConfig:
             download_sparsity=download_sparsity,
             seed=seed,
             server_lr=self.server_lr if damped else 1.0,
+            calibrate_step=self.calibrate_step,
             **given,
         )
 
@@ -302,6 +305,8 @@ class SimulateConfig:
             data.pop("server_lr")
         if self.server_lr_from == 1:
             data.pop("server_lr_from")
+        if not self.calibrate_step:
+            data.pop("calibrate_step")
         if not self.secure:  # recorded only when on, so runs from before the flag resume
             data.pop("secure")
             data.pop("secure_clip")

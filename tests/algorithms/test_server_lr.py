@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from fedsrd_cli.algorithms import get_algorithm
+from fedsrd_cli.algorithms.method import coordinator_step
 from fedsrd_cli.algorithms.protocol import apply_broadcast
 from fedsrd_cli.artifacts import read_artifact
 from fedsrd_cli.config import AggregateConfig, BroadcastConfig
@@ -80,3 +83,43 @@ def test_the_update_error_records_the_shorter_step(tmp_path):
 def test_server_lr_outside_its_range_is_refused(value):
     with pytest.raises(UsageError, match="--server-lr must be in"):
         BroadcastConfig(server_lr=value)
+
+
+def test_a_calibrated_step_divides_the_step_by_the_uploads_gain(tmp_path):
+    state, (bc_full, next_full), _ = _round(tmp_path, "fedsrd")
+    agg = read_artifact(tmp_path / "agg.safetensors")
+    gain = agg.header.info["upload_fidelity"]["gain"]
+    assert gain > 1.0  # the default upload's L1 rescale carries more than the sites' own updates
+    calibrated, next_cal = get_algorithm("fedsrd").broadcast(
+        state, agg, BroadcastConfig(seed=5, value_dtype="fp32", server_lr=2.0, calibrate_step=True)
+    )
+    assert calibrated.header.info["server_lr"] == pytest.approx(2.0 / gain)
+    assert calibrated.header.info["step_calibration"] == {"target": 2.0, "upload_gain": gain}
+    for name, before in state.iter_tensors():
+        full_step = next_full.tensors[name].double() - before.double()
+        step = next_cal.tensors[name].double() - before.double()
+        torch.testing.assert_close(step, (2.0 / gain) * full_step, rtol=1e-5, atol=1e-6)
+
+
+def test_the_uploads_gain_is_the_slope_of_their_reconstructions_on_the_exact_updates(tmp_path):
+    _round(tmp_path, "fedsrd")
+    agg = read_artifact(tmp_path / "agg.safetensors")
+    records = list(agg.header.info["upload_fidelity"]["clients"].values())
+    along = sum(r["cosine"] * r["norm_ratio"] * r["exact_norm"] ** 2 for r in records)  # <E_i, D_i>
+    assert agg.header.info["upload_fidelity"]["gain"] == pytest.approx(
+        along / sum(r["exact_norm"] ** 2 for r in records), rel=1e-5
+    )
+
+
+def test_without_a_gain_the_calibrated_step_is_the_plain_one(tmp_path):
+    """A dense fp32 upload carries exactly the site's update (gain 1); an aggregate with no
+    upload fidelity (secure sums record none) and organisation-level DP keep --server-lr."""
+    _round(tmp_path, "fedavg", download_sparsity=0.0)
+    agg = read_artifact(tmp_path / "agg.safetensors")
+    assert agg.header.info["upload_fidelity"]["gain"] == pytest.approx(1.0, abs=1e-6)
+    config = BroadcastConfig(download_sparsity=0.0, server_lr=2.0, calibrate_step=True)
+    info = {k: v for k, v in agg.header.info.items() if k != "upload_fidelity"}
+    without = SimpleNamespace(header=replace(agg.header, info=info))
+    assert coordinator_step(without, config, private=False) == (2.0, {})
+    assert coordinator_step(agg, config, private=True) == (2.0, {})  # its step may not depend on data
+    assert coordinator_step(agg, replace(config, calibrate_step=False), private=False) == (2.0, {})

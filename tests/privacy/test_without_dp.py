@@ -29,7 +29,7 @@ from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
 
 from ..conftest import make_global
 
-BEFORE_PRIVACY = "fb7a98664470bc07f61783b77dacb44bceb3bdd6889430402a0e4db9d084e1d2"
+BEFORE_PRIVACY = "2edbe11ea946b099ddd0b5acbd3f11718079134686dabd5629f362d50b538839"
 
 
 def write_round(out: Path) -> list[Path]:

@@ -158,8 +158,13 @@ class Fidelity:
 
 def upload_fidelity(uploads: Sequence[Any], weights: Sequence[float]) -> dict[str, Any]:
     """The aggregate's info entry "upload_fidelity": each upload's own record (as the site
-    reported it) by client id, and their weight-averaged norm ratio and cosine; {} when no
-    upload records one (uploads written before the record existed, or masked ones)."""
+    reported it) by client id, their weight-averaged norm ratio and cosine, and their gain
+
+        gain = sum_i w_i <E_i, D_i> / sum_i w_i ||D_i||^2,   <E_i, D_i> = cosine_i ratio_i ||D_i||^2
+
+    (the least-squares slope of the reconstructions E_i on the exact updates D_i: how many times
+    the sites' own updates the uploads carry along them; 1 for a dense upload); {} when no upload
+    records one (uploads written before the record existed, or masked ones)."""
     records = [
         (u.header.client_id, u.header.info.get("fidelity"), w) for u, w in zip(uploads, weights, strict=True)
     ]
@@ -167,10 +172,13 @@ def upload_fidelity(uploads: Sequence[Any], weights: Sequence[float]) -> dict[st
     if not known:
         return {}
     total = sum(w for _, _, w in known) or 1.0
+    along = sum(w * r["cosine"] * r["norm_ratio"] * r["exact_norm"] ** 2 for _, r, w in known)
+    exact2 = sum(w * r["exact_norm"] ** 2 for _, r, w in known)
     return {
         "upload_fidelity": {
             "norm_ratio": round(sum(w * r["norm_ratio"] for _, r, w in known) / total, 6),
             "cosine": round(sum(w * r["cosine"] for _, r, w in known) / total, 6),
+            "gain": round(along / exact2, 6) if exact2 > 0 else 0.0,
             "clients": {client: record for client, record, _ in known},
         }
     }

@@ -7,6 +7,7 @@ lineage through .protocol, and builds the headers. Nothing here touches a file.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 
@@ -52,6 +53,7 @@ from fedsrd_cli.algorithms.steps import (
 from fedsrd_cli.artifacts import Artifact, content_hash
 from fedsrd_cli.config import VALUE_DTYPES, AggregateConfig, BroadcastConfig, SparsifyConfig
 from fedsrd_cli.errors import MismatchError, UsageError
+from fedsrd_cli.limits import MAX_SERVER_LR
 from fedsrd_cli.math.lowrank import align_factors
 from fedsrd_cli.math.masks import seeded_keep_mask
 from fedsrd_cli.math.positions import store_mask
@@ -84,6 +86,21 @@ def _scattered(kept: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """kept (rows, cols) bool, values (count,) in row-major order of the kept positions ->
     (rows, cols) fp32, the values at their positions and zero elsewhere."""
     return torch.zeros(kept.shape, dtype=torch.float32).masked_scatter_(kept, values.float())
+
+
+def coordinator_step(aggregate: Artifact, config: BroadcastConfig, private: bool) -> tuple[float, dict]:
+    """The broadcast's step s (X' = X + s dX) and what calibrated it ({} when nothing did).
+
+    s = config.server_lr, or with config.calibrate_step s = server_lr / gain, the gain the
+    aggregate recorded from its uploads (diagnostics.upload_fidelity), capped at MAX_SERVER_LR.
+    Without a positive gain (secure sums, old uploads) and under organisation-level DP (whose
+    step must not depend on the sites' data) s stays server_lr.
+    """
+    gain = aggregate.header.info.get("upload_fidelity", {}).get("gain")
+    if not config.calibrate_step or private or not gain or gain <= 0 or not math.isfinite(gain):
+        return config.server_lr, {}
+    step = min(config.server_lr / gain, MAX_SERVER_LR)
+    return step, {"target": config.server_lr, "upload_gain": gain}
 
 
 class Method(Algorithm):
@@ -313,6 +330,7 @@ class Method(Algorithm):
                 f" broadcast it with --factor-choice b (its default), not {config.factor_choice}"
             )
         decompose = self.decompose if private is None else private_b_update
+        step, calibration = coordinator_step(aggregate, config, private is not None)
         tensors: dict[str, torch.Tensor] = {}
         layout: dict[str, list[int]] = {}
         fallbacks: list[str] = []
@@ -350,8 +368,8 @@ class Method(Algorithm):
             for factor, delta in update.deltas:
                 if not bool(delta.any()):
                     continue  # nothing changed this factor
-                if config.server_lr != 1.0:  # the coordinator's step: X' = X + server_lr * dX
-                    delta = delta * config.server_lr
+                if step != 1.0:  # the coordinator's step: X' = X + server_lr * dX
+                    delta = delta * step
                 name = naming.factor_key(module, factor)
                 mask = masks[factor]
                 stored, values = download_values(delta[mask], config.value_dtype)  # values: (kept,)
@@ -373,7 +391,8 @@ class Method(Algorithm):
                 "factor_fallbacks": fallbacks,
                 "value_dtype": config.value_dtype,
                 "lora_numel": global_state.numel(),
-                **({"server_lr": config.server_lr} if config.server_lr != 1.0 else {}),
+                **({"server_lr": step} if step != 1.0 else {}),
+                **({"step_calibration": calibration} if calibration else {}),
                 **(
                     {}
                     if self.dense_download

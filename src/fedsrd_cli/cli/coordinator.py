@@ -438,6 +438,14 @@ def broadcast_cmd(
             " (1: the download as it is; above 1 extrapolates, FedOpt; docs/algorithms.md).",
         ),
     ] = 1.0,
+    calibrate_step: Annotated[
+        bool,
+        typer.Option(
+            "--calibrate-step",
+            help="Divide --server-lr by the uploads' gain (how many times their own updates the sites'"
+            " reconstructions carry, in the aggregate), so the step is that multiple of the sites' updates.",
+        ),
+    ] = False,
     dp_test_seed: Annotated[
         int | None, typer.Option("--dp-test-seed", hidden=True, help="Testing only: known DP noise.")
     ] = None,
@@ -490,6 +498,7 @@ def broadcast_cmd(
         **{k: v for k, v in given.items() if v is not None},
         noise_seed=dp_test_seed,
         server_lr=server_lr,
+        calibrate_step=calibrate_step,
     )
     broadcast, next_state = algorithm.broadcast(global_state, agg, config, out.track)
     state_header, header = write_artifacts(

@@ -272,6 +272,13 @@ def simulate_cmd(
         float,
         typer.Option("--server-lr", help="broadcast --server-lr: the coordinator's step in (0, 16]."),
     ] = 1.0,
+    calibrate_step: Annotated[
+        bool,
+        typer.Option(
+            "--calibrate-step",
+            help="broadcast --calibrate-step: --server-lr divided by the uploads' gain, every round.",
+        ),
+    ] = False,
     server_lr_from: Annotated[
         int,
         typer.Option("--server-lr-from", help="The first round that takes --server-lr (before: 1)."),
@@ -431,6 +438,7 @@ def simulate_cmd(
         align=align_factors,
         server_lr=server_lr,
         server_lr_from=server_lr_from,
+        calibrate_step=calibrate_step,
         rescale=not (no_rescale or error_feedback),
         error_feedback=error_feedback,
         record_dp=record_dp,
