@@ -159,6 +159,16 @@ def test_train_local_refuses_to_overspend_before_it_trains(world, two_rounds):
     assert not out.exists() and not Path(str(out) + ".log.jsonl").exists()
 
 
+@pytest.mark.parametrize("flags", [("--dp-noise-multiplier", 10), ("--dp-noise-multiplier", 1e6)])
+def test_huge_noise_records_epsilon_zero_not_a_negative_one(world, flags):
+    """Issue 32, row 2: the RDP conversion's bound was -0.0065 at noise 10 and the state was refused
+    after training (exit 3); the guarantee is epsilon 0, and the state is written."""
+    out = world["tmp"] / f"local-huge-noise-{flags[1]:g}.safetensors"
+    train(world, "site-a", world["tmp"] / "g0.safetensors", out, *flags)
+    ledger = read_privacy(read_artifact(out).header).record_level
+    assert ledger is not None and ledger.epsilon == 0.0 and ledger.agrees()
+
+
 def rewrite_ledger(source: Path, target: Path, change) -> Path:
     """Write `source` again with its record-level ledger changed (unsigned, consistent otherwise)."""
     upload = read_artifact(source)
