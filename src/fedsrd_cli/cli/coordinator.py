@@ -263,6 +263,14 @@ def aggregate_cmd(
         raise UsageError("--dp-sampling-rate samples sites for organisation-level DP: give --dp-clip too")
     if not 0.0 < dp_sampling_rate <= 1.0:
         raise UsageError(f"--dp-sampling-rate must be in (0, 1], got {dp_sampling_rate}")
+    # The flags' own checks (OrganisationDp, AggregateConfig) before any file is read; the
+    # settings go in with the rest, so --dp-max-epsilon finds the DP it caps.
+    organisation_dp = None
+    if dp_clip is not None:
+        assert dp_noise_multiplier is not None and dp_delta is not None
+        organisation_dp = OrganisationDp(
+            dp_clip, dp_noise_multiplier, dp_sampling_rate, dp_delta, max(1, len(uploads)), 0
+        )
     config = AggregateConfig(
         method,
         weighting,
@@ -270,18 +278,11 @@ def aggregate_cmd(
         on_outlier,
         truncation,
         require_dp,
+        organisation_dp=organisation_dp,
         max_epsilon=dp_max_epsilon,
         max_samples=max_samples,
         align=align_factors,
     )
-    if dp_clip is not None:
-        # The flags' own checks (OrganisationDp, AggregateConfig) before any file is read.
-        config = replace(
-            config,
-            organisation_dp=OrganisationDp(
-                dp_clip, dp_noise_multiplier, dp_sampling_rate, dp_delta, max(1, len(uploads)), 0
-            ),
-        )
     if secure and (roster_path is None or trust_dir is None):
         raise UsageError("--secure needs --roster and --trust (the sites' keys)")
     if not secure and roster_path is not None:
