@@ -6,10 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typer.testing import CliRunner
+
+from fedsrd_cli.cli import app
+
 from .test_cli import run
 from .test_cli_surprises import make_world, refused
 
 PRIVACY_EXIT = 8
+runner = CliRunner()
 
 
 def org_dp_flags(max_epsilon: float) -> list:
@@ -48,3 +53,26 @@ def test_aggregate_dp_max_epsilon_caps_organisation_level_dp(tmp_path: Path):
     done = run("aggregate", "--global", w["g0"], "--out", out, *org_dp_flags(100), *w["uploads"], "--json")
     assert "organisation_dp" in json.loads(done.stdout)
     assert out.exists()
+
+
+# ------------------------------------------------------------- row 6: no known DP randomness
+
+
+def test_no_command_takes_a_seed_for_its_dp_randomness(tmp_path: Path):
+    """`train-local --dp-test-seed 0` made DP-SGD's noise known (two runs, the same bytes) in a file
+    whose ledger claims DP; aggregate's and broadcast's hidden seeds did the same for the sites'
+    sampling and the organisation-level noise. Tests seed through the library instead."""
+    w = make_world(tmp_path)
+    out = tmp_path / "out.safetensors"
+    commands = [
+        ["train-local", "--base", w["base"], "--global", w["g0"], "--data", w["data"], "--client", "c0"]
+        + ["--dp-noise-multiplier", 1, "--out", out],
+        ["aggregate", "--global", w["g0"], "--out", out, *org_dp_flags(100), *w["uploads"]],
+        ["broadcast", "--global", w["g0"], "--aggregate", w["aggregate"], "--out", out]
+        + ["--out-global", tmp_path / "g1-seeded.safetensors"],
+    ]
+    for args in commands:
+        result = runner.invoke(app, [str(a) for a in [*args, "--dp-test-seed", 0]])
+        assert result.exit_code == 2, result.output
+        assert "No such option" in result.output and "--dp-test-seed" in result.output
+        assert not out.exists()

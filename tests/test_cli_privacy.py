@@ -94,7 +94,7 @@ def dp_round(world, state: Path, tag: str, *flags: object) -> dict[str, Path]:
     uploads = []
     for site in ("site-a", "site-b"):
         local = tmp / f"local-{tag}-{site}.safetensors"
-        train(world, site, state, local, "--dp-epsilon", 3, "--dp-rounds", 2, "--dp-test-seed", 7, *flags)
+        train(world, site, state, local, "--dp-epsilon", 3, "--dp-rounds", 2, *flags)
         upload = tmp / f"up-{tag}-{site}.safetensors"
         run("sparsify", "--global", state, "--local", local, "--client", site, "--out", upload)
         uploads.append(upload)

@@ -96,9 +96,6 @@ def train_local_cmd(
             show_default=False,
         ),
     ] = None,
-    dp_test_seed: Annotated[
-        int | None, typer.Option("--dp-test-seed", hidden=True, help="Testing only: known DP randomness.")
-    ] = None,
     threads: ThreadsOpt = None,
     sign_key: SignKeyOpt = None,
     trust_dir: TrustOpt = None,
@@ -198,9 +195,7 @@ def train_local_cmd(
             own = read_privacy(read_verified(dp_ledger, None, trust, accept=(client,)).header).record_level
             if own is None:
                 raise UsageError(f"--dp-ledger {dp_ledger}: carries no record-level privacy ledger")
-        config, ledger = private_training(
-            record_dp, global_state, client, datasets, config, own, dp_test_seed
-        )
+        config, ledger = private_training(record_dp, global_state, client, datasets, config, own)
         release = ledger.releases[-1]
         out.note(
             f"DP-SGD: noise multiplier {release.noise_multiplier:.4g}, clip {release.clip:g}, sample rate"

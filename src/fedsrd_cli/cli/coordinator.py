@@ -216,9 +216,6 @@ def aggregate_cmd(
             show_default=False,
         ),
     ] = None,
-    dp_test_seed: Annotated[
-        int | None, typer.Option("--dp-test-seed", hidden=True, help="Testing only: known sampling.")
-    ] = None,
     secure: Annotated[
         bool,
         typer.Option(
@@ -259,7 +256,7 @@ def aggregate_cmd(
         raise UsageError(
             "organisation-level DP needs --dp-clip, --dp-noise-multiplier and --dp-delta together"
         )
-    if dp_clip is None and (dp_sampling_rate != 1.0 or dp_test_seed is not None):
+    if dp_clip is None and dp_sampling_rate != 1.0:
         raise UsageError("--dp-sampling-rate samples sites for organisation-level DP: give --dp-clip too")
     if not 0.0 < dp_sampling_rate <= 1.0:
         raise UsageError(f"--dp-sampling-rate must be in (0, 1], got {dp_sampling_rate}")
@@ -322,7 +319,7 @@ def aggregate_cmd(
     artifacts = [read_verified(path, "upload", trust) for path in uploads]
     if config.organisation_dp is not None:
         check_uploads(global_state, artifacts, weighting, max_samples)  # every file, sampled or not
-        artifacts, config = sample_sites(artifacts, config, dp_test_seed)
+        artifacts, config = sample_sites(artifacts, config)
     payload = algorithm.aggregate(global_state, artifacts, config, out.track)
     header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
     if require_dp is not None and trust is None:
@@ -439,9 +436,6 @@ def broadcast_cmd(
             " (1: the download as it is; below 1 for few, long rounds, docs/algorithms.md).",
         ),
     ] = 1.0,
-    dp_test_seed: Annotated[
-        int | None, typer.Option("--dp-test-seed", hidden=True, help="Testing only: known DP noise.")
-    ] = None,
     encrypt_to: EncryptToOpt = None,
     threads: ThreadsOpt = None,
     sign_key: SignKeyOpt = None,
@@ -489,7 +483,6 @@ def broadcast_cmd(
         seed,
         value_dtype,
         **{k: v for k, v in given.items() if v is not None},
-        noise_seed=dp_test_seed,
         server_lr=server_lr,
     )
     broadcast, next_state = algorithm.broadcast(global_state, agg, config, out.track)
