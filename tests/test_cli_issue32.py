@@ -76,3 +76,60 @@ def test_no_command_takes_a_seed_for_its_dp_randomness(tmp_path: Path):
         assert result.exit_code == 2, result.output
         assert "No such option" in result.output and "--dp-test-seed" in result.output
         assert not out.exists()
+
+
+# ------------------------------------------------------------- row 7: --force never replaces an input
+
+
+def test_force_never_replaces_an_input_however_it_is_spelled(tmp_path: Path, monkeypatch):
+    """`sparsify --out <its --local> --force` (and aggregate's, apply's, broadcast's, ...) replaced
+    the input: a DP local state cannot be made again. Each is refused in one line, exit 2, whatever
+    the spelling of the path (relative, through a symbolic link), and nothing changes."""
+    w = make_world(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    link = tmp_path / "link-to-g0.safetensors"
+    link.symlink_to(w["g0"])
+    g1_new = tmp_path / "g1-new.safetensors"
+    cases = [
+        (["sparsify", "--global", w["g0"], "--local", w["local"], "--client", "c0"], w["local"].name),
+        (["aggregate", "--global", w["g0"], *w["uploads"]], w["uploads"][1]),
+        (["aggregate", "--global", w["g0"], *w["uploads"]], link),
+        (["apply", "--global", w["g0"], "--broadcast", w["broadcast"]], link),
+        (["apply", "--global", w["g1"], "--broadcast", w["broadcast"]], w["broadcast"].name),
+        (["broadcast", "--global", w["g0"], "--aggregate", w["aggregate"], "--out-global", g1_new], link),
+        (["unpack", w["upload"]], w["upload"].name),
+        (["eval", "--base", w["base"], "--data", w["data"], "--global", w["g1"]], w["data"]),
+    ]
+    watched = (w["g0"], w["g1"], w["local"], *w["uploads"], w["broadcast"], w["aggregate"], w["data"], g1_new)
+    for args, out in cases:
+        refused([*args, "--out", out, "--force"], 2, "refusing to replace an input", watched, tmp_path)
+    # broadcast's next state, even when --out is new (the rerun after a crash takes that route)
+    refused(
+        ["broadcast", "--global", w["g0"], "--aggregate", w["aggregate"], "--out", g1_new]
+        + ["--out-global", link, "--force"],
+        2,
+        "is also --global",
+        watched,
+        tmp_path,
+    )
+
+
+# ------------------------------------------------------------- row 15: smaller items
+
+
+def test_an_output_that_is_a_directory_is_refused_at_once(tmp_path: Path):
+    """`--out DIR` said "pass --force", and with --force "is a directory": it says so at once."""
+    w = make_world(tmp_path)
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    for force in ([], ["--force"]):
+        line = refused(
+            ["sparsify", "--global", w["g0"], "--local", w["local"], "--client", "c0", "--out", folder]
+            + force,
+            5,
+            "is a directory",
+            (folder,),
+            tmp_path,
+        )
+        assert "--force" not in line
+    assert list(folder.iterdir()) == []

@@ -57,7 +57,7 @@ def init_cmd(
     config = InitConfig(rank, alpha, targets, seed)
     signer, _ = trust_from_flags(sign_key, None)
     seal = seal_for(encrypt_to, trust_dir)
-    ensure_writable(out_path, force)
+    ensure_writable(out_path, force, [("--base", base)])
     fingerprint = fingerprint_base(base)
     lora, shapes = lora_module_shapes(base, config.targets, config.rank, config.alpha)
     payload = initial_state(shapes, lora, config.seed, fingerprint)
@@ -108,7 +108,7 @@ def roster_cmd(
     names = [check_client_id(s.strip()) for s in sites.split(",") if s.strip()]
     signer = SigningKey.load(sign_key)
     _, trust = trust_from_flags(None, trust_dir)
-    ensure_writable(out_path, force)
+    ensure_writable(out_path, force, [("--global", global_path)])
     global_state = read_verified(global_path, "state", trust)
     head = global_state.header
     roster = make_roster(head.content_hash, head.round + 1, names, attempt, clip)
@@ -292,7 +292,9 @@ def aggregate_cmd(
     threads = use_threads(threads)
     algorithm = get_algorithm("fedsrd-e" if secure else method)
     signer, trust = trust_from_flags(sign_key, trust_dir)
-    ensure_writable(out_path, force)
+    ensure_writable(
+        out_path, force, [("--global", global_path), ("--roster", roster_path), ("the upload", uploads)]
+    )
     global_state = read_verified(global_path, "state", trust)
     if secure:
         from fedsrd_cli.algorithms.secure import secure_aggregate
@@ -454,7 +456,7 @@ def broadcast_cmd(
     from fedsrd_cli.algorithms.diagnostics import update_error_warning
     from fedsrd_cli.algorithms.protocol import default_download_seed
     from fedsrd_cli.artifacts import write_artifacts
-    from fedsrd_cli.atomic import ensure_writable
+    from fedsrd_cli.atomic import ensure_not_input, ensure_writable
     from fedsrd_cli.config import BroadcastConfig
     from fedsrd_cli.math.threads import use_threads
     from fedsrd_cli.signing import read_verified
@@ -465,9 +467,12 @@ def broadcast_cmd(
         raise UsageError("--out and --out-global must be different files")
     signer, trust = trust_from_flags(sign_key, trust_dir)
     seal = seal_for(encrypt_to, trust_dir)  # the broadcast only: the next state is the coordinator's
-    ensure_writable(out_path, force)
+    inputs = [("--global", global_path), ("--aggregate", aggregate)]
+    ensure_writable(out_path, force, inputs)
     if out_path.exists() or not out_global.exists():
-        ensure_writable(out_global, force)
+        ensure_writable(out_global, force, inputs)
+    else:  # a rerun after a crash between the two files may find the next state already there
+        ensure_not_input(out_global, inputs)
     global_state = read_verified(global_path, "state", trust)
     agg = read_verified(aggregate, "aggregate", trust)
     if seed is None:
