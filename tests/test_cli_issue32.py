@@ -4,11 +4,14 @@ tests of its rows on the toy model (rows 2 and 6 train, so they live in test_cli
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from typer.testing import CliRunner
 
+from fedsrd_cli.artifacts import read_artifact, write_artifact
 from fedsrd_cli.cli import app
+from fedsrd_cli.privacy.ledger import RECORD, Ledger, Release, read_privacy
 
 from .test_cli import run
 from .test_cli_surprises import make_world, refused
@@ -133,3 +136,39 @@ def test_an_output_that_is_a_directory_is_refused_at_once(tmp_path: Path):
         )
         assert "--force" not in line
     assert list(folder.iterdir()) == []
+
+
+# ------------------------------------------------------------- rows 4 and 5: the sites' ledgers
+
+
+def with_ledger(upload: Path, target: Path, rounds: tuple[int, ...], sigma: float = 1.0) -> Path:
+    """`upload` written again carrying a record-level DP ledger of `rounds` for its client (as
+    `train-local --dp-*` would have made it: 3 steps at rate 4 / 120 each round)."""
+    artifact = read_artifact(upload)
+    ledger = Ledger.start(RECORD, artifact.header.client_id, 1 / 120)
+    for r in rounds:
+        ledger = ledger.extended(Release(r, "dp-sgd", sigma, 4 / 120, 1.0, 3, 120))
+    header = replace(artifact.header, privacy={"record_level": ledger.to_json()})
+    write_artifact(target, header, dict(artifact.iter_tensors()), force=True)
+    return target
+
+
+def site_rounds(path: Path) -> dict[str, list[int]]:
+    sites = read_privacy(read_artifact(path).header).sites or {}
+    return {site: ledger.rounds for site, ledger in sites.items()}
+
+
+def test_every_upload_a_site_released_counts_in_its_ledger_whatever_the_sampling(tmp_path: Path):
+    """With organisation-level Poisson sampling, the uploads left out of the sum had still been
+    released to the coordinator; their rounds were missing from the sites' ledgers."""
+    w = make_world(tmp_path)
+    uploads = [with_ledger(u, tmp_path / f"dp-{u.name}", (1,)) for u in w["uploads"]]
+    flags = [*org_dp_flags(100)]
+    flags[flags.index("--dp-sampling-rate") + 1] = 1e-9  # almost surely none sampled
+    agg = tmp_path / "agg-sampled.safetensors"
+    result = run("aggregate", "--global", w["g0"], "--out", agg, *flags, *uploads, "--json")
+    assert "sampled 0 of 3" in json.loads(result.stdout)["organisation_dp"]
+    assert site_rounds(agg) == {"c0": [1], "c1": [1], "c2": [1]}
+    bc, g1 = tmp_path / "bc-sampled.safetensors", tmp_path / "g1-sampled.safetensors"
+    run("broadcast", "--global", w["g0"], "--aggregate", agg, "--out", bc, "--out-global", g1)
+    assert site_rounds(g1) == {"c0": [1], "c1": [1], "c2": [1]}

@@ -241,7 +241,7 @@ def aggregate_cmd(
     from dataclasses import replace
 
     from fedsrd_cli.algorithms import get_algorithm
-    from fedsrd_cli.algorithms.private import sample_sites
+    from fedsrd_cli.algorithms.private import aggregate_privacy, sample_sites
     from fedsrd_cli.algorithms.protocol import check_uploads
     from fedsrd_cli.artifacts import write_artifact
     from fedsrd_cli.atomic import ensure_writable
@@ -319,10 +319,18 @@ def aggregate_cmd(
         )
         return
     artifacts = [read_verified(path, "upload", trust) for path in uploads]
+    released = artifacts  # every upload given: sampling below may leave some out of the sum
     if config.organisation_dp is not None:
         check_uploads(global_state, artifacts, weighting, max_samples)  # every file, sampled or not
+        aggregate_privacy(global_state, released, config)  # every site's ledger, before any work
         artifacts, config = sample_sites(artifacts, config)
     payload = algorithm.aggregate(global_state, artifacts, config, out.track)
+    if config.organisation_dp is not None:
+        # An upload that sampling left out was released to the coordinator all the same: its
+        # round counts in its site's ledger (docs/privacy.md), so the sites' ledgers are those
+        # of every upload given (which also keeps the secret sample out of them).
+        privacy = aggregate_privacy(global_state, released, config)
+        payload = replace(payload, header=replace(payload.header, privacy=privacy))
     header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
     if require_dp is not None and trust is None:
         out.note("note: without --trust the privacy ledgers are not authenticated (anyone could edit them)")
