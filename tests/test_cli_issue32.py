@@ -13,6 +13,7 @@ from fedsrd_cli.artifacts import read_artifact, write_artifact
 from fedsrd_cli.cli import app
 from fedsrd_cli.privacy.ledger import RECORD, Ledger, Release, read_privacy
 
+from .conftest import make_local
 from .test_cli import run
 from .test_cli_surprises import make_world, refused
 
@@ -172,3 +173,55 @@ def test_every_upload_a_site_released_counts_in_its_ledger_whatever_the_sampling
     bc, g1 = tmp_path / "bc-sampled.safetensors", tmp_path / "g1-sampled.safetensors"
     run("broadcast", "--global", w["g0"], "--aggregate", agg, "--out", bc, "--out-global", g1)
     assert site_rounds(g1) == {"c0": [1], "c1": [1], "c2": [1]}
+
+
+def uploads_of_round(
+    tmp: Path, state: Path, tag: str, ledgers: dict[str, tuple[int, ...] | None]
+) -> list[Path]:
+    """One upload per client of `ledgers` from `state`, carrying a ledger of those rounds (None: no DP)."""
+    out = []
+    for i, (client, rounds) in enumerate(ledgers.items()):
+        local = make_local(state, tmp / f"local-{tag}-{client}.safetensors", seed=100 + i)
+        upload = tmp / f"up-{tag}-{client}.safetensors"
+        run("sparsify", "--global", state, "--local", local, "--client", client, "--out", upload)
+        out.append(upload if rounds is None else with_ledger(upload, upload, rounds))
+    return out
+
+
+def test_a_round_without_dp_before_a_site_s_ledger_began_is_not_forgotten(tmp_path: Path):
+    """A site that sent round 1 without DP and trained with DP from round 2 was accepted by
+    `aggregate --require-dp 3`, its ledger showing rounds [2] only."""
+    w = make_world(tmp_path)  # round 1 of c0, c1, c2, none with DP: no file records who took part
+    late = uploads_of_round(tmp_path, w["g1"], "late", {"c0": (2,), "c1": (2,)})
+    out = tmp_path / "agg-late.safetensors"
+    refused(
+        ["aggregate", "--global", w["g1"], "--require-dp", 3, "--out", out, *late],
+        PRIVACY_EXIT,
+        "begins at round 2, and nothing recorded since round 1",
+        (out,),
+        tmp_path,
+    )
+    # Round 1 with DP at c0 only: from then on the files record every site's rounds.
+    first = uploads_of_round(tmp_path, w["g0"], "r1", {"c0": (1,), "c1": None, "c2": None})
+    agg1, bc1, g1 = (tmp_path / f"{name}-tracked.safetensors" for name in ("agg1", "bc1", "g1"))
+    run("aggregate", "--global", w["g0"], "--out", agg1, *first)
+    run("broadcast", "--global", w["g0"], "--aggregate", agg1, "--out", bc1, "--out-global", g1)
+    assert read_privacy(read_artifact(g1).header).participants == {"c0": (1,), "c1": (1,), "c2": (1,)}
+    second = uploads_of_round(tmp_path, g1, "r2", {"c0": (1, 2), "c1": (2,), "c3": (2,)})
+    agg2 = tmp_path / "agg2-tracked.safetensors"
+    refused(
+        ["aggregate", "--global", g1, "--require-dp", 3, "--out", agg2, *second],
+        PRIVACY_EXIT,
+        "client 'c1' sent round(s) [1] without DP before its privacy ledger began at round 2",
+        (agg2,),
+        tmp_path,
+    )
+    # Without --require-dp the round is taken, and c1's epsilon is infinite; c3 joined in round 2.
+    report = json.loads(run("aggregate", "--global", g1, "--out", agg2, *second, "--json").stdout)
+    assert report["site_epsilons"]["c1"] is None
+    assert report["site_epsilons"]["c0"] is not None and report["site_epsilons"]["c3"] is not None
+    assert site_rounds(agg2) == {"c0": [1, 2], "c1": [1, 2], "c3": [2]}
+    privacy = json.loads(run("inspect", agg2, "--json").stdout)["privacy"]
+    assert privacy["sites"]["c1"]["rounds"][0] == {"round": 1, "mechanism": "none"}
+    assert privacy["participants"] == {"c0": [1, 2], "c1": [1, 2], "c2": [1], "c3": [2]}
+    assert privacy["agree"]

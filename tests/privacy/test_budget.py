@@ -66,6 +66,21 @@ def test_the_longer_of_two_consistent_histories_counts():
         history_of("b", None, two)
 
 
+def test_a_site_that_sent_an_upload_before_its_ledger_began_may_not_start_one():
+    """Issue 32, row 4, at the site: the global state records its rounds with an upload since
+    round 1; one before any ledger of it was sent without DP, so DP-SGD is refused before training."""
+    participants = {"a": (1, 2), "b": (1, 2)}  # the global state of round 2; this is round 3
+    with pytest.raises(PrivacyError, match=r"sent round\(s\) \[1, 2\] without DP"):
+        history_of("a", None, None, participants)
+    _s, own = plan_round(RecordDp(noise_multiplier=1.0), "a", 2, 100, 8, 10, None)
+    with pytest.raises(PrivacyError, match=r"sent round\(s\) \[1\] without DP"):
+        history_of("a", None, own, participants)
+    _s, one = plan_round(RecordDp(noise_multiplier=1.0), "b", 1, 100, 8, 10, None)
+    _s, two = plan_round(RecordDp(noise_multiplier=1.0), "b", 2, 100, 8, 10, one)
+    assert history_of("b", None, two, participants) == two  # its own ledger covers both rounds
+    assert history_of("c", None, None, participants) is None  # a site new to the run
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

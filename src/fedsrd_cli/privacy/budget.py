@@ -19,6 +19,7 @@ Either way the round is refused (PrivacyError, before training) when its ledger 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fedsrd_cli.config import DEFAULT_DP_MAX_GRAD_NORM
@@ -86,11 +87,29 @@ class RecordDp:
         return self.max_epsilon if self.max_epsilon is not None else self.epsilon
 
 
-def history_of(site: str, recorded: Ledger | None, own: Ledger | None) -> Ledger | None:
+def history_of(
+    site: str,
+    recorded: Ledger | None,
+    own: Ledger | None,
+    participants: Mapping[str, tuple[int, ...]] | None = None,
+) -> Ledger | None:
     """The site's history: the longer of the global state's record and its own ledger, which must
-    agree (one continues the other); PrivacyError otherwise."""
+    agree (one continues the other); PrivacyError otherwise.
+
+    participants: the global state's record of every site's rounds with an upload since round 1
+    (None: not known). A site it shows sending an upload before any ledger of it began sent that
+    upload without DP: PrivacyError, before any training (its epsilon is infinite).
+    """
     if own is not None and own.party != site:
         raise PrivacyError(f"--dp-ledger holds the ledger of {own.party!r}, not of {site!r}")
+    if recorded is None and participants is not None:
+        first = own.releases[0].round if own is not None else math.inf
+        earlier = [r for r in participants.get(site, ()) if r < first]
+        if earlier:
+            raise PrivacyError(
+                f"{site!r} sent round(s) {earlier} without DP (the global state records its uploads"
+                " since round 1): its records have no finite guarantee left to keep"
+            )
     if recorded is None or own is None:
         return recorded or own
     if own.continues(recorded):
