@@ -225,3 +225,21 @@ def test_a_round_without_dp_before_a_site_s_ledger_began_is_not_forgotten(tmp_pa
     assert privacy["sites"]["c1"]["rounds"][0] == {"round": 1, "mechanism": "none"}
     assert privacy["participants"] == {"c0": [1, 2], "c1": [1, 2], "c2": [1], "c3": [2]}
     assert privacy["agree"]
+
+
+# ------------------------------------------------------------- row 12: --secure --align-factors
+
+
+def test_a_secure_aggregate_refuses_align_factors(tmp_path: Path):
+    """`aggregate --secure --align-factors` exited 0 and ignored the flag (it needs each site's
+    factors, which a secure sum hides); it is refused like with organisation-level DP."""
+    w = make_world(tmp_path)
+    out = tmp_path / "agg-secure.safetensors"
+    args = ["aggregate", "--secure", "--roster", tmp_path / "roster.json", "--trust", tmp_path / "keys"]
+    refused(
+        [*args, "--global", w["g0"], "--align-factors", "--out", out, *w["uploads"]],
+        2,
+        "--align-factors depends on each site's factors: not with --secure",
+        (out,),
+        tmp_path,
+    )

@@ -289,6 +289,10 @@ def aggregate_cmd(
             "a secure round runs FedSRD-e's route, without organisation-level DP (its noise would have to"
             " be added by the sites, which is not built)"
         )
+    if secure and align_factors:
+        raise UsageError(
+            "--align-factors depends on each site's factors: not with --secure, whose sum hides them"
+        )
     threads = use_threads(threads)
     algorithm = get_algorithm("fedsrd-e" if secure else method)
     signer, trust = trust_from_flags(sign_key, trust_dir)
