@@ -243,3 +243,18 @@ def test_a_secure_aggregate_refuses_align_factors(tmp_path: Path):
         (out,),
         tmp_path,
     )
+
+
+def test_demo_assets_refuses_a_folder_it_did_not_write_in_one_line(tmp_path: Path):
+    """demo-assets --force on a folder that is not its own printed the cache line, then the error."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    for model in ("toy", "smollm2"):
+        refused(
+            ["demo-assets", "--model", model, "--out", folder, "--force"],
+            5,
+            "not a fedsrd demo-assets directory",
+            (folder / "notes.txt",),
+            tmp_path,
+        )
