@@ -54,6 +54,17 @@ def test_a_history_with_a_round_without_dp_has_nothing_left_to_keep():
         plan_round(RecordDp(noise_multiplier=1.0), "a", 3, 100, 8, 10, broken)
 
 
+def test_a_ledger_the_writer_would_refuse_is_refused_before_training(monkeypatch):
+    """Issue 32, row 2: a negative epsilon from the accountant was found only when the trained
+    state was written (exit 3). Whatever the writer would refuse in the planned ledger is now a
+    PrivacyError of the plan, before any training."""
+    from fedsrd_cli.privacy import accounting
+
+    monkeypatch.setattr(accounting, "epsilon", lambda history, delta: -0.0065)
+    with pytest.raises(PrivacyError, match="epsilon -0.0065 is negative; nothing was trained"):
+        plan_round(RecordDp(noise_multiplier=10.0), "a", 1, 120, 4, 3, None)
+
+
 def test_the_longer_of_two_consistent_histories_counts():
     settings = RecordDp(noise_multiplier=1.0)
     _s, one = plan_round(settings, "a", 1, 100, 8, 10, None)

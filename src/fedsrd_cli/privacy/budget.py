@@ -13,7 +13,7 @@ With --dp-epsilon E and --dp-rounds R, the noise multiplier is the smallest that
 history plus the R - (rounds spent) rounds still planned, each of S steps at q, within (E,
 delta): a site that keeps its plan ends at E. With --dp-noise-multiplier the noise is given.
 Either way the round is refused (PrivacyError, before training) when its ledger would pass
---dp-max-epsilon (by default E).
+--dp-max-epsilon (by default E), or would be refused by the writer of the local state.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fedsrd_cli.config import DEFAULT_DP_MAX_GRAD_NORM
-from fedsrd_cli.errors import PrivacyError, UsageError
+from fedsrd_cli.errors import ArtifactError, PrivacyError, UsageError
 from fedsrd_cli.privacy.accounting import noise_multiplier_for
-from fedsrd_cli.privacy.ledger import MECHANISMS, RECORD, Ledger, Release
+from fedsrd_cli.privacy.ledger import MECHANISMS, RECORD, Ledger, Release, parse_ledger
 
 
 def _need(condition: bool, message: str) -> None:
@@ -177,6 +177,10 @@ def plan_round(
             raise PrivacyError(f"{site!r}: {err}") from None
     release = Release(round_index, MECHANISMS[RECORD], sigma, rate, settings.max_grad_norm, steps, records)
     after = (history or Ledger.start(RECORD, site, delta)).extended(release)
+    try:  # the ledger as the local state will carry it: what its writer would refuse, refused now
+        parse_ledger(after.to_json(), f"round {round_index}'s planned ledger")
+    except ArtifactError as err:
+        raise PrivacyError(f"{err}; nothing was trained") from None
     cap = settings.cap
     if cap is not None and after.epsilon > cap * (1.0 + 1e-9):
         raise PrivacyError(
