@@ -94,7 +94,7 @@ def dp_round(world, state: Path, tag: str, *flags: object) -> dict[str, Path]:
     uploads = []
     for site in ("site-a", "site-b"):
         local = tmp / f"local-{tag}-{site}.safetensors"
-        train(world, site, state, local, "--dp-epsilon", 3, "--dp-rounds", 2, "--dp-test-seed", 7, *flags)
+        train(world, site, state, local, "--dp-epsilon", 3, "--dp-rounds", 2, *flags)
         upload = tmp / f"up-{tag}-{site}.safetensors"
         run("sparsify", "--global", state, "--local", local, "--client", site, "--out", upload)
         uploads.append(upload)
@@ -157,6 +157,16 @@ def test_train_local_refuses_to_overspend_before_it_trains(world, two_rounds):
     )
     assert "past its budget 3.2" in error_line(capped) and "nothing was trained" in error_line(capped)
     assert not out.exists() and not Path(str(out) + ".log.jsonl").exists()
+
+
+@pytest.mark.parametrize("flags", [("--dp-noise-multiplier", 10), ("--dp-noise-multiplier", 1e6)])
+def test_huge_noise_records_epsilon_zero_not_a_negative_one(world, flags):
+    """Issue 32, row 2: the RDP conversion's bound was -0.0065 at noise 10 and the state was refused
+    after training (exit 3); the guarantee is epsilon 0, and the state is written."""
+    out = world["tmp"] / f"local-huge-noise-{flags[1]:g}.safetensors"
+    train(world, "site-a", world["tmp"] / "g0.safetensors", out, *flags)
+    ledger = read_privacy(read_artifact(out).header).record_level
+    assert ledger is not None and ledger.epsilon == 0.0 and ledger.agrees()
 
 
 def rewrite_ledger(source: Path, target: Path, change) -> Path:

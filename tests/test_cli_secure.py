@@ -214,3 +214,24 @@ def test_the_coordinator_refuses_a_replay_from_another_roster(world):
         "--secure needs --roster",
         watch=(agg,),
     )
+
+
+def test_a_roster_clip_too_small_names_the_bound_over_every_module(world):
+    """Issue 32, row 10: `roster --clip 1e-9` made the site ask for "at least 0.000593", the first
+    module's bound, and that roster was refused again for another module (exit 6, a code the
+    secure round does not document). The site names the bound over every module, exit 4."""
+    tmp, keys = world["tmp"], world["keys"]
+
+    def roster(clip: float, attempt: int) -> Path:
+        path = tmp / f"roster-clip-{attempt}.json"
+        run(
+            "roster", "--global", world["g0"], "--sites", ",".join(SITES), "--sign-key",
+            keys / "coordinator.key", "--clip", clip, "--attempt", attempt, "--out", path,
+        )  # fmt: skip
+        return path
+
+    out = tmp / "masked-a.safetensors"
+    line = refused(mask_args(world, "site-a", roster(1e-9, 1), out), 4, "--clip at least", watch=(out,))
+    needed = float(line.split("--clip at least ")[1].split()[0])
+    run(*mask_args(world, "site-a", roster(needed, 2), out))
+    assert out.exists()

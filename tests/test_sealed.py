@@ -134,3 +134,27 @@ def test_a_broadcast_sealed_for_the_sites_and_any_file_sealed_afterwards(world):
         7,
         "'nobody' is not a trusted party",
     )
+
+
+def test_a_party_named_twice_is_refused(world):
+    """Issue 32, row 15: `seal --to site-a,site-a` was accepted; a list naming a party twice is a
+    mistake (a typo for another party, most likely), refused like any bad flag."""
+    tmp = world["tmp"]
+    out = tmp / "twice.sealed"
+    refused(
+        ["seal", world["g0"], "--to", "site-a,site-b,site-a", "--trust", world["trust"], "--out", out],
+        2,
+        "names 'site-a' more than once",
+        watch=(out,),
+        root=tmp,
+    )
+    local = make_local(world["g0"], tmp / "local-twice.safetensors", seed=3)
+    up = tmp / "up-twice.safetensors"
+    refused(
+        ["sparsify", "--global", world["g0"], "--local", local, "--client", "site-a", "--out", up]
+        + ["--encrypt-to", "coordinator, coordinator", "--trust", world["trust"]],
+        2,
+        "names 'coordinator' more than once",
+        watch=(up,),
+        root=tmp,
+    )

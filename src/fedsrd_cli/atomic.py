@@ -17,23 +17,62 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsrd_cli.errors import OutputError, OutputExistsError
+from fedsrd_cli.errors import OutputError, OutputExistsError, UsageError
+
+# The files a command reads, as (flag, path or paths): none of them may be its output.
+Inputs = Sequence[tuple[str, str | os.PathLike | Sequence[str | os.PathLike] | None]]
 
 
-def ensure_writable(path: str | os.PathLike, force: bool) -> None:
-    """Fail early, before any work, if `path` exists and --force was not given, or if its folder
-    cannot take a new file (missing, not a folder, no write permission, read-only)."""
+def ensure_writable(path: str | os.PathLike, force: bool, inputs: Inputs = ()) -> None:
+    """Fail early, before any work, if `path` is one of the command's `inputs` (even with --force:
+    the input would be lost), is a directory, exists and --force was not given, or if its folder
+    cannot take a new file (missing, not a folder, no write permission, read-only).
+
+    Every command checks its outputs here, so an input is never replaced: the same file is found
+    whatever the spelling (relative, through a symbolic link, a hard link) by comparing the files
+    themselves (os.path.samefile).
+    """
     path = Path(path)
     try:
         exists = path.exists()
     except OSError as err:
         raise OutputError(f"{path}: cannot be written ({err.strerror or err})") from None
+    if exists:
+        ensure_not_input(path, inputs)
+        if path.is_dir():
+            raise OutputError(f"{path}: is a directory; give a file name")
     if exists and not force:
         remove_stale_temp_files(path)  # a rerun after a crash that had finished the file
         raise OutputExistsError(f"{path}: already exists (pass --force to replace it)")
-    if exists and path.is_dir():
-        raise OutputError(f"{path}: is a directory")
     check_output_folder(path.parent)
+
+
+def ensure_not_input(path: str | os.PathLike, inputs: Inputs) -> None:
+    """UsageError if the output `path` is the same file as one of `inputs` (ensure_writable)."""
+    for flag, given in _flat(inputs):
+        if _same_file(Path(path), given):
+            raise UsageError(
+                f"{path}: is also {flag} {given}; refusing to replace an input of this command, even"
+                " with --force (write the output to another file)"
+            )
+
+
+def _flat(inputs: Inputs) -> list[tuple[str, Path]]:
+    """(flag, path) for every path of `inputs` given (a flag may name several, or none)."""
+    out = []
+    for flag, given in inputs:
+        if given is None:
+            continue
+        paths = [given] if isinstance(given, (str, os.PathLike)) else list(given)
+        out += [(flag, Path(p)) for p in paths]
+    return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # b does not exist (reading it fails later) or cannot be looked at
+        return False
 
 
 def check_output_folder(folder: str | os.PathLike) -> None:

@@ -238,7 +238,8 @@ class AggregateConfig:
         )
         _require(
             self.max_epsilon is None or self.organisation_dp is not None,
-            "--dp-max-epsilon caps organisation-level DP: give --dp-clip and --dp-noise-multiplier too",
+            "--dp-max-epsilon caps organisation-level DP: give --dp-clip, --dp-noise-multiplier and"
+            " --dp-delta too",
         )
         if self.organisation_dp is not None:
             _require(

@@ -156,6 +156,8 @@ def privacy_report(header: Any) -> dict[str, Any]:
         report["organisation_level"] = checked(parsed.organisation_level)
     if parsed.organisation_dp is not None:
         report["organisation_dp"] = parsed.organisation_dp.to_json()
+    if parsed.participants is not None:
+        report["participants"] = {site: list(rounds) for site, rounds in sorted(parsed.participants.items())}
     ledgers = [
         report.get("record_level"),
         report.get("organisation_level"),

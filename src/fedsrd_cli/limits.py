@@ -133,7 +133,6 @@ LIMITS: dict[str, Limit] = {
     "--dp-org-noise-multiplier": _open_low(1e6),
     "--dp-org-sampling-rate": _RATE,
     "--dp-org-delta": _DELTA,
-    "--dp-test-seed": Limit(0, SEED_MAX),
     # keys of the Flower settings only (flower/settings.py)
     "--min-clients": Limit(0, 100_000),
     "--round-timeout": _open_low(1e7),

@@ -656,8 +656,9 @@ def private_training(
     """
     records = sum(len(ds.examples) for ds in datasets)
     steps = config.total_steps(records)
-    recorded = (read_privacy(global_state.header).sites or {}).get(client)
-    history = history_of(client, recorded, own)
+    privacy = read_privacy(global_state.header)
+    recorded = (privacy.sites or {}).get(client)
+    history = history_of(client, recorded, own, privacy.participants)
     expected = config.batch_size * config.grad_accum
     round_index = global_state.header.round + 1
     sigma, after = plan_round(settings, client, round_index, records, expected, steps, history)

@@ -17,7 +17,7 @@ from fedsrd_cli.algorithms import get_algorithm
 from fedsrd_cli.algorithms.secure import masked_sum, masked_upload, projection, secure_aggregate
 from fedsrd_cli.artifacts import Header, read_artifact, write_artifact
 from fedsrd_cli.config import AggregateConfig, BroadcastConfig
-from fedsrd_cli.errors import DataError, MismatchError, TrustError
+from fedsrd_cli.errors import MismatchError, TrustError
 from fedsrd_cli.math import fixedpoint
 from fedsrd_cli.math.lowrank import update_b
 from fedsrd_cli.roster import make_roster, read_roster, write_roster
@@ -190,5 +190,5 @@ def test_a_forged_roster_or_a_wrong_key_is_refused(world):
 
 def test_a_value_outside_the_roster_range_is_refused_by_the_site(world):
     roster = signed_roster(world, clip=1e-6)
-    with pytest.raises(DataError, match="larger --clip"):
+    with pytest.raises(MismatchError, match="--clip at least"):
         masked(world, "site-a", roster)

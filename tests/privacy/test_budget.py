@@ -54,6 +54,17 @@ def test_a_history_with_a_round_without_dp_has_nothing_left_to_keep():
         plan_round(RecordDp(noise_multiplier=1.0), "a", 3, 100, 8, 10, broken)
 
 
+def test_a_ledger_the_writer_would_refuse_is_refused_before_training(monkeypatch):
+    """Issue 32, row 2: a negative epsilon from the accountant was found only when the trained
+    state was written (exit 3). Whatever the writer would refuse in the planned ledger is now a
+    PrivacyError of the plan, before any training."""
+    from fedsrd_cli.privacy import accounting
+
+    monkeypatch.setattr(accounting, "epsilon", lambda history, delta: -0.0065)
+    with pytest.raises(PrivacyError, match="epsilon -0.0065 is negative; nothing was trained"):
+        plan_round(RecordDp(noise_multiplier=10.0), "a", 1, 120, 4, 3, None)
+
+
 def test_the_longer_of_two_consistent_histories_counts():
     settings = RecordDp(noise_multiplier=1.0)
     _s, one = plan_round(settings, "a", 1, 100, 8, 10, None)
@@ -64,6 +75,21 @@ def test_the_longer_of_two_consistent_histories_counts():
         history_of("a", two, other)
     with pytest.raises(PrivacyError, match="not of 'b'"):
         history_of("b", None, two)
+
+
+def test_a_site_that_sent_an_upload_before_its_ledger_began_may_not_start_one():
+    """Issue 32, row 4, at the site: the global state records its rounds with an upload since
+    round 1; one before any ledger of it was sent without DP, so DP-SGD is refused before training."""
+    participants = {"a": (1, 2), "b": (1, 2)}  # the global state of round 2; this is round 3
+    with pytest.raises(PrivacyError, match=r"sent round\(s\) \[1, 2\] without DP"):
+        history_of("a", None, None, participants)
+    _s, own = plan_round(RecordDp(noise_multiplier=1.0), "a", 2, 100, 8, 10, None)
+    with pytest.raises(PrivacyError, match=r"sent round\(s\) \[1\] without DP"):
+        history_of("a", None, own, participants)
+    _s, one = plan_round(RecordDp(noise_multiplier=1.0), "b", 1, 100, 8, 10, None)
+    _s, two = plan_round(RecordDp(noise_multiplier=1.0), "b", 2, 100, 8, 10, one)
+    assert history_of("b", None, two, participants) == two  # its own ledger covers both rounds
+    assert history_of("c", None, None, participants) is None  # a site new to the run
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,9 @@
 - upload: the local state's record-level ledger travels in the upload (sparsification and
   packing are post-processing of the DP-trained factors, docs/privacy.md);
 - aggregate: each upload's ledger is checked against what the global state recorded for its
-  site (privacy.ledger.merge_site_ledgers); with organisation-level DP the round's mechanism
-  is recorded and its epsilon checked against the coordinator's cap before anything is written;
+  site and its rounds with an upload (privacy.ledger.merge_site_ledgers); with
+  organisation-level DP the round's mechanism is recorded and its epsilon checked against the
+  coordinator's cap before anything is written;
 - broadcast: the sites' ledgers and the organisation-level ledger, extended by this round,
   travel on to the broadcast and the next global state. With organisation-level DP the B
   update gets Gaussian noise of std  Z * C * gain / D  (PrivateDownload), where C / D bounds
@@ -36,6 +37,7 @@ from fedsrd_cli.privacy.ledger import (
     Release,
     merge_site_ledgers,
     read_privacy,
+    with_participants,
 )
 from fedsrd_cli.privacy.randomness import SecretRandom
 
@@ -60,7 +62,8 @@ def aggregate_privacy(global_state: Artifact, uploads: list[Artifact], config: A
     entries = [
         (u.header.client_id, round_index, read_privacy(u.header).record_level, str(u.path)) for u in uploads
     ]
-    sites = merge_site_ledgers(dict(before.sites or {}), entries, config.require_dp)
+    sites = merge_site_ledgers(dict(before.sites or {}), entries, config.require_dp, before.participants)
+    participants = with_participants(before.participants, [entry[0] for entry in entries], round_index)
     org = config.organisation_dp
     if org is not None:
         after = organisation_ledger(before.organisation_level, org, round_index)
@@ -70,7 +73,10 @@ def aggregate_privacy(global_state: Artifact, uploads: list[Artifact], config: A
                 f" (delta {org.delta:g}), past --dp-max-epsilon {config.max_epsilon:g}; nothing was written"
             )
     return Privacy(
-        sites=sites or None, organisation_level=before.organisation_level, organisation_dp=org
+        sites=sites or None,
+        organisation_level=before.organisation_level,
+        organisation_dp=org,
+        participants=participants,
     ).to_json()
 
 
@@ -114,7 +120,7 @@ def broadcast_privacy(global_state: Artifact, aggregate: Artifact, round_index: 
     org = before
     if agg.organisation_dp is not None or before is not None:
         org = organisation_ledger(before, agg.organisation_dp, round_index)
-    return Privacy(sites=agg.sites, organisation_level=org).to_json()
+    return Privacy(sites=agg.sites, organisation_level=org, participants=agg.participants).to_json()
 
 
 @dataclass

@@ -24,6 +24,7 @@ updates and the update error, which need all of W, are therefore refused or not 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -42,7 +43,7 @@ from fedsrd_cli.algorithms.protocol import (
 )
 from fedsrd_cli.artifacts import Artifact, short
 from fedsrd_cli.config import PRIVATE_METHOD, AggregateConfig
-from fedsrd_cli.errors import DataError, MismatchError, StaleUploadError
+from fedsrd_cli.errors import MismatchError, StaleUploadError
 from fedsrd_cli.math import fixedpoint
 from fedsrd_cli.privacy.randomness import SecretRandom
 from fedsrd_cli.roster import Roster, check_roster_for
@@ -69,9 +70,10 @@ def masked_upload(
 ) -> Payload:
     """A site's masked upload for `roster` (module docstring).
 
-    published: every other roster site's X25519 public key (agreement.published_key). DataError
-    when a projected value is outside the roster's range X (nothing is written: the site asks
-    for a roster with a larger --clip).
+    published: every other roster site's X25519 public key (agreement.published_key).
+    MismatchError when a projected value of any module is outside the roster's range X: the
+    roster does not fit this update (nothing is written; the message names the smallest --clip
+    that holds every module, for the coordinator's next roster).
     """
     check_local(global_state, local)
     head = global_state.header
@@ -82,16 +84,16 @@ def masked_upload(
         )
     scale = fixedpoint.scale_for(roster.clip, len(roster.sites))
     modules = global_state.modules()
-    words: dict[str, torch.Tensor] = {}
-    for module in modules:
-        values = projection(global_state, local, module) * roster.weight  # (d_out, r)
-        largest = float(values.abs().max())
-        if largest > roster.clip:
-            raise DataError(
-                f"{module}: a projected value {largest:.4g} is outside the roster's range {roster.clip:g};"
-                f" ask the coordinator for a roster with a larger --clip (at least {largest:.3g})"
-            )
-        words[module] = fixedpoint.encode(values, scale)  # int64 words in [0, 2^32)
+    values = {module: projection(global_state, local, module) * roster.weight for module in modules}
+    largest = {module: float(v.abs().max()) for module, v in values.items()}  # (d_out, r) each
+    worst = max(modules, key=largest.__getitem__)
+    if largest[worst] > roster.clip:
+        raise MismatchError(
+            f"a projected value {largest[worst]:.4g} ({worst}) is outside the roster's range"
+            f" {roster.clip:g}; ask the coordinator for a roster with --clip at least"
+            f" {_round_up(largest[worst]):.3g} (it holds every module)"
+        )
+    words = {module: fixedpoint.encode(v, scale) for module, v in values.items()}  # int64 in [0, 2^32)
     count = sum(w.numel() for w in words.values())
     for other in roster.sites:
         if other == client:
@@ -115,6 +117,12 @@ def masked_upload(
     )
     tensors = {naming.masked_key(m): fixedpoint.to_stored(w) for m, w in words.items()}
     return Payload(header, tensors)
+
+
+def _round_up(value: float, digits: int = 3) -> float:
+    """`value` rounded up to `digits` significant digits: a --clip of it holds `value`."""
+    exponent = math.floor(math.log10(value)) - digits + 1
+    return math.ceil(value / 10.0**exponent) * 10.0**exponent
 
 
 def secure_info(roster: Roster, scale: int) -> dict:

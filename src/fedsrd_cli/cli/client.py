@@ -96,9 +96,6 @@ def train_local_cmd(
             show_default=False,
         ),
     ] = None,
-    dp_test_seed: Annotated[
-        int | None, typer.Option("--dp-test-seed", hidden=True, help="Testing only: known DP randomness.")
-    ] = None,
     threads: ThreadsOpt = None,
     sign_key: SignKeyOpt = None,
     trust_dir: TrustOpt = None,
@@ -181,8 +178,9 @@ def train_local_cmd(
             raise UsageError("--gradient-checkpointing cannot be combined with DP-SGD (--dp-*)")
     signer, trust = trust_from_flags(sign_key, trust_dir)
     log_path = Path(str(out_path) + ".log.jsonl")
-    ensure_writable(out_path, force)
-    ensure_writable(log_path, force)
+    inputs = [("--base", base), ("--global", global_path), ("--data", data), ("--dp-ledger", dp_ledger)]
+    ensure_writable(out_path, force, inputs)
+    ensure_writable(log_path, force, inputs)
     accept = (COORDINATOR,) if signer is None else (COORDINATOR, signer.name)
     global_state = read_verified(global_path, "state", trust, accept=accept)
     check_fingerprint(base, global_state)
@@ -198,9 +196,7 @@ def train_local_cmd(
             own = read_privacy(read_verified(dp_ledger, None, trust, accept=(client,)).header).record_level
             if own is None:
                 raise UsageError(f"--dp-ledger {dp_ledger}: carries no record-level privacy ledger")
-        config, ledger = private_training(
-            record_dp, global_state, client, datasets, config, own, dp_test_seed
-        )
+        config, ledger = private_training(record_dp, global_state, client, datasets, config, own)
         release = ledger.releases[-1]
         out.note(
             f"DP-SGD: noise multiplier {release.noise_multiplier:.4g}, clip {release.clip:g}, sample rate"
@@ -374,7 +370,9 @@ def sparsify_cmd(
     if secure and method not in ("fedsrd", "fedsrd-e"):
         raise UsageError(f"a secure round runs FedSRD-e's route; --method {method} has no secure upload")
     seal = seal_for(encrypt_to, trust_dir)
-    ensure_writable(out_path, force)
+    ensure_writable(
+        out_path, force, [("--global", global_path), ("--local", local), ("--roster", roster_path)]
+    )
     global_state = read_verified(global_path, "state", trust, accept=(COORDINATOR, client))
     if secure:
         from fedsrd_cli.agreement import AgreementKey
@@ -438,7 +436,7 @@ def apply_cmd(
 
     out = Output(json_mode)
     signer, trust = trust_from_flags(sign_key, trust_dir)
-    ensure_writable(out_path, force)
+    ensure_writable(out_path, force, [("--global", global_path), ("--broadcast", broadcasts)])
     accept = (COORDINATOR,) if signer is None else (COORDINATOR, signer.name)
     global_state = read_verified(global_path, "state", trust, accept=accept)
     chain = [read_verified(path, "broadcast", trust) for path in broadcasts]
@@ -509,7 +507,7 @@ def eval_cmd(
     if global_path is not None and adapter is not None:
         raise UsageError("give --global or --adapter, not both")
     if out_path is not None:
-        ensure_writable(out_path, force)
+        ensure_writable(out_path, force, [("--global", global_path), ("--data", data)])
     _, trust = trust_from_flags(None, trust_dir)
     datasets = load_datasets(data)
     global_state = None

@@ -57,7 +57,7 @@ def init_cmd(
     config = InitConfig(rank, alpha, targets, seed)
     signer, _ = trust_from_flags(sign_key, None)
     seal = seal_for(encrypt_to, trust_dir)
-    ensure_writable(out_path, force)
+    ensure_writable(out_path, force, [("--base", base)])
     fingerprint = fingerprint_base(base)
     lora, shapes = lora_module_shapes(base, config.targets, config.rank, config.alpha)
     payload = initial_state(shapes, lora, config.seed, fingerprint)
@@ -108,7 +108,7 @@ def roster_cmd(
     names = [check_client_id(s.strip()) for s in sites.split(",") if s.strip()]
     signer = SigningKey.load(sign_key)
     _, trust = trust_from_flags(None, trust_dir)
-    ensure_writable(out_path, force)
+    ensure_writable(out_path, force, [("--global", global_path)])
     global_state = read_verified(global_path, "state", trust)
     head = global_state.header
     roster = make_roster(head.content_hash, head.round + 1, names, attempt, clip)
@@ -216,9 +216,6 @@ def aggregate_cmd(
             show_default=False,
         ),
     ] = None,
-    dp_test_seed: Annotated[
-        int | None, typer.Option("--dp-test-seed", hidden=True, help="Testing only: known sampling.")
-    ] = None,
     secure: Annotated[
         bool,
         typer.Option(
@@ -244,7 +241,7 @@ def aggregate_cmd(
     from dataclasses import replace
 
     from fedsrd_cli.algorithms import get_algorithm
-    from fedsrd_cli.algorithms.private import sample_sites
+    from fedsrd_cli.algorithms.private import aggregate_privacy, sample_sites
     from fedsrd_cli.algorithms.protocol import check_uploads
     from fedsrd_cli.artifacts import write_artifact
     from fedsrd_cli.atomic import ensure_writable
@@ -259,10 +256,18 @@ def aggregate_cmd(
         raise UsageError(
             "organisation-level DP needs --dp-clip, --dp-noise-multiplier and --dp-delta together"
         )
-    if dp_clip is None and (dp_sampling_rate != 1.0 or dp_test_seed is not None):
+    if dp_clip is None and dp_sampling_rate != 1.0:
         raise UsageError("--dp-sampling-rate samples sites for organisation-level DP: give --dp-clip too")
     if not 0.0 < dp_sampling_rate <= 1.0:
         raise UsageError(f"--dp-sampling-rate must be in (0, 1], got {dp_sampling_rate}")
+    # The flags' own checks (OrganisationDp, AggregateConfig) before any file is read; the
+    # settings go in with the rest, so --dp-max-epsilon finds the DP it caps.
+    organisation_dp = None
+    if dp_clip is not None:
+        assert dp_noise_multiplier is not None and dp_delta is not None
+        organisation_dp = OrganisationDp(
+            dp_clip, dp_noise_multiplier, dp_sampling_rate, dp_delta, max(1, len(uploads)), 0
+        )
     config = AggregateConfig(
         method,
         weighting,
@@ -270,18 +275,11 @@ def aggregate_cmd(
         on_outlier,
         truncation,
         require_dp,
+        organisation_dp=organisation_dp,
         max_epsilon=dp_max_epsilon,
         max_samples=max_samples,
         align=align_factors,
     )
-    if dp_clip is not None:
-        # The flags' own checks (OrganisationDp, AggregateConfig) before any file is read.
-        config = replace(
-            config,
-            organisation_dp=OrganisationDp(
-                dp_clip, dp_noise_multiplier, dp_sampling_rate, dp_delta, max(1, len(uploads)), 0
-            ),
-        )
     if secure and (roster_path is None or trust_dir is None):
         raise UsageError("--secure needs --roster and --trust (the sites' keys)")
     if not secure and roster_path is not None:
@@ -291,10 +289,16 @@ def aggregate_cmd(
             "a secure round runs FedSRD-e's route, without organisation-level DP (its noise would have to"
             " be added by the sites, which is not built)"
         )
+    if secure and align_factors:
+        raise UsageError(
+            "--align-factors depends on each site's factors: not with --secure, whose sum hides them"
+        )
     threads = use_threads(threads)
     algorithm = get_algorithm("fedsrd-e" if secure else method)
     signer, trust = trust_from_flags(sign_key, trust_dir)
-    ensure_writable(out_path, force)
+    ensure_writable(
+        out_path, force, [("--global", global_path), ("--roster", roster_path), ("the upload", uploads)]
+    )
     global_state = read_verified(global_path, "state", trust)
     if secure:
         from fedsrd_cli.algorithms.secure import secure_aggregate
@@ -319,10 +323,18 @@ def aggregate_cmd(
         )
         return
     artifacts = [read_verified(path, "upload", trust) for path in uploads]
+    released = artifacts  # every upload given: sampling below may leave some out of the sum
     if config.organisation_dp is not None:
         check_uploads(global_state, artifacts, weighting, max_samples)  # every file, sampled or not
-        artifacts, config = sample_sites(artifacts, config, dp_test_seed)
+        aggregate_privacy(global_state, released, config)  # every site's ledger, before any work
+        artifacts, config = sample_sites(artifacts, config)
     payload = algorithm.aggregate(global_state, artifacts, config, out.track)
+    if config.organisation_dp is not None:
+        # An upload that sampling left out was released to the coordinator all the same: its
+        # round counts in its site's ledger (docs/privacy.md), so the sites' ledgers are those
+        # of every upload given (which also keeps the secret sample out of them).
+        privacy = aggregate_privacy(global_state, released, config)
+        payload = replace(payload, header=replace(payload.header, privacy=privacy))
     header = write_artifact(out_path, payload.header, payload.tensors, force, sign=sign_with(signer))
     if require_dp is not None and trust is None:
         out.note("note: without --trust the privacy ledgers are not authenticated (anyone could edit them)")
@@ -446,9 +458,6 @@ def broadcast_cmd(
             " reconstructions carry, in the aggregate), so the step is that multiple of the sites' updates.",
         ),
     ] = False,
-    dp_test_seed: Annotated[
-        int | None, typer.Option("--dp-test-seed", hidden=True, help="Testing only: known DP noise.")
-    ] = None,
     encrypt_to: EncryptToOpt = None,
     threads: ThreadsOpt = None,
     sign_key: SignKeyOpt = None,
@@ -467,7 +476,7 @@ def broadcast_cmd(
     from fedsrd_cli.algorithms.diagnostics import update_error_warning
     from fedsrd_cli.algorithms.protocol import default_download_seed
     from fedsrd_cli.artifacts import write_artifacts
-    from fedsrd_cli.atomic import ensure_writable
+    from fedsrd_cli.atomic import ensure_not_input, ensure_writable
     from fedsrd_cli.config import BroadcastConfig
     from fedsrd_cli.math.threads import use_threads
     from fedsrd_cli.signing import read_verified
@@ -478,9 +487,12 @@ def broadcast_cmd(
         raise UsageError("--out and --out-global must be different files")
     signer, trust = trust_from_flags(sign_key, trust_dir)
     seal = seal_for(encrypt_to, trust_dir)  # the broadcast only: the next state is the coordinator's
-    ensure_writable(out_path, force)
+    inputs = [("--global", global_path), ("--aggregate", aggregate)]
+    ensure_writable(out_path, force, inputs)
     if out_path.exists() or not out_global.exists():
-        ensure_writable(out_global, force)
+        ensure_writable(out_global, force, inputs)
+    else:  # a rerun after a crash between the two files may find the next state already there
+        ensure_not_input(out_global, inputs)
     global_state = read_verified(global_path, "state", trust)
     agg = read_verified(aggregate, "aggregate", trust)
     if seed is None:
@@ -496,7 +508,6 @@ def broadcast_cmd(
         seed,
         value_dtype,
         **{k: v for k, v in given.items() if v is not None},
-        noise_seed=dp_test_seed,
         server_lr=server_lr,
         calibrate_step=calibrate_step,
     )

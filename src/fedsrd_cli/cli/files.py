@@ -248,7 +248,7 @@ def unpack_cmd(
 
     out = Output(json_mode)
     _, trust = trust_from_flags(None, trust_dir)
-    ensure_writable(out_path, force)
+    ensure_writable(out_path, force, [("the file", path)])
     artifact = read_verified(path, None, trust, accept=tuple(trust.keys) if trust else None)
     tensors = dense_tensors(artifact)
     metadata = {
@@ -331,7 +331,7 @@ def seal_cmd(
 
     out = Output(json_mode)
     recipients = sealing_keys(to, trust_dir)
-    ensure_writable(out_path, force)
+    ensure_writable(out_path, force, [("the file", path)])
     write_bytes_atomic(out_path, seal(_read(path), recipients), force)
     out.result(
         {"path": str(out_path), "sealed_for": sorted(recipients), "bytes": out_path.stat().st_size},
@@ -357,7 +357,7 @@ def open_cmd(
 
     out = Output(json_mode)
     key = AgreementKey.load(agreement_key)
-    ensure_writable(out_path, force)
+    ensure_writable(out_path, force, [("the file", path)])
     write_bytes_atomic(out_path, open_sealed(_read(path), key, str(path)), force)
     out.result(
         {"path": str(out_path), "opened_by": key.party, "bytes": out_path.stat().st_size},

@@ -177,6 +177,9 @@ def sealing_keys(parties: str, trust_dir: Path | None) -> dict[str, bytes]:
     names = [check_client_id(name.strip()) for name in parties.split(",") if name.strip()]
     if not names:
         raise UsageError("--encrypt-to / --to names no party")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UsageError(f"--encrypt-to / --to names {', '.join(map(repr, twice))} more than once")
     if trust_dir is None:
         raise UsageError("sealing needs --trust: the directory with the parties' NAME.agreement files")
     trust = Trust.load(trust_dir)

@@ -70,7 +70,7 @@ def demo_assets_cmd(
 ) -> None:
     """Make the demo's base model and 4 clients' data (offline, deterministic); --suite real: 4
     organisations' data from real evaluation sets."""
-    from fedsrd_cli.atomic import ensure_output_dir
+    from fedsrd_cli.atomic import ensure_output_dir, replaces_assets
     from fedsrd_cli.demo import DEFAULT_RECIPE, MODELS, SMOLLM2_NAME, cache_root, demo_assets
     from fedsrd_cli.math.threads import use_threads
     from fedsrd_cli.real_suite import SUITES
@@ -93,6 +93,7 @@ def demo_assets_cmd(
             raise UsageError("--pretrain-steps must be >= 1")
         recipe["pretrain_steps"] = pretrain_steps
     ensure_output_dir(out_dir)
+    replaces_assets(out_dir, force)  # its refusal before any line is printed (demo_assets checks again)
     use_threads(threads)
     out.note(f"base model cache: {cache_root()}")
     if model == "toy":

@@ -47,10 +47,10 @@ Step = tuple[float, float, int]  # (noise multiplier sigma, sampling rate q, ste
 
 
 def epsilon(history: Sequence[Step], delta: float) -> float:
-    """(epsilon, delta)-DP of the composed history: math.inf when any step adds no noise.
+    """(epsilon, delta)-DP of the composed history, >= 0: math.inf when any step adds no noise.
 
     history: (sigma, q, steps) per phase; q in [0, 1], sigma >= 0, steps >= 0.
-    epsilon = min over orders a of  RDP(a) + log((a - 1) / a) - (log delta + log a) / (a - 1),
+    epsilon = max(0, min over orders a of  RDP(a) + log((a - 1) / a) - (log delta + log a) / (a - 1)),
     RDP(a) = sum over phases of steps * RDP_SGM(q, sigma, a)   (Balle et al. 2020, Thm 21).
     Composition is a sum, so phases with the same (sigma, q) are added up first and each
     distinct pair's RDP is computed once per process.
@@ -74,7 +74,12 @@ def epsilon(history: Sequence[Step], delta: float) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "optimal order is the largest alpha": the bound still holds
         eps, _order = rdp.get_privacy_spent(orders=list(ORDERS), rdp=total, delta=delta)
-    return float(eps)
+    # The conversion's terms log((a - 1) / a) - log(delta a) / (a - 1) are negative at large orders
+    # once delta * a is large enough, so a history with very little privacy loss (huge noise) gets
+    # a negative bound, e.g. -0.0065 at sigma 10, delta 1/120. A mechanism that is (eps, delta)-DP is
+    # (eps', delta)-DP for every eps' >= eps, so 0 is as true and is the bound a ledger records
+    # (dp-accounting's conversion returns max(0, eps) the same way).
+    return max(0.0, float(eps))
 
 
 @functools.lru_cache(maxsize=4096)

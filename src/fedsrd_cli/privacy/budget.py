@@ -13,18 +13,19 @@ With --dp-epsilon E and --dp-rounds R, the noise multiplier is the smallest that
 history plus the R - (rounds spent) rounds still planned, each of S steps at q, within (E,
 delta): a site that keeps its plan ends at E. With --dp-noise-multiplier the noise is given.
 Either way the round is refused (PrivacyError, before training) when its ledger would pass
---dp-max-epsilon (by default E).
+--dp-max-epsilon (by default E), or would be refused by the writer of the local state.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fedsrd_cli.config import DEFAULT_DP_MAX_GRAD_NORM
-from fedsrd_cli.errors import PrivacyError, UsageError
+from fedsrd_cli.errors import ArtifactError, PrivacyError, UsageError
 from fedsrd_cli.privacy.accounting import noise_multiplier_for
-from fedsrd_cli.privacy.ledger import MECHANISMS, RECORD, Ledger, Release
+from fedsrd_cli.privacy.ledger import MECHANISMS, RECORD, Ledger, Release, parse_ledger
 
 
 def _need(condition: bool, message: str) -> None:
@@ -86,11 +87,29 @@ class RecordDp:
         return self.max_epsilon if self.max_epsilon is not None else self.epsilon
 
 
-def history_of(site: str, recorded: Ledger | None, own: Ledger | None) -> Ledger | None:
+def history_of(
+    site: str,
+    recorded: Ledger | None,
+    own: Ledger | None,
+    participants: Mapping[str, tuple[int, ...]] | None = None,
+) -> Ledger | None:
     """The site's history: the longer of the global state's record and its own ledger, which must
-    agree (one continues the other); PrivacyError otherwise."""
+    agree (one continues the other); PrivacyError otherwise.
+
+    participants: the global state's record of every site's rounds with an upload since round 1
+    (None: not known). A site it shows sending an upload before any ledger of it began sent that
+    upload without DP: PrivacyError, before any training (its epsilon is infinite).
+    """
     if own is not None and own.party != site:
         raise PrivacyError(f"--dp-ledger holds the ledger of {own.party!r}, not of {site!r}")
+    if recorded is None and participants is not None:
+        first = own.releases[0].round if own is not None else math.inf
+        earlier = [r for r in participants.get(site, ()) if r < first]
+        if earlier:
+            raise PrivacyError(
+                f"{site!r} sent round(s) {earlier} without DP (the global state records its uploads"
+                " since round 1): its records have no finite guarantee left to keep"
+            )
     if recorded is None or own is None:
         return recorded or own
     if own.continues(recorded):
@@ -158,6 +177,10 @@ def plan_round(
             raise PrivacyError(f"{site!r}: {err}") from None
     release = Release(round_index, MECHANISMS[RECORD], sigma, rate, settings.max_grad_norm, steps, records)
     after = (history or Ledger.start(RECORD, site, delta)).extended(release)
+    try:  # the ledger as the local state will carry it: what its writer would refuse, refused now
+        parse_ledger(after.to_json(), f"round {round_index}'s planned ledger")
+    except ArtifactError as err:
+        raise PrivacyError(f"{err}; nothing was trained") from None
     cap = settings.cap
     if cap is not None and after.epsilon > cap * (1.0 + 1e-9):
         raise PrivacyError(

@@ -10,7 +10,9 @@ A ledger is the history of one privacy unit's releases (docs/privacy.md):
 Aggregates, broadcasts and global states also carry `sites`: each site's last ledger the
 coordinator accepted, so a site cannot restart its budget (aggregate --require-dp compares).
 A round a site trained without DP after it had a ledger is recorded as an entry of mechanism
-"none": its epsilon is then infinite.
+"none": its epsilon is then infinite. They also carry `participants`, every site's rounds with an
+upload since round 1, DP or not, when sites' ledgers were recorded from round 1 on: a site that
+sent an upload without DP before its ledger began has an infinite epsilon too (merge_site_ledgers).
 
 All of it travels in the header's `fedsrd.privacy` JSON (docs/format.md), which the
 signature covers. Each ledger records its epsilon; `recomputed()` derives it again from the
@@ -34,18 +36,19 @@ COORDINATOR = "coordinator"
 MECHANISMS = {RECORD: "dp-sgd", ORGANISATION: "gaussian"}
 NO_DP = "none"
 # The header keys each kind of file may carry (values: a ledger, or {site: ledger}).
-RECORD_LEVEL, SITES, ORGANISATION_LEVEL, ORGANISATION_DP = (
+RECORD_LEVEL, SITES, ORGANISATION_LEVEL, ORGANISATION_DP, PARTICIPANTS = (
     "record_level",
     "sites",
     "organisation_level",
     "organisation_dp",
+    "participants",
 )
 KEYS_BY_KIND = {
-    "state": (RECORD_LEVEL, SITES, ORGANISATION_LEVEL),
+    "state": (RECORD_LEVEL, SITES, ORGANISATION_LEVEL, PARTICIPANTS),
     "upload": (RECORD_LEVEL,),
     "masked_upload": (RECORD_LEVEL,),
-    "aggregate": (SITES, ORGANISATION_LEVEL, ORGANISATION_DP),
-    "broadcast": (SITES, ORGANISATION_LEVEL),
+    "aggregate": (SITES, ORGANISATION_LEVEL, ORGANISATION_DP, PARTICIPANTS),
+    "broadcast": (SITES, ORGANISATION_LEVEL, PARTICIPANTS),
 }
 # A recorded epsilon agrees with its recomputation when within this relative tolerance.
 EPSILON_TOLERANCE = 1e-6
@@ -316,8 +319,13 @@ class Privacy:
     sites: Mapping[str, Ledger] | None = None
     organisation_level: Ledger | None = None
     organisation_dp: OrganisationDp | None = None
+    # {site: the rounds it sent an upload in, DP or not}, complete from round 1; None: not known
+    participants: Mapping[str, tuple[int, ...]] | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The header's JSON. `participants` only beside `sites`, whose ledgers show the rounds of
+        DP uploads already: a file without record-level DP adds nothing (without DP it carries no
+        privacy at all; with organisation-level DP alone the rounds would show its secret sample)."""
         out: dict[str, Any] = {}
         if self.record_level is not None:
             out[RECORD_LEVEL] = self.record_level.to_json()
@@ -327,6 +335,8 @@ class Privacy:
             out[ORGANISATION_LEVEL] = self.organisation_level.to_json()
         if self.organisation_dp is not None:
             out[ORGANISATION_DP] = self.organisation_dp.to_json()
+        if self.sites and self.participants is not None:
+            out[PARTICIPANTS] = {site: list(rounds) for site, rounds in sorted(self.participants.items())}
         return out
 
 
@@ -360,7 +370,36 @@ def parse_privacy(data: Any, kind: str, where: str) -> Privacy:
     if org is not None and (org.unit != ORGANISATION or org.party != COORDINATOR):
         raise ArtifactError(f"{where}: its organisation-level ledger is not the coordinator's")
     settings = OrganisationDp.from_json(data[ORGANISATION_DP], where) if ORGANISATION_DP in data else None
-    return Privacy(record, sites, org, settings)
+    participants = _participants(data[PARTICIPANTS], where) if PARTICIPANTS in data else None
+    return Privacy(record, sites, org, settings, participants)
+
+
+def _participants(data: Any, where: str) -> dict[str, tuple[int, ...]]:
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{where}: privacy participants is not a JSON object")
+    out = {}
+    for site, rounds in data.items():
+        if not isinstance(rounds, list) or not rounds:
+            raise ArtifactError(f"{where}: privacy participants of {site!r} is not a list of rounds")
+        out[site] = tuple(_integer(r, "participants", where) for r in rounds)
+        if out[site][0] < 1 or any(b <= a for a, b in zip(out[site], out[site][1:], strict=False)):
+            raise ArtifactError(f"{where}: privacy participants of {site!r} are not increasing from 1")
+    return out
+
+
+def with_participants(
+    before: Mapping[str, tuple[int, ...]] | None, clients: list[str], round_index: int
+) -> dict[str, tuple[int, ...]] | None:
+    """The sites' rounds with an upload after this round's `clients`; None when not known from round
+    1 (a chain of files without DP records nothing, so its participants cannot be known later)."""
+    if before is None and round_index != 1:
+        return None
+    out = dict(before or {})
+    for client in clients:
+        rounds = out.get(client, ())
+        if round_index not in rounds:
+            out[client] = (*rounds, round_index)
+    return out
 
 
 # --------------------------------------------------------------------------- the coordinator's checks
@@ -370,6 +409,7 @@ def merge_site_ledgers(
     recorded: Mapping[str, Ledger],
     uploads: list[tuple[str, int, Ledger | None, str]],
     require_epsilon: float | None,
+    participants: Mapping[str, tuple[int, ...]] | None = None,
 ) -> dict[str, Ledger]:
     """The sites' ledgers after this round's uploads; PrivacyError for a ledger that cannot be
     accepted. Nothing is written by the caller when this raises.
@@ -383,6 +423,13 @@ def merge_site_ledgers(
     one whose last round is not this round, and one that does not continue the site's recorded
     history (a reset or shortened budget). A site with a recorded ledger whose upload carries
     none gets a round without DP (infinite epsilon), which --require-dp refuses.
+
+    A site's first ledger must cover its whole participation. participants: {site: rounds with
+    an upload} as the global state records them since round 1 (None: not known). A site with
+    rounds there before its first ledger sent them without DP: its ledger is recorded with those
+    rounds as rounds without DP (infinite epsilon), and --require-dp refuses it. When the
+    participants are not known, --require-dp refuses a first ledger that begins after round 1:
+    nothing shows the site took no part before.
     """
     merged = dict(recorded)
     for client, round_index, ledger, where in uploads:
@@ -416,6 +463,8 @@ def merge_site_ledgers(
                 f" {before.rounds} the global state recorded for it (delta {before.delta:g}): a reset"
                 " or rewritten budget"
             )
+        if before is None:
+            ledger = _whole_participation(ledger, client, participants, require_epsilon, where)
         if require_epsilon is not None and recomputed > require_epsilon:
             raise PrivacyError(
                 f"{where}: client {client!r} has spent epsilon {recomputed:.4g} (delta {ledger.delta:g}),"
@@ -423,3 +472,32 @@ def merge_site_ledgers(
             )
         merged[client] = ledger
     return merged
+
+
+def _whole_participation(
+    ledger: Ledger,
+    client: str,
+    participants: Mapping[str, tuple[int, ...]] | None,
+    require_epsilon: float | None,
+    where: str,
+) -> Ledger:
+    """A site's first accepted ledger, with the rounds it sent without DP before it (merge_site_ledgers)."""
+    first = ledger.releases[0].round
+    if participants is None:
+        if first > 1 and require_epsilon is not None:
+            raise PrivacyError(
+                f"{where}: client {client!r}'s privacy ledger begins at round {first}, and nothing"
+                " recorded since round 1 shows it sent no upload without DP before (a ledger covers a"
+                f" site's whole participation); --require-dp {require_epsilon:g} refuses it"
+            )
+        return ledger
+    earlier = [r for r in participants.get(client, ()) if r < first]
+    if not earlier:
+        return ledger
+    if require_epsilon is not None:
+        raise PrivacyError(
+            f"{where}: client {client!r} sent round(s) {earlier} without DP before its privacy ledger"
+            f" began at round {first}: its epsilon is infinite, over --require-dp {require_epsilon:g}"
+        )
+    releases = sorted((*(Release(r, NO_DP) for r in earlier), *ledger.releases), key=lambda r: r.round)
+    return replace(ledger, releases=tuple(releases), epsilon=math.inf)
