@@ -80,7 +80,7 @@ def test_bad_download_flags_are_usage_errors_with_no_output(tmp_path):
         (("--download-fit", "exact"), "--download-fit must be one of"),
         (("--factor-choice", "odd"), "--factor-choice must be one of"),
         (("--server-lr", "0"), "--server-lr"),
-        (("--server-lr", "1.5"), "--server-lr"),
+        (("--server-lr", "16.5"), "--server-lr"),
     ):
         bc, nxt = tmp_path / "bc-bad.safetensors", tmp_path / "g-bad.safetensors"
         result = run(
