@@ -457,31 +457,22 @@ def test_simulate_secure_rounds(sim_inputs: dict[str, Path], tmp_path: Path) -> 
     assert "fedsrd-e alone" in wrong["output"]
 
 
-def test_error_feedback_carries_across_rounds_and_a_resumed_run(
+def test_every_round_records_upload_and_mean_update_fidelity(
     sim_inputs: dict[str, Path], tmp_path: Path
 ) -> None:
-    """--error-feedback: each client's carry is kept beside its upload, and a run stopped after
-    round 1 and resumed writes the same round-2 uploads as one that never stopped. Every round
-    records the uploads' fidelity and the exact mean update's (simulate holds every site's factors)."""
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    flags = ["--algorithms", "fedsrd", "--error-feedback"]
-    run_cli(*sim_args(sim_inputs, whole, 2), *flags)
-    run_cli(*sim_args(sim_inputs, resumed, 1), *flags)
-    run_cli(*sim_args(sim_inputs, resumed, 2), *flags)
-    for out in (whole, resumed):
-        assert (out / "work" / "fedsrd" / "seed-0" / "round-1" / "carry-alice.safetensors").exists()
-    for client in ("alice", "bob"):
-        name = f"upload-{client}.safetensors"
-        first = read_artifact(whole / "work" / "fedsrd" / "seed-0" / "round-2" / name)
-        again = read_artifact(resumed / "work" / "fedsrd" / "seed-0" / "round-2" / name)
-        assert first.header.content_hash == again.header.content_hash
-        assert first.header.info["sparsify"] == {
-            "base_sparsity": 0.85, "kurtosis_cap": 0.11, "kurtosis_coeff": 0.1, "rescale": False,
-            "value_dtype": "bf16", "error_feedback": True,
-        }  # fmt: skip
-    results = json.loads((whole / "results.json").read_text())
-    assert results["config"]["error_feedback"] is True and results["config"]["rescale"] is False
-    for record in results["runs"]["fedsrd"]["0"][1:]:
-        extra = record["extra"]
+    """Each round records its uploads' fidelity (their weighted mean, from the aggregate) and the
+    exact mean update's against the target and what was delivered (simulate holds every site's
+    factors); a dense fp32 FedAvg upload carries its update exactly."""
+    out = tmp_path / "fidelity"
+    run_cli(*sim_args(sim_inputs, out, 1), "--value-dtype", "fp32")
+    results = json.loads((out / "results.json").read_text())
+    for name in ("fedsrd", "fedavg"):
+        extra = results["runs"][name]["0"][1]["extra"]
         assert set(extra["mean_update_fidelity"]) == {"target", "delivered"}
-        assert extra["upload_fidelity"]["norm_ratio"] > 0 and -1 <= extra["upload_fidelity"]["cosine"] <= 1
+        aggregate = read_artifact(out / "work" / name / "seed-0" / "round-1" / "aggregate.safetensors")
+        recorded = aggregate.header.info["upload_fidelity"]
+        assert extra["upload_fidelity"] == {k: recorded[k] for k in ("norm_ratio", "cosine")}
+    dense = results["runs"]["fedavg"]["0"][1]["extra"]["upload_fidelity"]
+    assert dense["norm_ratio"] == pytest.approx(1.0, abs=1e-5) and dense["cosine"] == pytest.approx(
+        1.0, abs=1e-5
+    )

@@ -134,9 +134,6 @@ class SparsifyConfig:
     base_sparsity, kurtosis_coeff, kurtosis_cap, rescale: FedSRD's importance sparsification.
     upload_drop: Fed-DARE's drop probability p (each element kept with probability 1 - p).
     value_dtype: dtype of the uploaded values, for every method.
-    error_feedback: the site adds what its previous upload left out (its carry) to this
-    round's delta before encoding it, and keeps what this upload leaves out (EF-SGD); the
-    kept values are sent as they are, so it excludes the L1 rescale.
     """
 
     base_sparsity: float = 0.85
@@ -145,13 +142,8 @@ class SparsifyConfig:
     rescale: bool = True
     value_dtype: str = DEFAULT_VALUE_DTYPE
     upload_drop: float = 0.9
-    error_feedback: bool = False
 
     def __post_init__(self) -> None:
-        _require(
-            not (self.error_feedback and self.rescale),
-            "--error-feedback sends what the rescale would inflate later instead: give --no-rescale too",
-        )
         _require(
             0.0 <= self.upload_drop < 1.0,
             f"--upload-drop must be in [0, 1), got {self.upload_drop}",

@@ -91,9 +91,6 @@ class SimulateConfig:
     full-rank aggregate to refactor).
     rescale: the importance-sparsified upload restores the L1 norm of the kept values
     (sparsify's default; False = sparsify --no-rescale).
-    error_feedback: every client adds what its last upload left out to its next one
-    (sparsify --error-feedback; needs rescale False). Each client's carry is kept beside its
-    upload, round-R/carry-CLIENT.safetensors, so a resumed run carries on from it.
     record_dp: every client trains with DP-SGD (train-local --dp-*; a resumed run keeps the plan,
         so its rounds past record_dp.planned_rounds are refused); None trains without DP.
     organisation_dp: organisation-level DP at the coordinator (aggregate --dp-clip ...): each
@@ -136,7 +133,6 @@ class SimulateConfig:
     server_lr_from: int = 1
     calibrate_step: bool = False
     rescale: bool = True
-    error_feedback: bool = False
     record_dp: RecordDp | None = None
     organisation_dp: tuple[float, float, float, float] | None = None
     secure: bool = False
@@ -150,11 +146,6 @@ class SimulateConfig:
 
         if self.base_sparsity is not None:
             SparsifyConfig(base_sparsity=self.base_sparsity)  # its checks and messages
-        SparsifyConfig(rescale=self.rescale, error_feedback=self.error_feedback)  # likewise
-        _require(
-            not (self.error_feedback and self.secure),
-            "--error-feedback sparsifies plain uploads; --secure sends masked dense projections",
-        )
         self.broadcast_config(0.0, 0)  # its checks and messages for the download settings
         _require(self.server_lr_from >= 1, f"--server-lr-from must be >= 1, got {self.server_lr_from}")
         if self.download_sparsity is not None:
@@ -242,9 +233,7 @@ class SimulateConfig:
 
         base_sparsity = algorithm_base_sparsity if self.base_sparsity is None else self.base_sparsity
         given = {} if self.value_dtype is None else {"value_dtype": self.value_dtype}
-        return SparsifyConfig(
-            base_sparsity=base_sparsity, rescale=self.rescale, error_feedback=self.error_feedback, **given
-        )
+        return SparsifyConfig(base_sparsity=base_sparsity, rescale=self.rescale, **given)
 
     def broadcast_config(self, download_sparsity: float, seed: int, round_index: int | None = None) -> Any:
         """The coordinator's broadcast settings: this run's where given, else broadcast's defaults
@@ -297,8 +286,6 @@ class SimulateConfig:
                 data.pop(key)
         if self.rescale:  # recorded only when off, so runs from before the flag resume
             data.pop("rescale")
-        if not self.error_feedback:  # likewise: recorded only when on
-            data.pop("error_feedback")
         if not self.align:  # recorded only when on, so runs from before the flag resume
             data.pop("align")
         if self.server_lr == 1.0:  # likewise: recorded only when set
@@ -646,17 +633,9 @@ def simulate(
                         force=True,
                     )
                     if roster is None:
-                        carry = _last_carry(run_dir, round_index, client) if config.error_feedback else None
                         upload = algorithm.upload(
-                            global_state,
-                            read_local(local_path),
-                            client,
-                            stats.samples,
-                            sparsify_config,
-                            carry=carry,
+                            global_state, read_local(local_path), client, stats.samples, sparsify_config
                         )
-                        if upload.carry is not None:
-                            _write_carry(round_dir / f"carry-{client}.safetensors", upload.carry)
                     else:  # --secure: the client's masked projection for this round's roster
                         upload = masked_upload(
                             global_state, read_local(local_path), client, stats.samples, roster,
@@ -763,25 +742,6 @@ def simulate(
                     label += task_label(task_scores, results.get("tasks", {}))
                     on_progress(done, total, label + (f"; warning: {warning}" if warning else ""))
     return _finish(out_dir, config, results, ran, done_before)
-
-
-def _last_carry(run_dir: Path, round_index: int, client: str) -> dict[str, Any] | None:
-    """The client's carry from its last upload before `round_index` (error feedback), or None."""
-    from safetensors.torch import load_file
-
-    for earlier in range(round_index - 1, 0, -1):
-        path = run_dir / f"round-{earlier}" / f"carry-{client}.safetensors"
-        if path.exists():
-            return load_file(path)  # written by this run itself (_write_carry), never a client's file
-    return None
-
-
-def _write_carry(path: Path, carry: dict[str, Any]) -> None:
-    from safetensors.torch import save
-
-    from fedsrd_cli.atomic import write_bytes_atomic
-
-    write_bytes_atomic(path, save({name: t.contiguous() for name, t in carry.items()}), force=True)
 
 
 def _finish(

@@ -8,7 +8,7 @@ serializes them in memory. Progress reporting is passed in (`track`), not built 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -30,16 +30,10 @@ def no_progress(items: Iterable[T], total: int, label: str) -> Iterable[T]:
 
 @dataclass
 class Payload:
-    """An artifact in memory: its header (content hash not yet set) and its tensors.
-
-    carry (uploads with error feedback only): what the upload did not send, per factor under
-    its PEFT name, dense fp32 (d_out, r) or (r, d_in): the site keeps it and adds it to its
-    next upload (docs/algorithms.md, "Error feedback"). None for every other payload.
-    """
+    """An artifact in memory: its header (content hash not yet set) and its tensors."""
 
     header: Header
     tensors: dict[str, torch.Tensor]
-    carry: dict[str, torch.Tensor] | None = None
 
 
 class Algorithm(ABC):
@@ -86,11 +80,8 @@ class Algorithm(ABC):
         num_samples: int,
         config: SparsifyConfig,
         track: Track = no_progress,
-        carry: Mapping[str, torch.Tensor] | None = None,
     ) -> Payload:
-        """A client's upload for round global_state.round + 1. With config.error_feedback, `carry`
-        (the previous upload's Payload.carry; None: nothing carried) is added to each factor's
-        delta before it is encoded, and the payload's carry is what this upload left out."""
+        """A client's upload for round global_state.round + 1."""
 
     @abstractmethod
     def aggregate(

@@ -8,7 +8,7 @@ lineage through .protocol, and builds the headers. Nothing here touches a file.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 
 import torch
@@ -135,10 +135,8 @@ class Method(Algorithm):
         num_samples: int,
         config: SparsifyConfig,
         track: Track = no_progress,
-        carry: Mapping[str, torch.Tensor] | None = None,
     ) -> Payload:
         check_local(global_state, local)
-        carried = dict(carry or {}) if config.error_feedback else None  # name -> fp32 left out before
         head = global_state.header
         seed = upload_seed(head.content_hash, client_id)
         value_dtype = VALUE_DTYPES[config.value_dtype]
@@ -155,16 +153,14 @@ class Method(Algorithm):
             deltas = (("B", b_new - b_prev.float()), ("A", a_new - a_prev.float()))
             decoded: dict[str, torch.Tensor] = {}  # factor -> the dense delta the coordinator decodes
             for factor, delta in deltas:
+                if not bool(delta.any()):
+                    continue  # an unchanged matrix uploads nothing
                 name = naming.factor_key(module, factor)
-                if bool(delta.any()) and only is not None and factor != only:
+                if only is not None and factor != only:
                     raise MismatchError(
                         f"{name} changed, but {self.name} trains only lora_{only} in round"
                         f" {round_index}; train with `train-local {self.training_flag}` and sparsify again"
                     )
-                if carried is not None and name in carried:
-                    delta = delta + carried.pop(name).to(delta.dtype)  # EF: send what was left out too
-                if not bool(delta.any()):
-                    continue  # an unchanged matrix (with nothing carried) uploads nothing
                 encoded = self.encode(FactorDelta(name, factor, delta, a_prev, b_new, seed), config)
                 if encoded.kept is None:
                     sent = encoded.values.to(value_dtype)  # (rows, cols)
@@ -174,8 +170,6 @@ class Method(Algorithm):
                     tensors[naming.values_key(name)] = sent
                     tensors.update({name + s: t for s, t in store_mask(encoded.kept).items()})  # smaller one
                 decoded[factor] = sent.float() if encoded.kept is None else _scattered(encoded.kept, sent)
-                if carried is not None:  # what the coordinator will not see: the delta less what it decodes
-                    carried[name] = delta - decoded[factor]
                 layout[name] = list(delta.shape)
                 if encoded.ratio is not None:
                     ratios[name] = round(encoded.ratio, 6)
@@ -198,8 +192,6 @@ class Method(Algorithm):
             info["prune_ratio"] = ratios
         if self.random_upload:
             info["upload_seed"] = seed
-        if config.error_feedback:
-            info["sparsify"]["error_feedback"] = True
         header = round_header(
             global_state,
             "upload",
@@ -210,7 +202,7 @@ class Method(Algorithm):
             info=info,
             privacy=upload_privacy(local.header),
         )
-        return Payload(header, tensors, carried)
+        return Payload(header, tensors)
 
     # ------------------------------------------------------------------ coordinator: aggregate
 

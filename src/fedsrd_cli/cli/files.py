@@ -182,8 +182,6 @@ def _fidelity_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     from fedsrd_cli.algorithms.diagnostics import fidelity_line
 
     rows = []
-    if info.get("sparsify", {}).get("error_feedback"):
-        rows.append(("error feedback", "on: what earlier uploads left out is sent with this one"))
     if "fidelity" in info:
         rows.append(("reconstructs", fidelity_line(info["fidelity"])))
     if "upload_fidelity" in info:

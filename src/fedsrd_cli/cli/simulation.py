@@ -284,14 +284,6 @@ def simulate_cmd(
         int,
         typer.Option("--server-lr-from", help="The first round that takes --server-lr (before: 1)."),
     ] = 1,
-    error_feedback: Annotated[
-        bool,
-        typer.Option(
-            "--error-feedback",
-            help="sparsify --error-feedback: every client adds what its last upload left out to the"
-            " next one (implies --no-rescale).",
-        ),
-    ] = False,
     no_rescale: Annotated[
         bool,
         typer.Option(
@@ -440,8 +432,7 @@ def simulate_cmd(
         server_lr=server_lr,
         server_lr_from=server_lr_from,
         calibrate_step=calibrate_step,
-        rescale=not (no_rescale or error_feedback),
-        error_feedback=error_feedback,
+        rescale=not no_rescale,
         record_dp=record_dp,
         organisation_dp=organisation_dp,
         secure=secure,
