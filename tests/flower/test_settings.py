@@ -40,6 +40,9 @@ def test_run_config_is_checked_with_the_flags_messages() -> None:
     assert (
         ServerSettings.from_run_config({**good, "server-lr": 0.25}).broadcast_config(0.8, 0).server_lr == 0.25
     )
+    calibrated = ServerSettings.from_run_config({**good, "server-lr": 2.0, "calibrate-step": True})
+    assert calibrated.broadcast_config(0.8, 0).calibrate_step is True
+    assert settings.broadcast_config(0.8, 0).calibrate_step is False
     for bad, message in (
         ({"method": "nope"}, "unknown method"),
         ({"sample-clients": 4}, "at most the 3 clients"),

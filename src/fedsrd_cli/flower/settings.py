@@ -128,6 +128,7 @@ class ServerSettings:
     download_fit: str = ""
     factor_choice: str = ""
     server_lr: float = 1.0
+    calibrate_step: bool = False
     dp_epsilon: float = -1.0
     dp_delta: float = -1.0
     dp_max_grad_norm: float = DEFAULT_DP_MAX_GRAD_NORM
@@ -278,7 +279,14 @@ class ServerSettings:
             given["factor_choice"] = self.factor_choice
         elif self.organisation_dp is not None or self.secure:
             given["factor_choice"] = "b"  # the only choice DP's and secure rounds allow
-        return BroadcastConfig(download_sparsity, seed, self.value_dtype, server_lr=self.server_lr, **given)
+        return BroadcastConfig(
+            download_sparsity,
+            seed,
+            self.value_dtype,
+            server_lr=self.server_lr,
+            calibrate_step=self.calibrate_step,
+            **given,
+        )
 
     def download_sparsity_for(self) -> float:
         """--download-sparsity, or the method's default (0 for dense downloads, 0.8 otherwise)."""
@@ -292,7 +300,9 @@ class ServerSettings:
         for key in ("rounds", "round_timeout", "connect_timeout", "min_clients"):
             data.pop(key)
         defaults = ServerSettings.__dataclass_fields__
-        for key in [k for k in data if k.startswith(("dp_", "secure")) or k == "require_dp"]:
+        for key in [
+            k for k in data if k.startswith(("dp_", "secure")) or k in ("require_dp", "calibrate_step")
+        ]:
             if data[key] == defaults[key].default:
                 data.pop(key)
         if self.record_dp() is not None and self.dp_epsilon > 0:
