@@ -149,7 +149,8 @@ def test_scratch_directories_are_removed_and_limits_checked() -> None:
 
 # Row 1 of issue 32: routes out of the scratch directory through many modules. Each program ends
 # normally only when its write got through, so a pass is an escape. {d}: a world-writable
-# directory outside the scratch directory, {f}: a world-writable file in it, {n}: a fresh name.
+# directory outside the scratch directory, {f}: a world-writable file in it, {n}: a fresh name,
+# {p}: the pid of another process of the program's user, whose working directory is {d}.
 # The last column is the kernel's refusal once the audit hook is left out ("" for os.system,
 # whose failed fork shows only as its status).
 CTYPES = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
@@ -194,6 +195,12 @@ HOSTILE = [
     ("zipfile", "import zipfile\nzipfile.ZipFile({d!r} + '/new.zip', 'w').writestr('a', 'x')\n", "EROFS"),
     ("logging.FileHandler", "import logging\nlogging.FileHandler({d!r} + '/new.log').emit(None)\n", "EROFS"),
     ("unix socket bind", "import socket\nsocket.socket(socket.AF_UNIX).bind({d!r} + '/sock')\n", "EROFS"),
+    (
+        "/proc/PID/root of another process",
+        "open('/proc/{p}/root' + {d!r} + '/new', 'w').write('x')\n",
+        "ENOENT",
+    ),
+    ("/proc/PID/cwd of another process", "open('/proc/{p}/cwd/new', 'w').write('x')\n", "ENOENT"),
     ("/tmp", "open('/tmp/{n}', 'w').write('x')\n", "EROFS"),
     ("/dev/shm", "open('/dev/shm/{n}', 'w').write('x')\n", "EROFS"),
     ("os.system", "import os\nassert os.system('touch ' + {d!r} + '/new') == 0\n", ""),
@@ -222,6 +229,7 @@ HOSTILE = [
 # RLIMIT_NPROC refuses the fork when the program's user is not root; root's child meets EROFS.
 ERRORS = {
     "EROFS": ("Read-only file system",),
+    "ENOENT": ("No such file or directory",),  # another PID namespace: no such process in /proc
     "sqlite": ("unable to open database file",),
     "fork": ("Resource temporarily unavailable", "Read-only file system"),
 }
@@ -243,14 +251,21 @@ def open_victim() -> Iterator[Path]:
 def run_hostile_table(victim: Path, audit_hook: bool) -> dict[str, SandboxResult]:
     directory, name = victim.parent, f"fedsrd-hostile-{os.getpid()}"
     before = snapshot(directory), oct(victim.stat().st_mode), victim.stat().st_mtime_ns
+    as_nobody = os.geteuid() == 0 and sandbox_layers()["unprivileged_user"]
+    user = {"user": 65534, "group": 65534, "extra_groups": []} if as_nobody else {}
     results = {}
-    for route, template, _ in HOSTILE:
-        source = template.format(d=str(directory), f=str(victim), n=name)
-        results[route] = result = run_program(source, timeout_s=10, audit_hook=audit_hook)
-        assert not result.passed, (route, result)
-        assert (snapshot(directory), oct(victim.stat().st_mode), victim.stat().st_mtime_ns) == before, route
-        assert sorted(p.name for p in directory.iterdir()) == ["precious.txt"], route
-        assert not Path("/tmp", name).exists() and not Path("/dev/shm", name).exists(), route
+    with subprocess.Popen(["sleep", "120"], cwd=directory, **user) as neighbour:  # type: ignore[call-overload]
+        try:
+            for route, template, _ in HOSTILE:
+                source = template.format(d=str(directory), f=str(victim), n=name, p=neighbour.pid)
+                results[route] = result = run_program(source, timeout_s=10, audit_hook=audit_hook)
+                assert not result.passed, (route, result)
+                after = snapshot(directory), oct(victim.stat().st_mode), victim.stat().st_mtime_ns
+                assert after == before, route
+                assert sorted(p.name for p in directory.iterdir()) == ["precious.txt"], route
+                assert not Path("/tmp", name).exists() and not Path("/dev/shm", name).exists(), route
+        finally:
+            neighbour.kill()
     return results
 
 
@@ -307,11 +322,11 @@ def test_the_probe_checks_each_layer_it_reports() -> None:
             assert sandbox._run(probe, held, False, 30.0, 256).passed, layer
 
 
-def test_the_program_sees_every_mount_read_only_but_its_scratch_and_its_own_namespaces() -> None:
+def test_the_program_sees_every_mount_read_only_but_its_scratch_and_only_its_own_process() -> None:
     layers = sandbox_layers()
     if not layers["read_only_filesystem"]:
         pytest.skip("this machine allows no private mount namespace; " + sandbox_statement())
-    ours = {name: os.readlink(f"/proc/self/ns/{name}") for name in ("mnt", "net", "ipc")}
+    ours = {name: os.readlink(f"/proc/self/ns/{name}") for name in ("mnt", "net", "ipc", "pid")}
     program = f"""
 import os
 mounts = [line.split() for line in open("/proc/self/mountinfo")]
@@ -320,7 +335,8 @@ assert writable == [os.getcwd()], writable
 assert all("nosuid" in m[5].split(",") for m in mounts)
 ours = {ours!r}
 theirs = {{name: os.readlink(f"/proc/self/ns/{{name}}") for name in ours}}
-assert theirs["mnt"] != ours["mnt"] and theirs["ipc"] != ours["ipc"], (theirs, ours)
+assert all(theirs[name] != ours[name] for name in ("mnt", "ipc", "pid")), (theirs, ours)
+assert os.getpid() == 1 and [p for p in os.listdir("/proc") if p.isdigit()] == ["1"]
 assert (theirs["net"] != ours["net"]) == {layers["network_namespace"]!r}
 """
     result = run_program(program, timeout_s=10, audit_hook=False)

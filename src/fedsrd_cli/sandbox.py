@@ -12,8 +12,10 @@ of this is done in fedsrd's process. The layers (docs/real-tasks.md says the sam
 - a private mount namespace in which every file system is read-only (one recursive
   `mount_setattr`), except the scratch directory, bind-mounted read-write on itself: nothing
   outside the scratch directory can be created, changed or removed whatever the program calls,
-  since the kernel refuses the write (EROFS). Run by root, RUNNER makes the mount namespace
-  directly; run by another user, inside a new user namespace that maps that user to itself;
+  since the kernel refuses the write (EROFS). The program runs as pid 1 of a new PID
+  namespace with a /proc of its own, so no other process's /proc/PID/root or cwd leads back to
+  a writable view. Run by root, RUNNER makes the namespaces directly; run by another user,
+  inside a new user namespace that maps that user to itself;
 - an unprivileged user: run by root, the program runs as nobody (uid/gid 65534, no
   supplementary groups), and when a directory above the interpreter cannot be searched by
   nobody (a Python under /root), that directory is covered, in the namespace only, by an
@@ -88,10 +90,10 @@ def _confine():
         if ret != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"{what}: {os.strerror(err)}")
-    NEWNS, NEWUSER, NEWNET, NEWIPC = 0x20000, 0x10000000, 0x40000000, 0x08000000
-    MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 1 << 18
+    NEWNS, NEWUSER, NEWNET, NEWIPC, NEWPID = 0x20000, 0x10000000, 0x40000000, 0x08000000, 0x20000000
+    MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x1000, 0x4000, 1 << 18
     uid, gid, root = os.geteuid(), os.getegid(), os.geteuid() == 0
-    flags = (NEWNS | NEWIPC if "read_only_filesystem" in _layers else 0)
+    flags = (NEWNS | NEWIPC | NEWPID if "read_only_filesystem" in _layers else 0)
     flags |= NEWNET if "network_namespace" in _layers else 0
     if flags and not root:
         flags |= NEWUSER
@@ -106,8 +108,12 @@ def _confine():
         enc = lambda v: None if v is None else os.fsencode(v)
         check(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(mflags), enc(data)),
               f"mount {target}")
+    if flags & NEWPID:
+        _become_init()
     if "read_only_filesystem" in _layers:
         mount(None, "/", None, MS_REC | MS_PRIVATE)
+        # a /proc of this PID namespace: no other process's /proc/PID/root or /proc/PID/cwd
+        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         if root and "unprivileged_user" in _layers:
             _expose(os.path.realpath(sys.base_prefix), mount, MS_BIND | MS_REC)
         mount(_scratch, _scratch, None, MS_BIND | MS_REC)
@@ -132,6 +138,20 @@ def _confine():
         check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")  # PR_SET_NO_NEW_PRIVS
         if os.geteuid() == 0:
             raise OSError("the program would run as root")
+
+def _become_init():
+    # The caller stays outside the new PID namespace: it forks the program's process, pid 1 of
+    # that namespace, waits for it and ends as it ended.
+    pid = os.fork()
+    if pid == 0:
+        return
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        import signal
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+        os.kill(os.getpid(), os.WTERMSIG(status))
+    os._exit(os.waitstatus_to_exitcode(status))
 
 def _expose(prefix, mount, bind):
     # The first directory above the interpreter's prefix that nobody cannot search is covered
@@ -267,6 +287,7 @@ if "read_only_filesystem" in expected:
         assert error.errno == 30, error  # EROFS: the kernel, not a permission, refused it
     else:
         raise AssertionError("created a file outside the scratch directory")
+    assert os.getpid() == 1 and sorted(p for p in os.listdir("/proc") if p.isdigit()) == ["1"]
 if "unprivileged_user" in expected:
     assert os.geteuid() != 0 and os.getegid() != 0
     with open("/proc/self/status") as status:
