@@ -254,7 +254,7 @@ def run_hostile_table(victim: Path, audit_hook: bool) -> dict[str, SandboxResult
     as_nobody = os.geteuid() == 0 and sandbox_layers()["unprivileged_user"]
     user = {"user": 65534, "group": 65534, "extra_groups": []} if as_nobody else {}
     results = {}
-    with subprocess.Popen(["sleep", "120"], cwd=directory, **user) as neighbour:  # type: ignore[call-overload]
+    with subprocess.Popen(["sleep", "120"], cwd=directory, **user) as neighbour:
         try:
             for route, template, _ in HOSTILE:
                 source = template.format(d=str(directory), f=str(victim), n=name, p=neighbour.pid)
@@ -386,3 +386,18 @@ def test_a_layer_that_cannot_be_set_up_fails_the_program() -> None:
     assert done.returncode == sandbox.SETUP_FAILED
     assert done.stderr.decode().startswith("sandbox: cannot set up read_only_filesystem: ")
     assert b"ran" not in done.stdout
+
+
+def test_the_audit_hook_alone_is_no_boundary(open_victim: Path) -> None:
+    """Why the read-only view is needed (docs/real-tasks.md names these): with no kernel layer,
+    these routes go past the audit hook. They write only into the test's own directory."""
+    from fedsrd_cli import sandbox
+
+    directory = open_victim.parent
+    for route in ("os.open with dir_fd", "os.mkfifo", "sqlite3"):
+        template = next(t for r, t, _ in HOSTILE if r == route)
+        source = template.format(d=str(directory), f=str(open_victim), n="unused", p=0)
+        assert sandbox._run(source, (), True, 10.0, 256).passed, route
+        made = sorted(p.name for p in directory.iterdir() if p.name != "precious.txt")
+        assert made == ["new.db" if route == "sqlite3" else "new"], route
+        (directory / made[0]).unlink()
