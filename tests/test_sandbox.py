@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -401,3 +402,66 @@ def test_the_audit_hook_alone_is_no_boundary(open_victim: Path) -> None:
         made = sorted(p.name for p in directory.iterdir() if p.name != "precious.txt")
         assert made == ["new.db" if route == "sqlite3" else "new"], route
         (directory / made[0]).unlink()
+
+
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+NOBODY_RUNS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from fedsrd_cli.sandbox import run_program, sandbox_layers, sandbox_statement
+results = [run_program(source, timeout_s=10, audit_hook=False) for source in json.load(sys.stdin)]
+print(json.dumps({"layers": sandbox_layers(), "statement": sandbox_statement(),
+                  "results": [(r.passed, r.stderr_tail) for r in results]}))
+"""
+
+
+def a_python_for_nobody() -> str | None:
+    """A Python 3.11+ that user nobody can run and start again as the sandbox does (this test's
+    own may lie under /root)."""
+    check = "import subprocess, sys; subprocess.run([sys.executable, '-I', '-c', 'pass'], check=True)"
+    for candidate in (sys.executable, shutil.which("python3", path=os.defpath)):
+        if candidate is None:
+            continue
+        done = subprocess.run(
+            [*AS_NOBODY, candidate, "-I", "-c", "import sys; assert sys.version_info >= (3, 11)\n" + check],
+            capture_output=True, timeout=30, cwd="/",
+        )  # fmt: skip
+        if done.returncode == 0:
+            return candidate
+    return None
+
+
+def test_an_ordinary_user_gets_the_read_only_view_through_a_user_namespace(open_victim: Path) -> None:
+    """fedsrd run by an ordinary user (here nobody, started by root with setpriv): the sandbox
+    makes a user namespace for its mount namespace, and the kernel alone refuses every route."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run fedsrd as an ordinary user")
+    python = a_python_for_nobody()
+    src = Path(__file__).resolve().parents[1] / "src"
+    if python is None or not all(os.stat(p).st_mode & 0o005 == 0o005 for p in (src, *src.parents)):
+        pytest.skip("no Python and source tree that user nobody can run and read")
+    directory, name = open_victim.parent, f"fedsrd-hostile-{os.getpid()}"
+    before = snapshot(directory)
+    nobody = {"user": 65534, "group": 65534, "extra_groups": []}
+    with subprocess.Popen(["sleep", "120"], cwd=directory, **nobody) as neighbour:
+        try:
+            sources = [
+                t.format(d=str(directory), f=str(open_victim), n=name, p=neighbour.pid) for _, t, _ in HOSTILE
+            ]
+            done = subprocess.run(
+                [*AS_NOBODY, python, "-I", "-c", NOBODY_RUNS, str(src)],
+                input=json.dumps(sources).encode(), capture_output=True, timeout=600, cwd="/tmp",
+            )  # fmt: skip
+        finally:
+            neighbour.kill()
+    assert done.returncode == 0, done.stderr.decode()
+    report = json.loads(done.stdout)
+    if not report["layers"]["read_only_filesystem"]:
+        pytest.skip("user namespaces are not open to ordinary users here; " + report["statement"])
+    assert report["statement"].startswith("sandbox: private mount namespace")
+    assert "uid 65534 without capabilities" in report["statement"]
+    for (route, _, refusal), (passed, stderr) in zip(HOSTILE, report["results"], strict=True):
+        assert not passed, route
+        assert not refusal or any(text in stderr for text in ERRORS[refusal]), (route, stderr[-200:])
+    assert snapshot(directory) == before
+    assert not Path("/tmp", name).exists() and not Path("/dev/shm", name).exists()
