@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from fedsrd_cli.cli import app
+from fedsrd_cli.sandbox import sandbox_statement
 
 from .conftest import write_jsonl
 from .test_task_eval import MC_RECORDS
@@ -61,3 +62,22 @@ def test_eval_metrics_needs_task_records(tiny_model: Path, task_files: dict[str,
         code=2,
     )  # fmt: skip
     assert "--metrics-max-new-tokens must be in [1, 65,536]" in result.output
+
+
+def test_eval_metrics_states_the_sandbox_layers_before_it_scores_mbpp(
+    tiny_model: Path, task_files: dict[str, Path], tmp_path: Path
+) -> None:
+    task = {"kind": "mbpp", "tests": ["assert double(2) == 4"], "setup": ""}
+    code = write_jsonl(
+        tmp_path / "code.jsonl",
+        [{"instruction": "Write double.", "output": "def double(x): return 2 * x", "task": task}],
+    )
+    result = run("eval", "--base", tiny_model, "--data", code, "--metrics", "--metrics-max-new-tokens", 4)
+    lines = result.output.splitlines()
+    assert [line for line in lines if line.startswith("sandbox:")] == [sandbox_statement()]
+    assert lines[0] == sandbox_statement()  # the first thing printed, before the scores
+    assert "pass_at_1" in result.output
+    # a --metrics run with no MBPP file runs no code, and says nothing of the sandbox
+    assert (
+        "sandbox:" not in run("eval", "--base", tiny_model, "--data", task_files["law"], "--metrics").output
+    )

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedsrd_cli.cli import app
+from fedsrd_cli.sandbox import sandbox_statement
 from fedsrd_cli.simulate import SimulateConfig, task_label
 
 from .conftest import build_tiny_model, write_jsonl
@@ -107,3 +108,19 @@ def test_simulate_metrics_needs_task_records(suite: dict[str, Path], tmp_path: P
     argv[argv.index(str(suite["math-eval"]))] = str(plain)
     result = runner.invoke(app, argv)
     assert result.exit_code == 2 and "no --eval-data file has task records" in result.output
+
+
+@pytest.mark.slow
+def test_simulate_metrics_states_the_sandbox_layers_first(suite: dict[str, Path], tmp_path: Path) -> None:
+    task = {"kind": "mbpp", "tests": ["assert double(2) == 4"], "setup": ""}
+    code = write_jsonl(
+        tmp_path / "code.jsonl",
+        [{"instruction": "Write double.", "output": "def double(x): return 2 * x", "task": task}],
+    )
+    argv = args(suite, tmp_path / "run", "--metrics", "--metrics-max-new-tokens", 4, "--eval-data", code)
+    argv[argv.index("--rounds") + 1] = "1"
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 0, (result.output, result.exception)
+    lines = result.output.splitlines()
+    assert lines[0] == sandbox_statement()
+    assert [line for line in lines if line.startswith("sandbox:")] == [sandbox_statement()]

@@ -180,6 +180,16 @@ def score_tasks(
     return result
 
 
+def sandbox_note(datasets: Sequence[data_mod.Dataset]) -> str | None:
+    """The sandbox's one line on the confinement layers it has on this machine
+    (sandbox.sandbox_statement) when a file holds MBPP tasks, whose answers it will run; else None."""
+    if not any(file_kind(ds) == "mbpp" for ds in datasets):
+        return None
+    from fedsrd_cli.sandbox import sandbox_statement
+
+    return sandbox_statement()
+
+
 @contextlib.contextmanager
 def base_only(base: Any) -> Iterator[None]:
     """The loaded base model without its LoRA (PEFT's disable_adapter) inside the block: the

@@ -516,6 +516,17 @@ def eval_cmd(
         check_fingerprint(base, global_state)
     if adapter is not None:
         check_adapter_base(adapter, base)
+    if task_metrics:  # refused, or the sandbox's layers said, before the model loads
+        from fedsrd_cli.task_eval import file_kind, sandbox_note
+
+        if all(file_kind(ds) is None for ds in datasets):
+            raise UsageError(
+                "--metrics: no --data file has task records (the real-task suite's files do:"
+                " `fedsrd demo-assets --suite real`)"
+            )
+        note = sandbox_note(datasets)
+        if note is not None:
+            out.note(note)
     use_threads(threads)
     model = load_base(base, device, dtype)
     if global_state is not None:
@@ -530,14 +541,6 @@ def eval_cmd(
         source = {"adapter": str(adapter)}
     else:
         source = {"base_only": True}
-    if task_metrics:
-        from fedsrd_cli.task_eval import file_kind
-
-        if all(file_kind(ds) is None for ds in datasets):
-            raise UsageError(
-                "--metrics: no --data file has task records (the real-task suite's files do:"
-                " `fedsrd demo-assets --suite real`)"
-            )
     metrics = evaluate(
         model,
         datasets,

@@ -450,6 +450,13 @@ def simulate_cmd(
 
         out.note(f"writing the demo's base model ({demo_model}) and data into {out_dir / 'assets'}")
         demo_assets(out_dir / "assets", model=demo_model)
+    if task_metrics:  # before the first round: the layers that confine the MBPP answers' code
+        from fedsrd_cli.task_eval import sandbox_note
+        from fedsrd_cli.training import load_datasets
+
+        note = sandbox_note(load_datasets(list(config.eval_data)))
+        if note is not None:
+            out.note(note)
     total = len(names) * seeds * rounds
     with out.steps(total, "simulating") as progress:
 
