@@ -582,7 +582,8 @@ def status_cmd(
 ) -> None:
     """Coordinator: which uploads of this round are in INBOX, valid and signed; is the round ready?
 
-    Uploads of earlier rounds are listed as old and do not count. Exit codes for cron:
+    Uploads of earlier rounds are listed as old and do not count, nor do sealed files (listed
+    with their recipients; `fedsrd open` them first). Exit codes for cron:
     0 ready to aggregate; 10 waiting (expected uploads missing, nothing invalid); 11
     invalid files present (corrupt, stale, unsigned, forged, duplicate or unexpected
     client), or with --trust a global state not signed by the coordinator. Without
@@ -611,7 +612,10 @@ def status_cmd(
         signer = f["signer"] or "-"
         if f["signer"] and not f["signature_verified"]:
             signer += " (unverified)"
-        status = f["status"] if f["kind"] in (None, "upload") else f"ignored ({f['kind']})"
+        if f["status"] == "sealed":
+            status = f"sealed (for {', '.join(f['sealed_for'])})"
+        else:
+            status = f["status"] if f["kind"] in (None, "upload") else f"ignored ({f['kind']})"
         round_text = "-" if f["round"] is None else str(f["round"])
         rows.append(
             (Path(f["path"]).name, status, f["client_id"] or "-", round_text, signer, f["problem"] or "")
@@ -640,6 +644,11 @@ def status_cmd(
             ),
             ("invalid files", report["invalid_files"]),
             *([("old files", f"{report['old_files']} (earlier rounds)")] if report["old_files"] else []),
+            *(
+                [("sealed files", f"{report['sealed_files']} (not counted: `fedsrd open` them first)")]
+                if report["sealed_files"]
+                else []
+            ),
             ("status", report["status"]),
         ]
     )
