@@ -150,3 +150,41 @@ def test_a_sealed_upload_is_reported_as_sealed_not_invalid(tmp_path: Path, globa
     assert bad.exit_code == EXIT_INVALID
     cut = next(f for f in json.loads(bad.output)["files"] if f["path"].endswith("cut.safetensors"))
     assert cut["status"] == "invalid" and "truncated" in cut["problem"]
+
+
+def test_masked_uploads_get_one_answer_in_text_and_json(tmp_path: Path, global_path: Path) -> None:
+    """Issue 32, row 9: with a secure round's masked uploads the text said "ignored
+    (masked_upload)" yet counted them present and said "ready", while --json said "valid". Both say
+    valid (the text adds "masked"); the status line and exit code agree with them."""
+    from fedsrd_cli.agreement import generate_agreement_key
+
+    keys, trust, inbox = tmp_path / "keys", tmp_path / "trust", tmp_path / "inbox"
+    trust.mkdir()
+    inbox.mkdir()
+    for party in ("coordinator", "alice", "bob"):
+        generate_keypair(keys / party)
+        generate_agreement_key(SigningKey.load(keys / f"{party}.key"), keys)
+        for suffix in (".pub", ".agreement"):
+            shutil.copy(keys / f"{party}{suffix}", trust)
+    assert run("sign", global_path, "--sign-key", keys / "coordinator.key").exit_code == 0
+    roster = tmp_path / "roster.json"
+    made = run(
+        "roster", "--global", global_path, "--sites", "alice,bob", "--sign-key", keys / "coordinator.key",
+        "--out", roster,
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    for seed, site in enumerate(("alice", "bob"), start=1):
+        local = make_local(global_path, tmp_path / f"local-{site}.safetensors", seed=seed)
+        masked = run(
+            "sparsify", "--secure", "--global", global_path, "--local", local, "--client", site,
+            "--roster", roster, "--agreement-key", keys / f"{site}.agreement.key", "--trust", trust,
+            "--sign-key", keys / f"{site}.key", "--out", inbox / f"{site}.safetensors",
+        )  # fmt: skip
+        assert masked.exit_code == 0, masked.output
+    base = ["status", inbox, "--global", global_path, "--clients", "alice,bob", "--trust", trust]
+    report = json.loads(run(*base, "--json").output)
+    assert [f["status"] for f in report["files"]] == ["valid", "valid"]
+    assert report["present_clients"] == ["alice", "bob"] and report["status"] == "ready"
+    text = run(*base)
+    assert text.exit_code == EXIT_READY, text.output
+    assert text.output.count("valid (masked)") == 2 and "ignored" not in text.output

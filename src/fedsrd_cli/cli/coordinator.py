@@ -612,10 +612,15 @@ def status_cmd(
         signer = f["signer"] or "-"
         if f["signer"] and not f["signature_verified"]:
             signer += " (unverified)"
+        # The text says what --json says; a kind is added where it is not a plain upload.
         if f["status"] == "sealed":
             status = f"sealed (for {', '.join(f['sealed_for'])})"
+        elif f["status"] == "ignored":
+            status = f"ignored ({f['kind']})"
+        elif f["kind"] == "masked_upload":  # a secure round's upload: counted as a plain one is
+            status = f"{f['status']} (masked)"
         else:
-            status = f["status"] if f["kind"] in (None, "upload") else f"ignored ({f['kind']})"
+            status = f["status"]
         round_text = "-" if f["round"] is None else str(f["round"])
         rows.append(
             (Path(f["path"]).name, status, f["client_id"] or "-", round_text, signer, f["problem"] or "")
