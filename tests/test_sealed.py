@@ -158,3 +158,44 @@ def test_a_party_named_twice_is_refused(world):
         watch=(up,),
         root=tmp,
     )
+
+
+def test_the_writer_keeps_a_copy_it_can_read_and_every_wrote_line_says_sealed(world, tiny_model):
+    """Issue 32, row 11: `init --encrypt-to site-a` sealed the coordinator's only copy of round 0
+    without a word, and no "wrote" line said a file was sealed. init refuses to seal its state away
+    from its writer (the coordinator, or --sign-key's party); every sealed output says whom for."""
+    tmp, trust, keys = world["tmp"], world["trust"], world["keys"]
+    g0 = tmp / "init-g0.safetensors"
+    init = ["init", "--base", tiny_model, "--rank", 4, "--targets", "q_proj", "--out", g0, "--trust", trust]
+    refused([*init, "--encrypt-to", "site-a"], 2, "'coordinator', who writes it", watch=(g0,), root=tmp)
+    refused(
+        [*init, "--encrypt-to", "coordinator", "--sign-key", keys / "site-a.key"],
+        2,
+        "add site-a to --encrypt-to",
+        watch=(g0,),
+        root=tmp,
+    )
+    made = run(*init, "--encrypt-to", "site-a,coordinator")
+    assert "sealed for coordinator, site-a)" in made.stdout.splitlines()[0]
+    opened = tmp / "init-g0-open.safetensors"
+    run("open", g0, "--agreement-key", keys / "coordinator.agreement.key", "--out", opened)
+    # sparsify and broadcast: their "wrote" line, and --json's sealed_for.
+    local = make_local(world["g0"], tmp / "local-wrote.safetensors", seed=4)
+    up = tmp / "up-wrote.safetensors"
+    sparsify = [
+        "sparsify", "--global", world["g0"], "--local", local, "--client", "site-a", "--out", up,
+        "--encrypt-to", "coordinator", "--trust", trust, "--json",
+    ]  # fmt: skip
+    assert json.loads(run(*sparsify).stdout)["sealed_for"] == ["coordinator"]
+    plain = tmp / "up-wrote-plain.safetensors"
+    run("open", up, "--agreement-key", keys / "coordinator.agreement.key", "--out", plain)
+    agg = tmp / "agg-wrote.safetensors"
+    run("aggregate", "--global", world["g0"], "--out", agg, plain, "--sign-key", keys / "coordinator.key")
+    bc, nxt = tmp / "bc-wrote.sealed", tmp / "g1-wrote.safetensors"
+    done = run(
+        "broadcast", "--global", world["g0"], "--aggregate", agg, "--out", bc, "--out-global", nxt,
+        "--encrypt-to", "site-b,site-a", "--trust", trust,
+    )  # fmt: skip
+    wrote = done.stdout.splitlines()[0]
+    assert wrote.startswith("wrote") and wrote.endswith("; sealed for site-a, site-b)"), wrote
+    assert "sealed" not in run("inspect", nxt).stdout  # the coordinator's next state stays plain

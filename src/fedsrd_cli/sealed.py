@@ -26,7 +26,8 @@ import base64
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fedsrd_cli.agreement import AgreementKey
@@ -140,10 +141,20 @@ def open_sealed(data: bytes, key: AgreementKey, where: str) -> bytes:
         raise TrustError(f"{where}: cannot be opened: it was changed after sealing, or is damaged") from None
 
 
-def sealer(recipients: Mapping[str, bytes]) -> Callable[[list[Any]], list[Any]]:
-    """The `seal=` argument of artifacts.write_artifact: file parts -> [the sealed bytes]."""
+@dataclass(frozen=True)
+class Sealer:
+    """The `seal=` argument of artifacts.write_artifact: file parts -> [the sealed bytes]; it keeps
+    its recipients' names, so the command can say whom the file it wrote is sealed for."""
 
-    def apply(parts: list[Any]) -> list[Any]:
-        return [seal(b"".join(bytes(p) for p in parts), recipients)]
+    recipients: Mapping[str, bytes]
 
-    return apply
+    @property
+    def parties(self) -> list[str]:
+        return sorted(self.recipients)
+
+    def __call__(self, parts: list[Any]) -> list[Any]:
+        return [seal(b"".join(bytes(p) for p in parts), self.recipients)]
+
+
+def sealer(recipients: Mapping[str, bytes]) -> Sealer:
+    return Sealer(dict(recipients))

@@ -405,6 +405,7 @@ def sparsify_cmd(
             "tensors": len(header.layout or payload.tensors),
             **({"roster": header.info["secure"]["roster"]} if secure else {}),
         },
+        sealed_for=seal,
     )
 
 

@@ -52,11 +52,19 @@ def init_cmd(
     from fedsrd_cli.atomic import ensure_writable
     from fedsrd_cli.config import InitConfig
     from fedsrd_cli.model_spec import fingerprint_base, lora_module_shapes
+    from fedsrd_cli.signing import COORDINATOR
 
     out = Output(json_mode)
     config = InitConfig(rank, alpha, targets, seed)
     signer, _ = trust_from_flags(sign_key, None)
     seal = seal_for(encrypt_to, trust_dir)
+    writer = signer.name if signer is not None else COORDINATOR  # init is the coordinator's
+    if seal is not None and writer not in seal.parties:
+        raise UsageError(
+            f"--encrypt-to {','.join(seal.parties)} would seal the only copy of the round-0 state so that"
+            f" {writer!r}, who writes it and aggregates from it, cannot read it: add {writer} to"
+            " --encrypt-to, or write it plain and `fedsrd seal` a copy for the sites"
+        )
     ensure_writable(out_path, force, [("--base", base)])
     fingerprint = fingerprint_base(base)
     lora, shapes = lora_module_shapes(base, config.targets, config.rank, config.alpha)
@@ -70,6 +78,7 @@ def init_cmd(
         out_path,
         header,
         {"modules": len(shapes), "lora_parameters": params, "lora": lora.describe()},
+        sealed_for=seal,
     )
 
 
@@ -541,6 +550,7 @@ def broadcast_cmd(
             "threads": threads,
             **({"warning": warning} if warning else {}),
         },
+        sealed_for=seal,
     )
 
 
