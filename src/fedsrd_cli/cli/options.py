@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fedsrd_cli.config import DEFAULT_DP_MAX_GRAD_NORM
 from fedsrd_cli.errors import UsageError
+from fedsrd_cli.limits import DEFAULT_DP_MAX_GRAD_NORM
 
 if TYPE_CHECKING:
     from fedsrd_cli.sealed import Sealer

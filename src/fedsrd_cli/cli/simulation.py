@@ -23,8 +23,8 @@ from fedsrd_cli.cli.options import (
     MetricsOpt,
     ThreadsOpt,
 )
-from fedsrd_cli.config import DEFAULT_DP_MAX_GRAD_NORM
 from fedsrd_cli.errors import UsageError
+from fedsrd_cli.limits import DEFAULT_DP_MAX_GRAD_NORM
 from fedsrd_cli.output import Output, data_table, key_value_table
 
 
