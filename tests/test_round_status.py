@@ -138,7 +138,7 @@ def test_a_sealed_upload_is_reported_as_sealed_not_invalid(tmp_path: Path, globa
     assert report["missing_clients"] == ["alice"]
     text = run(*base, "--trust", trust)
     assert text.exit_code == EXIT_WAITING and "sealed (for coordinator)" in text.output
-    assert "invalid" not in text.output.replace("invalid files  0", "")
+    assert "invalid" not in text.output.replace("invalid files\t0", "")
     # Opened beside it, the plain copy counts; the sealed one still counts toward nothing.
     opened = inbox / "alice-opened.safetensors"
     key = keys / "coordinator.agreement.key"
