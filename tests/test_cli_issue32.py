@@ -287,3 +287,17 @@ def test_inspect_text_says_what_json_says_of_quantized_values_and_aligned_factor
     plain = tmp_path / "agg-plain.safetensors"
     run("aggregate", "--global", g0, "--out", plain, *uploads)
     assert "aligned" not in run("inspect", plain).stdout
+
+
+def test_demo_assets_refuses_a_model_for_the_real_suite(tmp_path: Path):
+    """Issue 32, row 15: `demo-assets --suite real --model toy` ignored --model (the real suite is
+    data only, with no base model). Refused in one line, nothing written."""
+    out = tmp_path / "real"
+    for model in ("toy", "smollm2"):
+        refused(
+            ["demo-assets", "--suite", "real", "--model", model, "--out", out],
+            2,
+            f"--model {model} makes the demo's base model, and --suite real writes none",
+            watch=(out,),
+            root=tmp_path,
+        )

