@@ -144,12 +144,14 @@ def test_a_sealed_upload_is_reported_as_sealed_not_invalid(tmp_path: Path, globa
     key = keys / "coordinator.agreement.key"
     assert run("open", sealed, "--agreement-key", key, "--out", opened).exit_code == 0
     assert run(*base, "--trust", trust).exit_code == EXIT_READY
-    # A sealed file cut inside its header is damaged: invalid.
-    (inbox / "cut.safetensors").write_bytes(sealed.read_bytes()[:40])
-    bad = run(*base, "--json")
-    assert bad.exit_code == EXIT_INVALID
-    cut = next(f for f in json.loads(bad.output)["files"] if f["path"].endswith("cut.safetensors"))
-    assert cut["status"] == "invalid" and "truncated" in cut["problem"]
+    # A sealed file cut inside its header, or in its body (whose length the header records), is a
+    # truncated copy: invalid.
+    for size in (40, len(sealed.read_bytes()) - 100):
+        (inbox / "cut.safetensors").write_bytes(sealed.read_bytes()[:size])
+        bad = run(*base, "--json")
+        assert bad.exit_code == EXIT_INVALID
+        cut = next(f for f in json.loads(bad.output)["files"] if f["path"].endswith("cut.safetensors"))
+        assert cut["status"] == "invalid" and "truncated" in cut["problem"]
 
 
 def test_masked_uploads_get_one_answer_in_text_and_json(tmp_path: Path, global_path: Path) -> None:

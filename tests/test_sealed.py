@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedsrd_cli.agreement import AgreementKey, generate_agreement_key
-from fedsrd_cli.errors import TrustError
+from fedsrd_cli.errors import ArtifactError, TrustError
 from fedsrd_cli.sealed import MAGIC, open_sealed, seal
 from fedsrd_cli.signing import SigningKey, generate_keypair
 
@@ -61,25 +61,31 @@ def test_a_sealed_file_opens_for_each_recipient_and_no_one_else(world):
 def test_a_change_to_any_byte_of_a_sealed_header_is_refused_as_tampering(world):
     # The header is JSON with random base64 in it: a flipped bit may leave it parsing (the tag
     # fails) or not (the parser fails). Every byte, several bits, so both paths are taken each run.
+    # The body's recorded length is part of the header: a digit changed to claim more bytes than
+    # the file has reads as a copy cut short (exit 3, what a real cut looks like); still refused.
     sealed = seal(world["g0"].read_bytes(), {"site-a": key(world, "site-a").public})
     start = len(MAGIC) + 4
     end = start + int.from_bytes(sealed[len(MAGIC) : start], "little")
+    length_at = sealed.index(b'"length":', start) + len(b'"length":')
+    length_span = range(length_at, length_at + len(str(json.loads(sealed[start:end])["length"])))
     seen = set()
     for position in range(start, end):
         for bit in (1, 4, 64):
             changed = bytearray(sealed)
             changed[position] ^= bit
-            with pytest.raises(TrustError) as refusal:  # a name or key hash changed: "not for this key"
+            expected = (TrustError, ArtifactError) if position in length_span else TrustError
+            with pytest.raises(expected) as refusal:  # a name or key hash changed: "not for this key"
                 open_sealed(bytes(changed), key(world, "site-a"), "f")
             message = str(refusal.value)
             seen.add(
                 next(
                     k
-                    for k in ("its header was changed", "it was changed", "not for this key")
+                    for k in ("its header was changed", "it was changed", "not for this key", "cut short")
                     if k in message
                 )
             )
-    assert seen == {"its header was changed", "it was changed", "not for this key"}  # all three paths
+    # all four paths
+    assert seen == {"its header was changed", "it was changed", "not for this key", "cut short"}
 
 
 def test_an_upload_sealed_for_the_coordinator_travels_and_aggregates(world):
@@ -199,3 +205,27 @@ def test_the_writer_keeps_a_copy_it_can_read_and_every_wrote_line_says_sealed(wo
     wrote = done.stdout.splitlines()[0]
     assert wrote.startswith("wrote") and wrote.endswith("; sealed for site-a, site-b)"), wrote
     assert "sealed" not in run("inspect", nxt).stdout  # the coordinator's next state stays plain
+
+
+def test_a_sealed_file_cut_anywhere_is_one_truncated_copy_exit_3(world):
+    """Issue 32, row 15: a sealed file cut to 10 bytes exited 3, cut to 500 bytes 7 ("changed after
+    sealing"). Its header records the body's length, so a cut anywhere is a truncated copy (exit 3),
+    for `open` and for any other command; a byte changed in the body is still exit 7."""
+    tmp, keys = world["tmp"], world["keys"]
+    sealed = tmp / "g0.sealed"
+    run("seal", world["g0"], "--to", "coordinator", "--trust", world["trust"], "--out", sealed)
+    data = sealed.read_bytes()
+    opener = keys / "coordinator.agreement.key"
+    for size in (1, 10, 16, 19, 100, 500, len(data) // 2, len(data) - 16, len(data) - 1):
+        cut = tmp / f"cut-{size}.sealed"
+        cut.write_bytes(data[:size])
+        out = tmp / f"opened-{size}.safetensors"
+        refused(["open", cut, "--agreement-key", opener, "--out", out], 3, "truncated copy?", watch=(out,))
+        refused(["inspect", cut], 3, "is sealed" if size >= 9 else "not a safetensors file")
+    changed = bytearray(data)
+    changed[len(data) // 2] ^= 1
+    (tmp / "changed.sealed").write_bytes(bytes(changed))
+    out = tmp / "opened-changed.safetensors"
+    refused(
+        ["open", tmp / "changed.sealed", "--agreement-key", opener, "--out", out], 7, "changed after sealing"
+    )

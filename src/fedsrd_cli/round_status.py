@@ -16,6 +16,7 @@ Exit codes of `fedsrd status` (also in errors.py):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -76,10 +77,11 @@ def _sealed_file(path: Path) -> InboxFile | None:
             if not is_sealed(start):
                 return None
             data = start + handle.read(4 + MAX_HEADER)
+            size = os.fstat(handle.fileno()).st_size
     except OSError:
         return None  # unreadable: the full check reports it
     try:
-        entries, _, _ = recipients_of(data, str(path))
+        entries, _, _ = recipients_of(data, str(path), size)
     except FedsrdError as err:
         return InboxFile(str(path), "invalid", problem=str(err))
     return InboxFile(str(path), "sealed", sealed_for=[e["party"] for e in entries])
