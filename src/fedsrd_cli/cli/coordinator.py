@@ -548,7 +548,7 @@ def broadcast_cmd(
             **({"update_error": error["overall"], "worst_module": worst(error["modules"])} if error else {}),
             **_broadcast_privacy_summary(header),
             "threads": threads,
-            **({"warning": warning} if warning else {}),
+            "warnings": [warning] if warning else [],  # a list, as train-local and simulate give it
         },
         sealed_for=seal,
     )
