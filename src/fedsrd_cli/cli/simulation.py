@@ -19,7 +19,6 @@ from fedsrd_cli.cli.options import (
     DpRoundsOpt,
     ForceOpt,
     JsonOpt,
-    MetricsMaxNewTokensOpt,
     MetricsOpt,
     ThreadsOpt,
 )
@@ -343,7 +342,15 @@ def simulate_cmd(
         float, typer.Option("--secure-clip", help="The secure rounds' fixed-point range (roster --clip).")
     ] = 1.0,
     task_metrics: MetricsOpt = False,
-    metrics_max_new_tokens: MetricsMaxNewTokensOpt = 256,
+    metrics_max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-max-new-tokens",
+            help="--metrics: tokens generated per GSM8K or MBPP answer [128; a resumed run keeps what it"
+            " recorded].",
+            show_default=False,
+        ),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
     threads: ThreadsOpt = None,
     json_mode: JsonOpt = False,
