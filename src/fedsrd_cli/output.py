@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 from rich.console import Console
+from rich.errors import MarkupError
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -153,7 +154,10 @@ class StepProgress:
 def _plain(cell: Any) -> str:
     """A table cell as text without markup (what rich would show of it), on one line."""
     if isinstance(cell, str):
-        cell = Text.from_markup(cell)
+        try:
+            cell = Text.from_markup(cell)
+        except MarkupError:  # text that only looks like markup (a model's "[/INST]"): as it is
+            cell = Text(cell)
     text = cell.plain if isinstance(cell, Text) else str(cell)
     return " ".join(text.splitlines())
 
