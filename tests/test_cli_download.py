@@ -144,10 +144,13 @@ def test_broadcast_prints_the_warning_when_a_round_diverges(tmp_path):
     for r in (1, 2, 3):
         agg = run_round(tmp_path, state, tag=f"d{r}")["aggregate"]
         bc, nxt = tmp_path / f"bc-d{r}-p.safetensors", tmp_path / f"g-d{r}-p.safetensors"
-        result = run(
-            "broadcast", "--global", state, "--aggregate", agg, "--out", bc, "--out-global", nxt, *paper
-        )
-        outputs.append(result.output)
+        args = ["broadcast", "--global", state, "--aggregate", agg, "--out", bc, "--out-global", nxt, *paper]
+        outputs.append(run(*args).output)
+        # --json: "warnings", a list (empty when none), as train-local and simulate give it (issue 32)
+        report = json.loads(run(*args, "--json", "--force").stdout)
+        assert "warning" not in report and isinstance(report["warnings"], list), report
+        assert (report["warnings"] != []) == ("warning: round" in outputs[-1]), (report, outputs[-1])
+        assert all(f"warning: {w}" in outputs[-1] for w in report["warnings"])
         state = nxt
     assert any("warning: round" in out and "times its own size" in out for out in outputs), outputs
 

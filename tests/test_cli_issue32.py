@@ -258,3 +258,46 @@ def test_demo_assets_refuses_a_folder_it_did_not_write_in_one_line(tmp_path: Pat
             (folder / "notes.txt",),
             tmp_path,
         )
+
+
+def test_inspect_text_says_what_json_says_of_quantized_values_and_aligned_factors(tmp_path: Path):
+    """Issue 32, row 13: an int8/int4 broadcast and an aligned aggregate said so only under --json;
+    the text says it too."""
+    from .conftest import make_global
+
+    g0 = make_global(tmp_path / "g0.safetensors")
+    uploads = []
+    for i in range(2):
+        local = make_local(g0, tmp_path / f"local-{i}.safetensors", seed=i + 1)
+        uploads.append(tmp_path / f"up-{i}.safetensors")
+        run("sparsify", "--global", g0, "--local", local, "--client", f"c{i}", "--out", uploads[-1])
+    agg = tmp_path / "agg.safetensors"
+    run("aggregate", "--global", g0, "--out", agg, "--align-factors", *uploads)
+    assert json.loads(run("inspect", agg, "--json").stdout)["info"]["aligned"] is True
+    assert "aligned to the clients' own factors (--align-factors)" in run("inspect", agg).stdout
+    for value_dtype in ("int8", "int4"):
+        bc, nxt = tmp_path / f"bc-{value_dtype}.safetensors", tmp_path / f"g1-{value_dtype}.safetensors"
+        run(
+            "broadcast", "--global", g0, "--aggregate", agg, "--out", bc, "--out-global", nxt,
+            "--value-dtype", value_dtype, "--factor-choice", "both",
+        )  # fmt: skip
+        assert json.loads(run("inspect", bc, "--json").stdout)["info"]["value_dtype"] == value_dtype
+        text = run("inspect", bc).stdout
+        assert f"{value_dtype}: block-quantized codes, a float32 scale per 64 values" in text, text
+    plain = tmp_path / "agg-plain.safetensors"
+    run("aggregate", "--global", g0, "--out", plain, *uploads)
+    assert "aligned" not in run("inspect", plain).stdout
+
+
+def test_demo_assets_refuses_a_model_for_the_real_suite(tmp_path: Path):
+    """Issue 32, row 15: `demo-assets --suite real --model toy` ignored --model (the real suite is
+    data only, with no base model). Refused in one line, nothing written."""
+    out = tmp_path / "real"
+    for model in ("toy", "smollm2"):
+        refused(
+            ["demo-assets", "--suite", "real", "--model", model, "--out", out],
+            2,
+            f"--model {model} makes the demo's base model, and --suite real writes none",
+            watch=(out,),
+            root=tmp_path,
+        )

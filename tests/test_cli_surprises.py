@@ -333,7 +333,7 @@ def test_status_lists_uploads_of_earlier_rounds_as_old_and_is_ready_without_them
     assert report["ready"] and report["present_clients"] == ["c0", "c1", "c2"]
     assert sorted(f["status"] for f in report["files"]) == ["old"] * 3 + ["valid"] * 3
     human = runner.invoke(app, [str(a) for a in status[:-1]])
-    assert human.exit_code == 0 and "old files" in human.output and " old " in human.output
+    assert human.exit_code == 0 and "old files" in human.output and "\told\t" in human.output
 
 
 # ------------------------------------------------------------- row 4: output to a pipe
@@ -360,6 +360,13 @@ def test_output_to_a_pipe_is_never_wrapped_padded_or_cut(world):
         assert done.returncode == 0, done.stderr
         lines = done.stdout.splitlines()
         assert lines and all(line == line.rstrip() for line in lines), done.stdout
+        # Issue 32, row 14: no box and no padding: cells joined by one tab, a header line first.
+        assert not any(ch in done.stdout for ch in "┃│━─┏└"), done.stdout
+        assert "  " not in done.stdout, done.stdout
+        if argv[0] == "status":
+            assert "file\tstatus\tclient\tround\tsigner\tproblem" in lines, done.stdout
+            row = next(line for line in lines if line.startswith(long_upload.name))
+            assert row.split("\t")[:4] == [long_upload.name, "valid", "c0", "1"], row
         assert "…" not in done.stdout and "..." not in done.stdout
         name = long_state if argv[0] == "inspect" else long_upload.name
         assert any(str(name) in line for line in lines), done.stdout

@@ -104,3 +104,89 @@ def test_usage_errors(tmp_path: Path, global_path: Path) -> None:
     assert run("status", tmp_path / "nope", "--global", global_path).exit_code == 2
     assert run("status", tmp_path, "--global", global_path, "--expect", 1, "--clients", "a").exit_code == 2
     assert run("status", tmp_path, "--global", global_path, "--expect", 0).exit_code == 2
+
+
+def test_a_sealed_upload_is_reported_as_sealed_not_invalid(tmp_path: Path, global_path: Path) -> None:
+    """Issue 32, row 8: an upload sealed for the coordinator (`sparsify --encrypt-to coordinator`,
+    as the docs suggest) made `status` say "invalid" and exit 11 every round. It is "sealed", with
+    its recipients, and counts toward nothing until it is opened; a damaged one is invalid."""
+    from fedsrd_cli.agreement import generate_agreement_key
+
+    keys, trust, inbox = tmp_path / "keys", tmp_path / "trust", tmp_path / "inbox"
+    trust.mkdir()
+    inbox.mkdir()
+    for party in ("coordinator", "alice"):
+        generate_keypair(keys / party)
+        generate_agreement_key(SigningKey.load(keys / f"{party}.key"), keys)
+        for suffix in (".pub", ".agreement"):
+            shutil.copy(keys / f"{party}{suffix}", trust)
+    assert run("sign", global_path, "--sign-key", keys / "coordinator.key").exit_code == 0
+    local = make_local(global_path, tmp_path / "local-alice.safetensors", seed=1)
+    sealed = inbox / "alice.safetensors"
+    sparsify = [
+        "sparsify", "--global", global_path, "--local", local, "--client", "alice", "--out", sealed,
+        "--encrypt-to", "coordinator", "--trust", trust, "--sign-key", keys / "alice.key",
+    ]  # fmt: skip
+    assert run(*sparsify).exit_code == 0
+    base = ["status", inbox, "--global", global_path, "--clients", "alice"]
+    waiting = run(*base, "--json")
+    assert waiting.exit_code == EXIT_WAITING, waiting.output
+    report = json.loads(waiting.output)
+    (entry,) = report["files"]
+    assert entry["status"] == "sealed" and entry["sealed_for"] == ["coordinator"] and not entry["problem"]
+    assert report["invalid_files"] == 0 and report["sealed_files"] == 1
+    assert report["missing_clients"] == ["alice"]
+    text = run(*base, "--trust", trust)
+    assert text.exit_code == EXIT_WAITING and "sealed (for coordinator)" in text.output
+    assert "invalid" not in text.output.replace("invalid files\t0", "")
+    # Opened beside it, the plain copy counts; the sealed one still counts toward nothing.
+    opened = inbox / "alice-opened.safetensors"
+    key = keys / "coordinator.agreement.key"
+    assert run("open", sealed, "--agreement-key", key, "--out", opened).exit_code == 0
+    assert run(*base, "--trust", trust).exit_code == EXIT_READY
+    # A sealed file cut inside its header, or in its body (whose length the header records), is a
+    # truncated copy: invalid.
+    for size in (40, len(sealed.read_bytes()) - 100):
+        (inbox / "cut.safetensors").write_bytes(sealed.read_bytes()[:size])
+        bad = run(*base, "--json")
+        assert bad.exit_code == EXIT_INVALID
+        cut = next(f for f in json.loads(bad.output)["files"] if f["path"].endswith("cut.safetensors"))
+        assert cut["status"] == "invalid" and "truncated" in cut["problem"]
+
+
+def test_masked_uploads_get_one_answer_in_text_and_json(tmp_path: Path, global_path: Path) -> None:
+    """Issue 32, row 9: with a secure round's masked uploads the text said "ignored
+    (masked_upload)" yet counted them present and said "ready", while --json said "valid". Both say
+    valid (the text adds "masked"); the status line and exit code agree with them."""
+    from fedsrd_cli.agreement import generate_agreement_key
+
+    keys, trust, inbox = tmp_path / "keys", tmp_path / "trust", tmp_path / "inbox"
+    trust.mkdir()
+    inbox.mkdir()
+    for party in ("coordinator", "alice", "bob"):
+        generate_keypair(keys / party)
+        generate_agreement_key(SigningKey.load(keys / f"{party}.key"), keys)
+        for suffix in (".pub", ".agreement"):
+            shutil.copy(keys / f"{party}{suffix}", trust)
+    assert run("sign", global_path, "--sign-key", keys / "coordinator.key").exit_code == 0
+    roster = tmp_path / "roster.json"
+    made = run(
+        "roster", "--global", global_path, "--sites", "alice,bob", "--sign-key", keys / "coordinator.key",
+        "--out", roster,
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    for seed, site in enumerate(("alice", "bob"), start=1):
+        local = make_local(global_path, tmp_path / f"local-{site}.safetensors", seed=seed)
+        masked = run(
+            "sparsify", "--secure", "--global", global_path, "--local", local, "--client", site,
+            "--roster", roster, "--agreement-key", keys / f"{site}.agreement.key", "--trust", trust,
+            "--sign-key", keys / f"{site}.key", "--out", inbox / f"{site}.safetensors",
+        )  # fmt: skip
+        assert masked.exit_code == 0, masked.output
+    base = ["status", inbox, "--global", global_path, "--clients", "alice,bob", "--trust", trust]
+    report = json.loads(run(*base, "--json").output)
+    assert [f["status"] for f in report["files"]] == ["valid", "valid"]
+    assert report["present_clients"] == ["alice", "bob"] and report["status"] == "ready"
+    text = run(*base)
+    assert text.exit_code == EXIT_READY, text.output
+    assert text.output.count("valid (masked)") == 2 and "ignored" not in text.output

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedsrd_cli.agreement import AgreementKey, generate_agreement_key
-from fedsrd_cli.errors import TrustError
+from fedsrd_cli.errors import ArtifactError, TrustError
 from fedsrd_cli.sealed import MAGIC, open_sealed, seal
 from fedsrd_cli.signing import SigningKey, generate_keypair
 
@@ -61,25 +61,31 @@ def test_a_sealed_file_opens_for_each_recipient_and_no_one_else(world):
 def test_a_change_to_any_byte_of_a_sealed_header_is_refused_as_tampering(world):
     # The header is JSON with random base64 in it: a flipped bit may leave it parsing (the tag
     # fails) or not (the parser fails). Every byte, several bits, so both paths are taken each run.
+    # The body's recorded length is part of the header: a digit changed to claim more bytes than
+    # the file has reads as a copy cut short (exit 3, what a real cut looks like); still refused.
     sealed = seal(world["g0"].read_bytes(), {"site-a": key(world, "site-a").public})
     start = len(MAGIC) + 4
     end = start + int.from_bytes(sealed[len(MAGIC) : start], "little")
+    length_at = sealed.index(b'"length":', start) + len(b'"length":')
+    length_span = range(length_at, length_at + len(str(json.loads(sealed[start:end])["length"])))
     seen = set()
     for position in range(start, end):
         for bit in (1, 4, 64):
             changed = bytearray(sealed)
             changed[position] ^= bit
-            with pytest.raises(TrustError) as refusal:  # a name or key hash changed: "not for this key"
+            expected = (TrustError, ArtifactError) if position in length_span else TrustError
+            with pytest.raises(expected) as refusal:  # a name or key hash changed: "not for this key"
                 open_sealed(bytes(changed), key(world, "site-a"), "f")
             message = str(refusal.value)
             seen.add(
                 next(
                     k
-                    for k in ("its header was changed", "it was changed", "not for this key")
+                    for k in ("its header was changed", "it was changed", "not for this key", "cut short")
                     if k in message
                 )
             )
-    assert seen == {"its header was changed", "it was changed", "not for this key"}  # all three paths
+    # all four paths
+    assert seen == {"its header was changed", "it was changed", "not for this key", "cut short"}
 
 
 def test_an_upload_sealed_for_the_coordinator_travels_and_aggregates(world):
@@ -157,4 +163,69 @@ def test_a_party_named_twice_is_refused(world):
         "names 'coordinator' more than once",
         watch=(up,),
         root=tmp,
+    )
+
+
+def test_the_writer_keeps_a_copy_it_can_read_and_every_wrote_line_says_sealed(world, tiny_model):
+    """Issue 32, row 11: `init --encrypt-to site-a` sealed the coordinator's only copy of round 0
+    without a word, and no "wrote" line said a file was sealed. init refuses to seal its state away
+    from its writer (the coordinator, or --sign-key's party); every sealed output says whom for."""
+    tmp, trust, keys = world["tmp"], world["trust"], world["keys"]
+    g0 = tmp / "init-g0.safetensors"
+    init = ["init", "--base", tiny_model, "--rank", 4, "--targets", "q_proj", "--out", g0, "--trust", trust]
+    refused([*init, "--encrypt-to", "site-a"], 2, "'coordinator', who writes it", watch=(g0,), root=tmp)
+    refused(
+        [*init, "--encrypt-to", "coordinator", "--sign-key", keys / "site-a.key"],
+        2,
+        "add site-a to --encrypt-to",
+        watch=(g0,),
+        root=tmp,
+    )
+    made = run(*init, "--encrypt-to", "site-a,coordinator")
+    assert "sealed for coordinator, site-a)" in made.stdout.splitlines()[0]
+    opened = tmp / "init-g0-open.safetensors"
+    run("open", g0, "--agreement-key", keys / "coordinator.agreement.key", "--out", opened)
+    # sparsify and broadcast: their "wrote" line, and --json's sealed_for.
+    local = make_local(world["g0"], tmp / "local-wrote.safetensors", seed=4)
+    up = tmp / "up-wrote.safetensors"
+    sparsify = [
+        "sparsify", "--global", world["g0"], "--local", local, "--client", "site-a", "--out", up,
+        "--encrypt-to", "coordinator", "--trust", trust, "--json",
+    ]  # fmt: skip
+    assert json.loads(run(*sparsify).stdout)["sealed_for"] == ["coordinator"]
+    plain = tmp / "up-wrote-plain.safetensors"
+    run("open", up, "--agreement-key", keys / "coordinator.agreement.key", "--out", plain)
+    agg = tmp / "agg-wrote.safetensors"
+    run("aggregate", "--global", world["g0"], "--out", agg, plain, "--sign-key", keys / "coordinator.key")
+    bc, nxt = tmp / "bc-wrote.sealed", tmp / "g1-wrote.safetensors"
+    done = run(
+        "broadcast", "--global", world["g0"], "--aggregate", agg, "--out", bc, "--out-global", nxt,
+        "--encrypt-to", "site-b,site-a", "--trust", trust,
+    )  # fmt: skip
+    wrote = done.stdout.splitlines()[0]
+    assert wrote.startswith("wrote") and wrote.endswith("; sealed for site-a, site-b)"), wrote
+    assert "sealed" not in run("inspect", nxt).stdout  # the coordinator's next state stays plain
+
+
+def test_a_sealed_file_cut_anywhere_is_one_truncated_copy_exit_3(world):
+    """Issue 32, row 15: a sealed file cut to 10 bytes exited 3, cut to 500 bytes 7 ("changed after
+    sealing"). Its header records the body's length, so a cut anywhere is a truncated copy (exit 3),
+    for `open` and for any other command; a byte changed in the body is still exit 7."""
+    tmp, keys = world["tmp"], world["keys"]
+    sealed = tmp / "g0.sealed"
+    run("seal", world["g0"], "--to", "coordinator", "--trust", world["trust"], "--out", sealed)
+    data = sealed.read_bytes()
+    opener = keys / "coordinator.agreement.key"
+    for size in (1, 10, 16, 19, 100, 500, len(data) // 2, len(data) - 16, len(data) - 1):
+        cut = tmp / f"cut-{size}.sealed"
+        cut.write_bytes(data[:size])
+        out = tmp / f"opened-{size}.safetensors"
+        refused(["open", cut, "--agreement-key", opener, "--out", out], 3, "truncated copy?", watch=(out,))
+        refused(["inspect", cut], 3, "is sealed" if size >= 9 else "not a safetensors file")
+    changed = bytearray(data)
+    changed[len(data) // 2] ^= 1
+    (tmp / "changed.sealed").write_bytes(bytes(changed))
+    out = tmp / "opened-changed.safetensors"
+    refused(
+        ["open", tmp / "changed.sealed", "--agreement-key", opener, "--out", out], 7, "changed after sealing"
     )

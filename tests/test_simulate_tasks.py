@@ -90,7 +90,7 @@ def test_task_metrics_settings_are_checked_and_recorded_only_when_on() -> None:
         algorithms=("fedavg",), rounds=1,
     )  # fmt: skip
     assert "task_metrics" not in SimulateConfig(**common).record()  # runs from before --metrics resume
-    assert SimulateConfig(**common, task_metrics=True).record()["metrics_max_new_tokens"] == 256
+    assert SimulateConfig(**common, task_metrics=True).record()["metrics_max_new_tokens"] == 128
     with pytest.raises(Exception, match="--metrics-max-new-tokens must be in"):
         SimulateConfig(**common, task_metrics=True, metrics_max_new_tokens=0)
     label = task_label(
@@ -99,6 +99,36 @@ def test_task_metrics_settings_are_checked_and_recorded_only_when_on() -> None:
     )
     assert label == ", math exact_match 12.0%, law accuracy 30.0%, mean 21.0%"
     assert task_label({}, {}) == ""
+
+
+def test_metrics_max_new_tokens_defaults_to_128_and_old_runs_resume_with_theirs(tmp_path: Path) -> None:
+    """Issue 32: simulate's --metrics-max-new-tokens defaulted to 256 where the documented real-task
+    runs used 128. New runs take 128; a run recorded with the old default (256) still resumes
+    without the flag and keeps 256; a value given explicitly is checked against the record."""
+    from dataclasses import replace
+
+    from fedsrd_cli.errors import UsageError
+    from fedsrd_cli.simulate import _load_results, with_recorded_defaults
+
+    common = dict(
+        base="b", client_data=("a",), client_ids=("a",), eval_data=("e",), eval_names=("e",),
+        algorithms=("fedavg",), rounds=1, task_metrics=True,
+    )  # fmt: skip
+    fresh = tmp_path / "fresh"
+    assert with_recorded_defaults(fresh, SimulateConfig(**common)).metrics_max_new_tokens == 128
+    old = tmp_path / "old"
+    old.mkdir()
+    recorded = SimulateConfig(**common, metrics_max_new_tokens=256).record()
+    (old / "config.json").write_text(json.dumps(recorded))
+    resumed = with_recorded_defaults(old, SimulateConfig(**common))
+    assert resumed.metrics_max_new_tokens == 256 and _load_results(old, resumed)["runs"] == {}
+    for given in (128, 64):
+        with pytest.raises(UsageError, match="metrics_max_new_tokens"):
+            _load_results(
+                old, with_recorded_defaults(old, SimulateConfig(**common, metrics_max_new_tokens=given))
+            )
+    plain = replace(SimulateConfig(**common), task_metrics=False)  # without --metrics nothing changes
+    assert "metrics_max_new_tokens" not in with_recorded_defaults(old, plain).record()
 
 
 def test_simulate_metrics_needs_task_records(suite: dict[str, Path], tmp_path: Path) -> None:

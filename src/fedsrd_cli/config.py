@@ -123,8 +123,6 @@ DOWNLOAD_VALUE_DTYPES = (*VALUE_DTYPES, "int8", "int4")
 # on SmolLM2-135M-Instruct (3 seeds, docs/results.md) FedSRD ended no worse than with fp32 at
 # about 60% of its bytes. fp32 reproduces the paper's accounting.
 DEFAULT_VALUE_DTYPE = "bf16"
-# DP-SGD: the clip C of each record's gradient when none is given (train-local, simulate, Flower).
-DEFAULT_DP_MAX_GRAD_NORM = 1.0
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,9 @@ SEED_MAX = 2**63 - 1
 EPSILON_MAX = 1e6
 # The longest coordinator step (--server-lr); config.BroadcastConfig checks the same bound.
 MAX_SERVER_LR = 16.0
+# DP-SGD: the clip C of each record's gradient when none is given (train-local, simulate, Flower).
+# Here, not in config.py (which imports torch), so the command line's help needs no torch.
+DEFAULT_DP_MAX_GRAD_NORM = 1.0
 
 
 def usable_cores() -> int:

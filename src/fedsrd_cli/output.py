@@ -4,9 +4,10 @@ Results go to stdout; progress, notes and errors go to stderr, so `--json` outpu
 can be piped as is.
 
 On a terminal, tables fit its width and fold a long cell onto more lines; no column ever
-cuts a name with "...". Anywhere else (a pipe, a log file, cron) nothing is wrapped at all:
-each row is one line, whatever COLUMNS says, without trailing spaces, so a path or a hash
-can be copied or grepped from the output as is.
+cuts a name with "...". Anywhere else (a pipe, a log file, cron) nothing is wrapped or padded:
+a table has no box, each row is one line, whatever COLUMNS says, its cells separated by one tab
+(a header line first where the table has headers), without trailing whitespace, so a path or a
+hash can be copied or grepped from the output as is, and a column cut out with `cut -f`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 from rich.console import Console
+from rich.errors import MarkupError
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 T = TypeVar("T")
 PROGRESS_DELAY_S = 1.0
@@ -58,6 +61,10 @@ class Output:
     def _print(self, item: Any) -> None:
         if self.out.is_terminal:
             self.out.print(item)
+            return
+        if isinstance(item, Table):
+            sys.stdout.write("".join(line + "\n" for line in plain_rows(item)))
+            sys.stdout.flush()
             return
         with self.out.capture() as captured:
             self.out.print(item)
@@ -142,6 +149,29 @@ class StepProgress:
     def __exit__(self, *exc: object) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+def _plain(cell: Any) -> str:
+    """A table cell as text without markup (what rich would show of it), on one line."""
+    if isinstance(cell, str):
+        try:
+            cell = Text.from_markup(cell)
+        except MarkupError:  # text that only looks like markup (a model's "[/INST]"): as it is
+            cell = Text(cell)
+    text = cell.plain if isinstance(cell, Text) else str(cell)
+    return " ".join(text.splitlines())
+
+
+def plain_rows(table: Table) -> list[str]:
+    """A table for a pipe or a file: its title, header and rows, one line each, cells joined by a
+    tab; no box, no padding, no trailing whitespace."""
+    lines = [] if table.title is None else [_plain(table.title)]
+    columns = [list(column.cells) for column in table.columns]
+    if table.show_header:
+        lines.append("\t".join(_plain(column.header) for column in table.columns))
+    for row in zip(*columns, strict=True):
+        lines.append("\t".join(_plain(cell) for cell in row))
+    return [line.rstrip() for line in lines]
 
 
 def key_value_table(rows: Iterable[tuple[str, Any]], title: str | None = None) -> Table:

@@ -3,7 +3,9 @@
 Used by `fedsrd status` (and cron jobs around it). Every upload of the round being
 collected is checked exactly as `aggregate` would check it, but a bad file is reported
 instead of stopping the scan. Uploads of earlier rounds (an inbox that keeps every round's
-files) are listed as "old" and otherwise left alone; other kinds are "ignored".
+files) are listed as "old" and otherwise left alone; other kinds are "ignored". A sealed file
+(`sparsify --encrypt-to coordinator`) is "sealed", with its recipients: what it holds cannot be
+checked until it is opened (`fedsrd open`), so it counts toward nothing, and is not invalid.
 
 Exit codes of `fedsrd status` (also in errors.py):
     0   ready: every expected upload is present and valid, and nothing invalid lies beside them
@@ -14,14 +16,16 @@ Exit codes of `fedsrd status` (also in errors.py):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from fedsrd_cli.algorithms.protocol import check_uploads
-from fedsrd_cli.artifacts import Artifact, read_artifact
+from fedsrd_cli.artifacts import SEALED_MAGIC, Artifact, read_artifact
 from fedsrd_cli.errors import FedsrdError, RoundInvalidError, StaleUploadError, TrustError
+from fedsrd_cli.sealed import MAX_HEADER, is_sealed, recipients_of
 from fedsrd_cli.signing import Trust, check_signer, read_signature, read_verified
 
 EXIT_READY = 0
@@ -31,10 +35,11 @@ EXIT_INVALID = 11
 
 @dataclass
 class InboxFile:
-    """One `*.safetensors` file of the inbox. status: valid | invalid | stale | old | ignored.
+    """One `*.safetensors` file of the inbox. status: valid | invalid | stale | old | sealed | ignored.
 
     old: an upload of an earlier round than the one being collected (not checked further);
-    stale: an upload that claims this round or a later one but was made from another state.
+    stale: an upload that claims this round or a later one but was made from another state;
+    sealed: a sealed file (sealed.py), for `sealed_for` (the only thing it shows unopened).
     """
 
     path: str
@@ -45,6 +50,7 @@ class InboxFile:
     signer: str | None = None
     signature_verified: bool = False
     problem: str | None = None
+    sealed_for: list[str] | None = None
 
 
 # A secure round's masked uploads wait in the inbox as plain uploads do.
@@ -62,7 +68,29 @@ def _earlier_upload(path: Path, round_index: int) -> InboxFile | None:
     return InboxFile(str(path), "old", head.kind, head.client_id, head.round, signer=_claimed_signer(path))
 
 
+def _sealed_file(path: Path) -> InboxFile | None:
+    """An entry "sealed" for a sealed file (its recipients), "invalid" for a damaged one; None when
+    the file is not sealed."""
+    try:
+        with path.open("rb") as handle:
+            start = handle.read(len(SEALED_MAGIC))
+            if not is_sealed(start):
+                return None
+            data = start + handle.read(4 + MAX_HEADER)
+            size = os.fstat(handle.fileno()).st_size
+    except OSError:
+        return None  # unreadable: the full check reports it
+    try:
+        entries, _, _ = recipients_of(data, str(path), size)
+    except FedsrdError as err:
+        return InboxFile(str(path), "invalid", problem=str(err))
+    return InboxFile(str(path), "sealed", sealed_for=[e["party"] for e in entries])
+
+
 def _inspect_file(path: Path, global_state: Artifact, trust: Trust | None) -> InboxFile:
+    sealed = _sealed_file(path)
+    if sealed is not None:
+        return sealed
     old = _earlier_upload(path, global_state.header.round + 1)
     if old is not None:
         return old
@@ -143,6 +171,7 @@ def round_status(
         waiting_for = max(0, (expect if expect is not None else 1) - len(valid))
     invalid = [e for e in entries if e.status in ("invalid", "stale")]
     old = [e for e in entries if e.status == "old"]
+    sealed = [e for e in entries if e.status == "sealed"]
     ready = not invalid and waiting_for == 0
     code = EXIT_INVALID if invalid else (EXIT_READY if ready else EXIT_WAITING)
     report = {
@@ -157,6 +186,7 @@ def round_status(
         "waiting_for": waiting_for,
         "invalid_files": len(invalid),
         "old_files": len(old),
+        "sealed_files": len(sealed),
         "ready": ready,
         "status": {EXIT_READY: "ready", EXIT_WAITING: "waiting", EXIT_INVALID: "invalid"}[code],
         "exit_code": code,

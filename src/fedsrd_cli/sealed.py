@@ -6,7 +6,9 @@ A sealed file is
     length                    4 bytes, little-endian: the header's length
     header                    JSON: {"recipients": [{"party", "key" (sha256 of its raw X25519
                               public key), "ephemeral" (base64 raw X25519 public key), "wrapped"
-                              (base64: the file key, sealed to that party)}], "nonce" (base64, 12)}
+                              (base64: the file key, sealed to that party)}], "nonce" (base64, 12),
+                              "length" (the body's bytes, so a copy cut short is told from one
+                              changed; files sealed before it have none)}
     body                      ChaCha20-Poly1305(file key, nonce, the whole plain file,
                               associated data = MAGIC + length + header)
 
@@ -26,7 +28,8 @@ import base64
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fedsrd_cli.agreement import AgreementKey
@@ -37,6 +40,7 @@ MAGIC = SEALED_MAGIC
 KEK_INFO = b"fedsrd-seal-v1\n"
 MAX_HEADER = 1 << 20
 MAX_PLAIN = (1 << 31) - 1  # what one ChaCha20-Poly1305 call of `cryptography` encrypts
+TAG_BYTES = 16  # ChaCha20-Poly1305's tag, at the end of the body
 
 
 def is_sealed(start: bytes) -> bool:
@@ -79,7 +83,11 @@ def seal(plain: bytes, recipients: Mapping[str, bytes]) -> bytes:
         )
     nonce = os.urandom(12)
     header = json.dumps(
-        {"recipients": entries, "nonce": base64.b64encode(nonce).decode("ascii")},
+        {
+            "recipients": entries,
+            "nonce": base64.b64encode(nonce).decode("ascii"),
+            "length": len(plain) + TAG_BYTES,
+        },
         sort_keys=True,
         separators=(",", ":"),
     ).encode()
@@ -87,31 +95,47 @@ def seal(plain: bytes, recipients: Mapping[str, bytes]) -> bytes:
     return prefix + ChaCha20Poly1305(file_key).encrypt(nonce, plain, prefix)
 
 
-def recipients_of(data: bytes, where: str) -> tuple[list[dict[str, Any]], bytes, bytes]:
-    """(the recipient entries, the nonce, the authenticated prefix) of a sealed file. TrustError
-    when the header does not parse (changed or damaged); ArtifactError when it is not sealed or cut
-    short."""
+def _cut_short(where: str, detail: str) -> ArtifactError:
+    """A sealed file cut short, wherever the cut: exit 3, as any truncated file (docs/cli.md)."""
+    return ArtifactError(f"{where}: a sealed file cut short ({detail}); truncated copy?")
+
+
+def recipients_of(
+    data: bytes, where: str, size: int | None = None
+) -> tuple[list[dict[str, Any]], bytes, bytes]:
+    """(the recipient entries, the nonce, the authenticated prefix) of a sealed file, whose first
+    bytes are `data` and whose whole size is `size` (len(data) when None). TrustError when the
+    header does not parse (changed or damaged); ArtifactError when it is not sealed or is cut short
+    (in its header, or in its body when the header records the body's length)."""
+    size = len(data) if size is None else size
     if not is_sealed(data):
+        if data and MAGIC.startswith(data[: len(MAGIC)]):
+            raise _cut_short(where, f"{size:,} bytes, within its first line")
         raise ArtifactError(f"{where}: not a sealed fedsrd file")
     length = int.from_bytes(data[len(MAGIC) : len(MAGIC) + 4], "little")
     end = len(MAGIC) + 4 + length
-    if length > MAX_HEADER or end > len(data):
-        raise ArtifactError(f"{where}: a sealed file whose header runs past its end; truncated copy?")
+    if len(data) < len(MAGIC) + 4 or length > MAX_HEADER or end > len(data):
+        raise _cut_short(where, f"{size:,} bytes: its header runs past its end")
     try:
         header = json.loads(data[len(MAGIC) + 4 : end])
         entries = list(header["recipients"])
         nonce = base64.b64decode(header["nonce"], validate=True)
+        body = header.get("length")  # absent in files sealed before it was recorded
+        if body is not None and (not isinstance(body, int) or isinstance(body, bool) or body < TAG_BYTES):
+            raise TypeError("length")
         for entry in entries:
             for field in ("party", "key", "ephemeral", "wrapped"):
                 if not isinstance(entry[field], str):
                     raise TypeError(field)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         # The header is authenticated with the body (it is the AEAD's associated data), so a header
         # that no longer parses was changed after sealing, exactly like one that parses but fails
         # the tag: one refusal for both, whichever byte the damage hit.
         raise TrustError(
             f"{where}: cannot be opened: its header was changed after sealing, or is damaged"
         ) from None
+    if body is not None and size - end < body:
+        raise _cut_short(where, f"{size - end:,} of its {body:,} bytes after the header")
     return entries, nonce, data[:end]
 
 
@@ -122,7 +146,7 @@ def open_sealed(data: bytes, key: AgreementKey, where: str) -> bytes:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-    entries, nonce, prefix = recipients_of(data, where)
+    entries, nonce, prefix = recipients_of(data, where)  # a copy cut short: ArtifactError
     mine = "sha256:" + hashlib.sha256(key.public).hexdigest()
     entry = next((e for e in entries if e["party"] == key.party and e["key"] == mine), None)
     if entry is None:
@@ -140,10 +164,20 @@ def open_sealed(data: bytes, key: AgreementKey, where: str) -> bytes:
         raise TrustError(f"{where}: cannot be opened: it was changed after sealing, or is damaged") from None
 
 
-def sealer(recipients: Mapping[str, bytes]) -> Callable[[list[Any]], list[Any]]:
-    """The `seal=` argument of artifacts.write_artifact: file parts -> [the sealed bytes]."""
+@dataclass(frozen=True)
+class Sealer:
+    """The `seal=` argument of artifacts.write_artifact: file parts -> [the sealed bytes]; it keeps
+    its recipients' names, so the command can say whom the file it wrote is sealed for."""
 
-    def apply(parts: list[Any]) -> list[Any]:
-        return [seal(b"".join(bytes(p) for p in parts), recipients)]
+    recipients: Mapping[str, bytes]
 
-    return apply
+    @property
+    def parties(self) -> list[str]:
+        return sorted(self.recipients)
+
+    def __call__(self, parts: list[Any]) -> list[Any]:
+        return [seal(b"".join(bytes(p) for p in parts), self.recipients)]
+
+
+def sealer(recipients: Mapping[str, bytes]) -> Sealer:
+    return Sealer(dict(recipients))

@@ -57,6 +57,9 @@ class LocalTraining:
 # (docs/results.md) small local steps at a small lr hold, 30 steps at lr 1e-3 do not. The toy
 # model, pretrained here for a few minutes, needs the bigger steps to move at all.
 LOCAL_TRAINING_REAL = LocalTraining(local_steps=10, lr=1e-4, batch_size=8, max_length=128)
+# --metrics-max-new-tokens of a new run: what the measured real-task runs used (docs/results.md);
+# runs recorded before it became the default have 256 and keep it when resumed.
+METRICS_MAX_NEW_TOKENS = 128
 LOCAL_TRAINING_TOY = LocalTraining(local_steps=30, lr=1e-3, batch_size=16, max_length=512)
 
 
@@ -97,7 +100,8 @@ class SimulateConfig:
         round Poisson-samples the clients that train at (clip, noise multiplier, sampling
         rate, delta); FedSRD-e only. None: none.
     task_metrics: also score every eval file's task records each round, round 0 included
-        (eval --metrics; task_eval.py); generated answers get at most metrics_max_new_tokens.
+        (eval --metrics; task_eval.py); generated answers get at most metrics_max_new_tokens
+        (None: METRICS_MAX_NEW_TOKENS, or what a resumed run recorded: with_recorded_defaults).
     """
 
     base: str
@@ -138,7 +142,7 @@ class SimulateConfig:
     secure: bool = False
     secure_clip: float = 1.0
     task_metrics: bool = False
-    metrics_max_new_tokens: int = 256
+    metrics_max_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
         from fedsrd_cli.algorithms import get_algorithm
@@ -183,7 +187,7 @@ class SimulateConfig:
         _require(self.max_length >= 2, f"--max-length must be >= 2, got {self.max_length}")
         _require(self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {self.eval_batch_size}")
         _require(
-            1 <= self.metrics_max_new_tokens <= 65_536,
+            self.metrics_max_new_tokens is None or 1 <= self.metrics_max_new_tokens <= 65_536,
             f"--metrics-max-new-tokens must be in [1, 65,536], got {self.metrics_max_new_tokens}",
         )
         _require(
@@ -300,6 +304,8 @@ class SimulateConfig:
         if not self.task_metrics:  # likewise
             data.pop("task_metrics")
             data.pop("metrics_max_new_tokens")
+        elif data["metrics_max_new_tokens"] is None:
+            data["metrics_max_new_tokens"] = METRICS_MAX_NEW_TOKENS
         if data["demo_model"] in (None, "toy"):  # demo runs recorded before --model existed were toy
             data.pop("demo_model")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
@@ -369,6 +375,24 @@ def _write_json(path: Path, data: Any) -> None:
 
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     write_bytes_atomic(path, text.encode("utf-8"), force=True)
+
+
+def with_recorded_defaults(out_dir: Path, config: SimulateConfig) -> SimulateConfig:
+    """`config` with its defaults (None) settled: --metrics-max-new-tokens is what a resumed run
+    recorded (256 for runs started before the default became 128), else METRICS_MAX_NEW_TOKENS.
+    A value given explicitly stays, and is checked against the record as every setting is."""
+    if config.metrics_max_new_tokens is not None:
+        return config
+    value = METRICS_MAX_NEW_TOKENS
+    config_path = out_dir / "config.json"
+    if config.task_metrics and config_path.is_file():
+        try:
+            recorded = json.loads(config_path.read_text())
+        except (OSError, ValueError):
+            recorded = {}  # _load_results reports it
+        if isinstance(recorded, dict) and isinstance(recorded.get("metrics_max_new_tokens"), int):
+            value = recorded["metrics_max_new_tokens"]
+    return replace(config, metrics_max_new_tokens=value)
 
 
 def _load_results(out_dir: Path, config: SimulateConfig) -> dict[str, Any]:
@@ -477,6 +501,7 @@ def simulate(
     )
 
     out_dir = Path(out_dir)
+    config = with_recorded_defaults(out_dir, config)
     results = _load_results(out_dir, config)
     runs: dict[str, Any] = results.setdefault("runs", {})
     seeds = config.seed_values()

@@ -34,8 +34,8 @@ from fedsrd_cli.cli.options import (
     trust_from_flags,
 )
 from fedsrd_cli.cli.render import written
-from fedsrd_cli.config import DEFAULT_DP_MAX_GRAD_NORM
 from fedsrd_cli.errors import UsageError
+from fedsrd_cli.limits import DEFAULT_DP_MAX_GRAD_NORM
 from fedsrd_cli.output import Output, data_table, human_bytes, human_duration, key_value_table
 
 
@@ -405,6 +405,7 @@ def sparsify_cmd(
             "tensors": len(header.layout or payload.tensors),
             **({"roster": header.info["secure"]["roster"]} if secure else {}),
         },
+        sealed_for=seal,
     )
 
 

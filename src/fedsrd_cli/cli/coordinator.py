@@ -52,11 +52,19 @@ def init_cmd(
     from fedsrd_cli.atomic import ensure_writable
     from fedsrd_cli.config import InitConfig
     from fedsrd_cli.model_spec import fingerprint_base, lora_module_shapes
+    from fedsrd_cli.signing import COORDINATOR
 
     out = Output(json_mode)
     config = InitConfig(rank, alpha, targets, seed)
     signer, _ = trust_from_flags(sign_key, None)
     seal = seal_for(encrypt_to, trust_dir)
+    writer = signer.name if signer is not None else COORDINATOR  # init is the coordinator's
+    if seal is not None and writer not in seal.parties:
+        raise UsageError(
+            f"--encrypt-to {','.join(seal.parties)} would seal the only copy of the round-0 state so that"
+            f" {writer!r}, who writes it and aggregates from it, cannot read it: add {writer} to"
+            " --encrypt-to, or write it plain and `fedsrd seal` a copy for the sites"
+        )
     ensure_writable(out_path, force, [("--base", base)])
     fingerprint = fingerprint_base(base)
     lora, shapes = lora_module_shapes(base, config.targets, config.rank, config.alpha)
@@ -70,6 +78,7 @@ def init_cmd(
         out_path,
         header,
         {"modules": len(shapes), "lora_parameters": params, "lora": lora.describe()},
+        sealed_for=seal,
     )
 
 
@@ -539,8 +548,9 @@ def broadcast_cmd(
             **({"update_error": error["overall"], "worst_module": worst(error["modules"])} if error else {}),
             **_broadcast_privacy_summary(header),
             "threads": threads,
-            **({"warning": warning} if warning else {}),
+            "warnings": [warning] if warning else [],  # a list, as train-local and simulate give it
         },
+        sealed_for=seal,
     )
 
 
@@ -582,7 +592,8 @@ def status_cmd(
 ) -> None:
     """Coordinator: which uploads of this round are in INBOX, valid and signed; is the round ready?
 
-    Uploads of earlier rounds are listed as old and do not count. Exit codes for cron:
+    Uploads of earlier rounds are listed as old and do not count, nor do sealed files (listed
+    with their recipients; `fedsrd open` them first). Exit codes for cron:
     0 ready to aggregate; 10 waiting (expected uploads missing, nothing invalid); 11
     invalid files present (corrupt, stale, unsigned, forged, duplicate or unexpected
     client), or with --trust a global state not signed by the coordinator. Without
@@ -611,7 +622,15 @@ def status_cmd(
         signer = f["signer"] or "-"
         if f["signer"] and not f["signature_verified"]:
             signer += " (unverified)"
-        status = f["status"] if f["kind"] in (None, "upload") else f"ignored ({f['kind']})"
+        # The text says what --json says; a kind is added where it is not a plain upload.
+        if f["status"] == "sealed":
+            status = f"sealed (for {', '.join(f['sealed_for'])})"
+        elif f["status"] == "ignored":
+            status = f"ignored ({f['kind']})"
+        elif f["kind"] == "masked_upload":  # a secure round's upload: counted as a plain one is
+            status = f"{f['status']} (masked)"
+        else:
+            status = f["status"]
         round_text = "-" if f["round"] is None else str(f["round"])
         rows.append(
             (Path(f["path"]).name, status, f["client_id"] or "-", round_text, signer, f["problem"] or "")
@@ -640,6 +659,11 @@ def status_cmd(
             ),
             ("invalid files", report["invalid_files"]),
             *([("old files", f"{report['old_files']} (earlier rounds)")] if report["old_files"] else []),
+            *(
+                [("sealed files", f"{report['sealed_files']} (not counted: `fedsrd open` them first)")]
+                if report["sealed_files"]
+                else []
+            ),
             ("status", report["status"]),
         ]
     )

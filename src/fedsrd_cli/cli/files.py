@@ -81,6 +81,7 @@ def _artifact_view(report: dict[str, Any], tensors: bool) -> list[Any]:
     if "result_hash" in report:
         rows.append(("result state", short(report["result_hash"])))
     rows += _broadcast_rows(report.get("info", {}) if report["kind"] == "broadcast" else {})
+    rows += _aggregate_rows(report.get("info", {}) if report["kind"] == "aggregate" else {})
     rows += _fidelity_rows(report.get("info", {}))
     rows += _privacy_rows(report.get("privacy"))
     signature = report["signature"]
@@ -167,6 +168,13 @@ def _broadcast_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     if "download_fit" in info:
         choice, damping = info["factor_choice"], info["damping"]
         rows.append(("download", f"fit {info['download_fit']}, factor choice {choice}, damping {damping:g}"))
+    value_dtype = info.get("value_dtype")
+    if value_dtype in ("int8", "int4"):
+        from fedsrd_cli.math.quantize import BLOCK
+
+        rows.append(("values", f"{value_dtype}: block-quantized codes, a float32 scale per {BLOCK} values"))
+    elif value_dtype is not None:
+        rows.append(("values", str(value_dtype)))
     if "server_lr" in info:
         rows.append(("server lr", f"{info['server_lr']:g}: every factor update sent is scaled by it"))
     if "update_error" in info:
@@ -175,6 +183,13 @@ def _broadcast_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     if info.get("update_step", {}).get("factors"):
         rows.append(("largest step", worst(info["update_step"]["factors"])))
     return rows
+
+
+def _aggregate_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """inspect's lines on how an aggregate stores its sum (what --json has in `info` too)."""
+    if info.get("aligned"):
+        return [("factors", "aligned to the clients' own factors (--align-factors), not the truncated SVD's")]
+    return []
 
 
 def _fidelity_rows(info: dict[str, Any]) -> list[tuple[str, str]]:

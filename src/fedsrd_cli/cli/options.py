@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fedsrd_cli.config import DEFAULT_DP_MAX_GRAD_NORM
 from fedsrd_cli.errors import UsageError
+from fedsrd_cli.limits import DEFAULT_DP_MAX_GRAD_NORM
 
 if TYPE_CHECKING:
+    from fedsrd_cli.sealed import Sealer
     from fedsrd_cli.signing import SigningKey, Trust
 
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -186,8 +187,9 @@ def sealing_keys(parties: str, trust_dir: Path | None) -> dict[str, bytes]:
     return {name: published_key(trust, name) for name in names}
 
 
-def seal_for(encrypt_to: str | None, trust_dir: Path | None) -> Callable[[list[Any]], list[Any]] | None:
-    """The `seal=` argument of artifacts.write_artifact for an optional --encrypt-to."""
+def seal_for(encrypt_to: str | None, trust_dir: Path | None) -> Sealer | None:
+    """The `seal=` argument of artifacts.write_artifact for an optional --encrypt-to (its `parties`
+    go on the command's "wrote" line)."""
     if encrypt_to is None:
         return None
     from fedsrd_cli.sealed import sealer

