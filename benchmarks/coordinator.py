@@ -16,8 +16,10 @@ It prints, all measured in this run:
    factors). Speed ratio and max relative difference of dB.
 2. a full coordinator round through the real CLI (`fedsrd aggregate`, `fedsrd broadcast`, as
    subprocesses, default settings): wall time and peak RSS, and the time as a multiple of the
-   dense route's time per layer from 1. (a ratio that a loaded machine leaves about the same);
-   then the same round again with `--busy` processes spinning on other cores meanwhile.
+   dense route's time per layer from 1. (it cancels a load that slows both alike; the dense
+   route keeps torch's thread count where the CLI picks one per idle core, so on a busy
+   machine the dense route slows more and the ratio reads low); then the same round again
+   with `--busy` processes spinning on other cores meanwhile.
 3. bytes per client: upload and download files on disk at the default settings, against the
    paper's 31 MB up and 43 MB down (MB = 2^20 bytes), and dense fp32 FedAvg; the upload's
    masks as stored and as the paper's 1 bit per element.
