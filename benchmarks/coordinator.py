@@ -190,15 +190,15 @@ def coordinator_round(
     )
     rss_agg, rss_bc = mb_agg / 1024, mb_bc / 1024
     print(
-        f"      against the dense route's {dense_layer_s:.2f} s per layer in this run: aggregate"
-        f" {t_agg / dense_layer_s:.3f}, broadcast {t_bc / dense_layer_s:.3f}, round"
-        f" {(t_agg + t_bc) / dense_layer_s:.3f} dense layers"
-    )
-    print(
         f"    {label}: aggregate {t_agg:6.1f} s   broadcast {t_bc:6.1f} s   total {t_agg + t_bc:6.1f} s"
         f"   (target <= 20 s for 28 layers on idle cores)"
     )
     print(f"      peak RSS: aggregate {rss_agg:.2f} GB, broadcast {rss_bc:.2f} GB   (target <= 4 GB)")
+    print(
+        f"      against the dense route's {dense_layer_s:.2f} s per layer in this run: aggregate"
+        f" {t_agg / dense_layer_s:.3f}, broadcast {t_bc / dense_layer_s:.3f}, round"
+        f" {(t_agg + t_bc) / dense_layer_s:.3f} dense layers"
+    )
     return t_agg, t_bc, max(rss_agg, rss_bc)
 
 
