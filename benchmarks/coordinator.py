@@ -15,8 +15,11 @@ It prints, all measured in this run:
    (Gram matrices of the thin factors, an SVD of the small core, the same solve from the
    factors). Speed ratio and max relative difference of dB.
 2. a full coordinator round through the real CLI (`fedsrd aggregate`, `fedsrd broadcast`, as
-   subprocesses, default settings): wall time and peak RSS; then the same round again with
-   `--busy` processes spinning on other cores meanwhile.
+   subprocesses, default settings): wall time and peak RSS, and the time as a multiple of the
+   dense route's time per layer from 1. (it cancels a load that slows both alike; the dense
+   route keeps torch's thread count where the CLI picks one per idle core, so on a busy
+   machine the dense route slows more and the ratio reads low); then the same round again
+   with `--busy` processes spinning on other cores meanwhile.
 3. bytes per client: upload and download files on disk at the default settings, against the
    paper's 31 MB up and 43 MB down (MB = 2^20 bytes), and dense fp32 FedAvg; the upload's
    masks as stored and as the paper's 1 bit per element.
@@ -107,7 +110,9 @@ def build_local(global_path: Path, path: Path, seed: int) -> None:
     write_artifact(path, header, tensors)
 
 
-def dense_vs_thin(global_path: Path, upload_paths: list[Path], layers: int) -> None:
+def dense_vs_thin(global_path: Path, upload_paths: list[Path], layers: int) -> float:
+    """Prints the comparison; returns the dense route's seconds per decoder layer (the yardstick
+    that the coordinator round is measured against, so that a loaded machine cancels out)."""
     state = read_artifact(global_path, verify=False)
     uploads = [read_artifact(p, verify=False) for p in upload_paths]
     weights = [1.0 / len(uploads)] * len(uploads)
@@ -151,6 +156,7 @@ def dense_vs_thin(global_path: Path, upload_paths: list[Path], layers: int) -> N
     print(f"    ours  (Gram matrices + small-core SVD, damped solve; fp64): {thin_s:8.2f} s")
     print(f"    speed ratio: {dense_s / thin_s:.1f}x   (target >= 100x)")
     print(f"    max relative difference of dB: {worst:.2e}   (target <= 1e-4)")
+    return dense_s / layers
 
 
 # A small launcher process runs the command, so the peak RSS it reports is the command's own
@@ -174,9 +180,10 @@ def run_cli(args: list[str]) -> tuple[float, float, str]:
 
 
 def coordinator_round(
-    g0: Path, uploads: list[Path], agg: Path, bc: Path, g1: Path, label: str
+    g0: Path, uploads: list[Path], agg: Path, bc: Path, g1: Path, label: str, dense_layer_s: float
 ) -> tuple[float, float, float]:
-    """`fedsrd aggregate` then `fedsrd broadcast` at the defaults: (seconds, seconds, peak GB)."""
+    """`fedsrd aggregate` then `fedsrd broadcast` at the defaults: (seconds, seconds, peak GB).
+    Also printed as a ratio to dense_layer_s, the dense route's time per layer in this run."""
     t_agg, mb_agg, _ = run_cli(["aggregate", "--global", str(g0), "--out", str(agg), *map(str, uploads)])
     t_bc, mb_bc, _ = run_cli(
         ["broadcast", "--global", str(g0), "--aggregate", str(agg), "--out", str(bc), "--out-global", str(g1)]
@@ -187,6 +194,11 @@ def coordinator_round(
         f"   (target <= 20 s for 28 layers on idle cores)"
     )
     print(f"      peak RSS: aggregate {rss_agg:.2f} GB, broadcast {rss_bc:.2f} GB   (target <= 4 GB)")
+    print(
+        f"      against the dense route's {dense_layer_s:.2f} s per layer in this run: aggregate"
+        f" {t_agg / dense_layer_s:.3f}, broadcast {t_bc / dense_layer_s:.3f}, round"
+        f" {(t_agg + t_bc) / dense_layer_s:.3f} dense layers"
+    )
     return t_agg, t_bc, max(rss_agg, rss_bc)
 
 
@@ -223,11 +235,11 @@ def main() -> None:
             f"made in {time.perf_counter() - start:.0f} s"
         )
 
-        dense_vs_thin(g0, uploads, args.dense_layers)
+        dense_layer_s = dense_vs_thin(g0, uploads, args.dense_layers)
 
         agg, bc, g1 = work / "aggregate.safetensors", work / "broadcast.safetensors", work / "g1.safetensors"
         print(f"[2] coordinator round through the CLI, {args.layers} layers, {args.clients} clients")
-        t_agg, t_bc, peak_gb = coordinator_round(g0, uploads, agg, bc, g1, "idle cores")
+        t_agg, t_bc, peak_gb = coordinator_round(g0, uploads, agg, bc, g1, "idle cores", dense_layer_s)
         if args.busy:
             spinners = [
                 subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)
@@ -235,7 +247,9 @@ def main() -> None:
             try:
                 for path in (agg, bc, g1):
                     path.unlink()
-                coordinator_round(g0, uploads, agg, bc, g1, f"{args.busy} busy process(es) beside it")
+                coordinator_round(
+                    g0, uploads, agg, bc, g1, f"{args.busy} busy process(es) beside it", dense_layer_s
+                )
             finally:
                 for spinner in spinners:
                     spinner.kill()

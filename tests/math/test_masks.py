@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from fedsrd_cli.math.masks import (
+    MASK_CHUNK,
     count_set_bits,
     keep_threshold,
     pack_bits,
     padding_is_clean,
     random_bits32,
     seeded_keep_mask,
+    stream_key,
     unpack_bits,
 )
 
@@ -86,3 +88,17 @@ def test_zero_sparsity_keeps_everything():
 def test_count_set_bits_matches_unpacked_sum():
     mask = torch.rand(1003, generator=torch.Generator().manual_seed(9)) < 0.4
     assert count_set_bits(pack_bits(mask)) == int(mask.sum())
+
+
+@pytest.mark.parametrize("numel", [MASK_CHUNK - 1, MASK_CHUNK, 2 * MASK_CHUNK + 7])
+def test_masks_drawn_in_chunks_match_the_specification_across_chunk_edges(numel):
+    name = "base_model.model.model.layers.3.mlp.down_proj.lora_A.weight"
+    k0, k1 = stream_key(5, name)
+    edges = [0, 1, MASK_CHUNK - 1, MASK_CHUNK, MASK_CHUNK + 1, 2 * MASK_CHUNK, numel - 1]
+    probes = sorted({j for j in edges if 0 <= j < numel})
+    bits = random_bits32(5, name, numel)
+    assert bits.shape == (numel,)
+    assert [int(bits[j]) for j in probes] == [_mix32_reference(_mix32_reference(j ^ k0) ^ k1) for j in probes]
+    threshold = keep_threshold(0.8)
+    mask = seeded_keep_mask(5, name, (numel,), 0.8)
+    assert torch.equal(mask, bits < threshold)

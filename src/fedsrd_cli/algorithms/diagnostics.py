@@ -31,7 +31,7 @@ import torch
 
 from fedsrd_cli import naming
 from fedsrd_cli.artifacts import Header
-from fedsrd_cli.math.lowrank import outside_row_space, product_inner, update_error_norms
+from fedsrd_cli.math.lowrank import TargetProducts, outside_row_space, product_inner, update_error_norms
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # a thin product's (left (d_out, k), right (k, d_in))
 
@@ -89,15 +89,22 @@ class BroadcastDiagnostics:
         before: dict[str, torch.Tensor],
         after: dict[str, torch.Tensor],
         reach_miss: float | None = None,
+        products: TargetProducts | None = None,
     ) -> None:
         """One module: target W = left (d_out, k) @ right (k, d_in); before/after: {"A": (r, d_in),
-        "B": (d_out, r)}, the factors before the broadcast and after it is applied; reach_miss:
-        the chosen factor's whole-update miss (steps.ModuleUpdate), for one-factor downloads."""
+        "B": (d_out, r)}, the factors before the broadcast and after it is applied (a factor left
+        as it was is the same tensor in both); reach_miss: the chosen factor's whole-update miss
+        (steps.ModuleUpdate), for one-factor downloads; products: that solve's thin products of
+        this target and these previous factors (float64), reused instead of formed again."""
         if self.target_known:
-            b_prev, a_prev = before["B"].double(), before["A"].double()
-            miss, target = update_error_norms(
-                left, right, b_prev, a_prev, after["B"].double(), after["A"].double()
-            )
+            if products is None:
+                b_prev, a_prev = before["B"].double(), before["A"].double()
+                b_next, a_next = after["B"].double(), after["A"].double()
+            else:
+                b_prev, a_prev = products.b_prev, products.a_prev
+                b_next = b_prev if after["B"] is before["B"] else after["B"].double()
+                a_next = a_prev if after["A"] is before["A"] else after["A"].double()
+            miss, target = update_error_norms(left, right, b_prev, a_prev, b_next, a_next, products)
             self.errors[module] = round(miss / target, 6) if target > 0 else 0.0
             self._miss2 += miss**2
             self._target2 += target**2

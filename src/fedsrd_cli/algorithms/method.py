@@ -368,7 +368,7 @@ class Method(Algorithm):
                 tensors.update({name + suffix: tensor for suffix, tensor in stored.items()})
                 layout[name] = list(delta.shape)
                 after[factor] = apply_values(prev[factor], mask, values)  # as every client will
-            diagnostics.add(module, left, right, prev, after, update.reach_miss)
+            diagnostics.add(module, left, right, prev, after, update.reach_miss, update.products)
             next_tensors.update({naming.factor_key(module, f): t for f, t in after.items()})
         header = round_header(
             global_state,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -34,6 +34,7 @@ from fedsrd_cli.math.importance import (
     sparsify_delta,
 )
 from fedsrd_cli.math.lowrank import (
+    TargetProducts,
     balanced_factors,
     choose_factor,
     masked_update_a,
@@ -391,11 +392,13 @@ class ModuleUpdate:
     that factor's download mask, and whether the scheduled factor was replaced by the other
     (FedSRD's rank-deficiency fallback). reach_miss (one-factor downloads): how far the chosen
     factor's whole least-squares update, before any mask, lands from the target W,
-    ||B' A' - W||_F: the part of the target no update of that factor can carry."""
+    ||B' A' - W||_F: the part of the target no update of that factor can carry. products: the
+    solve's thin products of the target (math.lowrank.TargetProducts), for the update error."""
 
     deltas: list[tuple[str, torch.Tensor]]
     fell_back: bool = False
     reach_miss: float | None = None
+    products: TargetProducts | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -457,17 +460,18 @@ def alternating_update(
     if download.factor_choice == "both":
         return both_factors_update(a_prev, b_prev, left, right, download)
     whole = {"B": update_b, "A": update_a}
+    # the solves, their misses and the broadcast's update error share these products
+    products = TargetProducts(left, right, b_prev, a_prev)
     if download.factor_choice == "fit":
-        deltas = {f: whole[f](left, right, b_prev, a_prev, download.damping) for f in ("B", "A")}
+        deltas = {f: whole[f](left, right, b_prev, a_prev, download.damping, products) for f in ("B", "A")}
     else:
         factor = "B" if download.factor_choice == "b" else choose_factor(round_index, b_prev, a_prev)
         # the other factor's update left at zero: its miss is not used
         deltas = {"B": torch.zeros_like(b_prev), "A": torch.zeros_like(a_prev)}
-        deltas[factor] = whole[factor](left, right, b_prev, a_prev, download.damping)
+        deltas[factor] = whole[factor](left, right, b_prev, a_prev, download.damping, products)
     # whole-factor least-squares updates (d_out, r) and (r, d_in), and how far each lands from W
-    misses = dict(
-        zip(("B", "A"), one_factor_misses(left, right, b_prev, a_prev, deltas["B"], deltas["A"]), strict=True)
-    )
+    found = one_factor_misses(left, right, b_prev, a_prev, deltas["B"], deltas["A"], products)
+    misses = dict(zip(("B", "A"), found, strict=True))
     if download.factor_choice == "fit":
         factor = "B" if misses["B"] <= misses["A"] else "A"
     reach_miss = misses[factor]
@@ -478,7 +482,7 @@ def alternating_update(
     else:
         sent = dare_fit(deltas[factor], keep, download.keep_prob)
     fell_back = download.factor_choice == "parity" and factor != scheduled_factor(round_index)
-    return ModuleUpdate([(factor, sent)], fell_back, reach_miss)
+    return ModuleUpdate([(factor, sent)], fell_back, reach_miss, products)
 
 
 def both_factors_update(

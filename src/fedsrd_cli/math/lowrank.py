@@ -13,6 +13,7 @@ Nothing here ever allocates a (d_out, d_in) matrix. Pure torch; no files.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import cached_property
 
 import torch
 
@@ -188,12 +189,73 @@ def _ridge_scale(gram: torch.Tensor, damping: float) -> torch.Tensor:
         return damping * torch.linalg.eigvalsh(gram)[-1].clamp(min=0.0)
 
 
+class TargetProducts:
+    """One module's thin products for the target W = left @ right, each formed once, on first use.
+
+    left (d_out, k), right (k, d_in), b_prev (d_out, r), a_prev (r, d_in). The one-factor solves
+    (update_b, update_a), their misses (one_factor_misses) and the broadcast's update error
+    (update_error_norms) need many of the same (k, r), (r, r) and thin products; given one of
+    these, each reads them from here instead of forming them again. Every product is the very
+    expression the functions form without one, so the results are the same to the last bit.
+    """
+
+    def __init__(self, left: torch.Tensor, right: torch.Tensor, b_prev: torch.Tensor, a_prev: torch.Tensor):
+        self.left, self.right, self.b_prev, self.a_prev = left, right, b_prev, a_prev
+
+    @cached_property
+    def gram_a(self) -> torch.Tensor:  # (r, r) = A_prev A_prev^T
+        return self.a_prev @ self.a_prev.mT
+
+    @cached_property
+    def gram_b(self) -> torch.Tensor:  # (r, r) = B_prev^T B_prev
+        return self.b_prev.mT @ self.b_prev
+
+    @cached_property
+    def right_a(self) -> torch.Tensor:  # (k, r) = right A_prev^T
+        return self.right @ self.a_prev.mT
+
+    @cached_property
+    def left_b(self) -> torch.Tensor:  # (k, r) = left^T B_prev
+        return self.left.mT @ self.b_prev
+
+    @cached_property
+    def b_left(self) -> torch.Tensor:  # (r, k) = B_prev^T left
+        return self.b_prev.mT @ self.left
+
+    @cached_property
+    def gram_b_a(self) -> torch.Tensor:  # (r, d_in) = G_B A_prev
+        return self.gram_b @ self.a_prev
+
+    @cached_property
+    def along_b(self) -> torch.Tensor:  # (d_out, r) = T A_prev^T, T = W - B_prev A_prev
+        return self.left @ self.right_a - self.b_prev @ self.gram_a
+
+    @cached_property
+    def rhs_a(self) -> torch.Tensor:  # (r, d_in) = B_prev^T T, as update_a forms it
+        return self.b_left @ self.right - self.gram_b_a
+
+    @cached_property
+    def along_a(self) -> torch.Tensor:  # (r, d_in) = B_prev^T T, as one_factor_misses forms it
+        return self.left_b.mT @ self.right - self.gram_b_a
+
+    @cached_property
+    def product_terms(self) -> torch.Tensor:  # sum((L^T L) * (R R^T)) = ||W||_F^2
+        return ((self.left.mT @ self.left) * (self.right @ self.right.mT)).sum()
+
+    @cached_property
+    def target2(self) -> torch.Tensor:  # ||T||_F^2, possibly rounded below zero
+        return (
+            self.product_terms - 2.0 * (self.left_b * self.right_a).sum() + (self.gram_b * self.gram_a).sum()
+        )
+
+
 def update_b(
     left: torch.Tensor,
     right: torch.Tensor,
     b_prev: torch.Tensor,
     a_prev: torch.Tensor,
     damping: float = 0.0,
+    products: TargetProducts | None = None,
 ) -> torch.Tensor:
     """Least-squares B update for the target W_r = left @ right, optionally ridge-damped.
 
@@ -206,16 +268,19 @@ def update_b(
     The damped solve minimises ||dB A_prev - dW||_F^2 + lam ||dB||_F^2: directions where A_prev
     is weak (sigma_i^2 << lam) are not inverted, so dB is at most ||dW|| / (2 sqrt(lam)) per
     direction instead of ||dW|| / sigma_min(A_prev). A zero A_prev gives dB = 0, as pinv does.
+    products: the module's TargetProducts, when the caller shares them (the damped solve reads
+    G and dW A_prev^T from there).
     """
     if damping == 0.0:
         with single_threaded():
             a_pinv = torch.linalg.pinv(a_prev)  # (d_in, r)
         return left @ (right @ a_pinv) - b_prev @ (a_prev @ a_pinv)
-    gram = a_prev @ a_prev.mT  # (r, r)
+    products = products or TargetProducts(left, right, b_prev, a_prev)
+    gram = products.gram_a  # (r, r)
     lam = _ridge_scale(gram, damping)
     if float(lam) == 0.0:
         return torch.zeros_like(b_prev)
-    rhs = left @ (right @ a_prev.mT) - b_prev @ gram  # (d_out, r) = dW A_prev^T
+    rhs = products.along_b  # (d_out, r) = dW A_prev^T
     with single_threaded():
         chol = torch.linalg.cholesky(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype))
         return torch.cholesky_solve(rhs.mT, chol).mT  # (G + lam I) is symmetric
@@ -227,6 +292,7 @@ def update_a(
     b_prev: torch.Tensor,
     a_prev: torch.Tensor,
     damping: float = 0.0,
+    products: TargetProducts | None = None,
 ) -> torch.Tensor:
     """Least-squares A update for the target W_r = left @ right, optionally ridge-damped.
 
@@ -237,16 +303,18 @@ def update_a(
       damping > 0:  dA = (B_prev^T B_prev + lam I)^-1 B_prev^T dW,  lam = damping * sigma_max(B_prev)^2
                        = (G + lam I)^-1 ((B_prev^T left) right - G A_prev),  G = B_prev^T B_prev (r, r)
     (the ridge solve of update_b, transposed). A zero B_prev gives dA = 0, as pinv does.
+    products: as for update_b.
     """
     if damping == 0.0:
         with single_threaded():
             b_pinv = torch.linalg.pinv(b_prev)  # (r, d_out)
         return (b_pinv @ left) @ right - (b_pinv @ b_prev) @ a_prev
-    gram = b_prev.mT @ b_prev  # (r, r)
+    products = products or TargetProducts(left, right, b_prev, a_prev)
+    gram = products.gram_b  # (r, r)
     lam = _ridge_scale(gram, damping)
     if float(lam) == 0.0:
         return torch.zeros_like(a_prev)
-    rhs = (b_prev.mT @ left) @ right - gram @ a_prev  # (r, d_in) = B_prev^T dW
+    rhs = products.rhs_a  # (r, d_in) = B_prev^T dW
     with single_threaded():
         chol = torch.linalg.cholesky(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype))
         return torch.cholesky_solve(rhs, chol)
@@ -315,6 +383,7 @@ def one_factor_misses(
     a_prev: torch.Tensor,
     delta_b: torch.Tensor,
     delta_a: torch.Tensor,
+    products: TargetProducts | None = None,
 ) -> tuple[float, float]:
     """How far each one-factor update lands from W = left @ right: (miss_B, miss_A).
 
@@ -327,20 +396,13 @@ def one_factor_misses(
         ||T||^2 = sum((L^T L) * (R R^T)) - 2 sum((L^T B_prev) * (R A_prev^T)) + sum(G_B * G_A)
     Only (k, k), (k, r) and (r, r) products and two thin ones are formed: no concatenation,
     nothing of size (d_out, d_in). Squares that round below zero count as 0.
+    products: the module's TargetProducts, shared with the solves (TargetProducts.target2,
+    along_b, along_a and the Gram matrices are these very expressions).
     """
-    gram_a = a_prev @ a_prev.mT  # (r, r)
-    gram_b = b_prev.mT @ b_prev  # (r, r)
-    right_a = right @ a_prev.mT  # (k, r)
-    left_b = left.mT @ b_prev  # (k, r)
-    target2 = (
-        ((left.mT @ left) * (right @ right.mT)).sum()
-        - 2.0 * (left_b * right_a).sum()
-        + (gram_b * gram_a).sum()
-    )
-    along_b = left @ right_a - b_prev @ gram_a  # (d_out, r) = T A_prev^T
-    along_a = left_b.mT @ right - gram_b @ a_prev  # (r, d_in) = B_prev^T T
-    miss_b2 = ((delta_b.mT @ delta_b) * gram_a).sum() - 2.0 * (delta_b * along_b).sum() + target2
-    miss_a2 = (gram_b * (delta_a @ delta_a.mT)).sum() - 2.0 * (delta_a * along_a).sum() + target2
+    p = products or TargetProducts(left, right, b_prev, a_prev)
+    target2 = p.target2
+    miss_b2 = ((delta_b.mT @ delta_b) * p.gram_a).sum() - 2.0 * (delta_b * p.along_b).sum() + target2
+    miss_a2 = (p.gram_b * (delta_a @ delta_a.mT)).sum() - 2.0 * (delta_a * p.along_a).sum() + target2
     return float(miss_b2.clamp(min=0.0).sqrt()), float(miss_a2.clamp(min=0.0).sqrt())
 
 
@@ -350,12 +412,22 @@ def _sum_product_norm(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> flo
     ||sum_j X_j Y_j||^2 = sum_{j,l} sum((X_j^T X_l) * (Y_j Y_l^T)), each term (k_j, k_l); the
     same as product_frobenius_norm of the concatenated factors, with no concatenation.
     """
-    total = torch.zeros((), dtype=pairs[0][0].dtype)
-    for j, (x_j, y_j) in enumerate(pairs):
-        for l_index in range(j, len(pairs)):
-            x_l, y_l = pairs[l_index]
-            term = ((x_j.mT @ x_l) * (y_j @ y_l.mT)).sum()
-            total = total + (term if l_index == j else 2.0 * term)
+
+    def term(j: int, l_index: int) -> torch.Tensor:
+        (x_j, y_j), (x_l, y_l) = pairs[j], pairs[l_index]
+        return ((x_j.mT @ x_l) * (y_j @ y_l.mT)).sum()
+
+    return _accumulated_norm(len(pairs), term, pairs[0][0].dtype)
+
+
+def _accumulated_norm(count: int, term: Callable[[int, int], torch.Tensor], dtype: torch.dtype) -> float:
+    """sqrt(sum_j term(j, j) + 2 sum_{j<l} term(j, l)), clamped at 0, summed in _sum_product_norm's
+    order (so terms read from elsewhere give its result to the last bit)."""
+    total = torch.zeros((), dtype=dtype)
+    for j in range(count):
+        for l_index in range(j, count):
+            value = term(j, l_index)
+            total = total + (value if l_index == j else 2.0 * value)
     return float(total.clamp(min=0.0).sqrt())
 
 
@@ -382,6 +454,7 @@ def update_error_norms(
     a_prev: torch.Tensor,
     b_next: torch.Tensor,
     a_next: torch.Tensor,
+    products: TargetProducts | None = None,
 ) -> tuple[float, float]:
     """How far the update a broadcast delivers is from its target: (||miss||_F, ||target||_F).
 
@@ -393,9 +466,32 @@ def update_error_norms(
     normed from their Gram blocks; nothing of size (d_out, d_in) is formed. miss / target is
     the update's relative error: 0 when the target arrived exactly, 1 when the state is no
     closer to W than if nothing had been sent.
+    products: the module's TargetProducts from its solve: the Gram blocks are read from there
+    (b_next given as products.b_prev, or a_next as products.a_prev, marks a factor the
+    broadcast left as it was). Each block is the one formed without them, up to its sign,
+    which is exact, so the norms are the same to the last bit.
     """
-    miss = _sum_product_norm([(b_next, a_next), (-left, right)])
-    target = _sum_product_norm([(left, right), (-b_prev, a_prev)])
+    if products is None:
+        miss = _sum_product_norm([(b_next, a_next), (-left, right)])
+        target = _sum_product_norm([(left, right), (-b_prev, a_prev)])
+        return miss, target
+    p = products
+    same_b, same_a = b_next is p.b_prev, a_next is p.a_prev
+    next_gram_b = p.gram_b if same_b else b_next.mT @ b_next  # (r, r)
+    next_gram_a = p.gram_a if same_a else a_next @ a_next.mT  # (r, r)
+    next_b_left = p.b_left if same_b else b_next.mT @ left  # (r, k)
+    miss_terms = {
+        (0, 0): lambda: (next_gram_b * next_gram_a).sum(),
+        (0, 1): lambda: -(next_b_left * (a_next @ right.mT)).sum(),  # pairs (B', A'), (-L, R)
+        (1, 1): lambda: p.product_terms,
+    }
+    target_terms = {
+        (0, 0): lambda: p.product_terms,
+        (0, 1): lambda: -(p.left_b * p.right_a).sum(),  # pairs (L, R), (-B, A)
+        (1, 1): lambda: (p.gram_b * p.gram_a).sum(),
+    }
+    miss = _accumulated_norm(2, lambda j, l_index: miss_terms[j, l_index](), left.dtype)
+    target = _accumulated_norm(2, lambda j, l_index: target_terms[j, l_index](), left.dtype)
     return miss, target
 
 
