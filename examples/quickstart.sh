@@ -179,9 +179,10 @@ done
 step "waiting for the evaluations"
 wait_all "${EVAL_PIDS[@]}"
 
-# Dense FedAvg moves every LoRA parameter as fp32, both ways.
+# Dense FedAvg moves every LoRA parameter both ways, here in bf16 like FedSRD's values (equal value
+# precision: 2 bytes a parameter, half the paper's fp32 accounting).
 DENSE=$("$FEDSRD" inspect --json "$COORD/state/global-r0.safetensors" |
-    python3 -c 'import json, sys; print(json.load(sys.stdin)["dense_fp32_bytes"])')
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["dense_fp32_bytes"] // 2)')
 
 step "results (measured: eval loss on every domain's held-out split; file sizes on disk)"
 python3 - "$RUN" "$ROUNDS" "$DENSE" "${CLIENTS[@]}" <<'PY'
@@ -211,7 +212,7 @@ for r in range(rounds + 1):
     saving = 2 * dense / (up + down)
     print(f"{r:>5}  {loss:>14.4f}  {per}  {up:>10,.0f}  {down:>11,}  {dense:>14,}  {saving:>6.1f}x")
 print(f"\nmean eval loss: {first:.4f} (round 0) -> {last:.4f} (round {rounds})")
-print("bytes are per client per round; dense = 4 bytes x LoRA parameters, sent each way by FedAvg")
+print("bytes are per client per round; dense = 2 bytes (bf16) x LoRA parameters, sent each way by FedAvg")
 sent = sum(
     sum(os.path.getsize(os.path.join(run, "clients", c, "outbox", f"upload-r{r}-{c}.safetensors"))
         for c in clients) / len(clients)
@@ -219,7 +220,7 @@ sent = sum(
     for r in range(1, rounds + 1)
 )
 print(f"traffic per client over {rounds} rounds: {sent / 2**20:.2f} MB, {sent / (2 * dense * rounds):.1%} of"
-      f" dense FedAvg's {2 * dense * rounds / 2**20:.2f} MB")
+      f" dense FedAvg's {2 * dense * rounds / 2**20:.2f} MB (both in bf16)")
 
 
 def answers(r):
