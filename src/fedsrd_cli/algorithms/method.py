@@ -82,10 +82,10 @@ class _LazyMasks(dict):
         return mask
 
 
-def _scattered(kept: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def _scattered(kept: torch.Tensor, values: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """kept (rows, cols) bool, values (count,) in row-major order of the kept positions ->
-    (rows, cols) fp32, the values at their positions and zero elsewhere."""
-    return torch.zeros(kept.shape, dtype=torch.float32).masked_scatter_(kept, values.float())
+    (rows, cols) in `dtype`, the values at their positions and zero elsewhere."""
+    return torch.zeros(kept.shape, dtype=dtype).masked_scatter_(kept, values.to(dtype))
 
 
 def coordinator_step(aggregate: Artifact, config: BroadcastConfig, private: bool) -> tuple[float, dict]:
@@ -164,11 +164,10 @@ class Method(Algorithm):
                 encoded = self.encode(FactorDelta(name, factor, delta, a_prev, b_new, seed), config)
                 if encoded.kept is None:
                     sent = encoded.values.to(value_dtype)  # (rows, cols)
-                    tensors[naming.values_key(name)] = sent
                 else:
                     sent = encoded.values[encoded.kept].to(value_dtype)  # (kept,)
-                    tensors[naming.values_key(name)] = sent
                     tensors.update({name + s: t for s, t in store_mask(encoded.kept).items()})  # smaller one
+                tensors[naming.values_key(name)] = sent
                 decoded[factor] = sent.float() if encoded.kept is None else _scattered(encoded.kept, sent)
                 layout[name] = list(delta.shape)
                 if encoded.ratio is not None:
@@ -341,7 +340,7 @@ class Method(Algorithm):
                 """The factor's dense delta as clients will apply it: masked, stored, decoded."""
                 mask = masks[factor]
                 _, kept = download_values(delta[mask], config.value_dtype)  # (kept,)
-                return torch.zeros_like(delta).masked_scatter_(mask, kept.to(delta.dtype))
+                return _scattered(mask, kept, delta.dtype)
 
             download = Download(
                 masks.__getitem__,
