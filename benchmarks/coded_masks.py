@@ -31,12 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.coordinator import build_global, build_local  # noqa: E402
-from fedsrd_cli import naming  # noqa: E402
-from fedsrd_cli.adapters import read_local  # noqa: E402
 from fedsrd_cli.algorithms import get_algorithm  # noqa: E402
-from fedsrd_cli.artifacts import read_artifact, write_artifact  # noqa: E402
 from fedsrd_cli.config import SparsifyConfig  # noqa: E402
-from fedsrd_cli.describe import describe  # noqa: E402
+from fedsrd_cli.files import naming  # noqa: E402
+from fedsrd_cli.files.adapters import read_local  # noqa: E402
+from fedsrd_cli.files.artifacts import read_artifact, write_artifact  # noqa: E402
+from fedsrd_cli.files.describe import describe  # noqa: E402
 from fedsrd_cli.math.masks import pack_bits, unpack_bits  # noqa: E402
 from fedsrd_cli.math.positions import read_positions_tensor, store_mask  # noqa: E402
 
@@ -105,11 +105,11 @@ def main() -> None:
         encoded = [store_mask(m) for m in whole]
         encode_s = time.perf_counter() - start
         start = time.perf_counter()
-        for kept, form in zip(whole, encoded, strict=True):
-            if naming.POSITIONS in form:
-                read_positions_tensor(form[naming.POSITIONS], kept.numel(), int(kept.sum()))
+        for kept, (coded, stored) in zip(whole, encoded, strict=True):
+            if coded:
+                read_positions_tensor(stored, kept.numel(), int(kept.sum()))
             else:
-                unpack_bits(form[naming.MASK], kept.numel())
+                unpack_bits(stored, kept.numel())
         decode_s = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(args.repeat):

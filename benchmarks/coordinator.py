@@ -40,14 +40,14 @@ from pathlib import Path
 
 import torch
 
-from fedsrd_cli import naming
-from fedsrd_cli.adapters import read_local
 from fedsrd_cli.algorithms import get_algorithm
 from fedsrd_cli.algorithms.base import Payload
 from fedsrd_cli.algorithms.protocol import initial_state
-from fedsrd_cli.artifacts import read_artifact, write_artifact
 from fedsrd_cli.config import BroadcastConfig, LoraSpec, SparsifyConfig
-from fedsrd_cli.describe import describe
+from fedsrd_cli.files import naming
+from fedsrd_cli.files.adapters import read_local
+from fedsrd_cli.files.artifacts import read_artifact, write_artifact
+from fedsrd_cli.files.describe import describe
 from fedsrd_cli.math.lowrank import stack_factors, truncate_product, update_b
 
 MB = 2**20

@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from fedsrd_cli.algorithms.protocol import initial_state  # noqa: E402
-from fedsrd_cli.artifacts import read_artifact, write_artifact  # noqa: E402
-from fedsrd_cli.model_spec import lora_module_shapes  # noqa: E402
+from fedsrd_cli.files.artifacts import read_artifact, write_artifact  # noqa: E402
+from fedsrd_cli.files.model_spec import lora_module_shapes  # noqa: E402
 from fedsrd_cli.privacy.dpsgd import DpSgdConfig  # noqa: E402
-from fedsrd_cli.training import TrainConfig, load_base, load_datasets, train_local  # noqa: E402
+from fedsrd_cli.site.training import TrainConfig, load_base, load_datasets, train_local  # noqa: E402
 
 
 def main() -> None:

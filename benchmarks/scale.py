@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 from coordinator import module_shapes, run_cli, state_some_rounds_in, trained_locally  # beside this file
 
-from fedsrd_cli.adapters import read_local
 from fedsrd_cli.algorithms import get_algorithm
-from fedsrd_cli.artifacts import read_artifact, write_artifact
 from fedsrd_cli.config import SparsifyConfig
+from fedsrd_cli.files.adapters import read_local
+from fedsrd_cli.files.artifacts import read_artifact, write_artifact
 
 REDUCED = {"hidden": 1024, "intermediate": 2816, "kv": 256, "layers": 2, "rank": 16}
 LLAMA_3B_LAYER = {"hidden": 3072, "intermediate": 8192, "kv": 1024, "layers": 1, "rank": 64}

@@ -30,13 +30,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
 from benchmarks.coordinator import build_global, build_local  # noqa: E402
-from fedsrd_cli.adapters import read_local  # noqa: E402
-from fedsrd_cli.agreement import AgreementKey  # noqa: E402
 from fedsrd_cli.algorithms import get_algorithm  # noqa: E402
 from fedsrd_cli.algorithms.secure import masked_upload, secure_aggregate  # noqa: E402
-from fedsrd_cli.artifacts import read_artifact, write_artifact  # noqa: E402
 from fedsrd_cli.config import AggregateConfig, SparsifyConfig  # noqa: E402
-from fedsrd_cli.roster import make_roster  # noqa: E402
+from fedsrd_cli.files.adapters import read_local  # noqa: E402
+from fedsrd_cli.files.artifacts import read_artifact, write_artifact  # noqa: E402
+from fedsrd_cli.trust.agreement import AgreementKey  # noqa: E402
+from fedsrd_cli.trust.roster import make_roster  # noqa: E402
 
 MB = 2**20
 

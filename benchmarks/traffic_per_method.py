@@ -23,12 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedsrd_cli.adapters import read_local  # noqa: E402
 from fedsrd_cli.algorithms import ALGORITHMS  # noqa: E402
 from fedsrd_cli.algorithms.protocol import initial_state  # noqa: E402
-from fedsrd_cli.artifacts import read_artifact, write_artifact  # noqa: E402
 from fedsrd_cli.config import AggregateConfig, BroadcastConfig, LoraSpec, SparsifyConfig  # noqa: E402
-from fedsrd_cli.describe import describe  # noqa: E402
+from fedsrd_cli.files.adapters import read_local  # noqa: E402
+from fedsrd_cli.files.artifacts import read_artifact, write_artifact  # noqa: E402
+from fedsrd_cli.files.describe import describe  # noqa: E402
 from tests.algorithms.rounds import train_only  # noqa: E402
 from tests.conftest import TOY_FINGERPRINT, make_global, make_local  # noqa: E402
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from fedsrd_cli.artifacts import read_artifact, write_artifact
+from fedsrd_cli.files.artifacts import read_artifact, write_artifact
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fedsrd_cli.algorithms.protocol import initial_state
-from fedsrd_cli.artifacts import read_artifact, write_artifact
 from fedsrd_cli.config import LoraSpec
+from fedsrd_cli.files.artifacts import read_artifact, write_artifact
 
 # A 2-layer toy decoder: q, v (d x d) and an MLP up/down pair, d = 32, intermediate 48.
 TOY_SHAPES = {
@@ -98,7 +98,7 @@ def build_tiny_model(path: Path, seed: int = 0, hidden: int = 32) -> Path:
     """A 2-layer Llama (hidden 32) with a byte-level BPE tokenizer trained offline on a few lines."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fedsrd_cli.demo import build_tokenizer
+    from fedsrd_cli.suites.demo import build_tokenizer
 
     corpus = ["The quick brown fox jumps over the lazy dog. " * 3] + [
         f"### Instruction:\n{r['instruction']}\n\n### Response:\n{r['output']}" for r in TINY_RECORDS

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from fedsrd_cli import naming
-from fedsrd_cli.adapters import read_local
 from fedsrd_cli.algorithms import get_algorithm
-from fedsrd_cli.artifacts import Artifact, read_artifact, write_artifact
 from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
+from fedsrd_cli.files import naming
+from fedsrd_cli.files.adapters import read_local
+from fedsrd_cli.files.artifacts import Artifact, read_artifact, write_artifact
 
 from ..conftest import make_local
 

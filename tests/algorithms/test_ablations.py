@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from fedsrd_cli import naming
 from fedsrd_cli.algorithms import get_algorithm
-from fedsrd_cli.artifacts import read_artifact
 from fedsrd_cli.config import AggregateConfig, SparsifyConfig
 from fedsrd_cli.errors import MismatchError
+from fedsrd_cli.files import naming
+from fedsrd_cli.files.artifacts import read_artifact
 from fedsrd_cli.math.importance import importance_a, importance_b, keep_mask
 
 from ..conftest import make_global

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedsrd_cli import naming
 from fedsrd_cli.algorithms import get_algorithm
-from fedsrd_cli.artifacts import read_artifact
 from fedsrd_cli.errors import MismatchError
+from fedsrd_cli.files import naming
+from fedsrd_cli.files.artifacts import read_artifact
 from fedsrd_cli.math.lowrank import scheduled_factor
 
 from ..conftest import make_global

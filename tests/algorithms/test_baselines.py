@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from fedsrd_cli import naming
 from fedsrd_cli.algorithms import ALGORITHMS, get_algorithm
 from fedsrd_cli.algorithms.protocol import apply_broadcast
 from fedsrd_cli.algorithms.steps import (
@@ -17,9 +16,10 @@ from fedsrd_cli.algorithms.steps import (
     average_factors,
     encode_dare,
 )
-from fedsrd_cli.artifacts import read_artifact
 from fedsrd_cli.config import AGGREGATE_METHODS, AggregateConfig, BroadcastConfig, SparsifyConfig
 from fedsrd_cli.errors import MismatchError, UsageError
+from fedsrd_cli.files import naming
+from fedsrd_cli.files.artifacts import read_artifact
 
 from ..conftest import make_global
 from .rounds import factor_names, local_factors, make_locals, run_round, state_factors, upload, write

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from fedsrd_cli.artifacts import read_artifact, write_artifact
 from fedsrd_cli.cli import app
-from fedsrd_cli.signing import SigningKey, Trust, generate_keypair
+from fedsrd_cli.files.artifacts import read_artifact, write_artifact
+from fedsrd_cli.trust.signing import SigningKey, Trust, generate_keypair
 
 from ..conftest import make_local
 

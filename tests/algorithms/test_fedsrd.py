@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsrd_cli import naming
-from fedsrd_cli.adapters import read_local
 from fedsrd_cli.algorithms import get_algorithm
 from fedsrd_cli.algorithms.protocol import apply_broadcast
-from fedsrd_cli.artifacts import read_artifact, write_artifact
 from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
+from fedsrd_cli.files import naming
+from fedsrd_cli.files.adapters import read_local
+from fedsrd_cli.files.artifacts import read_artifact, write_artifact
 from fedsrd_cli.math.importance import importance_a, importance_b, keep_mask, sparsify_delta
 from fedsrd_cli.math.masks import seeded_keep_mask
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from typer.testing import CliRunner
 
-from fedsrd_cli import naming
 from fedsrd_cli.algorithms.protocol import update_norm
-from fedsrd_cli.artifacts import content_hash, encode_safetensors, read_artifact
 from fedsrd_cli.cli import app
+from fedsrd_cli.files import naming
+from fedsrd_cli.files.artifacts import content_hash, encode_safetensors, read_artifact
 
 from ..conftest import make_local
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsrd_cli import naming
 from fedsrd_cli.algorithms import get_algorithm
 from fedsrd_cli.algorithms.private import PrivateDownload
 from fedsrd_cli.algorithms.protocol import apply_broadcast, default_download_seed
-from fedsrd_cli.artifacts import Artifact, Header, read_artifact, write_artifact
 from fedsrd_cli.config import AggregateConfig, BroadcastConfig
 from fedsrd_cli.errors import PrivacyError, UsageError
+from fedsrd_cli.files import naming
+from fedsrd_cli.files.artifacts import Artifact, Header, read_artifact, write_artifact
 from fedsrd_cli.math.lowrank import b_update_gain, update_b
 from fedsrd_cli.privacy.ledger import OrganisationDp, read_privacy
 

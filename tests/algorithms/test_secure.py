@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsrd_cli import naming
-from fedsrd_cli.adapters import read_local
-from fedsrd_cli.agreement import AgreementKey, generate_agreement_key, published_key
 from fedsrd_cli.algorithms import get_algorithm
 from fedsrd_cli.algorithms.secure import masked_sum, masked_upload, projection, secure_aggregate
-from fedsrd_cli.artifacts import Header, read_artifact, write_artifact
 from fedsrd_cli.config import AggregateConfig, BroadcastConfig
 from fedsrd_cli.errors import MismatchError, TrustError
+from fedsrd_cli.files import naming
+from fedsrd_cli.files.adapters import read_local
+from fedsrd_cli.files.artifacts import Header, read_artifact, write_artifact
 from fedsrd_cli.math import fixedpoint
 from fedsrd_cli.math.lowrank import update_b
-from fedsrd_cli.roster import make_roster, read_roster, write_roster
-from fedsrd_cli.signing import SigningKey, Trust, generate_keypair
+from fedsrd_cli.trust.agreement import AgreementKey, generate_agreement_key, published_key
+from fedsrd_cli.trust.roster import make_roster, read_roster, write_roster
+from fedsrd_cli.trust.signing import SigningKey, Trust, generate_keypair
 
 from ..conftest import make_local
 from .rounds import write

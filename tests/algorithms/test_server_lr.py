@@ -12,9 +12,9 @@ import torch
 from fedsrd_cli.algorithms import get_algorithm
 from fedsrd_cli.algorithms.method import coordinator_step
 from fedsrd_cli.algorithms.protocol import apply_broadcast
-from fedsrd_cli.artifacts import read_artifact
 from fedsrd_cli.config import AggregateConfig, BroadcastConfig
 from fedsrd_cli.errors import UsageError
+from fedsrd_cli.files.artifacts import read_artifact
 
 from ..conftest import make_global
 from .rounds import make_locals, upload, write

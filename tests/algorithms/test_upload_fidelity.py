@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from fedsrd_cli import naming
-from fedsrd_cli.adapters import read_local
 from fedsrd_cli.algorithms.diagnostics import Fidelity
-from fedsrd_cli.artifacts import read_artifact
 from fedsrd_cli.config import SparsifyConfig
+from fedsrd_cli.files import naming
+from fedsrd_cli.files.adapters import read_local
+from fedsrd_cli.files.artifacts import read_artifact
 
 from ..conftest import make_global, make_local
 from .rounds import upload

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from fedsrd_cli import naming
 from fedsrd_cli.algorithms import get_algorithm
 from fedsrd_cli.algorithms.protocol import apply_broadcast
-from fedsrd_cli.artifacts import read_artifact
 from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
+from fedsrd_cli.files import naming
+from fedsrd_cli.files.artifacts import read_artifact
 
 from ..conftest import make_global
 from .rounds import make_locals, upload, write

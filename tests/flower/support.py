@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedsrd_cli.flower.coordinator import sample_clients
-from fedsrd_cli.simulate import client_train_seed
+from fedsrd_cli.simulation.rounds import client_train_seed
 
 RunCli = Callable[..., object]
 

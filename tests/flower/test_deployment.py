@@ -23,7 +23,7 @@ import pytest
 
 pytest.importorskip("flwr", reason="Flower is not installed: pip install -e '.[flower]'")
 
-from fedsrd_cli.artifacts import read_artifact  # noqa: E402
+from fedsrd_cli.files.artifacts import read_artifact  # noqa: E402
 
 from ..conftest import TINY_RECORDS, write_jsonl  # noqa: E402
 from .support import make_keys  # noqa: E402

@@ -21,8 +21,8 @@ from flwr.serverapp import Grid  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from fedsrd_cli.algorithms import ALGORITHMS  # noqa: E402
-from fedsrd_cli.artifacts import read_artifact  # noqa: E402
 from fedsrd_cli.cli import app  # noqa: E402
+from fedsrd_cli.files.artifacts import read_artifact  # noqa: E402
 from fedsrd_cli.flower import wire  # noqa: E402
 from fedsrd_cli.flower.apps import client_app  # noqa: E402
 from fedsrd_cli.flower.coordinator import Coordinator, sample_clients  # noqa: E402

@@ -13,7 +13,7 @@ import pytest
 from fedsrd_cli.errors import UsageError
 from fedsrd_cli.flower.coordinator import sample_clients
 from fedsrd_cli.flower.settings import ServerSettings, SiteSettings
-from fedsrd_cli.simulate import SimulateConfig, _choose
+from fedsrd_cli.simulation.rounds import SimulateConfig, _choose
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flower" / "pyproject.toml"
 
@@ -102,8 +102,8 @@ def test_nothing_else_imports_flwr() -> None:
 
 
 def test_a_site_never_keeps_a_state_that_fails_its_checks(tmp_path: Path) -> None:
-    from fedsrd_cli.artifacts import read_artifact
     from fedsrd_cli.errors import ArtifactError
+    from fedsrd_cli.files.artifacts import read_artifact
     from fedsrd_cli.flower.site import Site
 
     from ..conftest import make_global

@@ -9,7 +9,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedsrd_cli import naming
 from fedsrd_cli.math.masks import pack_bits
 from fedsrd_cli.math.positions import (
     MAX_RICE_K,
@@ -99,7 +98,7 @@ def test_known_vector():
     assert k == 3
     assert bytes(stream.tolist()) == bytes.fromhex("626174c8")
     assert positions_tensor(mask).tolist() == [0x03, 0x62, 0x61, 0x74, 0xC8]
-    assert store_mask(mask)[naming.POSITIONS].tolist() == [0x03, 0x62, 0x61, 0x74, 0xC8]
+    assert store_mask(mask)[1].tolist() == [0x03, 0x62, 0x61, 0x74, 0xC8]
     assert reference_encode([3, 4, 17, 40, 41, 63]) == (3, bytes.fromhex("626174c8"))
     assert reference_read(bytes.fromhex("03626174c8"), 64, 6) == [3, 4, 17, 40, 41, 63]
     assert read_positions_tensor(positions_tensor(mask), 64, 6).tolist() == [3, 4, 17, 40, 41, 63]
@@ -153,15 +152,10 @@ def test_rice_parameter_is_the_smallest_minimiser():
 @pytest.mark.parametrize(("numel", "density"), [(8, 0.1), (64, 0.5), (4096, 0.04), (4096, 0.5), (100, 0.0)])
 def test_store_mask_keeps_the_smaller_form(numel, density):
     mask = _random_mask(numel, density, 5)
-    stored = store_mask(mask)
+    coded, stored = store_mask(mask)
     bitmap = math.ceil(numel / 8)
-    coded = positions_tensor(mask).numel()
-    if coded < bitmap:
-        assert list(stored) == [naming.POSITIONS]
-        assert torch.equal(stored[naming.POSITIONS], positions_tensor(mask))
-    else:
-        assert list(stored) == [naming.MASK]
-        assert torch.equal(stored[naming.MASK], pack_bits(mask))
+    assert coded == (positions_tensor(mask).numel() < bitmap)
+    assert torch.equal(stored, positions_tensor(mask) if coded else pack_bits(mask))
 
 
 def test_sparse_masks_cost_near_their_entropy():

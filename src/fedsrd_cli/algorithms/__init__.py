@@ -1,6 +1,8 @@
 """Federated algorithms behind one interface (base.Algorithm), shared by the CLI and simulate.
 
-docs/algorithms.md describes each method and what it sends each way.
+docs/algorithms.md describes each method and what it sends each way. round_status says which
+uploads of a round are in (`status`). May import trust/, privacy/, files/ and math/; never
+site/ (no transformers here), suites/, simulation/, cli/ or flower/.
 """
 
 from __future__ import annotations

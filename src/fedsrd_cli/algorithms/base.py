@@ -14,9 +14,9 @@ from typing import TypeVar
 
 import torch
 
-from fedsrd_cli.adapters import LocalAdapter
-from fedsrd_cli.artifacts import Artifact, Header
 from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
+from fedsrd_cli.files.adapters import LocalAdapter
+from fedsrd_cli.files.artifacts import Artifact, Header
 from fedsrd_cli.math.lowrank import scheduled_factor
 
 T = TypeVar("T")

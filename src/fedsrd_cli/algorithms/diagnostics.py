@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from fedsrd_cli import naming
-from fedsrd_cli.artifacts import Header
+from fedsrd_cli.files import naming
+from fedsrd_cli.files.artifacts import Header
 from fedsrd_cli.math.lowrank import TargetProducts, outside_row_space, product_inner, update_error_norms
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # a thin product's (left (d_out, k), right (k, d_in))

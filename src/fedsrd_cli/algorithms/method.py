@@ -13,8 +13,6 @@ from dataclasses import asdict, replace
 
 import torch
 
-from fedsrd_cli import naming
-from fedsrd_cli.adapters import LocalAdapter
 from fedsrd_cli.algorithms.base import Algorithm, Payload, Track, no_progress
 from fedsrd_cli.algorithms.diagnostics import BroadcastDiagnostics, Fidelity, upload_fidelity
 from fedsrd_cli.algorithms.private import (
@@ -50,9 +48,11 @@ from fedsrd_cli.algorithms.steps import (
     upload_seed,
     with_previous,
 )
-from fedsrd_cli.artifacts import Artifact, content_hash
 from fedsrd_cli.config import VALUE_DTYPES, AggregateConfig, BroadcastConfig, SparsifyConfig
 from fedsrd_cli.errors import MismatchError, UsageError
+from fedsrd_cli.files import naming
+from fedsrd_cli.files.adapters import LocalAdapter
+from fedsrd_cli.files.artifacts import Artifact, content_hash
 from fedsrd_cli.limits import MAX_SERVER_LR
 from fedsrd_cli.math.lowrank import align_factors
 from fedsrd_cli.math.masks import seeded_keep_mask
@@ -166,7 +166,8 @@ class Method(Algorithm):
                     sent = encoded.values.to(value_dtype)  # (rows, cols)
                 else:
                     sent = encoded.values[encoded.kept].to(value_dtype)  # (kept,)
-                    tensors.update({name + s: t for s, t in store_mask(encoded.kept).items()})  # smaller one
+                    coded, stored = store_mask(encoded.kept)  # the smaller form
+                    tensors[naming.positions_key(name) if coded else naming.mask_key(name)] = stored
                 tensors[naming.values_key(name)] = sent
                 decoded[factor] = sent.float() if encoded.kept is None else _scattered(encoded.kept, sent)
                 layout[name] = list(delta.shape)

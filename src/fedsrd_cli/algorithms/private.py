@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from fedsrd_cli.artifacts import Artifact, Header
 from fedsrd_cli.config import PRIVATE_METHOD, AggregateConfig, BroadcastConfig
 from fedsrd_cli.errors import MismatchError, PrivacyError, UsageError
+from fedsrd_cli.files.artifacts import Artifact, Header
 from fedsrd_cli.math.lowrank import b_update_gain
 from fedsrd_cli.privacy.ledger import (
     COORDINATOR,

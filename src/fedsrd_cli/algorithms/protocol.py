@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from fedsrd_cli import naming
-from fedsrd_cli.adapters import LocalAdapter
 from fedsrd_cli.algorithms.base import Payload
-from fedsrd_cli.artifacts import Artifact, Header, content_hash, short
 from fedsrd_cli.config import VALUE_DTYPES, AggregateConfig, LoraSpec
 from fedsrd_cli.errors import MismatchError, StaleUploadError, UsageError
+from fedsrd_cli.files import naming
+from fedsrd_cli.files.adapters import LocalAdapter
+from fedsrd_cli.files.artifacts import Artifact, Header, content_hash, short
 from fedsrd_cli.math.lowrank import product_frobenius_norm
 from fedsrd_cli.math.masks import seeded_keep_mask
 from fedsrd_cli.math.quantize import (

@@ -29,9 +29,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedsrd_cli import naming
-from fedsrd_cli.adapters import LocalAdapter
-from fedsrd_cli.agreement import AgreementKey
 from fedsrd_cli.algorithms.base import Payload
 from fedsrd_cli.algorithms.private import aggregate_privacy, upload_privacy
 from fedsrd_cli.algorithms.protocol import (
@@ -41,12 +38,15 @@ from fedsrd_cli.algorithms.protocol import (
     describe_state,
     round_header,
 )
-from fedsrd_cli.artifacts import Artifact, short
 from fedsrd_cli.config import PRIVATE_METHOD, AggregateConfig
 from fedsrd_cli.errors import MismatchError, StaleUploadError
+from fedsrd_cli.files import naming
+from fedsrd_cli.files.adapters import LocalAdapter
+from fedsrd_cli.files.artifacts import Artifact, short
 from fedsrd_cli.math import fixedpoint
 from fedsrd_cli.privacy.randomness import SecretRandom
-from fedsrd_cli.roster import Roster, check_roster_for
+from fedsrd_cli.trust.agreement import AgreementKey
+from fedsrd_cli.trust.roster import Roster, check_roster_for
 
 SECURE_METHOD = PRIVATE_METHOD  # FedSRD-e: no rank truncation, so the B update is linear in the uploads
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from fedsrd_cli import naming
-from fedsrd_cli.artifacts import Artifact
 from fedsrd_cli.config import SparsifyConfig
 from fedsrd_cli.errors import MismatchError
+from fedsrd_cli.files import naming
+from fedsrd_cli.files.artifacts import Artifact
 from fedsrd_cli.math.importance import (
     adaptive_ratio,
     importance_a,

@@ -12,7 +12,8 @@
 
 Every command checks its flags, calls one library function and prints through
 output.Output. Commands that load a model import transformers/peft inside their body,
-so the other commands start without them.
+so the other commands start without them. cli/ may import every folder but flower/;
+nothing outside cli/ imports it (entry.py aside).
 """
 
 from __future__ import annotations

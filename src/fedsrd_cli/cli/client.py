@@ -117,11 +117,10 @@ def train_local_cmd(
         local_update_warning,
         long_local_training_warning,
     )
-    from fedsrd_cli.artifacts import write_artifact
-    from fedsrd_cli.atomic import FileWrite, ensure_writable
+    from fedsrd_cli.files.artifacts import write_artifact
+    from fedsrd_cli.files.atomic import FileWrite, ensure_writable
     from fedsrd_cli.math.threads import use_threads
-    from fedsrd_cli.signing import COORDINATOR, read_verified
-    from fedsrd_cli.training import (
+    from fedsrd_cli.site.training import (
         TrainConfig,
         check_fingerprint,
         check_private_run,
@@ -131,6 +130,7 @@ def train_local_cmd(
         private_training,
         train_local,
     )
+    from fedsrd_cli.trust.signing import COORDINATOR, read_verified
 
     out = Output(json_mode, quiet)
     if client is not None:
@@ -341,11 +341,11 @@ def sparsify_cmd(
     """Client: turn a locally trained adapter into this round's upload (sparse for FedSRD; masked
     with --secure)."""
     from fedsrd_cli.algorithms import get_algorithm
-    from fedsrd_cli.artifacts import write_artifact
-    from fedsrd_cli.atomic import ensure_writable
     from fedsrd_cli.config import SparsifyConfig
-    from fedsrd_cli.signing import COORDINATOR, read_verified
-    from fedsrd_cli.uploads import make_upload
+    from fedsrd_cli.files.artifacts import write_artifact
+    from fedsrd_cli.files.atomic import ensure_writable
+    from fedsrd_cli.site.uploads import make_upload
+    from fedsrd_cli.trust.signing import COORDINATOR, read_verified
 
     out = Output(json_mode)
     check_client_id(client)
@@ -375,9 +375,9 @@ def sparsify_cmd(
     )
     global_state = read_verified(global_path, "state", trust, accept=(COORDINATOR, client))
     if secure:
-        from fedsrd_cli.agreement import AgreementKey
-        from fedsrd_cli.roster import read_roster
-        from fedsrd_cli.uploads import make_masked_upload, roster_keys
+        from fedsrd_cli.site.uploads import make_masked_upload, roster_keys
+        from fedsrd_cli.trust.agreement import AgreementKey
+        from fedsrd_cli.trust.roster import read_roster
 
         assert trust is not None and roster_path is not None and agreement_key is not None
         key = AgreementKey.load(agreement_key)
@@ -431,9 +431,9 @@ def apply_cmd(
     `coordinator` or by the party of --sign-key (a state this client computed itself).
     """
     from fedsrd_cli.algorithms.catchup import apply_chain
-    from fedsrd_cli.artifacts import write_artifact
-    from fedsrd_cli.atomic import ensure_writable
-    from fedsrd_cli.signing import COORDINATOR, read_verified
+    from fedsrd_cli.files.artifacts import write_artifact
+    from fedsrd_cli.files.atomic import ensure_writable
+    from fedsrd_cli.trust.signing import COORDINATOR, read_verified
 
     out = Output(json_mode)
     signer, trust = trust_from_flags(sign_key, trust_dir)
@@ -490,11 +490,10 @@ def eval_cmd(
     """
     import json
 
-    from fedsrd_cli.artifacts import short
-    from fedsrd_cli.atomic import ensure_writable, write_bytes_atomic
+    from fedsrd_cli.files.artifacts import short
+    from fedsrd_cli.files.atomic import ensure_writable, write_bytes_atomic
     from fedsrd_cli.math.threads import use_threads
-    from fedsrd_cli.signing import read_verified
-    from fedsrd_cli.training import (
+    from fedsrd_cli.site.training import (
         check_adapter_base,
         check_fingerprint,
         evaluate,
@@ -503,6 +502,7 @@ def eval_cmd(
         load_datasets,
         set_global,
     )
+    from fedsrd_cli.trust.signing import read_verified
 
     out = Output(json_mode)
     if global_path is not None and adapter is not None:
@@ -518,7 +518,7 @@ def eval_cmd(
     if adapter is not None:
         check_adapter_base(adapter, base)
     if task_metrics:  # refused, or the sandbox's layers said, before the model loads
-        from fedsrd_cli.task_eval import file_kind, sandbox_note
+        from fedsrd_cli.site.task_eval import file_kind, sandbox_note
 
         if all(file_kind(ds) is None for ds in datasets):
             raise UsageError(
@@ -556,8 +556,8 @@ def eval_cmd(
     result = {**source, "base": str(base), **metrics}
     beside = None
     if task_metrics and (global_state is not None or adapter is not None):
-        from fedsrd_cli.task_eval import base_task_scores
-        from fedsrd_cli.training import file_labels
+        from fedsrd_cli.site.task_eval import base_task_scores
+        from fedsrd_cli.site.training import file_labels
 
         names = file_labels([ds.path for ds in datasets])
         beside = base_task_scores(model, datasets, names, batch_size, max_length, metrics_max_new_tokens)
@@ -617,9 +617,9 @@ def export_cmd(
     json_mode: JsonOpt = False,
 ) -> None:
     """Write a global state as a PEFT adapter directory (PeftModel.from_pretrained loads it)."""
-    from fedsrd_cli.export import export_adapter
-    from fedsrd_cli.signing import read_verified
-    from fedsrd_cli.training import check_fingerprint
+    from fedsrd_cli.files.export import export_adapter
+    from fedsrd_cli.site.training import check_fingerprint
+    from fedsrd_cli.trust.signing import read_verified
 
     out = Output(json_mode)
     _, trust = trust_from_flags(None, trust_dir)

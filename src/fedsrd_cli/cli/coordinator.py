@@ -48,11 +48,11 @@ def init_cmd(
 ) -> None:
     """Create the round-0 global state for a base model (reads only its config, or a GGUF's metadata)."""
     from fedsrd_cli.algorithms.protocol import initial_state
-    from fedsrd_cli.artifacts import write_artifact
-    from fedsrd_cli.atomic import ensure_writable
     from fedsrd_cli.config import InitConfig
-    from fedsrd_cli.model_spec import fingerprint_base, lora_module_shapes
-    from fedsrd_cli.signing import COORDINATOR
+    from fedsrd_cli.files.artifacts import write_artifact
+    from fedsrd_cli.files.atomic import ensure_writable
+    from fedsrd_cli.files.model_spec import fingerprint_base, lora_module_shapes
+    from fedsrd_cli.trust.signing import COORDINATOR
 
     out = Output(json_mode)
     config = InitConfig(rank, alpha, targets, seed)
@@ -109,9 +109,9 @@ def roster_cmd(
     Every site on it runs `sparsify --secure --roster ...`; if one does not deliver, sign a new
     roster without it (--attempt 2) and the others mask again (docs/security.md).
     """
-    from fedsrd_cli.atomic import ensure_writable
-    from fedsrd_cli.roster import make_roster, write_roster
-    from fedsrd_cli.signing import SigningKey, read_verified
+    from fedsrd_cli.files.atomic import ensure_writable
+    from fedsrd_cli.trust.roster import make_roster, write_roster
+    from fedsrd_cli.trust.signing import SigningKey, read_verified
 
     out = Output(json_mode)
     names = [check_client_id(s.strip()) for s in sites.split(",") if s.strip()]
@@ -252,12 +252,12 @@ def aggregate_cmd(
     from fedsrd_cli.algorithms import get_algorithm
     from fedsrd_cli.algorithms.private import aggregate_privacy, sample_sites
     from fedsrd_cli.algorithms.protocol import check_uploads
-    from fedsrd_cli.artifacts import write_artifact
-    from fedsrd_cli.atomic import ensure_writable
     from fedsrd_cli.config import AggregateConfig
+    from fedsrd_cli.files.artifacts import write_artifact
+    from fedsrd_cli.files.atomic import ensure_writable
     from fedsrd_cli.math.threads import use_threads
     from fedsrd_cli.privacy.ledger import OrganisationDp
-    from fedsrd_cli.signing import read_verified
+    from fedsrd_cli.trust.signing import read_verified
 
     out = Output(json_mode)
     org_flags = (dp_clip, dp_noise_multiplier, dp_delta)
@@ -311,7 +311,7 @@ def aggregate_cmd(
     global_state = read_verified(global_path, "state", trust)
     if secure:
         from fedsrd_cli.algorithms.secure import secure_aggregate
-        from fedsrd_cli.roster import read_roster
+        from fedsrd_cli.trust.roster import read_roster
 
         assert trust is not None and roster_path is not None
         roster = read_roster(roster_path, trust)
@@ -484,11 +484,11 @@ def broadcast_cmd(
     from fedsrd_cli.algorithms import get_algorithm
     from fedsrd_cli.algorithms.diagnostics import update_error_warning
     from fedsrd_cli.algorithms.protocol import default_download_seed
-    from fedsrd_cli.artifacts import write_artifacts
-    from fedsrd_cli.atomic import ensure_not_input, ensure_writable
     from fedsrd_cli.config import BroadcastConfig
+    from fedsrd_cli.files.artifacts import write_artifacts
+    from fedsrd_cli.files.atomic import ensure_not_input, ensure_writable
     from fedsrd_cli.math.threads import use_threads
-    from fedsrd_cli.signing import read_verified
+    from fedsrd_cli.trust.signing import read_verified
 
     threads = use_threads(threads)
     out = Output(json_mode)
@@ -600,8 +600,8 @@ def status_cmd(
     --expect/--clients, one valid upload is enough. Other errors with the flags or the
     global state keep their usual codes (2-6).
     """
-    from fedsrd_cli.artifacts import short
-    from fedsrd_cli.round_status import read_global, round_status
+    from fedsrd_cli.algorithms.round_status import read_global, round_status
+    from fedsrd_cli.files.artifacts import short
 
     out = Output(json_mode)
     if expect is not None and clients is not None:

@@ -28,11 +28,9 @@ def inspect_cmd(
     Shows who signed an artifact; with --trust the signature is verified (any trusted party
     may have signed it, but an upload only by the client it names).
     """
-    from fedsrd_cli.describe import inspect_file
-
     out = Output(json_mode)
     _, trust = trust_from_flags(None, trust_dir)
-    report = inspect_file(path, trust)
+    report = _inspect_file(path, trust)
     if report["kind"] is None:
         out.result(report, *_plain_view(report, tensors))
     else:
@@ -42,9 +40,26 @@ def inspect_cmd(
 PLAIN_TENSORS_SHOWN = 20
 
 
+def _inspect_file(path: Path, trust: Any) -> dict[str, Any]:
+    """What `inspect` reports on any safetensors file: `describe` for a fedsrd artifact
+    (with its signature), `describe_plain` for any other file.
+
+    With `trust`, the file must be a fedsrd artifact signed by a trusted party (an upload
+    by the client it names); a plain safetensors file carries no signature and is refused.
+    """
+    from fedsrd_cli.files.describe import describe, describe_plain, is_artifact
+    from fedsrd_cli.trust.signing import describe_signature, read_verified
+
+    if trust is None and not is_artifact(path):
+        return describe_plain(path)
+    report = describe(read_verified(path, None, trust, accept=tuple(trust.keys) if trust else None))
+    report["signature"] = describe_signature(path, verified=trust is not None)
+    return report
+
+
 def _artifact_view(report: dict[str, Any], tensors: bool) -> list[Any]:
     """inspect's tables for a fedsrd artifact."""
-    from fedsrd_cli.artifacts import short
+    from fedsrd_cli.files.artifacts import short
 
     kind = report["kind"]
     if kind == "state":
@@ -113,7 +128,7 @@ def _artifact_view(report: dict[str, Any], tensors: bool) -> list[Any]:
 
 def _plain_view(report: dict[str, Any], tensors: bool) -> list[Any]:
     """inspect's tables for a safetensors file that is not a fedsrd artifact."""
-    from fedsrd_cli.artifacts import short
+    from fedsrd_cli.files.artifacts import short
 
     dtypes = ", ".join(f"{dtype} x{count}" for dtype, count in sorted(report["dtypes"].items()))
     rows: list[tuple[str, Any]] = [
@@ -255,9 +270,9 @@ def unpack_cmd(
     """Write an artifact as plain dense tensors (deltas under PEFT names for uploads/broadcasts)."""
     from safetensors.torch import save
 
-    from fedsrd_cli.atomic import ensure_writable, write_bytes_atomic
-    from fedsrd_cli.describe import dense_tensors
-    from fedsrd_cli.signing import read_verified
+    from fedsrd_cli.files.atomic import ensure_writable, write_bytes_atomic
+    from fedsrd_cli.files.describe import dense_tensors
+    from fedsrd_cli.trust.signing import read_verified
 
     out = Output(json_mode)
     _, trust = trust_from_flags(None, trust_dir)
@@ -306,7 +321,7 @@ def sign_cmd(
     The tensors and the content hash do not change. An upload may be signed only by the
     client it names; a file signed by someone else is refused unless --force.
     """
-    from fedsrd_cli.signing import SigningKey, sign_file
+    from fedsrd_cli.trust.signing import SigningKey, sign_file
 
     out = Output(json_mode)
     signer = SigningKey.load(sign_key)
@@ -338,9 +353,9 @@ def seal_cmd(
 
     The file keeps its signature inside; `fedsrd open` gives it back byte for byte.
     """
-    from fedsrd_cli.atomic import ensure_writable, write_bytes_atomic
     from fedsrd_cli.cli.options import sealing_keys
-    from fedsrd_cli.sealed import seal
+    from fedsrd_cli.files.atomic import ensure_writable, write_bytes_atomic
+    from fedsrd_cli.trust.sealed import seal
 
     out = Output(json_mode)
     recipients = sealing_keys(to, trust_dir)
@@ -364,9 +379,9 @@ def open_cmd(
 ) -> None:
     """Open a file sealed for you: writes the plain file, its signature intact (check it with --trust
     when you use it)."""
-    from fedsrd_cli.agreement import AgreementKey
-    from fedsrd_cli.atomic import ensure_writable, write_bytes_atomic
-    from fedsrd_cli.sealed import open_sealed
+    from fedsrd_cli.files.atomic import ensure_writable, write_bytes_atomic
+    from fedsrd_cli.trust.agreement import AgreementKey
+    from fedsrd_cli.trust.sealed import open_sealed
 
     out = Output(json_mode)
     key = AgreementKey.load(agreement_key)

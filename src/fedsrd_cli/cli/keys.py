@@ -26,7 +26,7 @@ def keygen_cmd(
     Keep NAME.key secret; give NAME.pub to the parties that read your files, who put it
     in their --trust directory.
     """
-    from fedsrd_cli.signing import generate_keypair
+    from fedsrd_cli.trust.signing import generate_keypair
 
     out = Output(json_mode)
     key_path, pub_path, fingerprint = generate_keypair(out_prefix, force)
@@ -62,8 +62,8 @@ def agreement_key_cmd(
     Writes NAME.agreement.key (private, 0600) and NAME.agreement: give NAME.agreement to the
     other parties, who put it in their --trust directory beside NAME.pub.
     """
-    from fedsrd_cli.agreement import generate_agreement_key
-    from fedsrd_cli.signing import SigningKey
+    from fedsrd_cli.trust.agreement import generate_agreement_key
+    from fedsrd_cli.trust.signing import SigningKey
 
     out = Output(json_mode)
     signer = SigningKey.load(sign_key)

@@ -24,8 +24,8 @@ from fedsrd_cli.errors import UsageError
 from fedsrd_cli.limits import DEFAULT_DP_MAX_GRAD_NORM
 
 if TYPE_CHECKING:
-    from fedsrd_cli.sealed import Sealer
-    from fedsrd_cli.signing import SigningKey, Trust
+    from fedsrd_cli.trust.sealed import Sealer
+    from fedsrd_cli.trust.signing import SigningKey, Trust
 
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # The names in config.AGGREGATE_METHODS (spelled out: config imports torch; a test keeps them equal).
@@ -149,7 +149,7 @@ def trust_from_flags(sign_key: Path | None, trust_dir: Path | None) -> tuple[Sig
     """Load the --sign-key and --trust flags (each may be None). Call it before any work."""
     if sign_key is None and trust_dir is None:
         return None, None  # signing (and torch, through artifacts) is not imported for nothing
-    from fedsrd_cli.signing import load_signer_and_trust
+    from fedsrd_cli.trust.signing import load_signer_and_trust
 
     return load_signer_and_trust(sign_key, trust_dir)
 
@@ -172,8 +172,8 @@ EncryptToOpt = Annotated[
 
 def sealing_keys(parties: str, trust_dir: Path | None) -> dict[str, bytes]:
     """{party: its published X25519 key} for --encrypt-to / --to, checked against --trust."""
-    from fedsrd_cli.agreement import published_key
-    from fedsrd_cli.signing import Trust
+    from fedsrd_cli.trust.agreement import published_key
+    from fedsrd_cli.trust.signing import Trust
 
     names = [check_client_id(name.strip()) for name in parties.split(",") if name.strip()]
     if not names:
@@ -192,6 +192,6 @@ def seal_for(encrypt_to: str | None, trust_dir: Path | None) -> Sealer | None:
     go on the command's "wrote" line)."""
     if encrypt_to is None:
         return None
-    from fedsrd_cli.sealed import sealer
+    from fedsrd_cli.trust.sealed import sealer
 
     return sealer(sealing_keys(encrypt_to, trust_dir))

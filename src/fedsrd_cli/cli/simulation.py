@@ -78,10 +78,10 @@ def demo_assets_cmd(
 ) -> None:
     """Make the demo's base model and 4 clients' data (offline, deterministic); --suite real: 4
     organisations' data from real evaluation sets."""
-    from fedsrd_cli.atomic import ensure_output_dir, replaces_assets
-    from fedsrd_cli.demo import DEFAULT_RECIPE, MODELS, SMOLLM2_NAME, cache_root, demo_assets
+    from fedsrd_cli.files.atomic import ensure_output_dir, replaces_assets
     from fedsrd_cli.math.threads import use_threads
-    from fedsrd_cli.real_suite import SUITES
+    from fedsrd_cli.suites.demo import DEFAULT_RECIPE, MODELS, SMOLLM2_NAME, cache_root, demo_assets
+    from fedsrd_cli.suites.real_suite import SUITES
 
     out = Output(json_mode)
     if suite not in SUITES:
@@ -149,8 +149,8 @@ def _real_suite(
     force: bool,
 ) -> None:
     """demo-assets --suite real: the four organisations' files (real_suite.py)."""
-    from fedsrd_cli.atomic import ensure_output_dir
-    from fedsrd_cli.real_suite import DEFAULT_EVAL_SIZE, DEFAULT_SEED, real_suite
+    from fedsrd_cli.files.atomic import ensure_output_dir
+    from fedsrd_cli.suites.real_suite import DEFAULT_EVAL_SIZE, DEFAULT_SEED, real_suite
 
     if pretrain_steps is not None:
         raise UsageError("--pretrain-steps applies to --model toy only, not to --suite real")
@@ -363,8 +363,8 @@ def simulate_cmd(
     files' tasks every round (round 0: the base model) and prints them per file and round.
     """
     from fedsrd_cli.algorithms.diagnostics import long_local_training_warning
-    from fedsrd_cli.atomic import ensure_output_dir
-    from fedsrd_cli.simulate import SimulateConfig, local_training_defaults, output_is_new, simulate
+    from fedsrd_cli.files.atomic import ensure_output_dir
+    from fedsrd_cli.simulation.rounds import SimulateConfig, local_training_defaults, output_is_new, simulate
 
     out = Output(json_mode)
     names = tuple(a.strip() for a in algorithms.split(",") if a.strip())
@@ -395,7 +395,7 @@ def simulate_cmd(
     output_is_new(out_dir)
     demo_model = None
     if base is None and not clients_data and not eval_data:
-        from fedsrd_cli.demo import DOMAINS, MODELS, demo_assets_model
+        from fedsrd_cli.suites.demo import DOMAINS, MODELS, demo_assets_model
 
         if model not in MODELS:
             raise UsageError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
@@ -416,7 +416,7 @@ def simulate_cmd(
     else:
         if base is None or not clients_data or not eval_data:
             raise UsageError("give --base, --clients-data and --eval-data together (or none, for the demo)")
-        from fedsrd_cli.training import file_labels
+        from fedsrd_cli.site.training import file_labels
 
         client_ids = tuple(re.sub(r"[^A-Za-z0-9._-]", "-", label) for label in file_labels(clients_data))
         eval_names = tuple(file_labels(eval_data))
@@ -468,13 +468,13 @@ def simulate_cmd(
     warned = [long_training] if long_training else []  # also in the --json result
     # Every flag was checked (SimulateConfig) before the demo's assets are written.
     if demo_model is not None and not (out_dir / "assets" / "manifest.json").is_file():
-        from fedsrd_cli.demo import demo_assets
+        from fedsrd_cli.suites.demo import demo_assets
 
         out.note(f"writing the demo's base model ({demo_model}) and data into {out_dir / 'assets'}")
         demo_assets(out_dir / "assets", model=demo_model)
     if task_metrics:  # before the first round: the layers that confine the MBPP answers' code
-        from fedsrd_cli.task_eval import sandbox_note
-        from fedsrd_cli.training import load_datasets
+        from fedsrd_cli.site.task_eval import sandbox_note
+        from fedsrd_cli.site.training import load_datasets
 
         note = sandbox_note(load_datasets(list(config.eval_data)))
         if note is not None:

@@ -12,7 +12,7 @@ Flower round maps onto the CLI's files. The modules:
     apps         server_app and client_app, built from the run and node configs (flwr)
 
 Only `wire`, `strategy` and `apps` import flwr, and nothing outside this package imports them,
-so `fedsrd` itself never loads Flower.
+so `fedsrd` itself never loads Flower. flower/ may import every folder but cli/.
 """
 
 from __future__ import annotations

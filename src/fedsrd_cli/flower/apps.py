@@ -25,8 +25,8 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedsrd_cli.artifacts import Artifact
 from fedsrd_cli.errors import FedsrdError
+from fedsrd_cli.files.artifacts import Artifact
 from fedsrd_cli.flower import wire
 from fedsrd_cli.flower.coordinator import Coordinator
 from fedsrd_cli.flower.settings import ServerSettings, SiteSettings

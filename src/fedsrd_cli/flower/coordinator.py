@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fedsrd_cli.artifacts import Artifact, read_artifact, short, write_artifact
-from fedsrd_cli.atomic import write_bytes_atomic
 from fedsrd_cli.errors import ArtifactError, FedsrdError, MismatchError, UsageError
+from fedsrd_cli.files.artifacts import Artifact, read_artifact, short, write_artifact
+from fedsrd_cli.files.atomic import write_bytes_atomic
 from fedsrd_cli.flower.settings import ServerSettings
 
 RESULTS_VERSION = 1
@@ -80,7 +80,7 @@ class Coordinator:
     """The server side of a Flower run: one global state, advanced one round at a time, on files."""
 
     def __init__(self, settings: ServerSettings, report: Report | None = None) -> None:
-        from fedsrd_cli.signing import load_signer_and_trust
+        from fedsrd_cli.trust.signing import load_signer_and_trust
 
         self.settings = settings
         self.report: Report = report or (lambda line: None)
@@ -171,7 +171,7 @@ class Coordinator:
             write_bytes_atomic(path, source.read_bytes(), force=False, allow_identical=True)
         else:
             from fedsrd_cli.algorithms.protocol import initial_state
-            from fedsrd_cli.model_spec import fingerprint_base, lora_module_shapes
+            from fedsrd_cli.files.model_spec import fingerprint_base, lora_module_shapes
 
             lora, shapes = lora_module_shapes(settings.base, settings.targets, settings.rank, settings.alpha)
             payload = initial_state(shapes, lora, settings.seed, fingerprint_base(settings.base))
@@ -180,7 +180,7 @@ class Coordinator:
         return self._read_state(path)
 
     def _read_state(self, path: Path) -> Artifact:
-        from fedsrd_cli.signing import read_verified
+        from fedsrd_cli.trust.signing import read_verified
 
         return read_verified(path, "state", self.trust)
 
@@ -196,7 +196,7 @@ class Coordinator:
 
     def train_seed(self, client_id: str, population: Sequence[str], round_index: int) -> int:
         """`train-local --seed` of a client in a round: simulate's seed for its index in the population."""
-        from fedsrd_cli.simulate import client_train_seed
+        from fedsrd_cli.simulation.rounds import client_train_seed
 
         return client_train_seed(self.settings.seed, round_index, list(population).index(client_id))
 
@@ -226,7 +226,7 @@ class Coordinator:
 
     def _sign_roster(self, sites: list[str], attempt: int) -> None:
         """A secure round's roster of `sites`, signed and kept as round-N/roster-K.json."""
-        from fedsrd_cli.roster import make_roster, write_roster
+        from fedsrd_cli.trust.roster import make_roster, write_roster
 
         round_state = self._round()
         state = self.state
@@ -332,7 +332,7 @@ class Coordinator:
         from fedsrd_cli.algorithms.private import aggregate_privacy
         from fedsrd_cli.algorithms.protocol import check_uploads, guard_update_norms
         from fedsrd_cli.algorithms.secure import check_masked_upload
-        from fedsrd_cli.signing import read_verified
+        from fedsrd_cli.trust.signing import read_verified
 
         round_state = self._round()
         name = f"upload-{client_id}.safetensors"
@@ -386,7 +386,7 @@ class Coordinator:
         (signed with the coordinator's key), as `aggregate` and `broadcast` write them.
         """
         from fedsrd_cli.algorithms.protocol import default_download_seed
-        from fedsrd_cli.simulate import privacy_summary
+        from fedsrd_cli.simulation.rounds import privacy_summary
 
         round_state = self._round()
         state = self.state
@@ -442,7 +442,7 @@ class Coordinator:
         applied: {client id: the state hash its `apply` produced}; a hash other than the
         coordinator's is reported. eval_loss: {client id: its eval loss of the new state}.
         """
-        from fedsrd_cli.simulate import RoundRecord
+        from fedsrd_cli.simulation.rounds import RoundRecord
 
         round_state = self._round()
         if round_state.broadcast_path is None:
@@ -499,7 +499,7 @@ class Coordinator:
 
     def record_initial(self, eval_loss: dict[str, float]) -> dict[str, Any]:
         """The run's first record: the initial state (no traffic), with the clients' eval losses."""
-        from fedsrd_cli.simulate import RoundRecord
+        from fedsrd_cli.simulation.rounds import RoundRecord
 
         if self.records:
             raise UsageError("the initial state is already recorded")

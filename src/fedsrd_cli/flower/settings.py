@@ -343,7 +343,7 @@ class SiteSettings:
     min_sites: int = 2
 
     def __post_init__(self) -> None:
-        from fedsrd_cli.signing import check_party_name
+        from fedsrd_cli.trust.signing import check_party_name
 
         _require(bool(self.client_id), "node config 'client-id': give this site's client id")
         check_party_name(self.client_id, "node config 'client-id'")

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsrd_cli.artifacts import Artifact, short, write_artifact
-from fedsrd_cli.atomic import write_bytes_atomic
 from fedsrd_cli.errors import MismatchError, UsageError
+from fedsrd_cli.files.artifacts import Artifact, short, write_artifact
+from fedsrd_cli.files.atomic import write_bytes_atomic
 from fedsrd_cli.flower.settings import SiteSettings
 
 
@@ -44,7 +44,7 @@ class Site:
     """A client: its base model (loaded once, on first use), data, keys and state directory."""
 
     def __init__(self, settings: SiteSettings) -> None:
-        from fedsrd_cli.signing import load_signer_and_trust
+        from fedsrd_cli.trust.signing import load_signer_and_trust
 
         self.settings = settings
         self.client_id = settings.client_id
@@ -70,13 +70,13 @@ class Site:
         return self.state_dir / f"global-r{round_index}.safetensors"
 
     def _accept(self) -> tuple[str, ...]:
-        from fedsrd_cli.signing import COORDINATOR
+        from fedsrd_cli.trust.signing import COORDINATOR
 
         return (COORDINATOR,) if self.signer is None else (COORDINATOR, self.signer.name)
 
     def read_state(self, path: Path) -> Artifact:
         """A global state, verified as `train-local --trust` verifies it."""
-        from fedsrd_cli.signing import read_verified
+        from fedsrd_cli.trust.signing import read_verified
 
         return read_verified(path, "state", self.trust, accept=self._accept())
 
@@ -124,21 +124,21 @@ class Site:
 
     def base(self) -> Any:
         if self._base is None:
-            from fedsrd_cli.training import load_base
+            from fedsrd_cli.site.training import load_base
 
             self._base = load_base(self.settings.base, self.settings.device, self.settings.dtype)
         return self._base
 
     def train_sets(self) -> Any:
         if self._train_sets is None:
-            from fedsrd_cli.training import load_datasets
+            from fedsrd_cli.site.training import load_datasets
 
             self._train_sets = load_datasets(list(self.settings.data_files))
         return self._train_sets
 
     def eval_sets(self) -> Any:
         if self._eval_sets is None and self.settings.eval_files:
-            from fedsrd_cli.training import load_datasets
+            from fedsrd_cli.site.training import load_datasets
 
             self._eval_sets = load_datasets(list(self.settings.eval_files))
         return self._eval_sets
@@ -147,11 +147,11 @@ class Site:
 
     def train(self, state: Artifact, instructions: Mapping[str, Any]) -> TrainResult:
         """`train-local` then `sparsify`, with the flags the coordinator sent, on this site's data."""
-        from fedsrd_cli.adapters import read_local
         from fedsrd_cli.algorithms import get_algorithm
         from fedsrd_cli.config import SparsifyConfig
+        from fedsrd_cli.files.adapters import read_local
         from fedsrd_cli.math.threads import use_threads
-        from fedsrd_cli.training import (
+        from fedsrd_cli.site.training import (
             TrainConfig,
             check_fingerprint,
             check_private_run,
@@ -233,9 +233,9 @@ class Site:
     def mask(self, state: Artifact, round_index: int, roster_text: str) -> bytes:
         """A secure round's masked upload of this round's local state, for the signed roster the
         coordinator sent (`sparsify --secure`); its bytes. Called again for a re-issued roster."""
-        from fedsrd_cli.agreement import AgreementKey
-        from fedsrd_cli.roster import read_roster
-        from fedsrd_cli.uploads import make_masked_upload, roster_keys
+        from fedsrd_cli.site.uploads import make_masked_upload, roster_keys
+        from fedsrd_cli.trust.agreement import AgreementKey
+        from fedsrd_cli.trust.roster import read_roster
 
         if not self.settings.agreement_key or self.trust is None:
             raise UsageError(
@@ -280,7 +280,7 @@ class Site:
     def apply(self, parent: Artifact, data: bytes) -> Artifact:
         """`apply`: save the broadcast, verify it, apply it to `parent`; writes global-rN.safetensors."""
         from fedsrd_cli.algorithms.catchup import apply_chain
-        from fedsrd_cli.signing import read_verified
+        from fedsrd_cli.trust.signing import read_verified
 
         round_index = parent.header.round + 1
         round_dir = self.state_dir / f"round-{round_index}"
@@ -296,7 +296,7 @@ class Site:
     def evaluate(self, state: Artifact, max_length: int = 512) -> float | None:
         """This site's mean eval loss of a global state (None without eval data), as `fedsrd eval`."""
         from fedsrd_cli.math.threads import use_threads
-        from fedsrd_cli.training import evaluate, set_global
+        from fedsrd_cli.site.training import evaluate, set_global
 
         datasets = self.eval_sets()
         if not datasets:

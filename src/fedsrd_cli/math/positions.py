@@ -30,7 +30,6 @@ import math
 
 import torch
 
-from fedsrd_cli import naming
 from fedsrd_cli.math.masks import pack_bits, unpack_bits
 
 MAX_RICE_K = 31
@@ -197,14 +196,15 @@ def read_positions_tensor(stored: torch.Tensor, numel: int, count: int) -> torch
     return decode_position_indices(stored[1:], int(stored[0]), numel, count)
 
 
-def store_mask(kept: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The smaller stored form of an upload's mask: {naming.POSITIONS: X.positions} or {naming.MASK: X.mask}.
+def store_mask(kept: torch.Tensor) -> tuple[bool, torch.Tensor]:
+    """The smaller stored form of an upload's mask: (True, X.positions) or (False, X.mask).
 
-    kept: (...) bool with n elements. X.positions (positions_tensor) when it is strictly
-    shorter than the bitmap's ceil(n / 8) bytes, else the bitmap (pack_bits), as before.
+    kept: (...) bool with n elements. The coded positions (positions_tensor) when they are
+    strictly shorter than the bitmap's ceil(n / 8) bytes, else the bitmap (pack_bits), as before.
+    The caller names the tensor (files.naming.positions_key or mask_key).
     """
     gaps = position_gaps(kept_positions(kept))
     k = rice_parameter(gaps)
     if 1 + math.ceil(rice_bits(gaps, k) / 8) < math.ceil(kept.numel() / 8):
-        return {naming.POSITIONS: _with_parameter(k, rice_stream(gaps, k))}
-    return {naming.MASK: pack_bits(kept)}
+        return True, _with_parameter(k, rice_stream(gaps, k))
+    return False, pack_bits(kept)

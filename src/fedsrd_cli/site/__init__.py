@@ -1,0 +1,13 @@
+"""What a site runs on its own model and data: transformers and peft live here.
+
+    data         JSON-lines training and evaluation files, tokenization, batches
+    training     loading the base, attaching LoRA, plain and DP-SGD steps, evaluation
+    task_eval    scoring a model on tasks (multiple choice, GSM8K, MBPP) beyond the loss
+    task_metrics the scoring rules themselves (no model)
+    sandbox      running generated programs confined (MBPP tests)
+    uploads      what `sparsify` checks before the algorithm makes the upload
+
+May import algorithms/, trust/, privacy/, files/ and math/; nothing here imports suites/,
+simulation/, cli/ or flower/. transformers and peft are imported inside functions, so
+importing a module here stays cheap.
+"""
