@@ -91,7 +91,7 @@ $FEDSRD broadcast --global coordinator/global-r0.safetensors --aggregate coordin
 unsigned_sha256() {
   python - "$1" <<'PY'
 import hashlib, sys
-from fedsrd_cli.signing import read_signature
+from fedsrd_cli.trust.signing import read_signature
 found = read_signature(sys.argv[1])
 print(found.unsigned_digest.hex() if found else hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())
 PY

@@ -41,7 +41,7 @@ simulate_training() {  # GLOBAL OUT SEED
 import sys
 from dataclasses import replace
 import torch
-from fedsrd_cli.artifacts import read_artifact, write_artifact
+from fedsrd_cli.files.artifacts import read_artifact, write_artifact
 g, out, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 state = read_artifact(g, kind="state")
 gen = torch.Generator().manual_seed(seed)
