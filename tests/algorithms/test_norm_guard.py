@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from fedsrd_cli.algorithms.protocol import update_norm
 from fedsrd_cli.cli import app
 from fedsrd_cli.files import naming
-from fedsrd_cli.files.artifacts import content_hash, encode_safetensors, read_artifact
+from fedsrd_cli.files.artifacts import read_artifact
+from fedsrd_cli.files.safetensors_io import content_hash, encode_safetensors
 
 from ..conftest import make_local
 

@@ -17,7 +17,8 @@ import fedsrd_cli
 from fedsrd_cli.cli import app
 from fedsrd_cli.config import LoraSpec
 from fedsrd_cli.files import naming
-from fedsrd_cli.files.artifacts import encode_safetensors, read_artifact, write_artifact
+from fedsrd_cli.files.artifacts import read_artifact, write_artifact
+from fedsrd_cli.files.safetensors_io import encode_safetensors
 
 from ..conftest import make_global, make_local
 
@@ -86,7 +87,7 @@ def _with_nan(global_file: Path, path: Path) -> Path:
     tensors[first] = tensors[first].clone()
     tensors[first][0, 0] = float("inf")
     header = replace(state.header, parent_hash=state.header.content_hash)
-    from fedsrd_cli.files.artifacts import content_hash
+    from fedsrd_cli.files.safetensors_io import content_hash
 
     meta = {**header.to_metadata(), "fedsrd.content_hash": content_hash(tensors)}
     path.write_bytes(b"".join(encode_safetensors(tensors, meta)))

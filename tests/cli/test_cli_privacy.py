@@ -14,7 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fedsrd_cli.cli import app
-from fedsrd_cli.files.artifacts import encode_safetensors, open_safetensors, read_artifact, write_artifact
+from fedsrd_cli.files.artifacts import read_artifact, write_artifact
+from fedsrd_cli.files.safetensors_io import encode_safetensors, open_safetensors
 from fedsrd_cli.privacy.ledger import RECORD, Ledger, read_privacy
 from fedsrd_cli.trust.signing import SigningKey, generate_keypair
 

@@ -22,14 +22,9 @@ from fedsrd_cli.config import LoraSpec, SparsifyConfig
 from fedsrd_cli.errors import ArtifactError
 from fedsrd_cli.files import naming
 from fedsrd_cli.files.adapters import read_local
-from fedsrd_cli.files.artifacts import (
-    Artifact,
-    content_hash,
-    encode_safetensors,
-    read_artifact,
-    write_artifact,
-)
+from fedsrd_cli.files.artifacts import Artifact, read_artifact, write_artifact
 from fedsrd_cli.files.describe import dense_tensors, describe
+from fedsrd_cli.files.safetensors_io import content_hash, encode_safetensors
 from fedsrd_cli.math.importance import importance_a, importance_b, sparsify_delta
 from fedsrd_cli.math.masks import pack_bits
 from fedsrd_cli.math.positions import position_gaps, rice_parameter, rice_stream

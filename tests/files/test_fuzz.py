@@ -31,7 +31,8 @@ from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
 from fedsrd_cli.errors import ArtifactError, FedsrdError
 from fedsrd_cli.files import naming
 from fedsrd_cli.files.adapters import read_local
-from fedsrd_cli.files.artifacts import content_hash, encode_safetensors, read_artifact, write_artifact
+from fedsrd_cli.files.artifacts import read_artifact, write_artifact
+from fedsrd_cli.files.safetensors_io import content_hash, encode_safetensors
 from fedsrd_cli.trust.signing import SigningKey, Trust, generate_keypair
 
 from ..conftest import make_global, make_local

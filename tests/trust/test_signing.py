@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from fedsrd_cli.cli import app
 from fedsrd_cli.errors import TrustError
-from fedsrd_cli.files.artifacts import encode_safetensors, open_safetensors, read_artifact, write_artifact
+from fedsrd_cli.files.artifacts import read_artifact, write_artifact
+from fedsrd_cli.files.safetensors_io import encode_safetensors, open_safetensors
 from fedsrd_cli.trust.signing import SIGNATURE_FIELDS, SigningKey, Trust, generate_keypair, read_signature
 
 from ..conftest import make_global, make_local

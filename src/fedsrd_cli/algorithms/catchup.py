@@ -19,7 +19,8 @@ import torch
 from fedsrd_cli.algorithms.base import Payload
 from fedsrd_cli.algorithms.protocol import apply_broadcast, describe_state
 from fedsrd_cli.errors import StaleUploadError, UsageError
-from fedsrd_cli.files.artifacts import Artifact, Header, content_hash, short
+from fedsrd_cli.files.artifacts import Artifact, Header
+from fedsrd_cli.files.safetensors_io import content_hash, short
 
 
 class MemoryState:

@@ -52,7 +52,8 @@ from fedsrd_cli.config import VALUE_DTYPES, AggregateConfig, BroadcastConfig, Sp
 from fedsrd_cli.errors import MismatchError, UsageError
 from fedsrd_cli.files import naming
 from fedsrd_cli.files.adapters import LocalAdapter
-from fedsrd_cli.files.artifacts import Artifact, content_hash
+from fedsrd_cli.files.artifacts import Artifact
+from fedsrd_cli.files.safetensors_io import content_hash
 from fedsrd_cli.limits import MAX_SERVER_LR
 from fedsrd_cli.math.lowrank import align_factors
 from fedsrd_cli.math.masks import seeded_keep_mask

@@ -24,7 +24,8 @@ from typing import Any
 
 from fedsrd_cli.algorithms.protocol import check_uploads
 from fedsrd_cli.errors import FedsrdError, RoundInvalidError, StaleUploadError, TrustError
-from fedsrd_cli.files.artifacts import SEALED_MAGIC, Artifact, read_artifact
+from fedsrd_cli.files.artifacts import Artifact, read_artifact
+from fedsrd_cli.files.safetensors_io import SEALED_MAGIC
 from fedsrd_cli.trust.sealed import MAX_HEADER, is_sealed, recipients_of
 from fedsrd_cli.trust.signing import Trust, check_signer, read_signature, read_verified
 

@@ -42,7 +42,8 @@ from fedsrd_cli.config import PRIVATE_METHOD, AggregateConfig
 from fedsrd_cli.errors import MismatchError, StaleUploadError
 from fedsrd_cli.files import naming
 from fedsrd_cli.files.adapters import LocalAdapter
-from fedsrd_cli.files.artifacts import Artifact, short
+from fedsrd_cli.files.artifacts import Artifact
+from fedsrd_cli.files.safetensors_io import short
 from fedsrd_cli.math import fixedpoint
 from fedsrd_cli.privacy.randomness import SecretRandom
 from fedsrd_cli.trust.agreement import AgreementKey

@@ -59,7 +59,7 @@ def _inspect_file(path: Path, trust: Any) -> dict[str, Any]:
 
 def _artifact_view(report: dict[str, Any], tensors: bool) -> list[Any]:
     """inspect's tables for a fedsrd artifact."""
-    from fedsrd_cli.files.artifacts import short
+    from fedsrd_cli.files.safetensors_io import short
 
     kind = report["kind"]
     if kind == "state":
@@ -128,7 +128,7 @@ def _artifact_view(report: dict[str, Any], tensors: bool) -> list[Any]:
 
 def _plain_view(report: dict[str, Any], tensors: bool) -> list[Any]:
     """inspect's tables for a safetensors file that is not a fedsrd artifact."""
-    from fedsrd_cli.files.artifacts import short
+    from fedsrd_cli.files.safetensors_io import short
 
     dtypes = ", ".join(f"{dtype} x{count}" for dtype, count in sorted(report["dtypes"].items()))
     rows: list[tuple[str, Any]] = [

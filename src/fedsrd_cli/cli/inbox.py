@@ -40,7 +40,7 @@ def status_cmd(
     global state keep their usual codes (2-6).
     """
     from fedsrd_cli.algorithms.round_status import read_global, round_status
-    from fedsrd_cli.files.artifacts import short
+    from fedsrd_cli.files.safetensors_io import short
 
     out = Output(json_mode)
     if expect is not None and clients is not None:

@@ -16,7 +16,7 @@ def written(
     sealed_for: the Sealer (sealed.py) the file was written through, if any: the "wrote" line says
     "sealed for NAME, ..." (--json: `sealed_for`), as the file itself shows nothing else.
     """
-    from fedsrd_cli.files.artifacts import short
+    from fedsrd_cli.files.safetensors_io import short
 
     size = path.stat().st_size
     data = {
@@ -46,7 +46,7 @@ def written(
 def shown(value: Any) -> str:
     """A value as a person reads it (--json keeps it whole): 4 significant digits of a float,
     12 hex digits of a content hash."""
-    from fedsrd_cli.files.artifacts import HASH_PREFIX, short
+    from fedsrd_cli.files.safetensors_io import HASH_PREFIX, short
 
     if isinstance(value, float):
         return f"{value:.4g}"

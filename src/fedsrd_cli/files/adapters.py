@@ -15,15 +15,14 @@ import torch
 
 from fedsrd_cli.config import LoraSpec
 from fedsrd_cli.errors import ArtifactError, MismatchError
-from fedsrd_cli.files.artifacts import (
-    Artifact,
-    Header,
+from fedsrd_cli.files.artifacts import Artifact, read_artifact
+from fedsrd_cli.files.header import Header
+from fedsrd_cli.files.layout import check_layout
+from fedsrd_cli.files.safetensors_io import (
     TensorFile,
     all_finite,
-    check_layout,
     checked_exists,
     open_safetensors,
-    read_artifact,
     tensor_layout,
 )
 

@@ -23,7 +23,8 @@ import torch
 
 from fedsrd_cli.files import naming
 from fedsrd_cli.files.adapters import ADAPTER_CONFIG, read_lineage
-from fedsrd_cli.files.artifacts import Artifact, open_safetensors
+from fedsrd_cli.files.artifacts import Artifact
+from fedsrd_cli.files.safetensors_io import open_safetensors
 
 FP32_BYTES = 4
 

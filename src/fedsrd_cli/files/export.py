@@ -17,8 +17,10 @@ from typing import Any
 
 from fedsrd_cli.errors import OutputExistsError
 from fedsrd_cli.files.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORTED_FROM_KEY, LINEAGE_FILE
-from fedsrd_cli.files.artifacts import FORMAT_VERSION, Artifact, encode_safetensors
+from fedsrd_cli.files.artifacts import Artifact
 from fedsrd_cli.files.atomic import FileWrite, check_output_folder, ensure_output_dir, write_files_atomic
+from fedsrd_cli.files.header import FORMAT_VERSION
+from fedsrd_cli.files.safetensors_io import encode_safetensors
 
 CONFIG_FILE = ADAPTER_CONFIG
 WEIGHTS_FILE = ADAPTER_WEIGHTS

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from fedsrd_cli.errors import ArtifactError, FedsrdError, MismatchError, UsageError
-from fedsrd_cli.files.artifacts import Artifact, read_artifact, short, write_artifact
+from fedsrd_cli.files.artifacts import Artifact, read_artifact, write_artifact
 from fedsrd_cli.files.atomic import write_bytes_atomic
+from fedsrd_cli.files.safetensors_io import short
 from fedsrd_cli.flower.settings import ServerSettings
 
 RESULTS_VERSION = 1

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from fedsrd_cli.errors import MismatchError, UsageError
-from fedsrd_cli.files.artifacts import Artifact, short, write_artifact
+from fedsrd_cli.files.artifacts import Artifact, write_artifact
 from fedsrd_cli.files.atomic import write_bytes_atomic
+from fedsrd_cli.files.safetensors_io import short
 from fedsrd_cli.flower.settings import SiteSettings
 
 

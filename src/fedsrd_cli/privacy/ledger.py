@@ -341,7 +341,7 @@ class Privacy:
 
 
 def read_privacy(header: Any) -> Privacy:
-    """An artifacts.Header's privacy section, parsed (it was checked when the file was read)."""
+    """A files.header.Header's privacy section, parsed (it was checked when the file was read)."""
     return parse_privacy(header.privacy, header.kind, f"the {header.kind}'s header")
 
 

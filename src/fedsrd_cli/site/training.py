@@ -29,8 +29,9 @@ from fedsrd_cli.config import LoraSpec, _require
 from fedsrd_cli.errors import DataError, MismatchError, TrainingDivergedError, UsageError
 from fedsrd_cli.files import naming
 from fedsrd_cli.files.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_lineage
-from fedsrd_cli.files.artifacts import Artifact, Header, open_safetensors, short
+from fedsrd_cli.files.artifacts import Artifact, Header
 from fedsrd_cli.files.model_spec import fingerprint_base, resolve_base
+from fedsrd_cli.files.safetensors_io import open_safetensors, short
 from fedsrd_cli.math.lowrank import scheduled_factor
 from fedsrd_cli.privacy.budget import RecordDp, history_of, plan_round
 from fedsrd_cli.privacy.dpsgd import DpSgdConfig

@@ -29,7 +29,8 @@ from fedsrd_cli.algorithms.secure import masked_upload
 from fedsrd_cli.config import SparsifyConfig
 from fedsrd_cli.errors import MismatchError, StaleUploadError, TrustError, UsageError
 from fedsrd_cli.files.adapters import LocalAdapter, read_local
-from fedsrd_cli.files.artifacts import Artifact, short
+from fedsrd_cli.files.artifacts import Artifact
+from fedsrd_cli.files.safetensors_io import short
 from fedsrd_cli.trust.agreement import AgreementKey, published_key
 from fedsrd_cli.trust.roster import Roster
 

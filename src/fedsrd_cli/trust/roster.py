@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedsrd_cli.errors import ArtifactError, MismatchError, TrustError, UsageError
-from fedsrd_cli.files.artifacts import short
 from fedsrd_cli.files.atomic import write_bytes_atomic
+from fedsrd_cli.files.safetensors_io import short
 from fedsrd_cli.trust.signing import COORDINATOR, SigningKey, Trust, check_party_name, key_id
 
 SIGNATURE_FIELDS = ("signer", "signer_key", "signature")

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedsrd_cli.errors import ArtifactError, TrustError
-from fedsrd_cli.files.artifacts import SEALED_MAGIC
+from fedsrd_cli.files.safetensors_io import SEALED_MAGIC
 from fedsrd_cli.trust.agreement import AgreementKey
 
 MAGIC = SEALED_MAGIC

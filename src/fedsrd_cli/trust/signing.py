@@ -33,15 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from fedsrd_cli.errors import ArtifactError, OutputError, OutputExistsError, TrustError, UsageError
-from fedsrd_cli.files.artifacts import (
-    Artifact,
-    Header,
-    check_safetensors_start,
-    encode_header,
-    read_artifact,
-    write_artifact,
-)
+from fedsrd_cli.files.artifacts import Artifact, Header, read_artifact, write_artifact
 from fedsrd_cli.files.atomic import FileWrite, check_output_folder, ensure_writable, write_files_atomic
+from fedsrd_cli.files.safetensors_io import check_safetensors_start, encode_header
 
 COORDINATOR = "coordinator"
 SIGNER_KEY = "fedsrd.signer"
