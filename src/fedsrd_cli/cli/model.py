@@ -63,8 +63,8 @@ def eval_cmd(
     """
     import json
 
-    from fedsrd_cli.files.safetensors_io import short
     from fedsrd_cli.files.atomic import ensure_writable, write_bytes_atomic
+    from fedsrd_cli.files.safetensors_io import short
     from fedsrd_cli.math.threads import use_threads
     from fedsrd_cli.site.training import (
         check_adapter_base,
