@@ -13,7 +13,8 @@ import pytest
 from fedsrd_cli.errors import UsageError
 from fedsrd_cli.flower.coordinator import sample_clients
 from fedsrd_cli.flower.settings import ServerSettings, SiteSettings
-from fedsrd_cli.simulation.rounds import SimulateConfig, _choose
+from fedsrd_cli.simulation.config import SimulateConfig
+from fedsrd_cli.simulation.rounds import _choose
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flower" / "pyproject.toml"
 

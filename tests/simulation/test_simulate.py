@@ -14,13 +14,9 @@ from fedsrd_cli.cli import app
 from fedsrd_cli.errors import OutputExistsError, UsageError
 from fedsrd_cli.files.artifacts import read_artifact
 from fedsrd_cli.files.model_spec import file_sha256
-from fedsrd_cli.simulation.rounds import (
-    SimulateConfig,
-    _choose,
-    client_train_seed,
-    local_training_defaults,
-    output_is_new,
-)
+from fedsrd_cli.simulation.config import SimulateConfig, local_training_defaults
+from fedsrd_cli.simulation.records import output_is_new
+from fedsrd_cli.simulation.rounds import _choose, client_train_seed
 
 from ..conftest import TINY_RECORDS, build_tiny_model, write_jsonl
 

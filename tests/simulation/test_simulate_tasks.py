@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedsrd_cli.cli import app
-from fedsrd_cli.simulation.rounds import SimulateConfig, task_label
+from fedsrd_cli.simulation.config import SimulateConfig
 from fedsrd_cli.site.sandbox import sandbox_statement
 
 from ..conftest import build_tiny_model, write_jsonl
@@ -93,12 +93,6 @@ def test_task_metrics_settings_are_checked_and_recorded_only_when_on() -> None:
     assert SimulateConfig(**common, task_metrics=True).record()["metrics_max_new_tokens"] == 128
     with pytest.raises(Exception, match="--metrics-max-new-tokens must be in"):
         SimulateConfig(**common, task_metrics=True, metrics_max_new_tokens=0)
-    label = task_label(
-        {"task_scores": {"math": 0.12, "law": 0.3}, "mean_task_score": 0.21},
-        {"math": {"metric": "exact_match"}, "law": {"metric": "accuracy"}},
-    )
-    assert label == ", math exact_match 12.0%, law accuracy 30.0%, mean 21.0%"
-    assert task_label({}, {}) == ""
 
 
 def test_metrics_max_new_tokens_defaults_to_128_and_old_runs_resume_with_theirs(tmp_path: Path) -> None:
@@ -108,7 +102,7 @@ def test_metrics_max_new_tokens_defaults_to_128_and_old_runs_resume_with_theirs(
     from dataclasses import replace
 
     from fedsrd_cli.errors import UsageError
-    from fedsrd_cli.simulation.rounds import _load_results, with_recorded_defaults
+    from fedsrd_cli.simulation.records import load_results, with_recorded_defaults
 
     common = dict(
         base="b", client_data=("a",), client_ids=("a",), eval_data=("e",), eval_names=("e",),
@@ -121,10 +115,10 @@ def test_metrics_max_new_tokens_defaults_to_128_and_old_runs_resume_with_theirs(
     recorded = SimulateConfig(**common, metrics_max_new_tokens=256).record()
     (old / "config.json").write_text(json.dumps(recorded))
     resumed = with_recorded_defaults(old, SimulateConfig(**common))
-    assert resumed.metrics_max_new_tokens == 256 and _load_results(old, resumed)["runs"] == {}
+    assert resumed.metrics_max_new_tokens == 256 and load_results(old, resumed)["runs"] == {}
     for given in (128, 64):
         with pytest.raises(UsageError, match="metrics_max_new_tokens"):
-            _load_results(
+            load_results(
                 old, with_recorded_defaults(old, SimulateConfig(**common, metrics_max_new_tokens=given))
             )
     plain = replace(SimulateConfig(**common), task_metrics=False)  # without --metrics nothing changes

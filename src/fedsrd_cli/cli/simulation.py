@@ -364,7 +364,9 @@ def simulate_cmd(
     """
     from fedsrd_cli.algorithms.diagnostics import long_local_training_warning
     from fedsrd_cli.files.atomic import ensure_output_dir
-    from fedsrd_cli.simulation.rounds import SimulateConfig, local_training_defaults, output_is_new, simulate
+    from fedsrd_cli.simulation import SimulateConfig, simulate
+    from fedsrd_cli.simulation.config import local_training_defaults
+    from fedsrd_cli.simulation.records import output_is_new
 
     out = Output(json_mode)
     names = tuple(a.strip() for a in algorithms.split(",") if a.strip())

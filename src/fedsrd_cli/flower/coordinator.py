@@ -387,7 +387,7 @@ class Coordinator:
         (signed with the coordinator's key), as `aggregate` and `broadcast` write them.
         """
         from fedsrd_cli.algorithms.protocol import default_download_seed
-        from fedsrd_cli.simulation.rounds import privacy_summary
+        from fedsrd_cli.simulation.records import privacy_summary
 
         round_state = self._round()
         state = self.state
@@ -443,7 +443,7 @@ class Coordinator:
         applied: {client id: the state hash its `apply` produced}; a hash other than the
         coordinator's is reported. eval_loss: {client id: its eval loss of the new state}.
         """
-        from fedsrd_cli.simulation.rounds import RoundRecord
+        from fedsrd_cli.simulation.records import RoundRecord
 
         round_state = self._round()
         if round_state.broadcast_path is None:
@@ -500,7 +500,7 @@ class Coordinator:
 
     def record_initial(self, eval_loss: dict[str, float]) -> dict[str, Any]:
         """The run's first record: the initial state (no traffic), with the clients' eval losses."""
-        from fedsrd_cli.simulation.rounds import RoundRecord
+        from fedsrd_cli.simulation.records import RoundRecord
 
         if self.records:
             raise UsageError("the initial state is already recorded")
