@@ -17,7 +17,7 @@ Exit codes:
     8  privacy: a privacy ledger that is missing, inconsistent, reset or over budget, or a
        round that would spend more than the budget allows (docs/privacy.md)
 
-`fedsrd status` also exits (see round_status.py), for cron:
+`fedsrd status` also exits (see algorithms/round_status.py), for cron:
     0   the round is ready to aggregate
     10  waiting: expected uploads are missing, nothing invalid
     11  invalid upload files are present in the inbox, or (with --trust) the

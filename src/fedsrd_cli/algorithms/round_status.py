@@ -40,7 +40,7 @@ class InboxFile:
 
     old: an upload of an earlier round than the one being collected (not checked further);
     stale: an upload that claims this round or a later one but was made from another state;
-    sealed: a sealed file (sealed.py), for `sealed_for` (the only thing it shows unopened).
+    sealed: a sealed file (trust/sealed.py), for `sealed_for` (the only thing it shows unopened).
     """
 
     path: str

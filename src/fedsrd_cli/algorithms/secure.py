@@ -9,7 +9,7 @@ state depends on the sites' updates through
 with w = 1 / (sites on the roster). Each site computes its P_i from its own thin factors,
 encodes it in fixed point modulo 2^32 (math.fixedpoint, the roster's range X) and adds a
 pairwise mask for every other site on the roster: + PRG(k_ij) if its name sorts before j's,
-- PRG(k_ij) otherwise (k_ij from X25519 and HKDF, agreement.py). The masks cancel in the sum,
+- PRG(k_ij) otherwise (k_ij from X25519 and HKDF, trust/agreement.py). The masks cancel in the sum,
 so the coordinator decodes S to within n / (2 s) per element (s the fixed-point scale) and
 nothing else: one masked upload alone is uniformly distributed (the masks of the honest sites
 it shares are unknown to the coordinator).

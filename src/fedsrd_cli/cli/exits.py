@@ -4,7 +4,7 @@ Exit codes (errors.py holds the error classes; docs/cli.md the table):
     0    success
     1    an unexpected internal error: a bug, shown with its traceback
     2-8  FedsrdError.exit_code: usage, artifact, mismatch, output, data, trust, privacy
-    10, 11  `fedsrd status` only: waiting, invalid files (round_status.py)
+    10, 11  `fedsrd status` only: waiting, invalid files (algorithms/round_status.py)
     130  interrupted (Ctrl-C)
 
 `--debug` (before or after the command name) or FEDSRD_DEBUG=1 shows the traceback

@@ -13,7 +13,7 @@ def written(
 ) -> None:
     """The result of a command that wrote one artifact: path, kind, round, size, hashes, `extra`.
 
-    sealed_for: the Sealer (sealed.py) the file was written through, if any: the "wrote" line says
+    sealed_for: the Sealer (trust/sealed.py) the file was written through, if any: the "wrote" line says
     "sealed for NAME, ..." (--json: `sealed_for`), as the file itself shows nothing else.
     """
     from fedsrd_cli.files.safetensors_io import short

@@ -148,7 +148,7 @@ def _real_suite(
     pretrain_steps: int | None,
     force: bool,
 ) -> None:
-    """demo-assets --suite real: the four organisations' files (real_suite.py)."""
+    """demo-assets --suite real: the four organisations' files (suites/real_suite.py)."""
     from fedsrd_cli.files.atomic import ensure_output_dir
     from fedsrd_cli.suites.real_suite import DEFAULT_EVAL_SIZE, DEFAULT_SEED, real_suite
 

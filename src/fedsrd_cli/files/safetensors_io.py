@@ -34,7 +34,7 @@ from fedsrd_cli.errors import ArtifactError
 
 HASH_PREFIX = "sha256:"
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
-# A sealed file (sealed.py) starts with this; readers say how to open it.
+# A sealed file (trust/sealed.py) starts with this; readers say how to open it.
 SEALED_MAGIC = b"fedsrd-sealed-1\n"
 
 # safetensors dtype strings, used in the content hash (docs/format.md, "Content hash").
@@ -178,7 +178,7 @@ def check_safetensors_start(path: str | os.PathLike) -> int:
 
 
 def sealed_for(path: Path) -> str:
-    """Whom a sealed file (sealed.py) names as its recipients, for messages."""
+    """Whom a sealed file (trust/sealed.py) names as its recipients, for messages."""
     try:
         with path.open("rb") as handle:
             data = handle.read(len(SEALED_MAGIC) + 4)

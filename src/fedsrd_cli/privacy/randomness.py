@@ -12,7 +12,7 @@ From the keystream:
   normal:   Box-Muller, z = sqrt(-2 ln u1) * cos(2 pi u2), in float64
   Poisson sampling of n items at rate q: item i is taken when u_i < q (independently)
   32-bit words: the keystream read 4 bytes at a time (little-endian)
-A key derived from a shared secret (secure/agreement.py) gives two parties the same words.
+A key derived from a shared secret (trust/agreement.py) gives two parties the same words.
 """
 
 from __future__ import annotations

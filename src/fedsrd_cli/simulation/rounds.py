@@ -123,7 +123,7 @@ def simulate(
 
     agreement: dict[str, Any] = {}
     published: dict[str, bytes] = {}
-    if config.secure:  # the clients' X25519 keys, made for this run (secure/agreement.py)
+    if config.secure:  # the clients' X25519 keys, made for this run (trust/agreement.py)
         from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
         for client in config.client_ids:

