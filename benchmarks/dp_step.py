@@ -29,7 +29,9 @@ from fedsrd_cli.algorithms.protocol import initial_state  # noqa: E402
 from fedsrd_cli.files.artifacts import read_artifact, write_artifact  # noqa: E402
 from fedsrd_cli.files.model_spec import lora_module_shapes  # noqa: E402
 from fedsrd_cli.privacy.dpsgd import DpSgdConfig  # noqa: E402
-from fedsrd_cli.site.training import TrainConfig, load_base, load_datasets, train_local  # noqa: E402
+from fedsrd_cli.site.data import load_datasets  # noqa: E402
+from fedsrd_cli.site.model import load_base  # noqa: E402
+from fedsrd_cli.site.training import TrainConfig, train_local  # noqa: E402
 
 
 def main() -> None:

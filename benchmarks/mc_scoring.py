@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from fedsrd_cli.site import data as data_mod  # noqa: E402
 from fedsrd_cli.site import task_eval  # noqa: E402
 from fedsrd_cli.site import task_metrics as tm  # noqa: E402
-from fedsrd_cli.site.training import load_base  # noqa: E402
+from fedsrd_cli.site.model import load_base  # noqa: E402
 
 
 def main() -> None:

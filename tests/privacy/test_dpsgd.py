@@ -12,7 +12,7 @@ import torch
 from fedsrd_cli.config import LoraSpec
 from fedsrd_cli.privacy.dpsgd import DpSgdConfig, PrivateSteps
 from fedsrd_cli.site import data as data_mod
-from fedsrd_cli.site.training import attach_lora, example_losses, load_base, lora_parameters
+from fedsrd_cli.site.model import attach_lora, example_losses, load_base, lora_parameters
 from tests.conftest import TINY_RECORDS, write_jsonl
 
 stats = pytest.importorskip("scipy.stats")

@@ -265,16 +265,16 @@ def test_server_lr_from_damps_only_the_later_rounds(sim_inputs: dict[str, Path],
 def test_round_0_is_scored_once_for_every_seed(
     sim_inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fedsrd_cli.site.training as training
+    import fedsrd_cli.site.evaluation as evaluation
 
     scored: list[int] = []
-    real = training.evaluate
+    real = evaluation.evaluate
 
     def counting(*args, **kwargs):
         scored.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "evaluate", counting)
+    monkeypatch.setattr(evaluation, "evaluate", counting)
     out = tmp_path / "seeds"
     args = [*sim_args(sim_inputs, out, 1), "--algorithms", "fedavg", "--seeds", 2, "--eval-batch-size", 2]
     run_cli(*args)

@@ -12,7 +12,8 @@ from fedsrd_cli.errors import DataError
 from fedsrd_cli.site import data as data_mod
 from fedsrd_cli.site import task_eval
 from fedsrd_cli.site import task_metrics as tm
-from fedsrd_cli.site.training import evaluate, load_base
+from fedsrd_cli.site.evaluation import evaluate
+from fedsrd_cli.site.model import load_base
 
 from ..conftest import write_jsonl
 
@@ -120,7 +121,7 @@ def test_gsm8k_scoring_from_hand_made_answers(model, tmp_path: Path, monkeypatch
         "It is 1000 in all. #### 1,000",
         "3 + 4 = 7\n#### 7\n\n### Instruction:\nAnother one #### 9",  # cut where the template repeats
     ]
-    monkeypatch.setattr("fedsrd_cli.site.training.generate_answers", lambda *args: answers)
+    monkeypatch.setattr(task_eval, "generate_answers", lambda *args: answers)
     scored = task_eval.score_tasks(model, ds, batch_size=2, max_length=128)
     assert scored == {"kind": "gsm8k", "metric": "exact_match", "examples": 4, "score": 0.75}
 
@@ -137,7 +138,7 @@ def test_mbpp_scoring_runs_each_answer_in_the_sandbox(model, tmp_path: Path, mon
         "def double(x):\n    while True:\n        pass",
         "def double(x):\n    return x * 2\nassert double(1) == 3",  # its own wrong assert is cut off
     ]
-    monkeypatch.setattr("fedsrd_cli.site.training.generate_answers", lambda *args: answers)
+    monkeypatch.setattr(task_eval, "generate_answers", lambda *args: answers)
     monkeypatch.setattr(task_eval, "SANDBOX_TIMEOUT_S", 2.0)
     scored = task_eval.score_tasks(model, ds, batch_size=2, max_length=128)
     assert scored["score"] == 0.5

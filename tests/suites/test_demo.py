@@ -67,7 +67,7 @@ def test_demo_assets_reduced_recipe(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert (base / "config.json").is_file() and (base / "tokenizer.json").is_file()
     refused = runner.invoke(app, ["demo-assets", "--out", str(tmp_path / "one"), *toy])
     assert refused.exit_code == 5
-    from fedsrd_cli.site.training import load_base
+    from fedsrd_cli.site.model import load_base
 
     model = load_base(base, "cpu", "fp32")
     ids = model.tokenizer("What is 12 + 7?")["input_ids"]
@@ -92,7 +92,7 @@ def test_smollm2_is_converted_once_and_gives_the_gguf_logits(
 ) -> None:
     import torch
 
-    from fedsrd_cli.site.training import load_base
+    from fedsrd_cli.site.model import load_base
 
     first = runner.invoke(app, ["demo-assets", "--out", str(tmp_path / "one"), "--json"])
     assert first.exit_code == 0, first.output

@@ -66,13 +66,13 @@ def eval_cmd(
     from fedsrd_cli.files.atomic import ensure_writable, write_bytes_atomic
     from fedsrd_cli.files.safetensors_io import short
     from fedsrd_cli.math.threads import use_threads
-    from fedsrd_cli.site.training import (
+    from fedsrd_cli.site.data import load_datasets
+    from fedsrd_cli.site.evaluation import evaluate
+    from fedsrd_cli.site.model import (
         check_adapter_base,
         check_fingerprint,
-        evaluate,
         load_adapter,
         load_base,
-        load_datasets,
         set_global,
     )
     from fedsrd_cli.trust.signing import read_verified
@@ -129,8 +129,8 @@ def eval_cmd(
     result = {**source, "base": str(base), **metrics}
     beside = None
     if task_metrics and (global_state is not None or adapter is not None):
+        from fedsrd_cli.site.evaluation import file_labels
         from fedsrd_cli.site.task_eval import base_task_scores
-        from fedsrd_cli.site.training import file_labels
 
         names = file_labels([ds.path for ds in datasets])
         beside = base_task_scores(model, datasets, names, batch_size, max_length, metrics_max_new_tokens)
@@ -191,7 +191,7 @@ def export_cmd(
 ) -> None:
     """Write a global state as a PEFT adapter directory (PeftModel.from_pretrained loads it)."""
     from fedsrd_cli.files.export import export_adapter
-    from fedsrd_cli.site.training import check_fingerprint
+    from fedsrd_cli.site.model import check_fingerprint
     from fedsrd_cli.trust.signing import read_verified
 
     out = Output(json_mode)

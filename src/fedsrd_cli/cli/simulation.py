@@ -418,7 +418,7 @@ def simulate_cmd(
     else:
         if base is None or not clients_data or not eval_data:
             raise UsageError("give --base, --clients-data and --eval-data together (or none, for the demo)")
-        from fedsrd_cli.site.training import file_labels
+        from fedsrd_cli.site.evaluation import file_labels
 
         client_ids = tuple(re.sub(r"[^A-Za-z0-9._-]", "-", label) for label in file_labels(clients_data))
         eval_names = tuple(file_labels(eval_data))
@@ -475,8 +475,8 @@ def simulate_cmd(
         out.note(f"writing the demo's base model ({demo_model}) and data into {out_dir / 'assets'}")
         demo_assets(out_dir / "assets", model=demo_model)
     if task_metrics:  # before the first round: the layers that confine the MBPP answers' code
+        from fedsrd_cli.site.data import load_datasets
         from fedsrd_cli.site.task_eval import sandbox_note
-        from fedsrd_cli.site.training import load_datasets
 
         note = sandbox_note(load_datasets(list(config.eval_data)))
         if note is not None:

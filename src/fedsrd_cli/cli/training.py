@@ -114,12 +114,11 @@ def train_local_cmd(
     from fedsrd_cli.files.artifacts import write_artifact
     from fedsrd_cli.files.atomic import FileWrite, ensure_writable
     from fedsrd_cli.math.threads import use_threads
+    from fedsrd_cli.site.data import load_datasets
+    from fedsrd_cli.site.model import check_fingerprint, load_base
     from fedsrd_cli.site.training import (
         TrainConfig,
-        check_fingerprint,
         check_private_run,
-        load_base,
-        load_datasets,
         local_header,
         private_training,
         train_local,

@@ -125,21 +125,21 @@ class Site:
 
     def base(self) -> Any:
         if self._base is None:
-            from fedsrd_cli.site.training import load_base
+            from fedsrd_cli.site.model import load_base
 
             self._base = load_base(self.settings.base, self.settings.device, self.settings.dtype)
         return self._base
 
     def train_sets(self) -> Any:
         if self._train_sets is None:
-            from fedsrd_cli.site.training import load_datasets
+            from fedsrd_cli.site.data import load_datasets
 
             self._train_sets = load_datasets(list(self.settings.data_files))
         return self._train_sets
 
     def eval_sets(self) -> Any:
         if self._eval_sets is None and self.settings.eval_files:
-            from fedsrd_cli.site.training import load_datasets
+            from fedsrd_cli.site.data import load_datasets
 
             self._eval_sets = load_datasets(list(self.settings.eval_files))
         return self._eval_sets
@@ -152,9 +152,9 @@ class Site:
         from fedsrd_cli.config import SparsifyConfig
         from fedsrd_cli.files.adapters import read_local
         from fedsrd_cli.math.threads import use_threads
+        from fedsrd_cli.site.model import check_fingerprint
         from fedsrd_cli.site.training import (
             TrainConfig,
-            check_fingerprint,
             check_private_run,
             local_header,
             private_training,
@@ -297,7 +297,8 @@ class Site:
     def evaluate(self, state: Artifact, max_length: int = 512) -> float | None:
         """This site's mean eval loss of a global state (None without eval data), as `fedsrd eval`."""
         from fedsrd_cli.math.threads import use_threads
-        from fedsrd_cli.site.training import evaluate, set_global
+        from fedsrd_cli.site.evaluation import evaluate
+        from fedsrd_cli.site.model import set_global
 
         datasets = self.eval_sets()
         if not datasets:

@@ -4,7 +4,7 @@ Each round runs the same functions the commands run, on real files: `training.tr
 per participating client, `Algorithm.upload` (the client's upload, written with
 `artifacts.write_artifact` and read back, so its size is the real bytes), `Algorithm.aggregate`
 and `Algorithm.broadcast` (the coordinator), `protocol.apply_broadcast` (what every client
-does with the broadcast; it checks the result hash), and `training.evaluate` on the eval files.
+does with the broadcast; it checks the result hash), and `evaluation.evaluate` on the eval files.
 No math is repeated here.
 
 `simulate` is the entry: for every algorithm, seed and round it picks the clients that train
@@ -92,15 +92,14 @@ def simulate(
     from fedsrd_cli.files.artifacts import read_artifact, write_artifact
     from fedsrd_cli.files.model_spec import lora_module_shapes
     from fedsrd_cli.math.threads import use_threads
+    from fedsrd_cli.site.data import load_datasets
+    from fedsrd_cli.site.evaluation import evaluate
+    from fedsrd_cli.site.model import load_base, set_global
     from fedsrd_cli.site.training import (
         TrainConfig,
         check_private_run,
-        evaluate,
-        load_base,
-        load_datasets,
         local_header,
         private_training,
-        set_global,
         train_local,
     )
     from fedsrd_cli.trust.agreement import AgreementKey

@@ -1,8 +1,11 @@
 """What a site runs on its own model and data: transformers and peft live here.
 
     data         JSON-lines training and evaluation files, tokenization, batches
-    training     loading the base, attaching LoRA, plain and DP-SGD steps, evaluation
+    model        loading the base, attaching LoRA, loading a state or an adapter, the losses
+    training     local training from the loaded state: plain and DP-SGD steps
+    evaluation   loss and perplexity per data file, exact match, answers, task metrics
     task_eval    scoring a model on tasks (multiple choice, GSM8K, MBPP) beyond the loss
+    generation   greedy answers to prompts (used by evaluation and task_eval)
     task_metrics the scoring rules themselves (no model)
     sandbox      running generated programs confined (MBPP tests)
     uploads      what `sparsify` checks before the algorithm makes the upload

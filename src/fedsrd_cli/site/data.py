@@ -26,13 +26,14 @@ Nothing here imports transformers: a tokenizer is any object with `__call__`
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedsrd_cli.errors import DataError, a_or_an
+from fedsrd_cli.errors import DataError, UsageError, a_or_an
 from fedsrd_cli.site.task_metrics import TaskSpec, parse_task
 
 FORMATS = ("instruction", "chat", "text")
@@ -188,6 +189,13 @@ def read_jsonl(path: str | Path) -> Dataset:
     if not examples:
         raise DataError(f"{path}: no records (empty data file)")
     return Dataset(path, fmt or "text", tuple(examples))
+
+
+def load_datasets(paths: Sequence[str | Path]) -> list[Dataset]:
+    """Every --data file, read with read_jsonl; UsageError when none is given."""
+    if not paths:
+        raise UsageError("give at least one --data file")
+    return [read_jsonl(p) for p in paths]
 
 
 # --------------------------------------------------------------------------- tokenization

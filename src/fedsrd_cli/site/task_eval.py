@@ -6,7 +6,7 @@
     gsm8k  a greedy answer of at most max_new_tokens tokens, its final number;
     mbpp   a greedy answer, its code run against the record's asserts in sandbox.run_program.
 The model is whatever `base` holds (the base alone, a global state, an adapter);
-transformers is never imported here (training.py loads the model).
+transformers is never imported here (model.py loads the model; generation.py generates).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from fedsrd_cli.errors import DataError, UsageError
 from fedsrd_cli.site import data as data_mod
 from fedsrd_cli.site import task_metrics as tm
+from fedsrd_cli.site.generation import generate_answers
 
 DEFAULT_MAX_NEW_TOKENS = 256  # GSM8K's worked solutions and MBPP's functions fit in it
 SANDBOX_TIMEOUT_S = 10.0  # wall-clock seconds per MBPP program (its asserts take milliseconds)
@@ -145,8 +146,6 @@ def score_tasks(
     """The task metric of one file (None when no record has a task):
     {"kind", "metric", "score", "examples"} and, per kind, accuracy_norm (mc) or the sandbox's
     outcomes (mbpp: {"passed": n, "failed": n, "timeout": n, ...})."""
-    from fedsrd_cli.site.training import generate_answers
-
     if max_new_tokens < 1:
         raise UsageError("--metrics-max-new-tokens must be >= 1")
     kind = file_kind(ds)

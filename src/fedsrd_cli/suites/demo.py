@@ -324,7 +324,7 @@ def convert_gguf(
     Then load out_dir back as every command will (local files only) and check it gives
     exactly the GGUF model's logits. on_stage(done, total, label) is called before each stage.
     """
-    from fedsrd_cli.site.training import load_base
+    from fedsrd_cli.site.model import load_base
 
     stages = ("loading and dequantizing the GGUF file", "saving", "checking the saved model")
     start = time.monotonic()
