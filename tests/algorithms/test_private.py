@@ -17,7 +17,8 @@ from fedsrd_cli.config import AggregateConfig, BroadcastConfig
 from fedsrd_cli.errors import PrivacyError, UsageError
 from fedsrd_cli.files import naming
 from fedsrd_cli.files.artifacts import Artifact, Header, read_artifact, write_artifact
-from fedsrd_cli.math.lowrank import b_update_gain, update_b
+from fedsrd_cli.math.lowrank import update_b
+from fedsrd_cli.math.lowrank_products import b_update_gain
 from fedsrd_cli.privacy.ledger import OrganisationDp, read_privacy
 
 from .rounds import make_locals, upload, write

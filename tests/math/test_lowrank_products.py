@@ -1,17 +1,13 @@
-"""Shared thin products (TargetProducts) give the solves, misses and update error bit for bit."""
+"""TargetProducts (math.lowrank_products): shared thin products give the solves, misses and
+update error bit for bit."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fedsrd_cli.math.lowrank import (
-    TargetProducts,
-    one_factor_misses,
-    update_a,
-    update_b,
-    update_error_norms,
-)
+from fedsrd_cli.math.lowrank import update_a, update_b
+from fedsrd_cli.math.lowrank_products import TargetProducts, one_factor_misses, update_error_norms
 
 
 def _module(seed: int, d_out: int, d_in: int, r: int, k: int, zero_b: bool = False):

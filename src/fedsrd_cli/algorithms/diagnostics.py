@@ -31,7 +31,12 @@ import torch
 
 from fedsrd_cli.files import naming
 from fedsrd_cli.files.artifacts import Header
-from fedsrd_cli.math.lowrank import TargetProducts, outside_row_space, product_inner, update_error_norms
+from fedsrd_cli.math.lowrank_products import (
+    TargetProducts,
+    outside_row_space,
+    product_inner,
+    update_error_norms,
+)
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # a thin product's (left (d_out, k), right (k, d_in))
 
@@ -132,7 +137,7 @@ class BroadcastDiagnostics:
 class Fidelity:
     """How well an estimate E of an update D matches it, summed over modules:
     norm_ratio = ||E||_F / ||D||_F and cosine = <E, D>_F / (||E||_F ||D||_F), both computed
-    from thin factors (math.lowrank.product_inner), never from a (d_out, d_in) matrix.
+    from thin factors (math.lowrank_products.product_inner), never from a (d_out, d_in) matrix.
 
     Uploads record it for the site's own update (D = B' A' - B A, its exact full-rank update;
     E = the update the coordinator reconstructs from the upload). `simulate` records it for the
@@ -278,7 +283,7 @@ def update_error_warning(header: Header) -> str | None:
 
 def local_one_factor_residual(global_state: Any, local: dict[str, torch.Tensor]) -> float:
     """A client's own update, before sparsification: sqrt(sum ||dW (I - P_A)||^2 / sum ||dW||^2)
-    over modules (math.lowrank.outside_row_space), the share of it that FedSRD's default
+    over modules (math.lowrank_products.outside_row_space), the share of it that FedSRD's default
     one-factor download cannot carry. global_state: the state trained from (Artifact);
     local: the trained state's tensors under PEFT names."""
     outside2 = total2 = 0.0

@@ -10,7 +10,7 @@
   travel on to the broadcast and the next global state. With organisation-level DP the B
   update gets Gaussian noise of std  Z * C * gain / D  (PrivateDownload), where C / D bounds
   one site's change of the clipped, divided sum and gain = max over modules of
-  ||A^T (A A^T + lam I)^-1||_2 (math.lowrank.b_update_gain) bounds what the B solve does to it.
+  ||A^T (A A^T + lam I)^-1||_2 (math.lowrank_products.b_update_gain) bounds what the B solve does to it.
 
 Nothing here touches a file.
 """
@@ -25,7 +25,7 @@ import torch
 from fedsrd_cli.config import PRIVATE_METHOD, AggregateConfig, BroadcastConfig
 from fedsrd_cli.errors import MismatchError, PrivacyError, UsageError
 from fedsrd_cli.files.artifacts import Artifact, Header
-from fedsrd_cli.math.lowrank import b_update_gain
+from fedsrd_cli.math.lowrank_products import b_update_gain
 from fedsrd_cli.privacy.ledger import (
     COORDINATOR,
     NO_DP,

@@ -20,7 +20,7 @@ from fedsrd_cli.files import naming
 from fedsrd_cli.files.adapters import LocalAdapter
 from fedsrd_cli.files.artifacts import Artifact, Header
 from fedsrd_cli.files.safetensors_io import content_hash, short
-from fedsrd_cli.math.lowrank import product_frobenius_norm
+from fedsrd_cli.math.lowrank_products import product_frobenius_norm
 from fedsrd_cli.math.masks import seeded_keep_mask
 from fedsrd_cli.math.quantize import (
     QUANTIZED_BITS,

@@ -34,12 +34,10 @@ from fedsrd_cli.math.importance import (
     sparsify_delta,
 )
 from fedsrd_cli.math.lowrank import (
-    TargetProducts,
     balanced_factors,
     choose_factor,
     masked_update_a,
     masked_update_b,
-    one_factor_misses,
     pad_factors,
     product_svd,
     randomized_svd,
@@ -48,6 +46,7 @@ from fedsrd_cli.math.lowrank import (
     update_a,
     update_b,
 )
+from fedsrd_cli.math.lowrank_products import TargetProducts, one_factor_misses
 from fedsrd_cli.math.masks import seeded_keep_mask
 
 # --------------------------------------------------------------------------- client: encoders
@@ -393,7 +392,7 @@ class ModuleUpdate:
     (FedSRD's rank-deficiency fallback). reach_miss (one-factor downloads): how far the chosen
     factor's whole least-squares update, before any mask, lands from the target W,
     ||B' A' - W||_F: the part of the target no update of that factor can carry. products: the
-    solve's thin products of the target (math.lowrank.TargetProducts), for the update error."""
+    solve's thin products of the target (math.lowrank_products.TargetProducts), for the update error."""
 
     deltas: list[tuple[str, torch.Tensor]]
     fell_back: bool = False

@@ -1,11 +1,12 @@
-"""math.lowrank.b_update_gain against the dense map it bounds."""
+"""math.lowrank_products.b_update_gain against the dense map it bounds."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fedsrd_cli.math.lowrank import b_update_gain, update_b
+from fedsrd_cli.math.lowrank import update_b
+from fedsrd_cli.math.lowrank_products import b_update_gain
 
 
 @pytest.mark.parametrize("damping", [0.0, 1e-3, 0.1])

@@ -1,11 +1,17 @@
-"""product_frobenius_norm and one_factor_misses against dense references."""
+"""math.lowrank_products: product_frobenius_norm, one_factor_misses, product_inner and
+update_error_norms against dense references."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fedsrd_cli.math.lowrank import one_factor_misses, product_frobenius_norm, product_inner
+from fedsrd_cli.math.lowrank_products import (
+    one_factor_misses,
+    product_frobenius_norm,
+    product_inner,
+    update_error_norms,
+)
 
 
 def test_matches_dense_norm() -> None:
@@ -62,3 +68,19 @@ def test_product_inner_matches_the_dense_inner_product():
     dense_y = sum(u @ v for u, v in ys)
     assert product_inner(xs, ys) == pytest.approx(float((dense_x * dense_y).sum()), rel=1e-12)
     assert product_inner(xs, xs) == pytest.approx(float(dense_x.norm()) ** 2, rel=1e-12)
+
+
+def test_update_error_norms_match_dense_norms():
+    g = torch.Generator().manual_seed(10)
+    left = torch.randn(30, 10, generator=g, dtype=torch.float64)
+    right = torch.randn(10, 20, generator=g, dtype=torch.float64)
+    b_prev = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    a_prev = torch.randn(5, 20, generator=g, dtype=torch.float64)
+    delta_w = left @ right - b_prev @ a_prev
+    b_next = b_prev + 0.1 * torch.randn(b_prev.shape, generator=g, dtype=torch.float64)
+    a_next = a_prev + 0.1 * torch.randn(a_prev.shape, generator=g, dtype=torch.float64)
+    miss, target = update_error_norms(left, right, b_prev, a_prev, b_next, a_next)
+    assert miss == pytest.approx(float(torch.linalg.matrix_norm(b_next @ a_next - left @ right)), rel=1e-10)
+    assert target == pytest.approx(float(torch.linalg.matrix_norm(delta_w)), rel=1e-10)
+    unchanged = update_error_norms(left, right, b_prev, a_prev, b_prev, a_prev)
+    assert unchanged[0] == pytest.approx(unchanged[1], rel=1e-10)  # nothing sent: error 1
