@@ -29,6 +29,7 @@ from fedsrd_cli.algorithms.protocol import (
     client_weights,
     download_values,
     guard_update_norms,
+    local_quantization,
     next_state_header,
     round_header,
 )
@@ -193,6 +194,9 @@ class Method(Algorithm):
             info["prune_ratio"] = ratios
         if self.random_upload:
             info["upload_seed"] = seed
+        quantized = local_quantization(local)
+        if quantized is not None:  # only then: a full-precision site's upload keeps its bytes
+            info["base_quantization"] = quantized
         header = round_header(
             global_state,
             "upload",

@@ -67,6 +67,13 @@ def check_local(global_state: Artifact, local: LocalAdapter) -> None:
     check_same_tensors(global_state, local.artifact.shapes, where)
 
 
+def local_quantization(local: LocalAdapter) -> str | None:
+    """The base quantization (train-local --base-quantization: "nf4", "fp4", "int8") the local
+    state records, which its upload records too; None for a full-precision base or a PEFT adapter."""
+    found = (local.header.info or {}).get("base_quantization") if local.header is not None else None
+    return found if isinstance(found, str) and found else None
+
+
 def check_same_tensors(global_state: Artifact, shapes: dict, where: str) -> None:
     expected = global_state.shapes
     missing = sorted(set(expected) - set(shapes))

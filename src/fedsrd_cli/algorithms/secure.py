@@ -36,6 +36,7 @@ from fedsrd_cli.algorithms.protocol import (
     check_same_lora,
     check_same_model,
     describe_state,
+    local_quantization,
     round_header,
 )
 from fedsrd_cli.config import PRIVATE_METHOD, AggregateConfig
@@ -113,7 +114,10 @@ def masked_upload(
         method=SECURE_METHOD,
         client_id=client,
         num_samples=num_samples,
-        info={"secure": secure_info(roster, scale)},
+        info={
+            "secure": secure_info(roster, scale),
+            **({"base_quantization": quantized} if (quantized := local_quantization(local)) else {}),
+        },
         privacy=upload_privacy(local.header),
     )
     tensors = {naming.masked_key(m): fixedpoint.to_stored(w) for m, w in words.items()}

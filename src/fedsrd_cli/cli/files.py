@@ -90,6 +90,11 @@ def _artifact_view(report: dict[str, Any], tensors: bool) -> list[Any]:
         rows.append(("client id", report["client_id"] or "- (not recorded)"))
     if "num_samples" in report:
         rows.append(("num samples", report["num_samples"] or "0 (not recorded)"))
+    if "trained_at" in report:
+        trained = report["trained_at"]
+        base = trained["base_quantization"]
+        shown = "full precision (none)" if base == "none" else f"{base} (bitsandbytes)"
+        rows.append(("trained at", f"rank {trained['rank']}, base {shown}"))
     for key in ("seed", "download_sparsity"):
         if key in report:
             rows.append((key.replace("_", " "), report[key]))

@@ -10,6 +10,7 @@ import typer
 from fedsrd_cli.cli.app import command
 from fedsrd_cli.cli.options import (
     BaseOpt,
+    BaseQuantizationOpt,
     DataOpt,
     ForceOpt,
     GlobalOpt,
@@ -50,6 +51,7 @@ def eval_cmd(
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per example.")] = 512,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto, fp32, bf16 or fp16.")] = "auto",
+    base_quantization: BaseQuantizationOpt = "none",
     threads: ThreadsOpt = None,
     trust_dir: TrustOpt = None,
     force: ForceOpt = False,
@@ -75,11 +77,13 @@ def eval_cmd(
         load_base,
         set_global,
     )
+    from fedsrd_cli.site.quantization import NONE, check_quantization
     from fedsrd_cli.trust.signing import read_verified
 
     out = Output(json_mode)
     if global_path is not None and adapter is not None:
         raise UsageError("give --global or --adapter, not both")
+    check_quantization(base_quantization, base, device)
     if out_path is not None:
         ensure_writable(out_path, force, [("--global", global_path), ("--data", data)])
     _, trust = trust_from_flags(None, trust_dir)
@@ -102,7 +106,7 @@ def eval_cmd(
         if note is not None:
             out.note(note)
     use_threads(threads)
-    model = load_base(base, device, dtype)
+    model = load_base(base, device, dtype, base_quantization)
     if global_state is not None:
         set_global(model, global_state)
         source = {
@@ -127,6 +131,8 @@ def eval_cmd(
         task_max_new_tokens=metrics_max_new_tokens,
     )
     result = {**source, "base": str(base), **metrics}
+    if base_quantization != NONE:
+        result["base_quantization"] = base_quantization
     beside = None
     if task_metrics and (global_state is not None or adapter is not None):
         from fedsrd_cli.site.evaluation import file_labels
@@ -142,7 +148,7 @@ def eval_cmd(
         f"round {global_state.header.round} ({short(global_state.header.content_hash)})"
         if global_state is not None
         else (str(adapter) if adapter is not None else "base model only")
-    )
+    ) + (f", base in {base_quantization}" if base_quantization != NONE else "")
     show_em = "exact_match" in metrics["mean"]
     show_task = "task_score" in metrics["mean"]
     headers = ["data", "examples", "tokens", "loss", "perplexity"] + (["exact match"] if show_em else [])

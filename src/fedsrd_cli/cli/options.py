@@ -44,6 +44,14 @@ OutOpt = Annotated[Path, typer.Option("--out", help="Output file.")]
 BaseOpt = Annotated[
     Path, typer.Option("--base", help="Local base model: a save_pretrained directory or a .gguf file.")
 ]
+BaseQuantizationOpt = Annotated[
+    str,
+    typer.Option(
+        "--base-quantization",
+        help="none, nf4, fp4 or int8: load the base in 4 or 8 bits through bitsandbytes (QLoRA;"
+        " pip install 'fedsrd[qlora]'). The LoRA factors stay fp32; the base fingerprint is the files'.",
+    ),
+]
 DataOpt = Annotated[list[Path], typer.Option("--data", help="JSON-lines data file (repeatable).")]
 DemoModelOpt = Annotated[
     str,

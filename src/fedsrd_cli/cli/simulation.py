@@ -11,6 +11,7 @@ import typer
 from fedsrd_cli.cli.app import command
 from fedsrd_cli.cli.options import (
     METHODS_HELP,
+    BaseQuantizationOpt,
     DemoModelOpt,
     DpDeltaOpt,
     DpEpsilonOpt,
@@ -352,6 +353,7 @@ def simulate_cmd(
         ),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
+    base_quantization: BaseQuantizationOpt = "none",
     threads: ThreadsOpt = None,
     json_mode: JsonOpt = False,
 ) -> None:
@@ -393,6 +395,9 @@ def simulate_cmd(
         raise UsageError(
             "--dp-org-sampling-rate samples clients for organisation-level DP: give --dp-org-clip too"
         )
+    from fedsrd_cli.site.quantization import check_quantization
+
+    check_quantization(base_quantization, base, device)  # before any asset is written or loaded
     ensure_output_dir(out_dir)
     output_is_new(out_dir)
     demo_model = None
@@ -463,6 +468,7 @@ def simulate_cmd(
         secure_clip=secure_clip,
         task_metrics=task_metrics,
         metrics_max_new_tokens=metrics_max_new_tokens,
+        base_quantization=base_quantization,
     )
     long_training = long_local_training_warning(config.local_steps, config.lr, config.algorithms)
     if long_training:

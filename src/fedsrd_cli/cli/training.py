@@ -10,6 +10,7 @@ import typer
 from fedsrd_cli.cli.app import command
 from fedsrd_cli.cli.options import (
     BaseOpt,
+    BaseQuantizationOpt,
     DataOpt,
     DpDeltaOpt,
     DpEpsilonOpt,
@@ -50,6 +51,7 @@ def train_local_cmd(
     ] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto, fp32, bf16 or fp16 (base weights).")] = "auto",
+    base_quantization: BaseQuantizationOpt = "none",
     gradient_checkpointing: Annotated[
         bool, typer.Option("--gradient-checkpointing", help="Recompute activations: less memory, more time.")
     ] = False,
@@ -116,6 +118,7 @@ def train_local_cmd(
     from fedsrd_cli.math.threads import use_threads
     from fedsrd_cli.site.data import load_datasets
     from fedsrd_cli.site.model import check_fingerprint, load_base
+    from fedsrd_cli.site.quantization import NONE, check_quantization
     from fedsrd_cli.site.training import (
         TrainConfig,
         check_private_run,
@@ -169,6 +172,7 @@ def train_local_cmd(
             raise UsageError("DP-SGD keeps this site's privacy ledger under its client id: give --client")
         if gradient_checkpointing:
             raise UsageError("--gradient-checkpointing cannot be combined with DP-SGD (--dp-*)")
+    check_quantization(base_quantization, base, device)
     signer, trust = trust_from_flags(sign_key, trust_dir)
     log_path = Path(str(out_path) + ".log.jsonl")
     inputs = [("--base", base), ("--global", global_path), ("--data", data), ("--dp-ledger", dp_ledger)]
@@ -197,7 +201,7 @@ def train_local_cmd(
             f" {ledger.epsilon:.4g} at delta {ledger.delta:.3g} after this round"
         )
     threads = use_threads(threads)
-    model = load_base(base, device, dtype)
+    model = load_base(base, device, dtype, base_quantization, for_training=True)
     total = config.total_steps(sum(len(d.examples) for d in datasets))
     # The method that wrote the global state; None for a round-0 state, which no method wrote.
     methods = (global_state.header.method,) if global_state.header.method else None
@@ -244,6 +248,8 @@ def train_local_cmd(
             **({"dp": stats.dp} if stats.dp is not None else {}),
         }
     }
+    if base_quantization != NONE:  # recorded only when used: a full-precision site's files do not change
+        info["base_quantization"] = base_quantization
     header = local_header(global_state, stats.samples, client or "", info, ledger)
     log = "".join(json.dumps(r, sort_keys=True) + "\n" for r in stats.log).encode("utf-8")
     header = write_artifact(
@@ -258,6 +264,7 @@ def train_local_cmd(
             "log": str(log_path),
             "client_id": client or None,
             "device": str(model.device),
+            **({"base_quantization": base_quantization} if base_quantization != NONE else {}),
             "threads": threads,
             "one_factor_residual": round(residual, 6),
             "warnings": warned,

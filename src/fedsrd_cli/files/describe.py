@@ -108,6 +108,8 @@ def describe(artifact: Artifact) -> dict[str, Any]:
         "ratio_to_dense": (size / dense_bytes) if dense_bytes else None,
         "paper_ratio_to_dense": (paper_total / dense_bytes) if dense_bytes else None,
     }
+    if head.kind in ("upload", "masked_upload"):
+        report.update(trained_at=_trained_at(head))
     if head.kind == "upload":
         report.update(client_id=head.client_id, num_samples=head.num_samples)
         # What the masks cost: bytes stored (bitmaps, or coded positions where shorter) and the
@@ -118,6 +120,7 @@ def describe(artifact: Artifact) -> dict[str, Any]:
         report["state_role"] = "local" if local else "global"
         if local:
             report.update(client_id=head.client_id or None, num_samples=head.num_samples)
+            report.update(trained_at=_trained_at(head))
     if head.kind == "broadcast":
         report.update(
             result_hash=head.result_hash,
@@ -130,6 +133,12 @@ def describe(artifact: Artifact) -> dict[str, Any]:
     if head.privacy:
         report["privacy"] = privacy_report(head)
     return report
+
+
+def _trained_at(head: Any) -> dict[str, Any]:
+    """What a site trained at: its LoRA rank, and the base's quantization (train-local
+    --base-quantization; "none" when not recorded: a full-precision base)."""
+    return {"rank": head.lora.rank, "base_quantization": head.info.get("base_quantization") or "none"}
 
 
 def privacy_report(header: Any) -> dict[str, Any]:

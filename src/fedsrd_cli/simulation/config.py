@@ -25,6 +25,7 @@ from typing import Any
 
 from fedsrd_cli.config import _require
 from fedsrd_cli.privacy.budget import RecordDp
+from fedsrd_cli.site.quantization import NONE, QUANTIZATIONS
 
 PROX_MU_DEFAULT = 0.01
 
@@ -88,6 +89,8 @@ class SimulateConfig:
     task_metrics: also score every eval file's task records each round, round 0 included
         (eval --metrics; task_eval.py); generated answers get at most metrics_max_new_tokens
         (None: METRICS_MAX_NEW_TOKENS, or what a resumed run recorded: with_recorded_defaults).
+    base_quantization: every client loads the base in "nf4", "fp4" or "int8" through bitsandbytes
+        (train-local --base-quantization; site/quantization.py); "none": full precision.
     """
 
     base: str
@@ -129,6 +132,7 @@ class SimulateConfig:
     secure_clip: float = 1.0
     task_metrics: bool = False
     metrics_max_new_tokens: int | None = None
+    base_quantization: str = "none"
 
     def __post_init__(self) -> None:
         from fedsrd_cli.algorithms import get_algorithm
@@ -146,6 +150,10 @@ class SimulateConfig:
                     " run it in a separate simulation",
                 )
 
+        _require(
+            self.base_quantization in QUANTIZATIONS,
+            f"--base-quantization must be one of {list(QUANTIZATIONS)}, got {self.base_quantization!r}",
+        )
         _require(len(self.algorithms) > 0, "--algorithms names no algorithm")
         for name in self.algorithms:
             get_algorithm(name)
@@ -274,6 +282,8 @@ class SimulateConfig:
         ):
             if data[key] is None:
                 data.pop(key)
+        if self.base_quantization == NONE:  # recorded only when used, so earlier runs resume
+            data.pop("base_quantization")
         if self.rescale:  # recorded only when off, so runs from before the flag resume
             data.pop("rescale")
         if not self.align:  # recorded only when on, so runs from before the flag resume

@@ -142,7 +142,7 @@ def simulate(
                 " `fedsrd demo-assets --suite real`)"
             )
     lora, module_shapes = lora_module_shapes(config.base, config.targets, config.rank, config.alpha)
-    base = load_base(config.base, config.device)
+    base = load_base(config.base, config.device, "auto", config.base_quantization, for_training=True)
     start_run(out_dir, config)
     ran: list[dict[str, Any]] = []
     done = done_before
@@ -255,6 +255,8 @@ def simulate(
                     train_losses.append(stats.final_loss)
                     trained.append(tensors)
                     info = {"train": {**asdict(train_config), "final_loss": stats.final_loss}}
+                    if config.base_quantization != "none":  # as train-local records it
+                        info["base_quantization"] = config.base_quantization
                     local_path = round_dir / f"local-{client}.safetensors"
                     write_artifact(
                         local_path,

@@ -1,7 +1,8 @@
 """The model a site works on: load a base once, attach LoRA, put a state or an adapter into it.
 
 `load_base` loads a causal LM and its tokenizer from a local directory or GGUF file (never
-from a hub) onto the device and dtype `resolve_device` / `resolve_dtype` pick;
+from a hub) onto the device and dtype `resolve_device` / `resolve_dtype` pick, optionally in 4
+or 8 bits through bitsandbytes (quantization.py);
 `check_fingerprint` tells, before loading, whether a base is the one a global state was made
 for. `attach_lora` wraps the loaded base with PEFT LoRA for a global state's LoRA config, once;
 `set_global` then loads any state of that config into it, so a simulation can reuse one model
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import warnings
 from collections.abc import Iterator
@@ -36,6 +38,7 @@ from fedsrd_cli.files.artifacts import Artifact
 from fedsrd_cli.files.model_spec import fingerprint_base, resolve_base
 from fedsrd_cli.files.safetensors_io import open_safetensors, short
 from fedsrd_cli.site import data as data_mod
+from fedsrd_cli.site.quantization import NONE, bnb_config, check_quantization, prepare_for_training
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -52,6 +55,7 @@ class BaseModel:
     device: torch.device
     dtype: torch.dtype
     lora: LoraSpec | None = None
+    quantization: str = "none"  # "nf4", "fp4" or "int8": loaded through bitsandbytes (quantization.py)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,12 +93,22 @@ def check_fingerprint(model_dir: str | Path, global_state: Artifact) -> str:
     return found
 
 
-def load_base(model_dir: str | Path, device: str = "auto", dtype: str = "auto") -> BaseModel:
+def load_base(
+    model_dir: str | Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    quantization: str = "none",
+    for_training: bool = False,
+) -> BaseModel:
     """Load a causal LM and its tokenizer from a local directory or GGUF file (never from a hub).
 
     A GGUF file is dequantized to `dtype` by transformers and then made a plain model
     (`_plain_model`), so it trains, casts and saves like one loaded from a directory.
+    quantization "nf4", "fp4" or "int8" loads the base's linear layers through bitsandbytes
+    (quantization.py; refused before loading when it cannot work), prepared for LoRA training
+    when `for_training`; the fingerprint is still the files'.
     """
+    check_quantization(quantization, model_dir, device)
     model_dir = Path(model_dir)
     source = resolve_base(model_dir)
     fingerprint = source.fingerprint()
@@ -107,6 +121,9 @@ def load_base(model_dir: str | Path, device: str = "auto", dtype: str = "auto") 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     extra = source.pretrained_kwargs()
+    if quantization != NONE:
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # int8: "inputs will be cast" each call
+        extra.update(quantization_config=bnb_config(quantization, torch_dtype), device_map={"": torch_device})
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.folder, local_files_only=True, **extra)
     except Exception as err:  # transformers raises many types for a bad directory
@@ -119,11 +136,14 @@ def load_base(model_dir: str | Path, device: str = "auto", dtype: str = "auto") 
             )
             if source.is_gguf:
                 model = _plain_model(model, torch_dtype)
+            if quantization != NONE and for_training:
+                model = prepare_for_training(model)
     except Exception as err:
         raise DataError(f"{model_dir}: cannot load the model ({type(err).__name__}: {err})") from None
-    model.to(torch_device)
+    if quantization == NONE:
+        model.to(torch_device)  # a bitsandbytes model is placed by device_map, and refuses .to
     model.eval()
-    return BaseModel(model_dir, model, tokenizer, fingerprint, torch_device, torch_dtype)
+    return BaseModel(model_dir, model, tokenizer, fingerprint, torch_device, torch_dtype, None, quantization)
 
 
 @contextlib.contextmanager
