@@ -515,12 +515,12 @@ def test_console_script_round_and_error_exit_codes(tmp_path):
     assert "Traceback" in debug.stderr
 
 
-def test_server_side_commands_do_not_import_transformers_or_peft():
+def test_server_side_commands_do_not_import_transformers_peft_or_bitsandbytes():
     code = (
         "import sys; from typer.testing import CliRunner; from fedsrd_cli.cli import app; "
         "CliRunner().invoke(app, ['--help']); "
         "import fedsrd_cli.algorithms, fedsrd_cli.files.describe; "
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft')))"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft', 'bitsandbytes')))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
