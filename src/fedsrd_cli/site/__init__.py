@@ -2,6 +2,7 @@
 
     data         JSON-lines training and evaluation files, tokenization, batches
     model        loading the base, attaching LoRA, loading a state or an adapter, the losses
+    quantization a 4-bit or 8-bit base through bitsandbytes (--base-quantization), and its refusals
     training     local training from the loaded state: plain and DP-SGD steps
     evaluation   loss and perplexity per data file, exact match, answers, task metrics
     task_eval    scoring a model on tasks (multiple choice, GSM8K, MBPP) beyond the loss
@@ -11,6 +12,6 @@
     uploads      what `sparsify` checks before the algorithm makes the upload
 
 May import algorithms/, trust/, privacy/, files/ and math/; nothing here imports suites/,
-simulation/, cli/ or flower/. transformers and peft are imported inside functions, so
+simulation/, cli/ or flower/. transformers, peft and bitsandbytes are imported inside functions, so
 importing a module here stays cheap.
 """
