@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedsrd_cli.errors import UsageError
-from fedsrd_cli.site.distributed import Ranks, check_same, refuse_distributed, step_share
+from fedsrd_cli.site.distributed import Ranks, check_same, refuse_distributed, start, step_share
 
 # Two processes sum their float32 gradients and loss sums in another order than one process
 # does (per-rank partial sums, then the all-reduce), about 1e-7 relative apart; over a few AdamW
@@ -42,8 +42,12 @@ def test_inconsistent_environment_is_refused(env: dict, message: str) -> None:
         Ranks.from_environment(env)
 
 
-def test_dp_sgd_and_mps_are_refused() -> None:
+def test_dp_sgd_and_mps_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     ranks = Ranks(world=2, rank=1)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.raises(UsageError, match="2 processes need a CUDA device each, or --device cpu; mps"):
+        start(ranks, torch.device("mps"))  # what --device auto resolves to on a Mac
     with pytest.raises(UsageError, match="DP-SGD .* does not run over 2 processes.*would under-report"):
         refuse_distributed(ranks, dp=True, device="cpu")
     with pytest.raises(UsageError, match="--device mps is one device"):

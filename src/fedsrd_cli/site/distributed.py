@@ -107,6 +107,10 @@ def start(ranks: Ranks, device: torch.device) -> None:
             raise UsageError(
                 f"WORLD_SIZE is {ranks.world} but {name} is not set: start the processes with {LAUNCH}"
             )
+    if device.type not in ("cuda", "cpu"):  # --device auto on a Mac: mps
+        raise UsageError(
+            f"{ranks.world} processes need a CUDA device each, or --device cpu; {device.type} is one device"
+        )
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if ranks.rank >= count:
