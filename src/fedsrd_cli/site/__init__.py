@@ -3,6 +3,7 @@
     data         JSON-lines training and evaluation files, tokenization, batches
     model        loading the base, attaching LoRA, loading a state or an adapter, the losses
     training     local training from the loaded state: plain and DP-SGD steps
+    distributed  one site's training over several torchrun processes: ranks, shares, summed gradients
     evaluation   loss and perplexity per data file, exact match, answers, task metrics
     task_eval    scoring a model on tasks (multiple choice, GSM8K, MBPP) beyond the loss
     generation   greedy answers to prompts (used by evaluation and task_eval)
