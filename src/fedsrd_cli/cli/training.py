@@ -103,10 +103,14 @@ def train_local_cmd(
 
     With --dp-epsilon or --dp-noise-multiplier it trains with DP-SGD and records this site's
     privacy ledger in the local state (docs/privacy.md). With --trust, the global state must be
-    signed by `coordinator` (or by this client's key).
+    signed by `coordinator` (or by this client's key). Under torchrun (--nproc-per-node N) it
+    trains data parallel over N processes of this machine; process 0 alone prints and writes.
     """
+    import hashlib
     import json
     import time
+
+    import click
 
     from fedsrd_cli.algorithms.diagnostics import (
         local_one_factor_residual,
@@ -116,8 +120,9 @@ def train_local_cmd(
     from fedsrd_cli.files.artifacts import write_artifact
     from fedsrd_cli.files.atomic import FileWrite, ensure_writable
     from fedsrd_cli.math.threads import use_threads
+    from fedsrd_cli.site import distributed
     from fedsrd_cli.site.data import load_datasets
-    from fedsrd_cli.site.model import check_fingerprint, load_base
+    from fedsrd_cli.site.model import check_fingerprint, load_base, resolve_device
     from fedsrd_cli.site.quantization import NONE, check_quantization
     from fedsrd_cli.site.training import (
         TrainConfig,
@@ -173,6 +178,11 @@ def train_local_cmd(
         if gradient_checkpointing:
             raise UsageError("--gradient-checkpointing cannot be combined with DP-SGD (--dp-*)")
     check_quantization(base_quantization, base, device)
+    ranks = distributed.Ranks.from_environment()
+    if ranks is not None:
+        distributed.refuse_distributed(ranks, record_dp is not None, device)
+        if not ranks.leader:
+            out = Output(json_mode=False, quiet=True)  # process 0 prints for the site
     signer, trust = trust_from_flags(sign_key, trust_dir)
     log_path = Path(str(out_path) + ".log.jsonl")
     inputs = [("--base", base), ("--global", global_path), ("--data", data), ("--dp-ledger", dp_ledger)]
@@ -180,10 +190,26 @@ def train_local_cmd(
     ensure_writable(log_path, force, inputs)
     accept = (COORDINATOR,) if signer is None else (COORDINATOR, signer.name)
     global_state = read_verified(global_path, "state", trust, accept=accept)
-    check_fingerprint(base, global_state)
+    fingerprint = check_fingerprint(base, global_state)
     if alternate:
         config = config.alternating(global_state.header.round + 1)
     datasets = load_datasets(data)
+    if ranks is not None:
+        distributed.start(ranks, resolve_device(device))
+        click.get_current_context().call_on_close(distributed.stop)
+        examples = repr([d.examples for d in datasets]).encode("utf-8")
+        distributed.check_same(
+            ranks,
+            {
+                "--out": str(out_path.resolve()),
+                "--global": global_state.header.content_hash,
+                "--base": fingerprint,
+                "--data": hashlib.sha256(examples).hexdigest(),
+                "--client": client or "",
+                "training settings": repr(config),
+                "--sign-key": "" if signer is None else signer.name,
+            },
+        )
     ledger = None
     if record_dp is not None:
         from fedsrd_cli.privacy.ledger import read_privacy
@@ -210,9 +236,11 @@ def train_local_cmd(
     if long_training:
         out.note(f"warning: {long_training}")
         warned.append(long_training)
+    processes = 1 if ranks is None else ranks.world
     out.note(
         f"training {total:,} steps of {config.batch_size * config.grad_accum} examples on {model.device}"
-        f" ({threads} thread{'s' if threads != 1 else ''})"
+        f" ({threads} thread{'s' if threads != 1 else ''}"
+        + (f" in each of {processes} processes)" if processes > 1 else ")")
     )
     with out.steps(total, "training") as progress:
         started = time.monotonic()
@@ -226,7 +254,9 @@ def train_local_cmd(
                     f"step 1 took {first:.1f} s: about {human_duration(first * total)} for {total:,} steps"
                 )
 
-        tensors, stats = train_local(model, global_state, datasets, config, on_step)
+        tensors, stats = train_local(model, global_state, datasets, config, on_step, ranks)
+    if ranks is not None and not ranks.leader:
+        return  # process 0 took the same steps and writes the site's one local state
     if ledger is not None:
         check_private_run(stats, ledger)
     residual = local_one_factor_residual(global_state, tensors)
@@ -266,6 +296,7 @@ def train_local_cmd(
             "device": str(model.device),
             **({"base_quantization": base_quantization} if base_quantization != NONE else {}),
             "threads": threads,
+            "processes": processes,
             "one_factor_residual": round(residual, 6),
             "warnings": warned,
             **(

@@ -4,6 +4,7 @@
     model        loading the base, attaching LoRA, loading a state or an adapter, the losses
     quantization a 4-bit or 8-bit base through bitsandbytes (--base-quantization), and its refusals
     training     local training from the loaded state: plain and DP-SGD steps
+    distributed  one site's training over several torchrun processes: ranks, shares, summed gradients
     evaluation   loss and perplexity per data file, exact match, answers, task metrics
     task_eval    scoring a model on tasks (multiple choice, GSM8K, MBPP) beyond the loss
     generation   greedy answers to prompts (used by evaluation and task_eval)

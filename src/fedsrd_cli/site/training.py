@@ -5,7 +5,9 @@ FedProx, DP-SGD). `train_local` puts the global state into the model (model.set_
 trains its LoRA factors and returns fp32 factors under the global state's tensor names, with
 `TrainStats`. The steps are `_plain_steps` (a seeded shuffle, the token-weighted loss) or
 `_private_steps` (DP-SGD, privacy.dpsgd); `_check_converging` stops a run whose loss or
-factors become NaN or Inf.
+factors become NaN or Inf. Under torchrun (`ranks`, site/distributed.py) the plain steps run
+data parallel: each process takes its share of every step's examples and the gradients are
+summed, so the steps are those of one process.
 
 Around a DP-SGD run: `private_training` plans the round before any training (its noise
 multiplier and the site's ledger after it), `check_private_run` checks that the run did what
@@ -35,6 +37,7 @@ from fedsrd_cli.privacy.budget import RecordDp, history_of, plan_round
 from fedsrd_cli.privacy.dpsgd import DpSgdConfig
 from fedsrd_cli.privacy.ledger import RECORD_LEVEL, Ledger, read_privacy
 from fedsrd_cli.site import data as data_mod
+from fedsrd_cli.site.distributed import Ranks, step_share, sum_gradients
 from fedsrd_cli.site.model import (
     DEVICES,
     DTYPES,
@@ -168,6 +171,7 @@ def train_local(
     datasets: Sequence[data_mod.Dataset],
     config: TrainConfig,
     on_step: Callable[[int, int, float | None, float], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> tuple[dict[str, torch.Tensor], TrainStats]:
     """Train the LoRA factors of `global_state` on the examples of `datasets`.
 
@@ -179,7 +183,11 @@ def train_local(
     example of the data files (the population whose records the guarantee covers), loss per
     step = the mean over the sampled records of each record's mean token loss (None when
     Poisson sampling took none); sampling and noise are secret, so a run is not reproducible.
+    ranks: this process's place among the site's torchrun processes (site/distributed.py), which
+    all call train_local alike and return the same factors; None for one process. Not with DP.
     """
+    if ranks is not None and config.dp is not None:
+        raise ValueError("DP-SGD runs in one process (site/distributed.py: refuse_distributed)")
     if base.fingerprint != global_state.header.base_fingerprint:
         raise MismatchError(
             f"{base.path}: is another base model (fingerprint {short(base.fingerprint)}) than"
@@ -205,13 +213,15 @@ def train_local(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    loop = _private_steps if config.dp is not None else _plain_steps
     population = encoded if config.dp is not None else usable
     total = config.total_steps(len(population))
     model.train()
     start = time.monotonic()
     try:
-        log, dp_record = loop(base, population, trained, optimizer, config, total, on_step)
+        if config.dp is not None:
+            log, dp_record = _private_steps(base, population, trained, optimizer, config, total, on_step)
+        else:
+            log, dp_record = _plain_steps(base, population, trained, optimizer, config, total, on_step, ranks)
     finally:
         model.eval()
         for param in params.values():
@@ -248,8 +258,10 @@ def _plain_steps(
     config: TrainConfig,
     total: int,
     on_step: StepCallback,
+    ranks: Ranks | None = None,
 ) -> tuple[list[dict[str, Any]], None]:
-    """Seeded shuffled batches, token-weighted loss, the batch gradient clipped to max_grad_norm."""
+    """Seeded shuffled batches, token-weighted loss, the batch gradient clipped to max_grad_norm.
+    With `ranks`, this process runs its share of each step and the ranks' gradients are summed."""
     pad = data_mod.pad_id(base.tokenizer)
     anchor = {name: p.detach().clone() for name, p in trained.items()} if config.prox_mu > 0 else {}
     generator = torch.Generator().manual_seed(config.seed)
@@ -257,15 +269,18 @@ def _plain_steps(
     log: list[dict[str, Any]] = []
     for step in range(1, total + 1):
         step_start = time.monotonic()
-        micro = [data_mod.collate([usable[i] for i in next(stream)], pad) for _ in range(config.grad_accum)]
-        step_tokens = sum(int((b["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum()) for b in micro)
+        micro = [next(stream) for _ in range(config.grad_accum)]
+        step_tokens = sum(_label_tokens(usable[i]) for batch in micro for i in batch)
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for batch in micro:
-            batch = {k: v.to(base.device) for k, v in batch.items()}
+        for indices in step_share(micro, config.batch_size, ranks):
+            batch = {
+                k: v.to(base.device) for k, v in data_mod.collate([usable[i] for i in indices], pad).items()
+            }
             loss, _count = token_losses(base.model, batch)
             (loss / step_tokens).backward()
             loss_sum += float(loss.detach())
+        (loss_sum,) = sum_gradients(list(trained.values()), [loss_sum], ranks)
         prox = 0.0
         if config.prox_mu > 0:
             prox_term = sum(((p - anchor[n]) ** 2).sum() for n, p in trained.items())
@@ -283,6 +298,11 @@ def _plain_steps(
         if on_step is not None:
             on_step(step, total, step_loss, step_tokens / max(elapsed, 1e-9))
     return log, None
+
+
+def _label_tokens(pair: tuple[list[int], list[int]]) -> int:
+    """The positions of an encoded example whose next token is a label (token_losses counts them)."""
+    return sum(label != data_mod.IGNORE_INDEX for label in pair[1][1:])
 
 
 def _private_steps(
