@@ -115,9 +115,11 @@ class InitConfig:
         _require(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}")
 
 
-# A broadcast may also send its values as block-quantized codes (math.quantize): int8, or int4
-# packed two a byte, each with one float32 scale per 64 values.
-DOWNLOAD_VALUE_DTYPES = (*VALUE_DTYPES, "int8", "int4")
+# Uploads and broadcasts may also send their values as block-quantized codes (math.quantize):
+# int8, or int4 packed two a byte, each with one float32 scale per 64 values.
+QUANTIZED_VALUE_DTYPES = ("int8", "int4")
+DOWNLOAD_VALUE_DTYPES = (*VALUE_DTYPES, *QUANTIZED_VALUE_DTYPES)
+UPLOAD_VALUE_DTYPES = DOWNLOAD_VALUE_DTYPES
 
 # The values of uploads and broadcasts travel in bfloat16 unless --value-dtype says otherwise:
 # on SmolLM2-135M-Instruct (3 seeds, docs/results.md) FedSRD ended no worse than with fp32 at
@@ -131,7 +133,8 @@ class SparsifyConfig:
 
     base_sparsity, kurtosis_coeff, kurtosis_cap, rescale: FedSRD's importance sparsification.
     upload_drop: Fed-DARE's drop probability p (each element kept with probability 1 - p).
-    value_dtype: dtype of the uploaded values, for every method.
+    value_dtype: dtype of the uploaded values, for every method (UPLOAD_VALUE_DTYPES): fp32,
+        bf16, fp16, or int8 / int4 block codes with float32 scales (math.quantize).
     """
 
     base_sparsity: float = 0.85
@@ -156,7 +159,10 @@ class SparsifyConfig:
             self.base_sparsity + self.kurtosis_cap < 1.0,
             "--base-sparsity + --kurtosis-cap must stay below 1 (it would drop every element)",
         )
-        _require(self.value_dtype in VALUE_DTYPES, f"--value-dtype must be one of {list(VALUE_DTYPES)}")
+        _require(
+            self.value_dtype in UPLOAD_VALUE_DTYPES,
+            f"--value-dtype must be one of {list(UPLOAD_VALUE_DTYPES)}, got {self.value_dtype!r}",
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

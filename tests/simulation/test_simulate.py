@@ -241,6 +241,24 @@ def test_simulate_sends_both_factors_at_the_given_download_sparsity(
     assert recorded["download_value_dtype"] == "int4" and recorded["server_lr"] == 0.5
 
 
+def test_a_simulated_round_sends_int4_uploads(sim_inputs: dict[str, Path], tmp_path: Path) -> None:
+    """One round of fedsrd with --value-dtype int4 --download-value-dtype bf16: the uploads are
+    packed codes with scales, the broadcast bf16 (and simulate's clients reach its state)."""
+    out = tmp_path / "q"
+    args = [*sim_args(sim_inputs, out, 1), "--algorithms", "fedsrd"]
+    run_cli(*args, "--value-dtype", "int4", "--download-value-dtype", "bf16")
+    round_dir = out / "work" / "fedsrd" / "seed-0" / "round-1"
+    uploads = sorted(round_dir.glob("upload-*.safetensors"))
+    assert len(uploads) == 2  # alice's and bob's
+    for path in uploads:
+        upload = read_artifact(path)
+        assert upload.header.info["value_dtype"] == "int4"
+        for name in upload.header.layout:
+            assert upload.dtypes[name + ".values"] == torch.uint8
+            assert upload.dtypes[name + ".scales"] == torch.float32
+    assert read_artifact(round_dir / "broadcast.safetensors").header.info["value_dtype"] == "bf16"
+
+
 def test_server_lr_from_damps_only_the_later_rounds(sim_inputs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "late"
     args = [

@@ -27,7 +27,7 @@ from fedsrd_cli.algorithms.protocol import (
     check_local,
     check_uploads,
     client_weights,
-    download_values,
+    encode_values,
     guard_update_norms,
     local_quantization,
     next_state_header,
@@ -49,7 +49,7 @@ from fedsrd_cli.algorithms.steps import (
     upload_seed,
     with_previous,
 )
-from fedsrd_cli.config import VALUE_DTYPES, AggregateConfig, BroadcastConfig, SparsifyConfig
+from fedsrd_cli.config import QUANTIZED_VALUE_DTYPES, AggregateConfig, BroadcastConfig, SparsifyConfig
 from fedsrd_cli.errors import MismatchError, UsageError
 from fedsrd_cli.files import naming
 from fedsrd_cli.files.adapters import LocalAdapter
@@ -141,7 +141,6 @@ class Method(Algorithm):
         check_local(global_state, local)
         head = global_state.header
         seed = upload_seed(head.content_hash, client_id)
-        value_dtype = VALUE_DTYPES[config.value_dtype]
         tensors: dict[str, torch.Tensor] = {}
         layout: dict[str, list[int]] = {}
         ratios: dict[str, float] = {}
@@ -165,13 +164,19 @@ class Method(Algorithm):
                     )
                 encoded = self.encode(FactorDelta(name, factor, delta, a_prev, b_new, seed), config)
                 if encoded.kept is None:
-                    sent = encoded.values.to(value_dtype)  # (rows, cols)
+                    chosen = encoded.values  # (rows, cols)
                 else:
-                    sent = encoded.values[encoded.kept].to(value_dtype)  # (kept,)
+                    chosen = encoded.values[encoded.kept]  # (kept,)
                     coded, stored = store_mask(encoded.kept)  # the smaller form
                     tensors[naming.positions_key(name) if coded else naming.mask_key(name)] = stored
-                tensors[naming.values_key(name)] = sent
-                decoded[factor] = sent.float() if encoded.kept is None else _scattered(encoded.kept, sent)
+                stored_values, sent = encode_values(chosen, config.value_dtype)  # sent: as decoded, fp32
+                for suffix, tensor in stored_values.items():
+                    tensors[name + suffix] = tensor  # X.values (and X.scales for int8 / int4)
+                # What the coordinator decodes (fidelity is measured on it): dequantized codes too.
+                if encoded.kept is None:
+                    decoded[factor] = sent.reshape(delta.shape)
+                else:
+                    decoded[factor] = _scattered(encoded.kept, sent)
                 layout[name] = list(delta.shape)
                 if encoded.ratio is not None:
                     ratios[name] = round(encoded.ratio, 6)
@@ -190,6 +195,8 @@ class Method(Algorithm):
             "lora_numel": global_state.numel(),
             "fidelity": fidelity.record(),
         }
+        if config.value_dtype in QUANTIZED_VALUE_DTYPES:  # read by the layout check, as a broadcast's
+            info["value_dtype"] = config.value_dtype
         if ratios:
             info["prune_ratio"] = ratios
         if self.random_upload:
@@ -345,7 +352,7 @@ class Method(Algorithm):
             def as_sent(factor: str, delta: torch.Tensor, masks: _LazyMasks = masks) -> torch.Tensor:
                 """The factor's dense delta as clients will apply it: masked, stored, decoded."""
                 mask = masks[factor]
-                _, kept = download_values(delta[mask], config.value_dtype)  # (kept,)
+                _, kept = encode_values(delta[mask], config.value_dtype)  # (kept,)
                 return _scattered(mask, kept, delta.dtype)
 
             download = Download(
@@ -369,7 +376,7 @@ class Method(Algorithm):
                     delta = delta * step
                 name = naming.factor_key(module, factor)
                 mask = masks[factor]
-                stored, values = download_values(delta[mask], config.value_dtype)  # values: (kept,)
+                stored, values = encode_values(delta[mask], config.value_dtype)  # values: (kept,)
                 tensors.update({name + suffix: tensor for suffix, tensor in stored.items()})
                 layout[name] = list(delta.shape)
                 after[factor] = apply_values(prev[factor], mask, values)  # as every client will

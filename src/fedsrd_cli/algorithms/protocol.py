@@ -271,13 +271,15 @@ def apply_values(current: torch.Tensor, mask: torch.Tensor, values: torch.Tensor
     return current + update
 
 
-def download_values(values: torch.Tensor, value_dtype: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """A broadcast tensor's kept values (kept,) as stored, and as every client will apply them.
+def encode_values(values: torch.Tensor, value_dtype: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """An upload's or broadcast's values as stored, and as every reader decodes them.
 
-    -> ({suffix: stored tensor}, (kept,) float32 values decoded from those tensors, computed as
-    Artifact.broadcast_values computes them from the file). Stored: fp32, bf16, fp16:
-    {".values": the values in that dtype}; int8, int4: {".values": the block codes (int8; int4
-    packed two a byte), ".scales": float32 block scales} (math.quantize).
+    values: (kept,) kept values, or an upload's dense delta (rows, cols).
+    -> ({suffix: stored tensor}, float32 values decoded from those tensors, computed as
+    Artifact.upload_entries / broadcast_values compute them from the file). Stored: fp32, bf16,
+    fp16: {".values": the values in that dtype, their shape}; int8, int4: {".values": the block
+    codes of the values in row-major order, 1-D (int8; int4 packed two a byte), ".scales":
+    float32 block scales} (math.quantize), decoded (n,): value_i = code_i * scale_(i // 64).
     """
     if value_dtype not in QUANTIZED_BITS:
         stored = values.to(VALUE_DTYPES[value_dtype])

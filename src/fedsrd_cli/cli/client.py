@@ -57,7 +57,12 @@ def sparsify_cmd(
         bool, typer.Option("--no-rescale", help="Do not restore the L1 norm of kept values.")
     ] = False,
     value_dtype: Annotated[
-        str, typer.Option("--value-dtype", help="fp32 (the paper's accounting), bf16 or fp16.")
+        str,
+        typer.Option(
+            "--value-dtype",
+            help="fp32 (the paper's accounting), bf16, fp16, or int8 / int4: block-quantized codes with"
+            " a float32 scale per 64 values (keep more of each delta at the same bytes).",
+        ),
     ] = "bf16",
     method: Annotated[str, typer.Option("--method", help=f"Method: {METHODS_HELP}.")] = "fedsrd",
     upload_drop: Annotated[
@@ -91,7 +96,7 @@ def sparsify_cmd(
     """Client: turn a locally trained adapter into this round's upload (sparse for FedSRD; masked
     with --secure)."""
     from fedsrd_cli.algorithms import get_algorithm
-    from fedsrd_cli.config import SparsifyConfig
+    from fedsrd_cli.config import QUANTIZED_VALUE_DTYPES, SparsifyConfig
     from fedsrd_cli.files.artifacts import write_artifact
     from fedsrd_cli.files.atomic import ensure_writable
     from fedsrd_cli.site.uploads import make_upload
@@ -113,6 +118,11 @@ def sparsify_cmd(
     config = SparsifyConfig(
         base_sparsity, kurtosis_coeff, kurtosis_cap, not no_rescale, value_dtype, upload_drop
     )
+    if secure and value_dtype in QUANTIZED_VALUE_DTYPES:
+        raise UsageError(
+            f"--value-dtype {value_dtype} quantizes a sparse upload's values; a --secure upload sends"
+            " masked int32 fixed-point sums, which cannot be quantized: leave --value-dtype out"
+        )
     if secure and (roster_path is None or agreement_key is None or trust is None):
         raise UsageError("--secure needs --roster, --agreement-key and --trust (the other sites' keys)")
     if not secure and (roster_path is not None or agreement_key is not None):

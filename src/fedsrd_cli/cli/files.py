@@ -101,6 +101,7 @@ def _artifact_view(report: dict[str, Any], tensors: bool) -> list[Any]:
     if "result_hash" in report:
         rows.append(("result state", short(report["result_hash"])))
     rows += _broadcast_rows(report.get("info", {}) if report["kind"] == "broadcast" else {})
+    rows += _values_rows(report.get("info", {}).get("value_dtype") if report["kind"] == "upload" else None)
     rows += _aggregate_rows(report.get("info", {}) if report["kind"] == "aggregate" else {})
     rows += _fidelity_rows(report.get("info", {}))
     rows += _privacy_rows(report.get("privacy"))
@@ -188,13 +189,7 @@ def _broadcast_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     if "download_fit" in info:
         choice, damping = info["factor_choice"], info["damping"]
         rows.append(("download", f"fit {info['download_fit']}, factor choice {choice}, damping {damping:g}"))
-    value_dtype = info.get("value_dtype")
-    if value_dtype in ("int8", "int4"):
-        from fedsrd_cli.math.quantize import BLOCK
-
-        rows.append(("values", f"{value_dtype}: block-quantized codes, a float32 scale per {BLOCK} values"))
-    elif value_dtype is not None:
-        rows.append(("values", str(value_dtype)))
+    rows += _values_rows(info.get("value_dtype"))
     if "server_lr" in info:
         rows.append(("server lr", f"{info['server_lr']:g}: every factor update sent is scaled by it"))
     if "update_error" in info:
@@ -203,6 +198,16 @@ def _broadcast_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     if info.get("update_step", {}).get("factors"):
         rows.append(("largest step", worst(info["update_step"]["factors"])))
     return rows
+
+
+def _values_rows(value_dtype: Any) -> list[tuple[str, str]]:
+    """inspect's line on how an upload's or broadcast's values are stored (None: no line; an
+    upload records info.value_dtype only when its values are quantized)."""
+    if value_dtype in ("int8", "int4"):
+        from fedsrd_cli.math.quantize import BLOCK
+
+        return [("values", f"{value_dtype}: block-quantized codes, a float32 scale per {BLOCK} values")]
+    return [] if value_dtype is None else [("values", str(value_dtype))]
 
 
 def _aggregate_rows(info: dict[str, Any]) -> list[tuple[str, str]]:

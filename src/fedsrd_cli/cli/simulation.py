@@ -241,7 +241,8 @@ def simulate_cmd(
         str | None,
         typer.Option(
             "--value-dtype",
-            help="Values of uploads and broadcasts: fp32, bf16 or fp16 (default bf16).",
+            help="Values of uploads and broadcasts: fp32, bf16, fp16, or int8 / int4 block-quantized"
+            " (default bf16).",
             show_default=False,
         ),
     ] = None,

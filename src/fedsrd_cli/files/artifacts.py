@@ -135,16 +135,35 @@ class Artifact:
     def upload_entries(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         """An upload's delta of PEFT tensor `name` as stored: (positions, values) with the
         (count,) int64 row-major positions of the (count,) fp32 kept values, positions None for a
-        dense tensor (values then hold every element, row-major); None if not uploaded."""
+        dense tensor (values then hold every element, row-major); None if not uploaded. int8 and
+        int4 values are dequantized from their codes and block scales (math.quantize)."""
         if name not in self.header.layout:
             return None
-        values = self.tensor(naming.values_key(name)).float()
         if naming.positions_key(name) in self.shapes:
-            return self._kept_positions(name), values
+            count = self._upload_count(name)
+            return self._kept_positions(name, count), self._decoded_values(name, count)
         if naming.mask_key(name) in self.shapes:
             numel = math.prod(self.header.layout[name])
-            return unpack_bits(self.tensor(naming.mask_key(name)), numel).nonzero().reshape(-1), values
-        return None, values.reshape(-1)
+            positions = unpack_bits(self.tensor(naming.mask_key(name)), numel).nonzero().reshape(-1)
+            return positions, self._decoded_values(name, positions.numel())
+        return None, self._decoded_values(name, math.prod(self.header.layout[name])).reshape(-1)
+
+    def upload_value_count(self, name: str) -> int | None:
+        """How many values an upload keeps of layout tensor `name`; None for a dense tensor."""
+        if naming.mask_key(name) not in self.shapes and naming.positions_key(name) not in self.shapes:
+            return None
+        return self._upload_count(name)
+
+    def _upload_count(self, name: str) -> int:
+        """The kept count of a sparse upload tensor, from its stored values: their length, or for
+        int4 codes (b bytes) 2b, less one when the last byte's high nibble is 0 (an odd count:
+        pack_int4 writes no other 0 nibble)."""
+        values_name = naming.values_key(name)
+        stored = self.shapes[values_name][0]
+        if quantized_dtype(self.header) != "int4" or stored == 0:
+            return stored
+        last = int(self.tensor(values_name)[-1])
+        return 2 * stored - (1 if last >> 4 == 0 else 0)
 
     def upload_kept(self, name: str) -> torch.Tensor | None:
         """An upload's mask of layout tensor `name` (bool, its layout shape) from X.mask or
@@ -159,12 +178,13 @@ class Artifact:
         kept[self._kept_positions(name)] = True
         return kept.reshape(shape)
 
-    def _kept_positions(self, name: str) -> torch.Tensor:
+    def _kept_positions(self, name: str, count: int | None = None) -> torch.Tensor:
         """The (count,) int64 row-major positions X.positions codes, decoded and validated
-        (ArtifactError) in memory bounded by the file: the stream and one index per value."""
+        (ArtifactError) in memory bounded by the file: the stream and one index per value.
+        count: the stored values' count (_upload_count) when the caller has it."""
         positions_name = naming.positions_key(name)
         numel = math.prod(self.header.layout[name])
-        count = self.shapes[naming.values_key(name)][0]
+        count = self._upload_count(name) if count is None else count
         try:
             return read_positions_tensor(self.tensor(positions_name), numel, count)
         except PositionCodeError as err:
@@ -205,11 +225,17 @@ class Artifact:
     def _verify_masks(self) -> None:
         for name, shape in self.header.layout.items():
             numel = math.prod(shape)
+            quantized = quantized_dtype(self.header)
             if self.header.kind == "upload":
                 if naming.positions_key(name) in self.shapes:
-                    self._kept_positions(name)  # decoding checks everything, the count included
+                    kept = self._upload_count(name)
+                    self._kept_positions(name, kept)  # decoding checks everything, the count included
+                    if quantized is not None:
+                        self._verify_quantized(name, quantized, kept)
                     continue
                 if naming.mask_key(name) not in self.shapes:
+                    if quantized is not None:  # dense codes: their count was checked with the layout
+                        self._verify_quantized(name, quantized, numel)
                     continue  # dense values: their shape was checked with the layout
                 packed = self.tensor(naming.mask_key(name))
                 if not padding_is_clean(packed, numel):
@@ -217,10 +243,9 @@ class Artifact:
                 kept = count_set_bits(packed)
             else:
                 kept = self._broadcast_kept(name, numel)
-                quantized = quantized_dtype(self.header)
-                if quantized is not None:
-                    self._verify_quantized(name, quantized, kept)
-                    continue
+            if quantized is not None:
+                self._verify_quantized(name, quantized, kept)
+                continue
             stored = self.shapes[naming.values_key(name)][0]
             if kept != stored:
                 raise ArtifactError(
@@ -237,12 +262,20 @@ class Artifact:
                 f"{self.where}: the mask of {name} keeps {kept} elements, which {value_dtype} stores as"
                 f" {codes} code bytes and {scales} scales, but the file has {stored} and {stored_scales}"
             )
-        self.broadcast_values(name, kept)  # decodes (int4: no unused nibble) and checks finite scales
+        self._decoded_values(name, kept)  # decodes (int4: no unused nibble) and checks finite scales
 
     def broadcast_values(self, name: str, kept: int | None = None) -> torch.Tensor:
         """A broadcast tensor's kept values (kept,) as every client applies them: float32,
         dequantized from their codes and block scales when the broadcast is int8 or int4.
         kept: the seeded mask's count when the caller has it (int4 needs it; else counted)."""
+        if kept is None and quantized_dtype(self.header) == "int4":
+            head = self.header
+            kept = count_kept(head.seed, name, math.prod(head.layout[name]), head.download_sparsity)
+        return self._decoded_values(name, kept)
+
+    def _decoded_values(self, name: str, kept: int | None) -> torch.Tensor:
+        """X.values as float32: as stored (float dtypes, their stored shape) or (kept,) values
+        dequantized from int8 / int4 codes and X.scales (kept: the count, which int4 needs)."""
         values = self.tensor(naming.values_key(name))
         quantized = quantized_dtype(self.header)
         if quantized is None:
@@ -253,8 +286,7 @@ class Artifact:
         if quantized == "int8":
             return dequantize_blocks(values, scales)
         if kept is None:
-            head = self.header
-            kept = count_kept(head.seed, name, math.prod(head.layout[name]), head.download_sparsity)
+            raise ValueError("int4 codes decode only with their count")  # a programming error
         try:
             codes = unpack_int4(values, kept)
         except ValueError as exc:

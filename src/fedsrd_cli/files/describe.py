@@ -44,13 +44,15 @@ def describe(artifact: Artifact) -> dict[str, Any]:
     if head.kind in ("upload", "broadcast"):
         for name, shape in sorted(head.layout.items()):
             numel = math.prod(shape)
-            values_shape = artifact.shapes[naming.values_key(name)]
-            dense = list(values_shape) == list(shape) or (
-                head.kind == "broadcast" and head.download_sparsity == 0.0
-            )  # a download-sparsity-0 broadcast sends every element: no mask is needed
-            kept = None if dense else values_shape[0]
-            if kept is not None and head.kind == "broadcast" and head.info.get("value_dtype") == "int4":
-                kept = int(artifact.broadcast_mask(name).sum())  # two codes a byte
+            if head.kind == "upload":  # kept: the mask's count (int4 codes hold two a byte)
+                kept = artifact.upload_value_count(name)
+                dense = kept is None
+            else:
+                values_shape = artifact.shapes[naming.values_key(name)]
+                dense = head.download_sparsity == 0.0  # sends every element: no mask is needed
+                kept = None if dense else values_shape[0]
+                if kept is not None and head.info.get("value_dtype") == "int4":
+                    kept = int(artifact.broadcast_mask(name).sum())  # two codes a byte
             paper_total += paper_bytes(numel, kept)
             logical_numel += numel
             if head.kind == "upload":

@@ -23,15 +23,20 @@ from typing import Any
 
 from fedsrd_cli.config import LoraSpec
 from fedsrd_cli.errors import ArtifactError, a_or_an
+from fedsrd_cli.math.quantize import QUANTIZED_BITS
 from fedsrd_cli.privacy.ledger import parse_privacy
 
 # Version 2 added coded upload positions (X.positions); version 1 files are read as before.
 # A reader of version 1 refuses version 2 files with a one-line "upgrade fedsrd". Version 3
 # added the masked upload of secure aggregation: only that kind is written as version 3, so
 # every other file stays as it was, and an older fedsrd refuses a masked upload with "upgrade".
+# Version 4 added quantized upload values (int8 / int4 codes with X.scales, info.value_dtype):
+# only such uploads are written as version 4, so an fp32/bf16/fp16 upload is byte for byte what
+# it was, and an older fedsrd refuses a quantized upload with "upgrade" instead of misreading it.
 FORMAT_VERSION = 2
 MASKED_UPLOAD_VERSION = 3
-READABLE_FORMAT_VERSIONS = (1, 2, 3)
+QUANTIZED_UPLOAD_VERSION = 4
+READABLE_FORMAT_VERSIONS = (1, 2, 3, 4)
 KINDS = ("state", "upload", "aggregate", "broadcast", "masked_upload")
 MAX_METADATA_CHARS = 16 * 2**20
 # Keeps a broadcast's layout within ~1000x its stored values, so checking its mask stays cheap.
@@ -65,12 +70,27 @@ class Header:
     info: dict[str, Any] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
 
+    def quantized_dtype(self) -> str | None:
+        """ "int8" or "int4" for an upload or broadcast whose values are block-quantized codes
+        (its info.value_dtype), else None."""
+        value_dtype = self.info.get("value_dtype") if isinstance(self.info, dict) else None
+        if self.kind in ("upload", "broadcast") and value_dtype in QUANTIZED_BITS:
+            return value_dtype
+        return None
+
+    def format_version(self) -> int:
+        """The format version this header is written as: 3 for a masked upload, 4 for a quantized
+        upload, 2 for everything else."""
+        if self.kind == "masked_upload":
+            return MASKED_UPLOAD_VERSION
+        if self.kind == "upload" and self.quantized_dtype() is not None:
+            return QUANTIZED_UPLOAD_VERSION
+        return FORMAT_VERSION
+
     def to_metadata(self) -> dict[str, str]:
         meta = {
             "format": "pt",
-            "fedsrd.format_version": str(
-                MASKED_UPLOAD_VERSION if self.kind == "masked_upload" else FORMAT_VERSION
-            ),
+            "fedsrd.format_version": str(self.format_version()),
             "fedsrd.kind": self.kind,
             "fedsrd.round": str(self.round),
             "fedsrd.lora": self.lora.to_json(),
@@ -142,6 +162,14 @@ class Header:
         except Exception as err:  # any malformed field: KeyError, ValueError, TypeError, ...
             raise ArtifactError(f"{where}: malformed fedsrd metadata ({type(err).__name__}: {err})") from None
         header.check(where)
+        if (
+            QUANTIZED_UPLOAD_VERSION in (version, header.format_version())
+            and version != header.format_version()
+        ):
+            raise ArtifactError(
+                f"{where}: format version {version}, but only an upload with int8 or int4 values"
+                f" (info.value_dtype) is written as version {QUANTIZED_UPLOAD_VERSION}"
+            )
         return header
 
     def check(self, where: str) -> None:

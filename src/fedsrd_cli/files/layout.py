@@ -5,7 +5,8 @@ file is written (docs/format.md, "Tensor names" and the sections after it):
 
     state          lora_A (r, d_in) and lora_B (d_out, r) of every module, float
     upload         per layout entry X: X.values, dense (the layout's shape) or sparse (1-D)
-                   with either X.mask (a bitmap) or X.positions (coded positions)
+                   with either X.mask (a bitmap) or X.positions (coded positions); with
+                   info.value_dtype int8 / int4, 1-D codes with their X.scales instead
     broadcast      per layout entry X: 1-D X.values, float, or int8 / packed-int4 codes with
                    their X.scales (`quantized_dtype`, `stored_value_count`)
     masked_upload  X.masked for the lora_B factor X of every module, int32 (d_out, r)
@@ -22,11 +23,11 @@ from collections.abc import Mapping
 
 import torch
 
-from fedsrd_cli.errors import ArtifactError
+from fedsrd_cli.errors import ArtifactError, a_or_an
 from fedsrd_cli.files import naming
 from fedsrd_cli.files.header import Header
 from fedsrd_cli.files.safetensors_io import DTYPE_NAMES
-from fedsrd_cli.math.quantize import QUANTIZED_BITS, block_count
+from fedsrd_cli.math.quantize import BLOCK, block_count
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -109,7 +110,7 @@ def _check_delta_layout(
             raise ArtifactError(f"{where}: {values_name} is missing")
         quantized = quantized_dtype(header)
         if quantized is not None:
-            _check_quantized_layout(name, quantized, shapes, dtypes, where)
+            _check_quantized_layout(header.kind, name, quantized, shapes, dtypes, where)
             expected.add(naming.scales_key(name))
         elif dtypes[values_name] not in FLOAT_DTYPES:
             raise ArtifactError(f"{where}: {values_name} has non-float dtype {dtypes[values_name]}")
@@ -145,8 +146,15 @@ def _check_delta_layout(
                         f" {DTYPE_NAMES.get(dtypes[positions_name], dtypes[positions_name])}"
                         f" {list(shapes[positions_name])}"
                     )
-            if len(values_shape) != 1 or values_shape[0] > numel:
+            if len(values_shape) != 1 or values_shape[0] > stored_value_count(quantized, numel)[0]:
                 raise ArtifactError(f"{where}: {values_name} has shape {list(values_shape)}")
+        elif header.kind == "upload" and quantized is not None:
+            codes = stored_value_count(quantized, numel)[0]
+            if list(values_shape) != [codes]:
+                raise ArtifactError(
+                    f"{where}: dense {values_name} of {a_or_an(quantized)} upload should hold {codes}"
+                    f" codes for shape {logical}, not {list(values_shape)}"
+                )
         elif header.kind == "upload":
             if list(values_shape) != list(logical):
                 raise ArtifactError(
@@ -160,38 +168,51 @@ def _check_delta_layout(
 
 
 def quantized_dtype(header: Header) -> str | None:
-    """ "int8" or "int4" for a broadcast whose values are block-quantized codes, else None."""
-    value_dtype = header.info.get("value_dtype") if isinstance(header.info, dict) else None
-    if header.kind == "broadcast" and value_dtype in QUANTIZED_BITS:
-        return value_dtype
-    return None
+    """ "int8" or "int4" for an upload or broadcast whose values are block-quantized codes
+    (info.value_dtype), else None."""
+    return header.quantized_dtype()
 
 
 def _check_quantized_layout(
+    kind: str,
     name: str,
     value_dtype: str,
     shapes: Mapping[str, tuple[int, ...]],
     dtypes: Mapping[str, torch.dtype],
     where: str,
 ) -> None:
-    """A quantized broadcast tensor: X.values int8 (int8) or uint8 (packed int4) and X.scales
-    float32, both 1-D; their counts are checked against the seeded mask by Artifact.verify."""
+    """A quantized tensor: X.values int8 (int8) or uint8 (packed int4) and X.scales float32,
+    both 1-D. An upload's scale count is checked here: b code bytes of int4 hold 2b - 1 or 2b
+    values, which fill the same ceil(2b / BLOCK) blocks. The code count against the kept count
+    (an upload's mask, a broadcast's seeded mask) is checked by Artifact.verify."""
     values_name, scales_name = naming.values_key(name), naming.scales_key(name)
     code_dtype = torch.int8 if value_dtype == "int8" else torch.uint8
     if dtypes[values_name] != code_dtype or len(shapes[values_name]) != 1:
         raise ArtifactError(
-            f"{where}: {values_name} of a {value_dtype} broadcast should be 1-D"
+            f"{where}: {values_name} of {a_or_an(value_dtype)} {kind} should be 1-D"
             f" {DTYPE_NAMES[code_dtype]}, not {DTYPE_NAMES.get(dtypes[values_name], dtypes[values_name])}"
             f" {list(shapes[values_name])}"
         )
     if scales_name not in shapes:
         raise ArtifactError(f"{where}: {scales_name} is missing ({value_dtype} values need their scales)")
     if dtypes[scales_name] != torch.float32 or len(shapes[scales_name]) != 1:
-        raise ArtifactError(f"{where}: {scales_name} should be 1-D float32")
+        raise ArtifactError(
+            f"{where}: {scales_name} should be 1-D F32, not"
+            f" {DTYPE_NAMES.get(dtypes[scales_name], dtypes[scales_name])} {list(shapes[scales_name])}"
+        )
+    if kind == "upload":
+        codes = shapes[values_name][0]
+        blocks = block_count(codes * (2 if value_dtype == "int4" else 1))
+        if shapes[scales_name][0] != blocks:
+            raise ArtifactError(
+                f"{where}: {scales_name} should hold {blocks} scales (one per {BLOCK} values of"
+                f" {values_name}), not {shapes[scales_name][0]}"
+            )
 
 
 def stored_value_count(value_dtype: str | None, kept: int) -> tuple[int, int | None]:
-    """(X.values length, X.scales length or None) that a broadcast keeping `kept` elements stores."""
+    """(X.values length, X.scales length or None) that an upload or broadcast keeping `kept`
+    elements stores."""
     if value_dtype == "int4":
         return math.ceil(kept / 2), block_count(kept)
     if value_dtype == "int8":

@@ -70,8 +70,9 @@ class SimulateConfig:
     demo_model: the demo's base model ("smollm2" or "toy") when the run is the demo; None for
     your own --base. The demo's base is always RESULTS_DIR/assets/base, so its path cannot tell
     the two apart: the model is recorded instead.
-    value_dtype: dtype of the values every upload and broadcast carries; damping, download_fit,
-    factor_choice, download_sparsity: the download's settings (config.BroadcastConfig). None =
+    value_dtype: dtype of the values every upload and broadcast carries (int8 / int4: block
+    codes; not with secure); damping, download_fit, factor_choice, download_sparsity: the
+    download's settings (config.BroadcastConfig). None =
     the commands' defaults (download_sparsity: each method's). download_value_dtype: the
     broadcasts' values (config.DOWNLOAD_VALUE_DTYPES), when not value_dtype.
     server_lr: broadcast --server-lr, every method's coordinator step (1: none), from round
@@ -136,10 +137,12 @@ class SimulateConfig:
 
     def __post_init__(self) -> None:
         from fedsrd_cli.algorithms import get_algorithm
-        from fedsrd_cli.config import PRIVATE_METHOD, SparsifyConfig
+        from fedsrd_cli.config import PRIVATE_METHOD, QUANTIZED_VALUE_DTYPES, SparsifyConfig
 
         if self.base_sparsity is not None:
             SparsifyConfig(base_sparsity=self.base_sparsity)  # its checks and messages
+        if self.value_dtype is not None:
+            SparsifyConfig(value_dtype=self.value_dtype)  # its checks and messages
         self.broadcast_config(0.0, 0)  # its checks and messages for the download settings
         _require(self.server_lr_from >= 1, f"--server-lr-from must be >= 1, got {self.server_lr_from}")
         if self.download_sparsity is not None:
@@ -194,6 +197,11 @@ class SimulateConfig:
                 f"--secure runs on --algorithms {PRIVATE_METHOD} alone, without organisation-level DP",
             )
             _require(len(self.client_data) >= 2, "--secure needs at least two clients")
+            _require(
+                self.value_dtype not in QUANTIZED_VALUE_DTYPES,
+                f"--value-dtype {self.value_dtype} quantizes sparse uploads, but --secure uploads are masked"
+                " int32 sums; quantize the broadcast with --download-value-dtype instead",
+            )
             _require(
                 math.isfinite(self.secure_clip) and 0 < self.secure_clip <= 1e6,
                 f"--secure-clip must be in (0, 1e6], got {self.secure_clip}",
