@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from fedsrd_cli.config import LoraSpec
 from fedsrd_cli.errors import OutputExistsError
 from fedsrd_cli.files.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORTED_FROM_KEY, LINEAGE_FILE
 from fedsrd_cli.files.artifacts import Artifact
@@ -36,12 +37,12 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def adapter_config(global_state: Artifact, base_name: str | None) -> dict[str, Any]:
-    """PEFT's LoraConfig for the state's rank, alpha and target module names, as a dict."""
+def peft_lora_config(lora: LoraSpec, base_name: str | None = None) -> Any:
+    """PEFT's LoraConfig for fedsrd's LoRA settings: rank, alpha, target modules, no dropout and
+    no bias, a causal LM. The one definition both `export` and a site's model (site/model.py) use."""
     from peft import LoraConfig
 
-    lora = global_state.header.lora
-    config = LoraConfig(
+    return LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
         target_modules=list(lora.target_modules),
@@ -50,7 +51,11 @@ def adapter_config(global_state: Artifact, base_name: str | None) -> dict[str, A
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_name,
     )
-    return _jsonable(config.to_dict())
+
+
+def adapter_config(global_state: Artifact, base_name: str | None) -> dict[str, Any]:
+    """PEFT's LoraConfig for the state's rank, alpha and target module names, as a dict."""
+    return _jsonable(peft_lora_config(global_state.header.lora, base_name).to_dict())
 
 
 def lineage_record(global_state: Artifact) -> dict[str, Any]:

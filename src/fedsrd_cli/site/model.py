@@ -194,19 +194,13 @@ def attach_lora(base: BaseModel, lora: LoraSpec) -> None:
                 f"the loaded model carries LoRA {base.lora.describe()}, not {lora.describe()}"
             )
         return
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    config = LoraConfig(
-        r=lora.rank,
-        lora_alpha=lora.alpha,
-        target_modules=list(lora.target_modules),
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    from fedsrd_cli.files.export import peft_lora_config
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        base.model = get_peft_model(base.model, config)
+        base.model = get_peft_model(base.model, peft_lora_config(lora))
     base.lora = lora
 
 
