@@ -278,9 +278,7 @@ def train_local_cmd(
             **({"dp": stats.dp} if stats.dp is not None else {}),
         }
     }
-    if base_quantization != NONE:  # recorded only when used: a full-precision site's files do not change
-        info["base_quantization"] = base_quantization
-    header = local_header(global_state, stats.samples, client or "", info, ledger)
+    header = local_header(global_state, stats.samples, client or "", info, ledger, base_quantization)
     log = "".join(json.dumps(r, sort_keys=True) + "\n" for r in stats.log).encode("utf-8")
     header = write_artifact(
         out_path, header, tensors, force, sign=sign_with(signer), also=[FileWrite(log_path, log)]

@@ -35,7 +35,7 @@ from fedsrd_cli.errors import ArtifactError, MismatchError, a_or_an
 from fedsrd_cli.files import naming
 from fedsrd_cli.files.atomic import FileWrite, write_files_atomic
 from fedsrd_cli.files.header import Header
-from fedsrd_cli.files.layout import check_layout, quantized_dtype, stored_value_count
+from fedsrd_cli.files.layout import check_layout, stored_value_count
 from fedsrd_cli.files.safetensors_io import (
     DTYPE_NAMES,
     HASH_PREFIX,
@@ -160,7 +160,7 @@ class Artifact:
         pack_int4 writes no other 0 nibble)."""
         values_name = naming.values_key(name)
         stored = self.shapes[values_name][0]
-        if quantized_dtype(self.header) != "int4" or stored == 0:
+        if self.header.quantized_dtype() != "int4" or stored == 0:
             return stored
         last = int(self.tensor(values_name)[-1])
         return 2 * stored - (1 if last >> 4 == 0 else 0)
@@ -225,7 +225,7 @@ class Artifact:
     def _verify_masks(self) -> None:
         for name, shape in self.header.layout.items():
             numel = math.prod(shape)
-            quantized = quantized_dtype(self.header)
+            quantized = self.header.quantized_dtype()
             if self.header.kind == "upload":
                 if naming.positions_key(name) in self.shapes:
                     kept = self._upload_count(name)
@@ -268,7 +268,7 @@ class Artifact:
         """A broadcast tensor's kept values (kept,) as every client applies them: float32,
         dequantized from their codes and block scales when the broadcast is int8 or int4.
         kept: the seeded mask's count when the caller has it (int4 needs it; else counted)."""
-        if kept is None and quantized_dtype(self.header) == "int4":
+        if kept is None and self.header.quantized_dtype() == "int4":
             head = self.header
             kept = count_kept(head.seed, name, math.prod(head.layout[name]), head.download_sparsity)
         return self._decoded_values(name, kept)
@@ -277,7 +277,7 @@ class Artifact:
         """X.values as float32: as stored (float dtypes, their stored shape) or (kept,) values
         dequantized from int8 / int4 codes and X.scales (kept: the count, which int4 needs)."""
         values = self.tensor(naming.values_key(name))
-        quantized = quantized_dtype(self.header)
+        quantized = self.header.quantized_dtype()
         if quantized is None:
             return values.float()
         scales = self.tensor(naming.scales_key(name))
@@ -301,7 +301,7 @@ class Artifact:
         cannot come from this layout, and is refused before the O(numel) count.
         """
         stored = self.shapes[naming.values_key(name)][0]
-        if quantized_dtype(self.header) == "int4":
+        if self.header.quantized_dtype() == "int4":
             stored *= 2  # two codes a byte (the last byte may hold one)
         keep = 1.0 - self.header.download_sparsity
         spread = 10.0 * math.sqrt(numel * keep * (1.0 - keep)) + 10.0

@@ -8,7 +8,7 @@ file is written (docs/format.md, "Tensor names" and the sections after it):
                    with either X.mask (a bitmap) or X.positions (coded positions); with
                    info.value_dtype int8 / int4, 1-D codes with their X.scales instead
     broadcast      per layout entry X: 1-D X.values, float, or int8 / packed-int4 codes with
-                   their X.scales (`quantized_dtype`, `stored_value_count`)
+                   their X.scales (`Header.quantized_dtype`, `stored_value_count`)
     masked_upload  X.masked for the lora_B factor X of every module, int32 (d_out, r)
     aggregate      the left and right factors of every module, which multiply
 
@@ -100,6 +100,7 @@ def _check_delta_layout(
     where: str,
 ) -> None:
     expected: set[str] = set()
+    quantized = header.quantized_dtype()  # "int8", "int4" or None, for every entry alike
     for name, logical in header.layout.items():
         if naming.parse_factor_key(name) is None:
             raise ArtifactError(f"{where}: layout names {name!r}, not a LoRA factor")
@@ -108,7 +109,6 @@ def _check_delta_layout(
         expected.add(values_name)
         if values_name not in shapes:
             raise ArtifactError(f"{where}: {values_name} is missing")
-        quantized = quantized_dtype(header)
         if quantized is not None:
             _check_quantized_layout(header.kind, name, quantized, shapes, dtypes, where)
             expected.add(naming.scales_key(name))
@@ -165,12 +165,6 @@ def _check_delta_layout(
     extra = set(shapes) - expected
     if extra:
         raise ArtifactError(f"{where}: tensors not in the layout: {sorted(extra)[:3]}")
-
-
-def quantized_dtype(header: Header) -> str | None:
-    """ "int8" or "int4" for an upload or broadcast whose values are block-quantized codes
-    (info.value_dtype), else None."""
-    return header.quantized_dtype()
 
 
 def _check_quantized_layout(

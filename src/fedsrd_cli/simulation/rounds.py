@@ -255,12 +255,12 @@ def simulate(
                     train_losses.append(stats.final_loss)
                     trained.append(tensors)
                     info = {"train": {**asdict(train_config), "final_loss": stats.final_loss}}
-                    if config.base_quantization != "none":  # as train-local records it
-                        info["base_quantization"] = config.base_quantization
                     local_path = round_dir / f"local-{client}.safetensors"
                     write_artifact(
                         local_path,
-                        local_header(global_state, stats.samples, client, info, ledger),
+                        local_header(
+                            global_state, stats.samples, client, info, ledger, config.base_quantization
+                        ),
                         tensors,
                         force=True,
                     )

@@ -48,6 +48,7 @@ from fedsrd_cli.site.model import (
     set_global,
     token_losses,
 )
+from fedsrd_cli.site.quantization import NONE
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the largest learning rate AdamW can apply
 
@@ -408,11 +409,20 @@ def _check_converging(
 
 
 def local_header(
-    global_state: Artifact, num_samples: int, client_id: str, info: dict, ledger: Ledger | None = None
+    global_state: Artifact,
+    num_samples: int,
+    client_id: str,
+    info: dict,
+    ledger: Ledger | None = None,
+    base_quantization: str = NONE,
 ) -> Header:
     """Header of a locally trained state: same round/LoRA/base as G, parent = G's hash; with
-    DP-SGD, the site's record-level ledger after this round."""
+    DP-SGD, the site's record-level ledger after this round; with a quantized base (nf4, fp4,
+    int8), info.base_quantization, recorded only then, so a full-precision site's files do not
+    change."""
     head = global_state.header
+    if base_quantization != NONE:
+        info = {**info, "base_quantization": base_quantization}
     return Header(
         kind="state",
         round=head.round,
