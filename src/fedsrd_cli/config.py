@@ -173,6 +173,8 @@ class SparsifyConfig:
 #   randomized  randomized subspace iteration, 2 power iterations, sketch 2 r: linear in m
 #   auto        exact while m r <= 6 sketches (m <= 12 at the default sketch), randomized beyond
 TRUNCATIONS = ("auto", "exact", "randomized")
+# How the coordinator pads an upload of a site rank below the global one (algorithms.site_rank).
+RANK_PADDINGS = ("global", "zeros")
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,9 @@ class AggregateConfig:
     samples (a site that claims a huge count would dominate --weighting samples).
     align: store W as rank-r factors in the clients' own scale (math.lowrank.align_factors, from
     their weighted mean factors), for the two-factor download (`--align-factors`).
+    rank_padding: how an upload of a site rank r_i < r is padded back to rank r
+    (`--rank-padding`, algorithms.site_rank): "global" (the site's untrained components are the
+    global ones: exact) or "zeros" (HetLoRA's zero padding, a baseline).
     """
 
     method: str = "fedsrd"
@@ -201,8 +206,10 @@ class AggregateConfig:
     max_epsilon: float | None = None
     max_samples: int | None = None
     align: bool = False
+    rank_padding: str = "global"
 
     def __post_init__(self) -> None:
+        _require(self.rank_padding in RANK_PADDINGS, f"--rank-padding must be one of {list(RANK_PADDINGS)}")
         _require(
             not self.align or self.method in ALIGNABLE_METHODS,
             f"--align-factors refactors FedSRD's full-rank aggregate; --method {self.method} has none",

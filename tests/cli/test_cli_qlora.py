@@ -78,8 +78,12 @@ def test_an_nf4_site_and_a_full_precision_site_share_a_round(
     assert read_artifact(applied).header.content_hash == read_artifact(g1).header.content_hash
 
     shown = run("inspect", uploads[0], "--json")
-    assert shown["trained_at"] == {"rank": 4, "base_quantization": "nf4"}
-    assert run("inspect", uploads[1], "--json")["trained_at"] == {"rank": 4, "base_quantization": "none"}
+    assert shown["trained_at"] == {"rank": 4, "global_rank": 4, "base_quantization": "nf4"}
+    assert run("inspect", uploads[1], "--json")["trained_at"] == {
+        "rank": 4,
+        "global_rank": 4,
+        "base_quantization": "none",
+    }
     text = run("inspect", uploads[0])["output"]
     assert "trained at" in text and "rank 4, base nf4 (bitsandbytes)" in text
     local_text = run("inspect", tmp_path / "local-site-a.safetensors")["output"]

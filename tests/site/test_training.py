@@ -355,3 +355,33 @@ def test_train_local_warns_about_long_training_for_fedsrd_states_only(
         warned[method] = [line for line in result.output.splitlines() if "long local training" in line]
     assert warned["fedavg"] == []
     assert len(warned["fedsrd"]) == 1 and warned["fedsrd"][0].startswith("warning: 2 local steps at lr 0.01")
+
+
+def test_a_site_rank_trains_only_its_first_components(
+    run_dir: Path, tiny_model: Path, tiny_data: Path
+) -> None:
+    """train-local --rank 2 of a rank-4 state: lora_B's columns 2.. and lora_A's rows 2.. stay
+    exactly at the start (weight decay too), the first two move; the hooks do not outlive the call."""
+    start = read_artifact(run_dir / "local.safetensors", kind="state")  # B != 0: A gets gradients
+    base = load_base(tiny_model, "cpu", "fp32")
+    datasets = load_datasets([tiny_data])
+    config = TrainConfig(steps=3, lr=1e-2, weight_decay=0.1, site_rank=2)
+    out, _ = train_local(base, start, datasets, config)
+    for name in start.names:
+        trained, begun = out[name], start.tensor(name)
+        if ".lora_A." in name:
+            assert torch.equal(trained[2:], begun[2:]) and not torch.equal(trained[:2], begun[:2])
+        else:
+            assert torch.equal(trained[:, 2:], begun[:, 2:]) and not torch.equal(trained[:, :2], begun[:, :2])
+    whole, _ = train_local(base, start, datasets, TrainConfig(steps=3, lr=1e-2))
+    assert all(
+        not torch.equal(
+            whole[n][2:] if ".lora_A." in n else whole[n][:, 2:],
+            (start.tensor(n)[2:] if ".lora_A." in n else start.tensor(n)[:, 2:]),
+        )
+        for n in start.names
+    )
+    with pytest.raises(UsageError, match="above the global state's rank 4"):
+        train_local(base, start, datasets, TrainConfig(steps=1, site_rank=5))
+    with pytest.raises(UsageError, match="--rank must be >= 1"):
+        TrainConfig(site_rank=0)

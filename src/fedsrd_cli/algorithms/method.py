@@ -33,6 +33,7 @@ from fedsrd_cli.algorithms.protocol import (
     next_state_header,
     round_header,
 )
+from fedsrd_cli.algorithms.site_rank import check_recorded_rank, padded, recorded_site_rank, trained_part
 from fedsrd_cli.algorithms.steps import (
     ClientFactors,
     Download,
@@ -146,12 +147,20 @@ class Method(Algorithm):
         ratios: dict[str, float] = {}
         round_index = head.round + 1
         only = self.trained_factor(round_index)
+        # train-local --rank r_i < r, else None
+        site_rank = check_recorded_rank(local.header, head.lora.rank, str(local.path))
         modules = global_state.modules()
         fidelity = Fidelity()  # the reconstruction the coordinator will make against the exact update
         for module in track(modules, len(modules), "sparsify"):
             a_prev, b_prev = global_state.factors(module)  # (r, d_in), (d_out, r)
             a_new, b_new = (t.float() for t in local.factors(module))
             deltas = (("B", b_new - b_prev.float()), ("A", a_new - a_prev.float()))
+            # A site rank r_i sends the components it trained: B's first r_i columns, A's rows.
+            a_seen, b_seen = a_prev, b_new  # what the importance scores of a (sliced) delta read
+            if site_rank is not None:
+                where = str(local.path)
+                deltas = tuple((f, trained_part(f, d, site_rank, where)) for f, d in deltas)
+                a_seen, b_seen = a_prev[:site_rank], b_new[:, :site_rank]
             decoded: dict[str, torch.Tensor] = {}  # factor -> the dense delta the coordinator decodes
             for factor, delta in deltas:
                 if not bool(delta.any()):
@@ -162,7 +171,7 @@ class Method(Algorithm):
                         f"{name} changed, but {self.name} trains only lora_{only} in round"
                         f" {round_index}; train with `train-local {self.training_flag}` and sparsify again"
                     )
-                encoded = self.encode(FactorDelta(name, factor, delta, a_prev, b_new, seed), config)
+                encoded = self.encode(FactorDelta(name, factor, delta, a_seen, b_seen, seed), config)
                 if encoded.kept is None:
                     chosen = encoded.values  # (rows, cols)
                 else:
@@ -181,6 +190,9 @@ class Method(Algorithm):
                 if encoded.ratio is not None:
                     ratios[name] = round(encoded.ratio, 6)
             prev_b, prev_a = b_prev.double(), a_prev.double()
+            if site_rank is not None:  # back to rank r: the untrained components are the global ones
+                prevs = {"B": b_prev, "A": a_prev}
+                decoded = {f: padded(f, d, prevs[f].float(), "global") for f, d in decoded.items()}
             sent_b = prev_b + decoded["B"].double() if "B" in decoded else prev_b
             sent_a = prev_a + decoded["A"].double() if "A" in decoded else prev_a
             fidelity.add(
@@ -204,6 +216,8 @@ class Method(Algorithm):
         quantized = local_quantization(local)
         if quantized is not None:  # only then: a full-precision site's upload keeps its bytes
             info["base_quantization"] = quantized
+        if site_rank is not None:  # likewise: a full-rank site's upload keeps its bytes
+            info["site_rank"] = site_rank
         header = round_header(
             global_state,
             "upload",
@@ -258,7 +272,8 @@ class Method(Algorithm):
         tensors: dict[str, torch.Tensor] = {}
         modules = global_state.modules()
         for module in track(modules, len(modules), "aggregate"):
-            clients, module_weights = client_factors(global_state, uploads, module), weights
+            clients = client_factors(global_state, uploads, module, config.rank_padding)
+            module_weights = weights
             if not (clients.changed_a or clients.changed_b):
                 # No client changed this module: W = B_prev A_prev exactly, for every method.
                 left, right = clients.b_prev, clients.a_prev
@@ -300,6 +315,11 @@ class Method(Algorithm):
                 ),
                 **({"update_norms": decisions} if org is not None else {}),
                 **({"aligned": True} if config.align else {}),
+                **(
+                    {"rank_padding": config.rank_padding}
+                    if any(recorded_site_rank(u.header) is not None for u in uploads)
+                    else {}
+                ),
                 **upload_fidelity(uploads, weights),
             },
             privacy=privacy,

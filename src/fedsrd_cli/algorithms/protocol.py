@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fedsrd_cli.algorithms.base import Payload
+from fedsrd_cli.algorithms.site_rank import check_upload_shape, padded_upload, recorded_site_rank
 from fedsrd_cli.config import VALUE_DTYPES, AggregateConfig, LoraSpec
 from fedsrd_cli.errors import MismatchError, StaleUploadError, UsageError
 from fedsrd_cli.files import naming
@@ -115,10 +116,7 @@ def check_uploads(
         for name, shape in head.layout.items():
             if name not in global_state.shapes:
                 raise MismatchError(f"{where}: unknown module tensor {name}")
-            if tuple(shape) != global_state.shapes[name]:
-                raise MismatchError(
-                    f"{where}: {name} has shape {shape}, the global state {list(global_state.shapes[name])}"
-                )
+            check_upload_shape(global_state, upload, name, shape, where)
         if head.client_id in seen_clients:
             raise MismatchError(
                 f"{where}: client {head.client_id!r} already uploaded {seen_clients[head.client_id]}"
@@ -147,7 +145,20 @@ def client_weights(uploads: Sequence[Artifact], weighting: str) -> list[float]:
     return [1.0 / len(uploads)] * len(uploads)
 
 
-def update_norm(global_state: Artifact, upload: Artifact) -> float:
+def full_delta(
+    global_state: Artifact, upload: Artifact, module: str, factor: str, padding: str = "global"
+) -> torch.Tensor | None:
+    """An upload's dense float64 delta of one factor in the global shape ((r, d_in) for A,
+    (d_out, r) for B): a site-rank upload padded (algorithms.site_rank.padded); None when the
+    factor was not uploaded and the site trained every component."""
+    name = naming.factor_key(module, factor)
+    if recorded_site_rank(upload.header) is not None:
+        return padded_upload(upload, name, global_state.tensor(name).double(), padding)
+    stored = upload.upload_delta(name)
+    return None if stored is None else stored.double()
+
+
+def update_norm(global_state: Artifact, upload: Artifact, padding: str = "global") -> float:
     """Frobenius norm of a client's full-rank update, over all modules.
 
     Per module dW_i = B_i A_i - B A with B_i = B + dB_i, A_i = A + dA_i, taken as the
@@ -157,8 +168,8 @@ def update_norm(global_state: Artifact, upload: Artifact) -> float:
     total = 0.0
     for module in global_state.modules():
         a_prev, b_prev = (t.double() for t in global_state.factors(module))
-        delta_a = upload.upload_delta(naming.factor_key(module, "A"))
-        delta_b = upload.upload_delta(naming.factor_key(module, "B"))
+        delta_a = full_delta(global_state, upload, module, "A", padding)
+        delta_b = full_delta(global_state, upload, module, "B", padding)
         if delta_a is None and delta_b is None:
             continue
         a_new = a_prev if delta_a is None else a_prev + delta_a.double()
@@ -184,7 +195,7 @@ def guard_update_norms(
         return []
     decisions = []
     for upload in uploads:
-        norm = update_norm(global_state, upload)
+        norm = update_norm(global_state, upload, config.rank_padding)
         decision = {"client_id": upload.header.client_id, "update_norm": norm, "action": "ok", "scale": 1.0}
         if norm > bound:
             if config.on_outlier == "refuse":

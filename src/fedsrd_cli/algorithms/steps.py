@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from fedsrd_cli.algorithms.site_rank import padded_upload, recorded_site_rank
 from fedsrd_cli.config import SparsifyConfig
 from fedsrd_cli.errors import MismatchError
 from fedsrd_cli.files import naming
@@ -228,7 +229,9 @@ class ClientFactors:
         return self.bs.changed
 
 
-def _stored(upload: Artifact, name: str) -> StoredDelta | None:
+def _stored(upload: Artifact, name: str, prev: torch.Tensor, padding: str) -> StoredDelta | None:
+    if recorded_site_rank(upload.header) and (padding != "global" or name in upload.header.layout):
+        return None, padded_upload(upload, name, prev, padding).float().reshape(-1)
     found = upload.upload_entries(name)
     if found is None:
         return None
@@ -236,16 +239,19 @@ def _stored(upload: Artifact, name: str) -> StoredDelta | None:
     return (None if positions is None else positions.to(torch.int32)), values
 
 
-def client_factors(global_state: Artifact, uploads: Sequence[Artifact], module: str) -> ClientFactors:
-    """Reconstruct every client's factors of `module` from the uploads (method section 2)."""
+def client_factors(
+    global_state: Artifact, uploads: Sequence[Artifact], module: str, padding: str = "global"
+) -> ClientFactors:
+    """Reconstruct every client's factors of `module` from the uploads (method section 2); an
+    upload of a site rank below r is padded back to rank r (algorithms.site_rank, `padding`)."""
     a_prev, b_prev = (t.double() for t in global_state.factors(module))
     name_a, name_b = naming.factor_key(module, "A"), naming.factor_key(module, "B")
     return ClientFactors(
         module,
         a_prev,
         b_prev,
-        ReconstructedFactors(a_prev, [_stored(u, name_a) for u in uploads]),
-        ReconstructedFactors(b_prev, [_stored(u, name_b) for u in uploads]),
+        ReconstructedFactors(a_prev, [_stored(u, name_a, a_prev, padding) for u in uploads]),
+        ReconstructedFactors(b_prev, [_stored(u, name_b, b_prev, padding) for u in uploads]),
     )
 
 

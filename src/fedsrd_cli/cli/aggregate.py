@@ -61,6 +61,14 @@ def aggregate_cmd(
             " sweep from their mean factors), for broadcast --factor-choice both (few, long rounds).",
         ),
     ] = False,
+    rank_padding: Annotated[
+        str,
+        typer.Option(
+            "--rank-padding",
+            help="Uploads of a site rank below the global one (train-local --rank): global (the"
+            " untrained components are the global state's: exact) or zeros (HetLoRA's zero padding).",
+        ),
+    ] = "global",
     max_samples: Annotated[
         int | None,
         typer.Option(
@@ -178,6 +186,7 @@ def aggregate_cmd(
         max_epsilon=dp_max_epsilon,
         max_samples=max_samples,
         align=align_factors,
+        rank_padding=rank_padding,
     )
     if secure and (roster_path is None or trust_dir is None):
         raise UsageError("--secure needs --roster and --trust (the sites' keys)")
@@ -187,6 +196,10 @@ def aggregate_cmd(
         raise UsageError(
             "a secure round runs FedSRD-e's route, without organisation-level DP (its noise would have to"
             " be added by the sites, which is not built)"
+        )
+    if secure and rank_padding != "global":
+        raise UsageError(
+            "--rank-padding zeros needs each site's factors: not with --secure, whose sum hides them"
         )
     if secure and align_factors:
         raise UsageError(

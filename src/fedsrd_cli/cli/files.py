@@ -94,7 +94,10 @@ def _artifact_view(report: dict[str, Any], tensors: bool) -> list[Any]:
         trained = report["trained_at"]
         base = trained["base_quantization"]
         shown = "full precision (none)" if base == "none" else f"{base} (bitsandbytes)"
-        rows.append(("trained at", f"rank {trained['rank']}, base {shown}"))
+        rank = f"rank {trained['rank']}"
+        if trained["rank"] != trained["global_rank"]:
+            rank += f" of the global {trained['global_rank']}"
+        rows.append(("trained at", f"{rank}, base {shown}"))
     for key in ("seed", "download_sparsity"):
         if key in report:
             rows.append((key.replace("_", " "), report[key]))

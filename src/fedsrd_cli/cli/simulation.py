@@ -355,6 +355,21 @@ def simulate_cmd(
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")] = "auto",
     base_quantization: BaseQuantizationOpt = "none",
+    site_ranks: Annotated[
+        str | None,
+        typer.Option(
+            "--site-ranks",
+            help="One rank per client, in client order, each <= --rank (train-local --rank), e.g. 4,8,16,16.",
+            show_default=False,
+        ),
+    ] = None,
+    rank_padding: Annotated[
+        str,
+        typer.Option(
+            "--rank-padding",
+            help="aggregate --rank-padding: global (exact) or zeros (HetLoRA's zero padding).",
+        ),
+    ] = "global",
     threads: ThreadsOpt = None,
     json_mode: JsonOpt = False,
 ) -> None:
@@ -373,6 +388,12 @@ def simulate_cmd(
 
     out = Output(json_mode)
     names = tuple(a.strip() for a in algorithms.split(",") if a.strip())
+    ranks = None
+    if site_ranks is not None:
+        parts = [part.strip() for part in site_ranks.split(",")]
+        if not all(part.isdigit() for part in parts):
+            raise UsageError(f"--site-ranks takes whole numbers separated by commas, got {site_ranks!r}")
+        ranks = tuple(int(part) for part in parts)
     record_dp = None
     if any(flag is not None for flag in (dp_epsilon, dp_noise_multiplier, dp_delta, dp_max_grad_norm)):
         from fedsrd_cli.privacy.budget import RecordDp
@@ -470,6 +491,8 @@ def simulate_cmd(
         task_metrics=task_metrics,
         metrics_max_new_tokens=metrics_max_new_tokens,
         base_quantization=base_quantization,
+        site_ranks=ranks,
+        rank_padding=rank_padding,
     )
     long_training = long_local_training_warning(config.local_steps, config.lr, config.algorithms)
     if long_training:

@@ -69,6 +69,15 @@ def train_local_cmd(
             " in even ones (for --method fedsrd-alternate).",
         ),
     ] = False,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            "--rank",
+            help="Train only the first R rank components of the global state's LoRA (R <= its rank;"
+            " the upload then carries R; default: all).",
+            show_default=False,
+        ),
+    ] = None,
     client: Annotated[str | None, typer.Option("--client", help="This client's id (recorded).")] = None,
     dp_epsilon: DpEpsilonOpt = None,
     dp_delta: DpDeltaOpt = None,
@@ -127,6 +136,7 @@ def train_local_cmd(
     from fedsrd_cli.site.training import (
         TrainConfig,
         check_private_run,
+        check_site_rank,
         local_header,
         private_training,
         train_local,
@@ -149,6 +159,7 @@ def train_local_cmd(
         gradient_checkpointing=gradient_checkpointing,
         prox_mu=prox_mu,
         freeze_a=freeze_a,
+        site_rank=rank,
     )
     if alternate and freeze_a:
         raise UsageError("--alternate already decides which factor trains; leave out --freeze-a")
@@ -190,6 +201,7 @@ def train_local_cmd(
     ensure_writable(log_path, force, inputs)
     accept = (COORDINATOR,) if signer is None else (COORDINATOR, signer.name)
     global_state = read_verified(global_path, "state", trust, accept=accept)
+    check_site_rank(rank, global_state, record_dp is not None)
     fingerprint = check_fingerprint(base, global_state)
     if alternate:
         config = config.alternating(global_state.header.round + 1)
@@ -278,7 +290,9 @@ def train_local_cmd(
             **({"dp": stats.dp} if stats.dp is not None else {}),
         }
     }
-    header = local_header(global_state, stats.samples, client or "", info, ledger, base_quantization)
+    header = local_header(
+        global_state, stats.samples, client or "", info, ledger, base_quantization, config.site_rank
+    )
     log = "".join(json.dumps(r, sort_keys=True) + "\n" for r in stats.log).encode("utf-8")
     header = write_artifact(
         out_path, header, tensors, force, sign=sign_with(signer), also=[FileWrite(log_path, log)]
@@ -293,6 +307,7 @@ def train_local_cmd(
             "client_id": client or None,
             "device": str(model.device),
             **({"base_quantization": base_quantization} if base_quantization != NONE else {}),
+            **({"site_rank": rank} if rank is not None else {}),
             "threads": threads,
             "processes": processes,
             "one_factor_residual": round(residual, 6),

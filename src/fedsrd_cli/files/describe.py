@@ -138,9 +138,15 @@ def describe(artifact: Artifact) -> dict[str, Any]:
 
 
 def _trained_at(head: Any) -> dict[str, Any]:
-    """What a site trained at: its LoRA rank, and the base's quantization (train-local
+    """What a site trained at: its LoRA rank (train-local --rank, info.site_rank; the global
+    rank when not recorded) of the global rank, and the base's quantization (train-local
     --base-quantization; "none" when not recorded: a full-precision base)."""
-    return {"rank": head.lora.rank, "base_quantization": head.info.get("base_quantization") or "none"}
+    site_rank = head.info.get("site_rank")
+    return {
+        "rank": site_rank if isinstance(site_rank, int) else head.lora.rank,
+        "global_rank": head.lora.rank,
+        "base_quantization": head.info.get("base_quantization") or "none",
+    }
 
 
 def privacy_report(header: Any) -> dict[str, Any]:

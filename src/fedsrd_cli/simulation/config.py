@@ -92,6 +92,8 @@ class SimulateConfig:
         (None: METRICS_MAX_NEW_TOKENS, or what a resumed run recorded: with_recorded_defaults).
     base_quantization: every client loads the base in "nf4", "fp4" or "int8" through bitsandbytes
         (train-local --base-quantization; site/quantization.py); "none": full precision.
+    site_ranks: one rank r_i <= rank per client, in client order (train-local --rank); None:
+        every client trains the global rank. rank_padding: aggregate --rank-padding.
     """
 
     base: str
@@ -134,10 +136,12 @@ class SimulateConfig:
     task_metrics: bool = False
     metrics_max_new_tokens: int | None = None
     base_quantization: str = "none"
+    site_ranks: tuple[int, ...] | None = None
+    rank_padding: str = "global"
 
     def __post_init__(self) -> None:
         from fedsrd_cli.algorithms import get_algorithm
-        from fedsrd_cli.config import PRIVATE_METHOD, QUANTIZED_VALUE_DTYPES, SparsifyConfig
+        from fedsrd_cli.config import PRIVATE_METHOD, QUANTIZED_VALUE_DTYPES, AggregateConfig, SparsifyConfig
 
         if self.base_sparsity is not None:
             SparsifyConfig(base_sparsity=self.base_sparsity)  # its checks and messages
@@ -157,6 +161,20 @@ class SimulateConfig:
             self.base_quantization in QUANTIZATIONS,
             f"--base-quantization must be one of {list(QUANTIZATIONS)}, got {self.base_quantization!r}",
         )
+        AggregateConfig(rank_padding=self.rank_padding)  # its checks and messages
+        if self.site_ranks is not None:
+            _require(
+                len(self.site_ranks) == len(self.client_ids),
+                f"--site-ranks gives {len(self.site_ranks)} ranks for {len(self.client_ids)} clients",
+            )
+            _require(
+                all(1 <= r <= self.rank for r in self.site_ranks),
+                f"--site-ranks must each be 1 to --rank {self.rank}, got {list(self.site_ranks)}",
+            )
+            _require(
+                self.record_dp is None or all(r == self.rank for r in self.site_ranks),
+                "--site-ranks below --rank are not supported with DP-SGD yet",
+            )
         _require(len(self.algorithms) > 0, "--algorithms names no algorithm")
         for name in self.algorithms:
             get_algorithm(name)
@@ -292,6 +310,10 @@ class SimulateConfig:
                 data.pop(key)
         if self.base_quantization == NONE:  # recorded only when used, so earlier runs resume
             data.pop("base_quantization")
+        if self.site_ranks is None:  # likewise
+            data.pop("site_ranks")
+        if self.rank_padding == "global":
+            data.pop("rank_padding")
         if self.rescale:  # recorded only when off, so runs from before the flag resume
             data.pop("rescale")
         if not self.align:  # recorded only when on, so runs from before the flag resume

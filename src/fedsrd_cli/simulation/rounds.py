@@ -238,6 +238,7 @@ def simulate(
                         seed=client_train_seed(seed, round_index, index),
                         device=config.device,
                         prox_mu=config.prox_mu if name == "fedprox" else 0.0,
+                        site_rank=None if config.site_ranks is None else config.site_ranks[index],
                     ).training_only(only)
                     ledger = None
                     if config.record_dp is not None:
@@ -259,7 +260,13 @@ def simulate(
                     write_artifact(
                         local_path,
                         local_header(
-                            global_state, stats.samples, client, info, ledger, config.base_quantization
+                            global_state,
+                            stats.samples,
+                            client,
+                            info,
+                            ledger,
+                            config.base_quantization,
+                            train_config.site_rank,
                         ),
                         tensors,
                         force=True,
@@ -280,7 +287,9 @@ def simulate(
                     upload_sizes.append(upload_path.stat().st_size)
 
                 aggregate_config = AggregateConfig(
-                    method=name, align=config.align and name in ALIGNABLE_METHODS
+                    method=name,
+                    align=config.align and name in ALIGNABLE_METHODS,
+                    rank_padding=config.rank_padding,
                 )
                 if config.organisation_dp is not None:
                     aggregate_config = replace(

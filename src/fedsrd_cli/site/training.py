@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from fedsrd_cli.config import _require
-from fedsrd_cli.errors import DataError, MismatchError, TrainingDivergedError
+from fedsrd_cli.errors import DataError, MismatchError, TrainingDivergedError, UsageError
 from fedsrd_cli.files.artifacts import Artifact, Header
 from fedsrd_cli.files.safetensors_io import short
 from fedsrd_cli.math.lowrank import scheduled_factor
@@ -66,6 +66,9 @@ class TrainConfig:
         odd rounds of `train-local --alternate`).
     freeze_b: keep every lora_B at the global value and train only lora_A (the even rounds of
         `train-local --alternate`).
+    site_rank: `train-local --rank r_i`: train only the first r_i rank components of every
+        module (lora_B's first r_i columns, lora_A's first r_i rows); the others stay at the
+        global state's values (docs/algorithms.md, "A rank per site"). None trains all r.
     """
 
     steps: int | None = None
@@ -84,6 +87,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     dp: DpSgdConfig | None = None
+    site_rank: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.steps is None or self.epochs is None, "give --steps or --epochs, not both")
@@ -107,6 +111,7 @@ class TrainConfig:
             not (self.freeze_a and self.freeze_b), "freezing both lora_A and lora_B leaves nothing to train"
         )
         _require(self.weight_decay >= 0, "weight decay must be >= 0")
+        _require(self.site_rank is None or self.site_rank >= 1, f"--rank must be >= 1, got {self.site_rank}")
         _require(self.max_grad_norm > 0, "max grad norm must be > 0")
         _require(
             self.dp is None or not self.gradient_checkpointing,
@@ -194,6 +199,7 @@ def train_local(
             f"{base.path}: is another base model (fingerprint {short(base.fingerprint)}) than"
             f" {global_state.path} was made for ({short(global_state.header.base_fingerprint)})"
         )
+    check_site_rank(config.site_rank, global_state, config.dp is not None)
     _seed_everything(config.seed)
     set_global(base, global_state)
     examples = [ex for ds in datasets for ex in ds.examples]
@@ -210,6 +216,9 @@ def train_local(
         if train_it:
             trained[name] = param
     optimizer = torch.optim.AdamW(trained.values(), lr=config.lr, weight_decay=config.weight_decay)
+    handles = []  # hooks of a site rank, removed after training (simulate reuses the model)
+    if config.site_rank is not None and config.site_rank < global_state.header.lora.rank:
+        handles = _train_first_components(trained, config.site_rank, optimizer)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
@@ -224,6 +233,8 @@ def train_local(
         else:
             log, dp_record = _plain_steps(base, population, trained, optimizer, config, total, on_step, ranks)
     finally:
+        for handle in handles:
+            handle.remove()
         model.eval()
         for param in params.values():
             param.requires_grad_(False)
@@ -246,6 +257,54 @@ def train_local(
         dp=dp_record,
     )
     return {name: factors[name] for name in global_state.names}, stats
+
+
+def check_site_rank(site_rank: int | None, global_state: Artifact, private: bool) -> None:
+    """UsageError for a site rank above the global rank, or below it with DP-SGD (`private`;
+    its per-example clipping would have to leave the untrained components out: not built)."""
+    rank = global_state.header.lora.rank
+    if site_rank is None or site_rank == rank:
+        return
+    if site_rank > rank:
+        raise UsageError(
+            f"--rank {site_rank} is above the global state's rank {rank}: a site may train at"
+            f" most the global rank (give --rank {rank} or less)"
+        )
+    if private:
+        raise UsageError(
+            f"--rank {site_rank} below the global rank {rank} is not supported with DP-SGD yet:"
+            " train the global rank (leave out --rank) or train without --dp-*"
+        )
+
+
+def _train_first_components(
+    trained: dict[str, torch.nn.Parameter], site_rank: int, optimizer: torch.optim.Optimizer
+) -> list:
+    """Train only rank components 0..site_rank-1: lora_A (r, d_in) rows and lora_B (d_out, r)
+    columns past site_rank get zero gradients (so clipping and AdamW see a rank-r_i adapter),
+    and after every optimizer step they are put back to their starting values (so weight decay
+    cannot move them either)."""
+    frozen: list[tuple[torch.nn.Parameter, tuple[slice, slice], torch.Tensor]] = []
+    handles = []
+    for name, param in trained.items():
+        if ".lora_A." in name:
+            index = (slice(site_rank, None), slice(None))  # rows r_i.. of (r, d_in)
+        elif ".lora_B." in name:
+            index = (slice(None), slice(site_rank, None))  # columns r_i.. of (d_out, r)
+        else:
+            continue
+        keep = torch.ones_like(param)
+        keep[index] = 0.0
+        handles.append(param.register_hook(lambda grad, keep=keep: grad * keep))
+        frozen.append((param, index, param.detach()[index].clone()))
+
+    def restore(_optimizer, _args, _kwargs) -> None:
+        with torch.no_grad():
+            for param, index, start in frozen:
+                param[index] = start
+
+    handles.append(optimizer.register_step_post_hook(restore))
+    return handles
 
 
 StepCallback = Callable[[int, int, float | None, float], None] | None
@@ -415,14 +474,17 @@ def local_header(
     info: dict,
     ledger: Ledger | None = None,
     base_quantization: str = NONE,
+    site_rank: int | None = None,
 ) -> Header:
     """Header of a locally trained state: same round/LoRA/base as G, parent = G's hash; with
     DP-SGD, the site's record-level ledger after this round; with a quantized base (nf4, fp4,
-    int8), info.base_quantization, recorded only then, so a full-precision site's files do not
-    change."""
+    int8), info.base_quantization, and with a site rank below the global rank, info.site_rank:
+    each recorded only then, so a full-precision, full-rank site's files do not change."""
     head = global_state.header
     if base_quantization != NONE:
         info = {**info, "base_quantization": base_quantization}
+    if site_rank is not None and site_rank < head.lora.rank:
+        info = {**info, "site_rank": site_rank}
     return Header(
         kind="state",
         round=head.round,
