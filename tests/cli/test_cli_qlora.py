@@ -103,3 +103,25 @@ def test_simulate_on_an_nf4_base(tiny_model: Path, tiny_data: Path, tmp_path: Pa
     assert results["config"]["base_quantization"] == "nf4"
     uploads = sorted(out.rglob("upload-*.safetensors"))
     assert uploads and all(read_artifact(u).header.info["base_quantization"] == "nf4" for u in uploads)
+
+
+def test_a_quantized_base_of_another_model_is_refused_before_it_loads(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    """The fingerprint is the unquantized files' (files/model_spec.py: the model's config): a
+    4-bit copy of another model is refused in one line, exit 4, nothing written."""
+    from ..conftest import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other-model", hidden=48)
+    g0 = tmp_path / "g0.safetensors"
+    run("init", "--base", tiny_model, "--out", g0, "--rank", "4")
+    out = tmp_path / "local.safetensors"
+    result = runner.invoke(
+        app,
+        [str(a) for a in ("train-local", "--base", other, "--global", g0, "--data", tiny_data, "--out", out,
+                          "--steps", "1", "--device", "cpu", "--base-quantization", "nf4")],
+    )  # fmt: skip
+    assert result.exit_code == 4, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "another base model" in lines[0], lines
+    assert not out.exists() and not Path(str(out) + ".log.jsonl").exists()
