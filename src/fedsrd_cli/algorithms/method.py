@@ -33,7 +33,7 @@ from fedsrd_cli.algorithms.protocol import (
     next_state_header,
     round_header,
 )
-from fedsrd_cli.algorithms.site_rank import check_recorded_rank, padded, recorded_site_rank, trained_part
+from fedsrd_cli.algorithms.site_rank import check_recorded_rank, padded, trained_part
 from fedsrd_cli.algorithms.steps import (
     ClientFactors,
     Download,
@@ -317,7 +317,7 @@ class Method(Algorithm):
                 **({"aligned": True} if config.align else {}),
                 **(
                     {"rank_padding": config.rank_padding}
-                    if any(recorded_site_rank(u.header) is not None for u in uploads)
+                    if any(u.header.site_rank() is not None for u in uploads)
                     else {}
                 ),
                 **upload_fidelity(uploads, weights),

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from fedsrd_cli.algorithms.base import Payload
-from fedsrd_cli.algorithms.site_rank import check_upload_shape, padded_upload, recorded_site_rank
+from fedsrd_cli.algorithms.site_rank import check_upload_shape, padded_upload
 from fedsrd_cli.config import VALUE_DTYPES, AggregateConfig, LoraSpec
 from fedsrd_cli.errors import MismatchError, StaleUploadError, UsageError
 from fedsrd_cli.files import naming
@@ -146,14 +146,14 @@ def client_weights(uploads: Sequence[Artifact], weighting: str) -> list[float]:
 
 
 def full_delta(
-    global_state: Artifact, upload: Artifact, module: str, factor: str, padding: str = "global"
+    upload: Artifact, module: str, factor: str, prev: torch.Tensor, padding: str = "global"
 ) -> torch.Tensor | None:
-    """An upload's dense float64 delta of one factor in the global shape ((r, d_in) for A,
-    (d_out, r) for B): a site-rank upload padded (algorithms.site_rank.padded); None when the
-    factor was not uploaded and the site trained every component."""
+    """An upload's dense float64 delta of one factor in the shape of prev, the global factor
+    ((r, d_in) for A, (d_out, r) for B): a site-rank upload padded (algorithms.site_rank.padded);
+    None when the factor was not uploaded and the site trained every component."""
     name = naming.factor_key(module, factor)
-    if recorded_site_rank(upload.header) is not None:
-        return padded_upload(upload, name, global_state.tensor(name).double(), padding)
+    if upload.header.site_rank() is not None:
+        return padded_upload(upload, name, prev, padding)
     stored = upload.upload_delta(name)
     return None if stored is None else stored.double()
 
@@ -168,8 +168,8 @@ def update_norm(global_state: Artifact, upload: Artifact, padding: str = "global
     total = 0.0
     for module in global_state.modules():
         a_prev, b_prev = (t.double() for t in global_state.factors(module))
-        delta_a = full_delta(global_state, upload, module, "A", padding)
-        delta_b = full_delta(global_state, upload, module, "B", padding)
+        delta_a = full_delta(upload, module, "A", a_prev, padding)
+        delta_b = full_delta(upload, module, "B", b_prev, padding)
         if delta_a is None and delta_b is None:
             continue
         a_new = a_prev if delta_a is None else a_prev + delta_a.double()

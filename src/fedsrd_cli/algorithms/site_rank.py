@@ -16,30 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from fedsrd_cli.config import RANK_PADDINGS
 from fedsrd_cli.errors import MismatchError
 from fedsrd_cli.files import naming
 from fedsrd_cli.files.artifacts import Artifact, Header
-
-__all__ = [
-    "RANK_PADDINGS",
-    "check_recorded_rank",
-    "check_upload_shape",
-    "padded",
-    "padded_upload",
-    "recorded_site_rank",
-    "sliced_shape",
-    "trained_part",
-]
-
-
-def recorded_site_rank(header: Header | None) -> int | None:
-    """The site rank r_i a local state or upload records (info.site_rank), None when it trained
-    every component (nothing recorded)."""
-    if header is None:
-        return None
-    found = (header.info or {}).get("site_rank")
-    return found if isinstance(found, int) and not isinstance(found, bool) else None
 
 
 def sliced_shape(factor: str, shape: tuple[int, ...], site_rank: int) -> tuple[int, int]:
@@ -89,7 +68,7 @@ def padded_upload(upload: Artifact, name: str, prev: torch.Tensor, padding: str)
     padded to prev's shape (float64), zero in the trained part when it did not upload it."""
     parsed = naming.parse_factor_key(name)
     factor = parsed[1] if parsed is not None else "B"
-    site_rank = recorded_site_rank(upload.header)
+    site_rank = upload.header.site_rank()
     if site_rank is None:
         raise ValueError(f"{upload.path}: records no site rank")
     stored = upload.upload_delta(name)
@@ -101,8 +80,10 @@ def padded_upload(upload: Artifact, name: str, prev: torch.Tensor, padding: str)
 def check_recorded_rank(header: Header | None, rank: int, where: str) -> int | None:
     """The site rank a local state or upload records, checked against the global rank r:
     MismatchError unless 1 <= r_i < r (a full-rank site records none)."""
-    site_rank = recorded_site_rank(header)
-    found = (header.info or {}).get("site_rank") if header is not None else None
+    if header is None:  # a PEFT adapter directory: no fedsrd header, the global rank
+        return None
+    site_rank = header.site_rank()
+    found = header.info.get("site_rank") if isinstance(header.info, dict) else None
     if found is not None and site_rank is None:
         raise MismatchError(f"{where}: records site rank {found!r}, not a whole number")
     if site_rank is not None and site_rank > rank:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from fedsrd_cli.algorithms.site_rank import padded_upload, recorded_site_rank
+from fedsrd_cli.algorithms.site_rank import padded_upload
 from fedsrd_cli.config import SparsifyConfig
 from fedsrd_cli.errors import MismatchError
 from fedsrd_cli.files import naming
@@ -230,7 +230,7 @@ class ClientFactors:
 
 
 def _stored(upload: Artifact, name: str, prev: torch.Tensor, padding: str) -> StoredDelta | None:
-    if recorded_site_rank(upload.header) and (padding != "global" or name in upload.header.layout):
+    if upload.header.site_rank() and (padding != "global" or name in upload.header.layout):
         return None, padded_upload(upload, name, prev, padding).float().reshape(-1)
     found = upload.upload_entries(name)
     if found is None:

@@ -141,9 +141,9 @@ def _trained_at(head: Any) -> dict[str, Any]:
     """What a site trained at: its LoRA rank (train-local --rank, info.site_rank; the global
     rank when not recorded) of the global rank, and the base's quantization (train-local
     --base-quantization; "none" when not recorded: a full-precision base)."""
-    site_rank = head.info.get("site_rank")
+    site_rank = head.site_rank()
     return {
-        "rank": site_rank if isinstance(site_rank, int) else head.lora.rank,
+        "rank": head.lora.rank if site_rank is None else site_rank,
         "global_rank": head.lora.rank,
         "base_quantization": head.info.get("base_quantization") or "none",
     }

@@ -78,6 +78,12 @@ class Header:
             return value_dtype
         return None
 
+    def site_rank(self) -> int | None:
+        """The rank r_i a local state or upload of `train-local --rank r_i` records
+        (info.site_rank), None when none (or no whole number) is recorded: the global rank."""
+        found = self.info.get("site_rank") if isinstance(self.info, dict) else None
+        return found if isinstance(found, int) and not isinstance(found, bool) else None
+
     def format_version(self) -> int:
         """The format version this header is written as: 3 for a masked upload, 4 for a quantized
         upload, 2 for everything else."""
