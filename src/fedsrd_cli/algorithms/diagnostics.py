@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -70,6 +71,18 @@ LONG_LOCAL_TRAINING = 1e-2
 ONE_FACTOR_DOWNLOAD_METHODS = ("fedsrd", "fedsrd-e")
 
 
+@dataclass(frozen=True)
+class ModuleMeasure:
+    """One module's broadcast figures: the update error's miss and target norms (None when the
+    target is not known), the chosen factor's whole-update miss, and each changed factor's
+    relative step {"A" or "B": ||after - before|| / ||before||}."""
+
+    miss: float | None
+    target: float | None
+    reach_miss: float | None
+    steps: dict[str, float]
+
+
 class BroadcastDiagnostics:
     """Collects the update error and step of every module of one broadcast.
 
@@ -86,21 +99,23 @@ class BroadcastDiagnostics:
         self._target2 = 0.0
         self._reach2: float | None = None
 
-    def add(
+    def measure(
         self,
-        module: str,
         left: torch.Tensor,
         right: torch.Tensor,
         before: dict[str, torch.Tensor],
         after: dict[str, torch.Tensor],
         reach_miss: float | None = None,
         products: TargetProducts | None = None,
-    ) -> None:
-        """One module: target W = left (d_out, k) @ right (k, d_in); before/after: {"A": (r, d_in),
-        "B": (d_out, r)}, the factors before the broadcast and after it is applied (a factor left
-        as it was is the same tensor in both); reach_miss: the chosen factor's whole-update miss
-        (steps.ModuleUpdate), for one-factor downloads; products: that solve's thin products of
-        this target and these previous factors (float64), reused instead of formed again."""
+    ) -> ModuleMeasure:
+        """One module's figures, touching nothing shared (broadcast measures modules on several
+        threads, then adds them in order). Target W = left (d_out, k) @ right (k, d_in);
+        before/after: {"A": (r, d_in), "B": (d_out, r)}, the factors before the broadcast and
+        after it is applied (a factor left as it was is the same tensor in both); reach_miss:
+        the chosen factor's whole-update miss (steps.ModuleUpdate), for one-factor downloads;
+        products: that solve's thin products of this target and these previous factors
+        (float64), reused instead of formed again."""
+        miss = target = None
         if self.target_known:
             if products is None:
                 b_prev, a_prev = before["B"].double(), before["A"].double()
@@ -110,16 +125,25 @@ class BroadcastDiagnostics:
                 b_next = b_prev if after["B"] is before["B"] else after["B"].double()
                 a_next = a_prev if after["A"] is before["A"] else after["A"].double()
             miss, target = update_error_norms(left, right, b_prev, a_prev, b_next, a_next, products)
-            self.errors[module] = round(miss / target, 6) if target > 0 else 0.0
-            self._miss2 += miss**2
-            self._target2 += target**2
-            if reach_miss is not None:
-                self._reach2 = (self._reach2 or 0.0) + reach_miss**2
+        steps = {}
         for factor in ("A", "B"):
             size = float(before[factor].norm())
             change = float((after[factor] - before[factor]).norm())
             if change > 0 and size > 0:
-                self.steps[f"{module}.lora_{factor}"] = round(change / size, 6)
+                steps[factor] = round(change / size, 6)
+        return ModuleMeasure(miss, target, reach_miss if self.target_known else None, steps)
+
+    def add(self, module: str, measured: ModuleMeasure) -> None:
+        """Record one module's figures (in module order: the header lists them so)."""
+        if measured.miss is not None and measured.target is not None:
+            miss, target = measured.miss, measured.target
+            self.errors[module] = round(miss / target, 6) if target > 0 else 0.0
+            self._miss2 += miss**2
+            self._target2 += target**2
+            if measured.reach_miss is not None:
+                self._reach2 = (self._reach2 or 0.0) + measured.reach_miss**2
+        for factor, step in measured.steps.items():
+            self.steps[f"{module}.lora_{factor}"] = step
 
     def record(self) -> dict[str, Any]:
         """The header's info entries "update_error" (when the target is known) and "update_step"."""

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from fedsrd_cli.algorithms.base import Algorithm, Payload, Track, no_progress
-from fedsrd_cli.algorithms.diagnostics import BroadcastDiagnostics, Fidelity, upload_fidelity
+from fedsrd_cli.algorithms.diagnostics import BroadcastDiagnostics, Fidelity, ModuleMeasure, upload_fidelity
 from fedsrd_cli.algorithms.private import (
     PrivateDownload,
     aggregate_privacy,
@@ -60,6 +60,7 @@ from fedsrd_cli.limits import MAX_SERVER_LR
 from fedsrd_cli.math.lowrank import align_factors
 from fedsrd_cli.math.masks import seeded_keep_mask
 from fedsrd_cli.math.positions import store_mask
+from fedsrd_cli.math.threads import thread_map
 
 Encoder = Callable[[FactorDelta, SparsifyConfig], Encoded]
 # (clients, weights, rank, truncation) -> the factored aggregate (left (d_out, k), right (k, d_in))
@@ -83,6 +84,18 @@ class _LazyMasks(dict):
         )
         self[factor] = mask
         return mask
+
+
+@dataclass(frozen=True)
+class _Decomposed:
+    """One module's broadcast: whether its factor choice fell back, its stored tensors and their
+    layout {PEFT name: shape}, its factors after the download {"A", "B"}, and its figures."""
+
+    fell_back: bool
+    stored: dict[str, torch.Tensor]
+    layout: dict[str, list[int]]
+    after: dict[str, torch.Tensor]
+    measured: ModuleMeasure
 
 
 def _scattered(kept: torch.Tensor, values: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -269,9 +282,9 @@ class Method(Algorithm):
         rank = global_state.header.lora.rank
         terms = len(weights) + sum(1 for scale in scales if scale < 1.0)  # clipped clients add a term
         route = truncation_route(config.truncation, terms * rank, rank)  # decided once, recorded below
-        tensors: dict[str, torch.Tensor] = {}
-        modules = global_state.modules()
-        for module in track(modules, len(modules), "aggregate"):
+
+        def combined(module: str) -> tuple[torch.Tensor, torch.Tensor]:
+            """The module's aggregate W = left (d_out, k) @ right (k, d_in), float32."""
             clients = client_factors(global_state, uploads, module, config.rank_padding)
             module_weights = weights
             if not (clients.changed_a or clients.changed_b):
@@ -286,9 +299,16 @@ class Method(Algorithm):
                 if config.align:  # W's rank-r factors in the clients' own scale
                     mean_b, mean_a = average_factors(clients, module_weights, rank, route)
                     left, right = align_factors(left, right, mean_b, mean_a)
+            return left.float(), right.float()
+
+        tensors: dict[str, torch.Tensor] = {}
+        modules = global_state.modules()
+        # Modules are independent: as many at once as torch has threads (math.threads.thread_map).
+        results = track(thread_map(combined, modules), len(modules), "aggregate")
+        for module, (left, right) in zip(modules, results, strict=True):
             left_name, right_name = naming.aggregate_keys(module)
-            tensors[left_name] = left.float()  # (d_out, k)
-            tensors[right_name] = right.float()  # (k, d_in)
+            tensors[left_name] = left  # (d_out, k)
+            tensors[right_name] = right  # (k, d_in)
         header = round_header(
             global_state,
             "aggregate",
@@ -355,13 +375,10 @@ class Method(Algorithm):
             )
         decompose = self.decompose if private is None else private_b_update
         step, calibration = coordinator_step(aggregate, config, private is not None)
-        tensors: dict[str, torch.Tensor] = {}
-        layout: dict[str, list[int]] = {}
-        fallbacks: list[str] = []
         diagnostics = BroadcastDiagnostics(target_known=private is None and not secure)
-        next_tensors: dict[str, torch.Tensor] = {}  # the next state, built as apply_update builds it
-        modules = global_state.modules()
-        for module in track(modules, len(modules), "broadcast"):
+
+        def decomposed(module: str) -> _Decomposed:
+            """The module's download and the factors it leaves, touching nothing shared."""
             prev = dict(zip(("A", "B"), global_state.factors(module), strict=True))  # fp32
             a_prev, b_prev = prev["A"].double(), prev["B"].double()  # (r, d_in), (d_out, r)
             left_name, right_name = naming.aggregate_keys(module)
@@ -369,7 +386,7 @@ class Method(Algorithm):
             right = aggregate.tensor(right_name).double()  # (k, d_in)
             masks = _LazyMasks(config, module, {"A": a_prev.shape, "B": b_prev.shape})
 
-            def as_sent(factor: str, delta: torch.Tensor, masks: _LazyMasks = masks) -> torch.Tensor:
+            def as_sent(factor: str, delta: torch.Tensor) -> torch.Tensor:
                 """The factor's dense delta as clients will apply it: masked, stored, decoded."""
                 mask = masks[factor]
                 _, kept = encode_values(delta[mask], config.value_dtype)  # (kept,)
@@ -386,9 +403,9 @@ class Method(Algorithm):
                 bool(aggregate.header.info.get("aligned", False)),
             )
             update = decompose(module, round_index, a_prev, b_prev, left, right, download)
-            if update.fell_back:
-                fallbacks.append(module)
             after = dict(prev)
+            stored: dict[str, torch.Tensor] = {}
+            shapes: dict[str, list[int]] = {}
             for factor, delta in update.deltas:
                 if not bool(delta.any()):
                     continue  # nothing changed this factor
@@ -396,12 +413,29 @@ class Method(Algorithm):
                     delta = delta * step
                 name = naming.factor_key(module, factor)
                 mask = masks[factor]
-                stored, values = encode_values(delta[mask], config.value_dtype)  # values: (kept,)
-                tensors.update({name + suffix: tensor for suffix, tensor in stored.items()})
-                layout[name] = list(delta.shape)
+                encoded, values = encode_values(delta[mask], config.value_dtype)  # values: (kept,)
+                stored.update({name + suffix: tensor for suffix, tensor in encoded.items()})
+                shapes[name] = list(delta.shape)
                 after[factor] = apply_values(prev[factor], mask, values)  # as every client will
-            diagnostics.add(module, left, right, prev, after, update.reach_miss, update.products)
-            next_tensors.update({naming.factor_key(module, f): t for f, t in after.items()})
+            measured = diagnostics.measure(left, right, prev, after, update.reach_miss, update.products)
+            return _Decomposed(update.fell_back, stored, shapes, after, measured)
+
+        tensors: dict[str, torch.Tensor] = {}
+        layout: dict[str, list[int]] = {}
+        fallbacks: list[str] = []
+        next_tensors: dict[str, torch.Tensor] = {}  # the next state, built as apply_update builds it
+        modules = global_state.modules()
+        # Modules are independent: as many at once as torch has threads (math.threads.thread_map),
+        # except under organisation-level DP, whose noise is one stream drawn in module order.
+        workers = 1 if private is not None else None
+        results = track(thread_map(decomposed, modules, workers), len(modules), "broadcast")
+        for module, done in zip(modules, results, strict=True):  # recorded in module order
+            if done.fell_back:
+                fallbacks.append(module)
+            tensors.update(done.stored)
+            layout.update(done.layout)
+            diagnostics.add(module, done.measured)
+            next_tensors.update({naming.factor_key(module, f): t for f, t in done.after.items()})
         header = round_header(
             global_state,
             "broadcast",

@@ -153,7 +153,7 @@ def aggregate_cmd(
     from fedsrd_cli.config import AggregateConfig
     from fedsrd_cli.files.artifacts import write_artifact
     from fedsrd_cli.files.atomic import ensure_writable
-    from fedsrd_cli.math.threads import use_threads
+    from fedsrd_cli.math.threads import thread_map, use_threads
     from fedsrd_cli.privacy.ledger import OrganisationDp
     from fedsrd_cli.trust.signing import read_verified
 
@@ -234,7 +234,8 @@ def aggregate_cmd(
             },
         )
         return
-    artifacts = [read_verified(path, "upload", trust) for path in uploads]
+    # Each upload's hash and coded positions are checked on its own: as many at once as threads.
+    artifacts = list(thread_map(lambda path: read_verified(path, "upload", trust), uploads))
     released = artifacts  # every upload given: sampling below may leave some out of the sum
     if config.organisation_dp is not None:
         check_uploads(global_state, artifacts, weighting, max_samples)  # every file, sampled or not
