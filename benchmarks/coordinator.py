@@ -1,7 +1,7 @@
 """Coordinator benchmark on Llama-3.2-3B shapes: thin-factor route vs the dense reference.
 
     python benchmarks/coordinator.py [--layers 28] [--clients 4] [--dense-layers 1] [--busy 1]
-                                     [--workdir DIR]
+                                     [--workdir DIR] [--against SRC --repeats 2]
 
 Shapes: 28 decoder layers, hidden 3072, intermediate 8192, 8 KV heads of 128 (k/v out 1024),
 LoRA r = 64 on q, k, v, o, gate, up, down: 97,255,424 LoRA parameters. Tensors are synthetic:
@@ -20,6 +20,10 @@ It prints, all measured in this run:
    route keeps torch's thread count where the CLI picks one per idle core, so on a busy
    machine the dense route slows more and the ratio reads low); then the same round again
    with `--busy` processes spinning on other cores meanwhile.
+   With --against SRC (the src/ folder of another checkout, e.g. `git worktree add ../old REV`):
+   the same round's commands alternately from this code and from SRC on the same inputs
+   (this, that, that, this, ... for --repeats pairs), each mean as dense layers and the ratio
+   this / that, so two versions compare in one run whatever the machine's load.
 3. bytes per client: upload and download files on disk at the default settings, against the
    paper's 31 MB up and 43 MB down (MB = 2^20 bytes), and dense fp32 FedAvg; the upload's
    masks as stored and as the paper's 1 bit per element.
@@ -30,6 +34,7 @@ on idle cores with peak RSS <= 4 GB; at most 35 MB per client per round (up + do
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -166,28 +171,46 @@ _LAUNCHER = (
     " stdout=subprocess.PIPE); sys.stdout.write(done.stdout.decode());"
     " print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
 )
+# The CLI's entry point, in this version (fedsrd_cli.entry) or an older one (fedsrd_cli.cli).
+_ENTRY = (
+    "try:\n    from fedsrd_cli.entry import main\n"
+    "except ImportError:\n    from fedsrd_cli.cli import main\nmain()"
+)
+OURS = Path(__file__).resolve().parents[1] / "src"
 
 
-def run_cli(args: list[str]) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in MB, stdout) of one `fedsrd` command."""
-    exe = Path(sys.executable).with_name("fedsrd")
+def run_cli(args: list[str], src: Path = OURS) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in MB, stdout) of one `fedsrd` command, from the package in src."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", _LAUNCHER, str(exe), *args], check=True, capture_output=True, text=True
+        [sys.executable, "-c", _LAUNCHER, sys.executable, "-c", _ENTRY, *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     *output, peak = done.stdout.strip().splitlines()
     return time.perf_counter() - start, int(peak) / 1024, "\n".join(output)
 
 
 def coordinator_round(
-    g0: Path, uploads: list[Path], agg: Path, bc: Path, g1: Path, label: str, dense_layer_s: float
+    g0: Path,
+    uploads: list[Path],
+    agg: Path,
+    bc: Path,
+    g1: Path,
+    label: str,
+    dense_layer_s: float,
+    src: Path = OURS,
 ) -> tuple[float, float, float]:
     """`fedsrd aggregate` then `fedsrd broadcast` at the defaults: (seconds, seconds, peak GB).
     Also printed as a ratio to dense_layer_s, the dense route's time per layer in this run."""
-    t_agg, mb_agg, _ = run_cli(["aggregate", "--global", str(g0), "--out", str(agg), *map(str, uploads)])
-    t_bc, mb_bc, _ = run_cli(
-        ["broadcast", "--global", str(g0), "--aggregate", str(agg), "--out", str(bc), "--out-global", str(g1)]
-    )
+    for path in (agg, bc, g1):
+        path.unlink(missing_ok=True)
+    t_agg, mb_agg, _ = run_cli(["aggregate", "--global", str(g0), "--out", str(agg), *map(str, uploads)], src)
+    broadcast = ["broadcast", "--global", str(g0), "--aggregate", str(agg)]
+    t_bc, mb_bc, _ = run_cli([*broadcast, "--out", str(bc), "--out-global", str(g1)], src)
     rss_agg, rss_bc = mb_agg / 1024, mb_bc / 1024
     print(
         f"    {label}: aggregate {t_agg:6.1f} s   broadcast {t_bc:6.1f} s   total {t_agg + t_bc:6.1f} s"
@@ -202,6 +225,25 @@ def coordinator_round(
     return t_agg, t_bc, max(rss_agg, rss_bc)
 
 
+def versions_compared(
+    g0: Path, uploads: list[Path], work: Path, against: Path, repeats: int, dense_layer_s: float
+) -> None:
+    """This code's round against the one in `against`, alternated (ABBA...) on the same inputs."""
+    agg, bc, g1 = work / "agg-v.safetensors", work / "bc-v.safetensors", work / "g1-v.safetensors"
+    times: dict[str, list[float]] = {"this": [], "that": []}
+    order = ["this", "that", "that", "this"] * ((repeats + 1) // 2)
+    print(f"[2b] this code against {against}, alternated, {repeats} round(s) each")
+    for which in order[: 2 * repeats]:
+        src = OURS if which == "this" else against
+        t_agg, t_bc, _ = coordinator_round(g0, uploads, agg, bc, g1, which, dense_layer_s, src)
+        times[which].append(t_agg + t_bc)
+    this, that = (sum(times[k]) / len(times[k]) for k in ("this", "that"))
+    print(
+        f"    mean round: this {this:.1f} s ({this / dense_layer_s:.3f} dense layers), that"
+        f" {that:.1f} s ({that / dense_layer_s:.3f}); this / that = {this / that:.3f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="FedSRD coordinator benchmark")
     parser.add_argument("--layers", type=int, default=28)
@@ -211,6 +253,10 @@ def main() -> None:
         "--busy", type=int, default=1, help="spinning processes for the loaded round (0: skip)"
     )
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--against", type=Path, default=None, help="another checkout's src/ to compare the round with"
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of each version with --against")
     args = parser.parse_args()
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fedsrd-bench-"))
@@ -240,13 +286,13 @@ def main() -> None:
         agg, bc, g1 = work / "aggregate.safetensors", work / "broadcast.safetensors", work / "g1.safetensors"
         print(f"[2] coordinator round through the CLI, {args.layers} layers, {args.clients} clients")
         t_agg, t_bc, peak_gb = coordinator_round(g0, uploads, agg, bc, g1, "idle cores", dense_layer_s)
+        if args.against is not None:
+            versions_compared(g0, uploads, work, args.against.resolve(), args.repeats, dense_layer_s)
         if args.busy:
             spinners = [
                 subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)
             ]
             try:
-                for path in (agg, bc, g1):
-                    path.unlink()
                 coordinator_round(
                     g0, uploads, agg, bc, g1, f"{args.busy} busy process(es) beside it", dense_layer_s
                 )

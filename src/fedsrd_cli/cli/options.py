@@ -137,7 +137,8 @@ ThreadsOpt = Annotated[
     typer.Option(
         "--threads",
         help="Threads torch computes with (default: one per core that is idle now, so a busy machine"
-        " is not oversubscribed); the coordinator's small factorizations always run on one thread.",
+        " is not oversubscribed); aggregate and broadcast work on that many modules at once, each on"
+        " one thread.",
         show_default=False,
     ),
 ]
