@@ -279,6 +279,18 @@ def test_every_method_runs_a_flower_round(method: str, inputs: dict[str, Path], 
 
 
 @pytest.mark.slow
+def test_server_lr_from_takes_the_step_from_that_round_on(inputs: dict[str, Path], tmp_path: Path) -> None:
+    """Run config server-lr-from: the rounds before it broadcast with step 1, as simulate's."""
+    configs = node_configs(inputs, tmp_path, ("alice", "bob"))
+    out = tmp_path / "server"
+    settings = {"clients": "alice,bob", "rounds": 2, "local-steps": 1, "server-lr": 0.5, "server-lr-from": 2}
+    server(out, inputs["model"], **settings).start(LocalGrid(configs))
+    broadcasts = [read_artifact(out / f"round-{r}" / "broadcast.safetensors") for r in (1, 2)]
+    steps = [broadcast.header.info.get("server_lr") for broadcast in broadcasts]
+    assert steps == [None, 0.5]  # recorded only when not 1
+
+
+@pytest.mark.slow
 def test_dp_rounds_on_flower_record_each_site_s_epsilon(inputs: dict[str, Path], tmp_path: Path) -> None:
     """Every site trains with DP-SGD; the coordinator requires it; bob's own budget (node config
     dp-max-epsilon) is below what the plan's second round costs, so bob refuses that round."""

@@ -41,6 +41,9 @@ def test_run_config_is_checked_with_the_flags_messages() -> None:
     assert (
         ServerSettings.from_run_config({**good, "server-lr": 0.25}).broadcast_config(0.8, 0).server_lr == 0.25
     )
+    late = ServerSettings.from_run_config({**good, "server-lr": 0.25, "server-lr-from": 3})
+    assert [late.broadcast_config(0.8, 0, r).server_lr for r in (1, 2, 3, 4)] == [1.0, 1.0, 0.25, 0.25]
+    assert "server_lr_from" in late.record() and "server_lr_from" not in settings.record()
     calibrated = ServerSettings.from_run_config({**good, "server-lr": 2.0, "calibrate-step": True})
     assert calibrated.broadcast_config(0.8, 0).calibrate_step is True
     assert settings.broadcast_config(0.8, 0).calibrate_step is False
@@ -52,6 +55,7 @@ def test_run_config_is_checked_with_the_flags_messages() -> None:
         ({"value-dtype": "fp8"}, "value-dtype"),
         ({"base": ""}, "initial-state"),
         ({"server-lr": 0.0}, "server-lr"),
+        ({"server-lr-from": 0}, "server-lr-from"),
     ):
         with pytest.raises(UsageError, match=message):
             ServerSettings.from_run_config({**good, **bad})

@@ -414,7 +414,8 @@ class Coordinator:
         write_artifact(aggregate_path, aggregate.header, aggregate.tensors, force=True, sign=self.sign)
         aggregate_file = read_artifact(aggregate_path, kind="aggregate")
         seed = default_download_seed(state, aggregate_file)  # `broadcast`'s default --seed
-        config = self.settings.broadcast_config(self.settings.download_sparsity_for(), seed)
+        sparsity = self.settings.download_sparsity_for()
+        config = self.settings.broadcast_config(sparsity, seed, round_state.index)
         start = time.perf_counter()
         broadcast, next_state = self.algorithm.broadcast(state, aggregate_file, config)
         round_state.server_seconds += time.perf_counter() - start

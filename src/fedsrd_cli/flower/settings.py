@@ -129,6 +129,7 @@ class ServerSettings:
     download_fit: str = ""
     factor_choice: str = ""
     server_lr: float = 1.0
+    server_lr_from: int = 1
     calibrate_step: bool = False
     dp_epsilon: float = -1.0
     dp_delta: float = -1.0
@@ -172,6 +173,7 @@ class ServerSettings:
         _require(self.max_length >= 2, "config 'max-length' must be >= 2")
         _require(math.isfinite(self.prox_mu) and self.prox_mu >= 0, "config 'prox-mu' must be >= 0")
         _require(self.round_timeout > 0 and self.connect_timeout > 0, "timeouts must be > 0")
+        _require(self.server_lr_from >= 1, f"config 'server-lr-from' must be >= 1, got {self.server_lr_from}")
         self.sparsify_config()  # the flags' own checks and messages
         self.aggregate_config(sampled=0)
         self.record_dp()
@@ -267,8 +269,10 @@ class ServerSettings:
             else OrganisationDp(*org, max(population, sampled, 1), sampled),
         )
 
-    def broadcast_config(self, download_sparsity: float, seed: int) -> Any:
-        """`broadcast` with --download-sparsity and --seed, and the optional flags when given."""
+    def broadcast_config(self, download_sparsity: float, seed: int, round_index: int | None = None) -> Any:
+        """`broadcast` with --download-sparsity and --seed, and the optional flags when given;
+        server-lr applies from round server-lr-from on (round_index None: the run's server-lr),
+        as `simulate --server-lr-from` and a coordinator running broadcast by hand take it."""
         from fedsrd_cli.config import BroadcastConfig
 
         given: dict[str, Any] = {}
@@ -284,7 +288,7 @@ class ServerSettings:
             download_sparsity,
             seed,
             self.value_dtype,
-            server_lr=self.server_lr,
+            server_lr=self.server_lr if round_index is None or round_index >= self.server_lr_from else 1.0,
             calibrate_step=self.calibrate_step,
             **given,
         )
@@ -302,7 +306,9 @@ class ServerSettings:
             data.pop(key)
         defaults = ServerSettings.__dataclass_fields__
         for key in [
-            k for k in data if k.startswith(("dp_", "secure")) or k in ("require_dp", "calibrate_step")
+            k
+            for k in data
+            if k.startswith(("dp_", "secure")) or k in ("require_dp", "calibrate_step", "server_lr_from")
         ]:
             if data[key] == defaults[key].default:
                 data.pop(key)
