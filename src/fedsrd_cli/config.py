@@ -278,6 +278,13 @@ DOWNLOAD_FITS = ("dare", "lstsq")
 FACTOR_CHOICES = ("fit", "parity", "b", "both")
 
 
+def server_lr_for_round(server_lr: float, first_round: int, round_index: int | None) -> float:
+    """The coordinator's step of round `round_index` under `--server-lr X --server-lr-from R`
+    (simulate, the Flower run config): X from round R on, 1 before it; X when round_index is
+    None (a coordinator running `broadcast` by hand passes the step it wants)."""
+    return server_lr if round_index is None or round_index >= first_round else 1.0
+
+
 @dataclass(frozen=True)
 class BroadcastConfig:
     """Download decomposition and random sparsification (method section 3).

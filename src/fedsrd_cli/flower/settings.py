@@ -273,7 +273,7 @@ class ServerSettings:
         """`broadcast` with --download-sparsity and --seed, and the optional flags when given;
         server-lr applies from round server-lr-from on (round_index None: the run's server-lr),
         as `simulate --server-lr-from` and a coordinator running broadcast by hand take it."""
-        from fedsrd_cli.config import BroadcastConfig
+        from fedsrd_cli.config import BroadcastConfig, server_lr_for_round
 
         given: dict[str, Any] = {}
         if self._given(self.damping) is not None:
@@ -288,7 +288,7 @@ class ServerSettings:
             download_sparsity,
             seed,
             self.value_dtype,
-            server_lr=self.server_lr if round_index is None or round_index >= self.server_lr_from else 1.0,
+            server_lr=server_lr_for_round(self.server_lr, self.server_lr_from, round_index),
             calibrate_step=self.calibrate_step,
             **given,
         )

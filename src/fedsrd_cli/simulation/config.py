@@ -263,7 +263,7 @@ class SimulateConfig:
         """The coordinator's broadcast settings: this run's where given, else broadcast's defaults
         (download_sparsity: the method's default, used when the run gives none); server_lr
         applies from round server_lr_from on (round_index None: the run's server_lr)."""
-        from fedsrd_cli.config import BroadcastConfig
+        from fedsrd_cli.config import BroadcastConfig, server_lr_for_round
 
         given = {
             key: value
@@ -279,11 +279,10 @@ class SimulateConfig:
             given.setdefault("factor_choice", "b")  # the only choice DP's and secure rounds allow
         if self.download_sparsity is not None:
             download_sparsity = self.download_sparsity
-        damped = round_index is None or round_index >= self.server_lr_from
         return BroadcastConfig(
             download_sparsity=download_sparsity,
             seed=seed,
-            server_lr=self.server_lr if damped else 1.0,
+            server_lr=server_lr_for_round(self.server_lr, self.server_lr_from, round_index),
             calibrate_step=self.calibrate_step,
             **given,
         )
