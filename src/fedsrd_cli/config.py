@@ -194,6 +194,10 @@ class AggregateConfig:
     rank_padding: how an upload of a site rank r_i < r is padded back to rank r
     (`--rank-padding`, algorithms.site_rank): "global" (the site's untrained components are the
     global ones: exact) or "zeros" (HetLoRA's zero padding, a baseline).
+    update_spread: record what FedExP's step reads (`--update-spread`; the aggregate's
+    "update_spread", for `broadcast --step-rule fedexp`): the sites' exact update norms and the
+    estimated norm of their mean. Costs about m^2 (d_out + d_in) r^2 flops per module for m
+    sites; not under organisation-level DP (the step would depend on the sites' data).
     """
 
     method: str = "fedsrd"
@@ -207,8 +211,14 @@ class AggregateConfig:
     max_samples: int | None = None
     align: bool = False
     rank_padding: str = "global"
+    update_spread: bool = False
 
     def __post_init__(self) -> None:
+        _require(
+            not self.update_spread or self.organisation_dp is None,
+            "--update-spread measures the sites' own updates, and organisation-level DP lets no"
+            " step depend on them: leave it out (the broadcast then keeps --server-lr)",
+        )
         _require(self.rank_padding in RANK_PADDINGS, f"--rank-padding must be one of {list(RANK_PADDINGS)}")
         _require(
             not self.align or self.method in ALIGNABLE_METHODS,
@@ -276,6 +286,8 @@ DOWNLOAD_FITS = ("dare", "lstsq")
 #   both    two alternating least-squares steps, both sent: B for the target, then A for what
 #           the sent B update leaves of it (docs/algorithms.md, "Few, long rounds")
 FACTOR_CHOICES = ("fit", "parity", "b", "both")
+# The coordinator's step rule (BroadcastConfig.step_rule): server_lr alone, or times FedExP's eta.
+STEP_RULES = ("fixed", "fedexp")
 
 
 def server_lr_for_round(server_lr: float, first_round: int, round_index: int | None) -> float:
@@ -304,6 +316,10 @@ class BroadcastConfig:
     the same multiple of the sites' updates whatever the upload inflates; capped at
     MAX_SERVER_LR. Ignored where the aggregate records no gain (secure sums, whose projections
     are exact) and under organisation-level DP (the gain depends on the sites' data).
+    step_rule: one of STEP_RULES. "fixed": the step is server_lr. "fedexp": server_lr times
+    FedExP's extrapolation eta = max(1, sum_i w_i ||D_i||^2 / (2 ||sum_i w_i D_i||^2)) (Jhunjhunwala
+    et al., ICLR 2023; math.extrapolation), read from an aggregate made with --update-spread;
+    with calibrate_step also divided by the uploads' gain; capped at MAX_SERVER_LR.
     """
 
     download_sparsity: float = 0.8
@@ -315,8 +331,13 @@ class BroadcastConfig:
     noise_seed: int | None = None
     server_lr: float = 1.0
     calibrate_step: bool = False
+    step_rule: str = "fixed"
 
     def __post_init__(self) -> None:
+        _require(
+            self.step_rule in STEP_RULES,
+            f"--step-rule must be one of {list(STEP_RULES)}, got {self.step_rule!r}",
+        )
         _require(
             0.0 <= self.download_sparsity <= 0.999,
             f"--download-sparsity must be in [0, 0.999], got {self.download_sparsity}",

@@ -30,3 +30,28 @@ def test_inspect_shows_each_uploads_fidelity_and_the_aggregates_mean(tmp_path):
     assert summary["norm_ratio"] == pytest.approx(sum(r["norm_ratio"] for r in records) / 3, abs=1e-6)
     text = run("inspect", files["aggregate"]).stdout
     assert "uploads carry" in text and all(f"c{i}: " in text for i in range(3))
+
+
+def test_a_fedexp_round_through_the_cli_records_and_shows_its_step(tmp_path):
+    g0 = make_global(tmp_path / "g0.safetensors")
+    files = run_round(tmp_path, g0)
+    spread_agg = tmp_path / "agg-spread.safetensors"
+    run("aggregate", "--global", g0, "--out", spread_agg, "--update-spread", *files["uploads"])
+    spread = read_artifact(spread_agg).header.info["update_spread"]
+    assert "update spread" in run("inspect", spread_agg).stdout
+    bc, nxt = tmp_path / "bc-fedexp.safetensors", tmp_path / "g-fedexp.safetensors"
+    args = ("--global", g0, "--aggregate", spread_agg, "--out", bc, "--out-global", nxt)
+    run("broadcast", *args, "--step-rule", "fedexp", "--server-lr", "0.5")
+    info = read_artifact(bc).header.info
+    assert info["server_lr"] == pytest.approx(0.5 * spread["extrapolation"])
+    assert (
+        f"FedExP's extrapolation {spread['extrapolation']:g} times --server-lr 0.5"
+        in run("inspect", bc).stdout
+    )
+    # the plain aggregate has no spread: refused in one line, nothing written
+    refused = run(
+        "broadcast", "--global", g0, "--aggregate", files["aggregate"], "--out", tmp_path / "x.safetensors",
+        "--out-global", tmp_path / "y.safetensors", "--step-rule", "fedexp", code=4,
+    )  # fmt: skip
+    assert "aggregate --update-spread" in refused.output
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()

@@ -14,7 +14,14 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from fedsrd_cli.algorithms.base import Algorithm, Payload, Track, no_progress
-from fedsrd_cli.algorithms.diagnostics import BroadcastDiagnostics, Fidelity, ModuleMeasure, upload_fidelity
+from fedsrd_cli.algorithms.diagnostics import (
+    BroadcastDiagnostics,
+    Fidelity,
+    ModuleMeasure,
+    module_spread,
+    update_spread,
+    upload_fidelity,
+)
 from fedsrd_cli.algorithms.private import (
     PrivateDownload,
     aggregate_privacy,
@@ -105,18 +112,38 @@ def _scattered(kept: torch.Tensor, values: torch.Tensor, dtype: torch.dtype = to
 
 
 def coordinator_step(aggregate: Artifact, config: BroadcastConfig, private: bool) -> tuple[float, dict]:
-    """The broadcast's step s (X' = X + s dX) and what calibrated it ({} when nothing did).
+    """The broadcast's step s (X' = X + s dX) and what set it ({} when nothing but server_lr did).
 
-    s = config.server_lr, or with config.calibrate_step s = server_lr / gain, the gain the
-    aggregate recorded from its uploads (diagnostics.upload_fidelity), capped at MAX_SERVER_LR.
-    Without a positive gain (secure sums, old uploads) and under organisation-level DP (whose
-    step must not depend on the sites' data) s stays server_lr.
+    s = server_lr, times FedExP's eta with step_rule "fedexp" (the aggregate's update_spread,
+    math.extrapolation), divided with calibrate_step by the gain the aggregate recorded from its
+    uploads (diagnostics.upload_fidelity), capped at MAX_SERVER_LR. Without a positive gain
+    (secure sums, old uploads) calibrate_step changes nothing. Under organisation-level DP no
+    rule may read the sites' data: calibrate_step is ignored and "fedexp" refused.
     """
-    gain = aggregate.header.info.get("upload_fidelity", {}).get("gain")
-    if not config.calibrate_step or private or not gain or gain <= 0 or not math.isfinite(gain):
+    info = aggregate.header.info
+    step, record = config.server_lr, {}
+    if config.step_rule == "fedexp":
+        if private:
+            raise UsageError(
+                "--step-rule fedexp reads the sites' own update norms; under organisation-level DP"
+                " no step may: broadcast with --step-rule fixed"
+            )
+        spread = info.get("update_spread")
+        if spread is None:
+            why = " (a secure sum has no site's own update)" if "secure" in info else ""
+            raise MismatchError(
+                f"{aggregate.path}: records no update spread{why}; --step-rule fedexp needs an"
+                " aggregate made with `aggregate --update-spread`"
+            )
+        step *= spread["extrapolation"]
+        record.update(rule="fedexp", extrapolation=spread["extrapolation"])
+    gain = info.get("upload_fidelity", {}).get("gain")
+    if config.calibrate_step and not private and gain and gain > 0 and math.isfinite(gain):
+        step /= gain
+        record["upload_gain"] = gain
+    if not record:
         return config.server_lr, {}
-    step = min(config.server_lr / gain, MAX_SERVER_LR)
-    return step, {"target": config.server_lr, "upload_gain": gain}
+    return min(step, MAX_SERVER_LR), {"target": config.server_lr, **record}
 
 
 class Method(Algorithm):
@@ -283,9 +310,13 @@ class Method(Algorithm):
         terms = len(weights) + sum(1 for scale in scales if scale < 1.0)  # clipped clients add a term
         route = truncation_route(config.truncation, terms * rank, rank)  # decided once, recorded below
 
-        def combined(module: str) -> tuple[torch.Tensor, torch.Tensor]:
-            """The module's aggregate W = left (d_out, k) @ right (k, d_in), float32."""
+        spread_weights = [w * s for w, s in zip(weights, scales, strict=True)]
+
+        def combined(module: str) -> tuple[torch.Tensor, torch.Tensor, tuple[list[float], float] | None]:
+            """The module's aggregate W = left (d_out, k) @ right (k, d_in), float32, and its
+            share of the update spread (with --update-spread; else None)."""
             clients = client_factors(global_state, uploads, module, config.rank_padding)
+            spread = module_spread(clients, spread_weights) if config.update_spread else None
             module_weights = weights
             if not (clients.changed_a or clients.changed_b):
                 # No client changed this module: W = B_prev A_prev exactly, for every method.
@@ -299,16 +330,20 @@ class Method(Algorithm):
                 if config.align:  # W's rank-r factors in the clients' own scale
                     mean_b, mean_a = average_factors(clients, module_weights, rank, route)
                     left, right = align_factors(left, right, mean_b, mean_a)
-            return left.float(), right.float()
+            return left.float(), right.float(), spread
 
         tensors: dict[str, torch.Tensor] = {}
         modules = global_state.modules()
+        reconstructed_sq, combined_sq = [0.0] * len(uploads), 0.0  # summed in module order
         # Modules are independent: as many at once as torch has threads (math.threads.thread_map).
         results = track(thread_map(combined, modules), len(modules), "aggregate")
-        for module, (left, right) in zip(modules, results, strict=True):
+        for module, (left, right, spread) in zip(modules, results, strict=True):
             left_name, right_name = naming.aggregate_keys(module)
             tensors[left_name] = left  # (d_out, k)
             tensors[right_name] = right  # (k, d_in)
+            if spread is not None:
+                reconstructed_sq = [t + e for t, e in zip(reconstructed_sq, spread[0], strict=True)]
+                combined_sq += spread[1]
         header = round_header(
             global_state,
             "aggregate",
@@ -341,6 +376,11 @@ class Method(Algorithm):
                     else {}
                 ),
                 **upload_fidelity(uploads, weights),
+                **(
+                    update_spread(uploads, weights, scales, reconstructed_sq, combined_sq, MAX_SERVER_LR)
+                    if config.update_spread
+                    else {}
+                ),
             },
             privacy=privacy,
         )

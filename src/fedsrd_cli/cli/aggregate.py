@@ -69,6 +69,15 @@ def aggregate_cmd(
             " untrained components are the global state's: exact) or zeros (HetLoRA's zero padding).",
         ),
     ] = "global",
+    update_spread: Annotated[
+        bool,
+        typer.Option(
+            "--update-spread",
+            help="Record the sites' exact update norms and the estimated norm of their mean, which"
+            " broadcast --step-rule fedexp reads (about m^2 (d_out + d_in) r^2 flops per module for"
+            " m sites).",
+        ),
+    ] = False,
     max_samples: Annotated[
         int | None,
         typer.Option(
@@ -187,6 +196,7 @@ def aggregate_cmd(
         max_samples=max_samples,
         align=align_factors,
         rank_padding=rank_padding,
+        update_spread=update_spread,
     )
     if secure and (roster_path is None or trust_dir is None):
         raise UsageError("--secure needs --roster and --trust (the sites' keys)")
@@ -200,6 +210,10 @@ def aggregate_cmd(
     if secure and rank_padding != "global":
         raise UsageError(
             "--rank-padding zeros needs each site's factors: not with --secure, whose sum hides them"
+        )
+    if secure and update_spread:
+        raise UsageError(
+            "--update-spread measures each site's own update: not with --secure, whose sum hides them"
         )
     if secure and align_factors:
         raise UsageError(

@@ -98,6 +98,14 @@ def broadcast_cmd(
             " reconstructions carry, in the aggregate), so the step is that multiple of the sites' updates.",
         ),
     ] = False,
+    step_rule: Annotated[
+        str,
+        typer.Option(
+            "--step-rule",
+            help="fixed (the step is --server-lr) or fedexp (--server-lr times FedExP's extrapolation"
+            " from the sites' update spread; needs an aggregate made with --update-spread).",
+        ),
+    ] = "fixed",
     encrypt_to: EncryptToOpt = None,
     threads: ThreadsOpt = None,
     sign_key: SignKeyOpt = None,
@@ -150,6 +158,7 @@ def broadcast_cmd(
         **{k: v for k, v in given.items() if v is not None},
         server_lr=server_lr,
         calibrate_step=calibrate_step,
+        step_rule=step_rule,
     )
     broadcast, next_state = algorithm.broadcast(global_state, agg, config, out.track)
     state_header, header = write_artifacts(

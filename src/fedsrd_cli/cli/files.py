@@ -195,6 +195,12 @@ def _broadcast_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     rows += _values_rows(info.get("value_dtype"))
     if "server_lr" in info:
         rows.append(("server lr", f"{info['server_lr']:g}: every factor update sent is scaled by it"))
+    set_by = info.get("step_calibration", {})
+    if "extrapolation" in set_by:
+        eta, target = set_by["extrapolation"], set_by["target"]
+        rows.append(("", f"FedExP's extrapolation {eta:g} times --server-lr {target:g}"))
+    if "upload_gain" in set_by:
+        rows.append(("", f"divided by the uploads' gain {set_by['upload_gain']:g}"))
     if "update_error" in info:
         error = info["update_error"]
         rows.append(("update error", f"{error['overall']:.4g} overall; worst {worst(error['modules'])}"))
@@ -232,6 +238,16 @@ def _fidelity_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("uploads carry", f"{fidelity_line(mean)} (weighted mean of the sites' own figures)"))
         for client, record in mean["clients"].items():
             rows.append(("", f"{client}: {fidelity_line(record)}"))
+    if "update_spread" in info:
+        spread = info["update_spread"]
+        ratio = spread["mean_sq"] / spread["client_sq"] if spread["client_sq"] > 0 else 0.0
+        rows.append(
+            (
+                "update spread",
+                f"the sites' mean update has {ratio:.3g} of their own squared norm (estimated);"
+                f" FedExP's extrapolation {spread['extrapolation']:g}",
+            )
+        )
     return rows
 
 

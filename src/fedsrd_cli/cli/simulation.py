@@ -296,6 +296,14 @@ def simulate_cmd(
             help="broadcast --calibrate-step: --server-lr divided by the uploads' gain, every round.",
         ),
     ] = False,
+    step_rule: Annotated[
+        str,
+        typer.Option(
+            "--step-rule",
+            help="broadcast --step-rule: fixed or fedexp (FedExP's extrapolation times --server-lr,"
+            " from aggregates made with --update-spread), every round.",
+        ),
+    ] = "fixed",
     server_lr_from: Annotated[
         int,
         typer.Option("--server-lr-from", help="The first round that takes --server-lr (before: 1)."),
@@ -483,6 +491,7 @@ def simulate_cmd(
         server_lr=server_lr,
         server_lr_from=server_lr_from,
         calibrate_step=calibrate_step,
+        step_rule=step_rule,
         rescale=not no_rescale,
         record_dp=record_dp,
         organisation_dp=organisation_dp,

@@ -77,7 +77,8 @@ class SimulateConfig:
     broadcasts' values (config.DOWNLOAD_VALUE_DTYPES), when not value_dtype.
     server_lr: broadcast --server-lr, every method's coordinator step (1: none), from round
     server_lr_from on (the rounds before it take the whole step); calibrate_step: broadcast
-    --calibrate-step (the step divided by the uploads' gain).
+    --calibrate-step (the step divided by the uploads' gain); step_rule: broadcast --step-rule
+    ("fedexp": every round's aggregate is made with --update-spread).
     align: aggregate --align-factors for fedsrd and fedsrd-e (the other methods have no
     full-rank aggregate to refactor).
     rescale: the importance-sparsified upload restores the L1 norm of the kept values
@@ -128,6 +129,7 @@ class SimulateConfig:
     server_lr: float = 1.0
     server_lr_from: int = 1
     calibrate_step: bool = False
+    step_rule: str = "fixed"
     rescale: bool = True
     record_dp: RecordDp | None = None
     organisation_dp: tuple[float, float, float, float] | None = None
@@ -149,6 +151,10 @@ class SimulateConfig:
             SparsifyConfig(value_dtype=self.value_dtype)  # its checks and messages
         self.broadcast_config(0.0, 0)  # its checks and messages for the download settings
         _require(self.server_lr_from >= 1, f"--server-lr-from must be >= 1, got {self.server_lr_from}")
+        _require(
+            self.step_rule == "fixed" or (self.organisation_dp is None and not self.secure),
+            "--step-rule fedexp reads each site's own update: not with organisation-level DP or --secure",
+        )
         if self.download_sparsity is not None:
             for name in self.algorithms:
                 _require(
@@ -284,6 +290,7 @@ class SimulateConfig:
             seed=seed,
             server_lr=server_lr_for_round(self.server_lr, self.server_lr_from, round_index),
             calibrate_step=self.calibrate_step,
+            step_rule=self.step_rule,
             **given,
         )
 
@@ -323,6 +330,8 @@ class SimulateConfig:
             data.pop("server_lr_from")
         if not self.calibrate_step:
             data.pop("calibrate_step")
+        if self.step_rule == "fixed":  # likewise
+            data.pop("step_rule")
         if not self.secure:  # recorded only when on, so runs from before the flag resume
             data.pop("secure")
             data.pop("secure_clip")

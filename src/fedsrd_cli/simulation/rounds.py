@@ -91,6 +91,8 @@ def simulate(
     from fedsrd_cli.files.adapters import read_local
     from fedsrd_cli.files.artifacts import read_artifact, write_artifact
     from fedsrd_cli.files.model_spec import lora_module_shapes
+    from fedsrd_cli.limits import MAX_SERVER_LR
+    from fedsrd_cli.math.extrapolation import fedexp_step
     from fedsrd_cli.math.threads import use_threads
     from fedsrd_cli.site.data import load_datasets
     from fedsrd_cli.site.evaluation import evaluate
@@ -290,6 +292,7 @@ def simulate(
                     method=name,
                     align=config.align and name in ALIGNABLE_METHODS,
                     rank_padding=config.rank_padding,
+                    update_spread=config.step_rule == "fedexp",
                 )
                 if config.organisation_dp is not None:
                     aggregate_config = replace(
@@ -335,6 +338,14 @@ def simulate(
                 upload_figures = aggregate_file.header.info.get("upload_fidelity")
                 if upload_figures:
                     fidelity["upload_fidelity"] = {k: upload_figures[k] for k in ("norm_ratio", "cosine")}
+                spread = aggregate_file.header.info.get("update_spread")
+                if spread and "mean_update_fidelity" in fidelity:  # FedExP's eta, estimated and exact
+                    exact_mean = fidelity["mean_update_fidelity"]["target"]["exact_norm"]
+                    fidelity["extrapolation"] = {
+                        "estimated": spread["extrapolation"],
+                        "exact": round(fedexp_step(spread["client_sq"], exact_mean**2, MAX_SERVER_LR), 6),
+                    }
+                step_taken = broadcast.header.info.get("server_lr", 1.0)
                 del trained
                 losses, mean_loss, task_scores = scores(next_path)
                 warning = update_error_warning(broadcast.header)  # what `broadcast` would print
@@ -361,6 +372,7 @@ def simulate(
                                 "update_error": broadcast.header.info.get("update_error", {}).get("overall"),
                                 "update_step": broadcast.header.info["update_step"]["max"],
                             }
+                            | ({"server_lr": step_taken} if step_taken != 1.0 else {})
                             | (
                                 {"one_factor_residual": broadcast.header.info["one_factor_residual"]}
                                 if "one_factor_residual" in broadcast.header.info
