@@ -131,6 +131,7 @@ class ServerSettings:
     server_lr: float = 1.0
     server_lr_from: int = 1
     calibrate_step: bool = False
+    step_rule: str = "fixed"
     dp_epsilon: float = -1.0
     dp_delta: float = -1.0
     dp_max_grad_norm: float = DEFAULT_DP_MAX_GRAD_NORM
@@ -174,6 +175,12 @@ class ServerSettings:
         _require(math.isfinite(self.prox_mu) and self.prox_mu >= 0, "config 'prox-mu' must be >= 0")
         _require(self.round_timeout > 0 and self.connect_timeout > 0, "timeouts must be > 0")
         _require(self.server_lr_from >= 1, f"config 'server-lr-from' must be >= 1, got {self.server_lr_from}")
+        self.broadcast_config(0.0, 0)  # the download settings' own checks and messages
+        _require(
+            self.step_rule == "fixed" or (not self.secure and self.organisation_dp is None),
+            "config 'step-rule' fedexp reads each site's own update: not with 'secure' or"
+            " organisation-level DP",
+        )
         self.sparsify_config()  # the flags' own checks and messages
         self.aggregate_config(sampled=0)
         self.record_dp()
@@ -267,6 +274,7 @@ class ServerSettings:
             organisation_dp=None
             if org is None
             else OrganisationDp(*org, max(population, sampled, 1), sampled),
+            update_spread=self.step_rule == "fedexp",
         )
 
     def broadcast_config(self, download_sparsity: float, seed: int, round_index: int | None = None) -> Any:
@@ -290,6 +298,7 @@ class ServerSettings:
             self.value_dtype,
             server_lr=server_lr_for_round(self.server_lr, self.server_lr_from, round_index),
             calibrate_step=self.calibrate_step,
+            step_rule=self.step_rule,
             **given,
         )
 
@@ -308,7 +317,8 @@ class ServerSettings:
         for key in [
             k
             for k in data
-            if k.startswith(("dp_", "secure")) or k in ("require_dp", "calibrate_step", "server_lr_from")
+            if k.startswith(("dp_", "secure"))
+            or k in ("require_dp", "calibrate_step", "server_lr_from", "step_rule")
         ]:
             if data[key] == defaults[key].default:
                 data.pop(key)
