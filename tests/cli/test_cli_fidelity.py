@@ -8,7 +8,7 @@ import pytest
 
 from fedsrd_cli.files.artifacts import read_artifact
 
-from ..conftest import make_global
+from ..conftest import make_global, make_local
 from .test_cli import run, run_round
 
 
@@ -34,24 +34,45 @@ def test_inspect_shows_each_uploads_fidelity_and_the_aggregates_mean(tmp_path):
 
 def test_a_fedexp_round_through_the_cli_records_and_shows_its_step(tmp_path):
     g0 = make_global(tmp_path / "g0.safetensors")
-    files = run_round(tmp_path, g0)
-    spread_agg = tmp_path / "agg-spread.safetensors"
-    run("aggregate", "--global", g0, "--out", spread_agg, "--update-spread", *files["uploads"])
+    uploads = []
+    for i in range(3):
+        local = make_local(g0, tmp_path / f"local-{i}.safetensors", seed=10 * i + 1)
+        up = tmp_path / f"up-{i}.safetensors"
+        run(
+            "sparsify",
+            "--method",
+            "fedavg",
+            "--global",
+            g0,
+            "--local",
+            local,
+            "--client",
+            f"c{i}",
+            "--out",
+            up,
+        )
+        uploads.append(up)
+    agg, spread_agg = tmp_path / "agg.safetensors", tmp_path / "agg-spread.safetensors"
+    run("aggregate", "--method", "fedavg", "--global", g0, "--out", agg, *uploads)
+    run("aggregate", "--method", "fedavg", "--global", g0, "--out", spread_agg, "--update-spread", *uploads)
     spread = read_artifact(spread_agg).header.info["update_spread"]
     assert "update spread" in run("inspect", spread_agg).stdout
-    bc, nxt = tmp_path / "bc-fedexp.safetensors", tmp_path / "g-fedexp.safetensors"
-    args = ("--global", g0, "--aggregate", spread_agg, "--out", bc, "--out-global", nxt)
-    run("broadcast", *args, "--step-rule", "fedexp", "--server-lr", "0.5")
-    info = read_artifact(bc).header.info
-    assert info["server_lr"] == pytest.approx(0.5 * spread["extrapolation"])
+    bc, nxt = tmp_path / "bc.safetensors", tmp_path / "g1.safetensors"
+    args = ("--global", g0, "--out", bc, "--out-global", nxt)
+    run("broadcast", *args, "--aggregate", spread_agg, "--step-rule", "fedexp", "--server-lr", "0.5")
+    assert read_artifact(bc).header.info["server_lr"] == pytest.approx(0.5 * spread["extrapolation"])
     assert (
         f"FedExP's extrapolation {spread['extrapolation']:g} times --server-lr 0.5"
         in run("inspect", bc).stdout
     )
-    # the plain aggregate has no spread: refused in one line, nothing written
-    refused = run(
-        "broadcast", "--global", g0, "--aggregate", files["aggregate"], "--out", tmp_path / "x.safetensors",
-        "--out-global", tmp_path / "y.safetensors", "--step-rule", "fedexp", code=4,
-    )  # fmt: skip
+    # an aggregate without the spread: refused in one line, nothing written
+    bc.unlink()
+    nxt.unlink()
+    refused = run("broadcast", *args, "--aggregate", agg, "--step-rule", "fedexp", code=4)
     assert "aggregate --update-spread" in refused.output
-    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+    assert not bc.exists() and not nxt.exists()
+    # a sparsifying method's aggregate refuses the spread
+    srd = run_round(tmp_path, g0)
+    out = tmp_path / "agg-srd.safetensors"
+    refused = run("aggregate", "--global", g0, "--out", out, "--update-spread", *srd["uploads"], code=2)
+    assert "uploads are sparsified" in refused.output and not out.exists()

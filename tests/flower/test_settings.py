@@ -47,7 +47,7 @@ def test_run_config_is_checked_with_the_flags_messages() -> None:
     calibrated = ServerSettings.from_run_config({**good, "server-lr": 2.0, "calibrate-step": True})
     assert calibrated.broadcast_config(0.8, 0).calibrate_step is True
     assert settings.broadcast_config(0.8, 0).calibrate_step is False
-    fedexp = ServerSettings.from_run_config({**good, "step-rule": "fedexp"})
+    fedexp = ServerSettings.from_run_config({**good, "method": "fedavg", "step-rule": "fedexp"})
     assert fedexp.broadcast_config(0.8, 0).step_rule == "fedexp" and fedexp.aggregate_config(0).update_spread
     assert fedexp.record()["step_rule"] == "fedexp" and "step_rule" not in settings.record()
     assert not settings.aggregate_config(0).update_spread
@@ -61,6 +61,7 @@ def test_run_config_is_checked_with_the_flags_messages() -> None:
         ({"server-lr": 0.0}, "server-lr"),
         ({"server-lr-from": 0}, "server-lr-from"),
         ({"step-rule": "adam"}, "step-rule"),
+        ({"step-rule": "fedexp"}, "method fedsrd sparsifies them"),
     ):
         with pytest.raises(UsageError, match=message):
             ServerSettings.from_run_config({**good, **bad})

@@ -49,6 +49,7 @@ class Algorithm(ABC):
 
     name: str
     dense_download: bool = False
+    dense_upload: bool = False  # uploads carry whole factor deltas (Method: its encoder's)
     local_training: str = "both"
     # `sparsify --base-sparsity` when the user gives none (importance-sparsifying methods).
     default_base_sparsity: float = SparsifyConfig.base_sparsity

@@ -30,10 +30,9 @@ from typing import Any
 
 import torch
 
-from fedsrd_cli.errors import MismatchError
 from fedsrd_cli.files import naming
 from fedsrd_cli.files.artifacts import Header
-from fedsrd_cli.math.extrapolation import fedexp_step, mean_update_sq_estimate
+from fedsrd_cli.math.extrapolation import fedexp_step
 from fedsrd_cli.math.lowrank_products import (
     TargetProducts,
     outside_row_space,
@@ -223,11 +222,11 @@ def upload_fidelity(uploads: Sequence[Any], weights: Sequence[float]) -> dict[st
 
 
 def module_spread(clients: Any, weights: Sequence[float]) -> tuple[list[float], float]:
-    """One module's share of the aggregate's "update_spread": each site's reconstructed update
-    E_i = B'_i A'_i - B A as ||E_i||^2, and ||sum_i v_i E_i||^2, from thin factors.
+    """One module's share of the aggregate's "update_spread": each site's update as uploaded,
+    D_i = B'_i A'_i - B A, as ||D_i||^2, and ||sum_i v_i D_i||^2, from thin factors.
 
     clients: steps.ClientFactors (its first len(weights) entries are the sites); weights v_i:
-    each site's weight times its clip scale (steps.clip_clients), so sum_i v_i E_i is the
+    each site's weight times its clip scale (steps.clip_clients), so sum_i v_i D_i is the
     clipped aggregate's update.
     """
     b_prev, a_prev = clients.b_prev, clients.a_prev  # (d_out, r), (r, d_in), float64
@@ -241,44 +240,21 @@ def module_spread(clients: Any, weights: Sequence[float]) -> tuple[list[float], 
 
 
 def update_spread(
-    uploads: Sequence[Any],
-    weights: Sequence[float],
-    scales: Sequence[float],
-    reconstructed_sq: Sequence[float],
-    combined_sq: float,
-    cap: float,
+    scales: Sequence[float], weights: Sequence[float], own_sq: Sequence[float], mean_sq: float, cap: float
 ) -> dict[str, Any]:
-    """The aggregate's info entry "update_spread" (`aggregate --update-spread`): what FedExP's
-    step (math.extrapolation) reads, all modules together.
+    """The aggregate's info entry "update_spread" (`aggregate --update-spread`): the figures
+    FedExP's step reads (math.extrapolation), all modules together, computed by the coordinator
+    from the dense uploads it received (module_spread):
 
-    client_sq = sum_i w_i ||s_i D_i||^2 from the sites' reported exact norms (s_i: clip scale);
-    mean_sq: ||sum_i w_i s_i D_i||^2 estimated (math.extrapolation.mean_update_sq_estimate) from
-    reconstructed_sq (||E_i||^2, summed over modules) and combined_sq; extrapolation: FedExP's
-    eta, capped at `cap`. Every upload must carry its fidelity record (uploads of this release).
-    """
-    missing = [str(u.path) for u in uploads if not u.header.info.get("fidelity")]
-    if missing:
-        raise MismatchError(
-            f"{missing[0]}: records no exact update norm (an upload from an older release or a"
-            " masked one); --update-spread needs every upload's, sparsify it again"
-        )
-    exact_sq = [float(u.header.info["fidelity"]["exact_norm"]) ** 2 for u in uploads]
-    effective = [w * s for w, s in zip(weights, scales, strict=True)]
-    client_sq = sum(w * s * s * d for w, s, d in zip(weights, scales, exact_sq, strict=True))
-    gain = upload_fidelity(uploads, weights)["upload_fidelity"]["gain"]
-    if gain <= 0:  # the uploads carry nothing along the sites' updates: no estimate to make
-        raise MismatchError(
-            f"the uploads' gain is {gain}: their reconstructions carry nothing along the sites'"
-            " updates, so the mean update's norm cannot be estimated"
-        )
-    mean_sq = mean_update_sq_estimate(effective, exact_sq, reconstructed_sq, combined_sq, gain)
+        client_sq = sum_i w_i s_i^2 ||D_i||^2,   mean_sq = ||sum_i w_i s_i D_i||^2
+
+    s_i the clip scale of site i (1 unless --on-outlier clip scaled it), own_sq ||D_i||^2 summed
+    over modules; extrapolation: FedExP's eta, capped at `cap`."""
+    client_sq = sum(w * s * s * d for w, s, d in zip(weights, scales, own_sq, strict=True))
     return {
         "update_spread": {
             "client_sq": client_sq,
             "mean_sq": mean_sq,
-            "reconstructed_sq": sum(reconstructed_sq),
-            "combined_sq": combined_sq,
-            "gain": gain,
             "extrapolation": round(fedexp_step(client_sq, mean_sq, cap), 6),
         }
     }

@@ -50,6 +50,7 @@ from fedsrd_cli.algorithms.steps import (
     average_factors,
     client_factors,
     clip_clients,
+    encode_dense,
     private_b_update,
     reconstruct_balanced,
     reconstruct_truncated,
@@ -158,6 +159,8 @@ class Method(Algorithm):
       random_upload  whether `encode` draws a seeded random mask (the seed is recorded)
       upload_settings the SparsifyConfig fields `encode` uses; uploads record exactly these
       dense_download True when the broadcast sends whole factors: download sparsity must be 0
+      dense_upload   True when `encode` sends whole factor deltas (the coordinator then holds
+                     every site's update, to the value dtype's rounding)
     """
 
     name: str
@@ -167,6 +170,10 @@ class Method(Algorithm):
     decompose: Decomposer
     random_upload: bool = False
     upload_settings: tuple[str, ...] = ("value_dtype",)
+
+    @property  # type: ignore[override]
+    def dense_upload(self) -> bool:
+        return self.encode is encode_dense
 
     # ------------------------------------------------------------------ client: upload
 
@@ -293,6 +300,12 @@ class Method(Algorithm):
                     f" `aggregate --method {self.name}` needs uploads from"
                     f" `sparsify --method {self.upload_method}`"
                 )
+        if config.update_spread and not self.dense_upload:
+            raise UsageError(
+                f"--update-spread needs the sites' whole updates, and {self.name}'s uploads are"
+                " sparsified: their mean's norm is not the sites' (FedExP's step is for methods with"
+                " dense uploads, such as fedavg; docs/algorithms.md)"
+            )
         privacy = aggregate_privacy(global_state, uploads, config)
         if org is None:
             weights = client_weights(uploads, config.weighting)
@@ -334,7 +347,7 @@ class Method(Algorithm):
 
         tensors: dict[str, torch.Tensor] = {}
         modules = global_state.modules()
-        reconstructed_sq, combined_sq = [0.0] * len(uploads), 0.0  # summed in module order
+        own_sq, mean_sq = [0.0] * len(uploads), 0.0  # summed in module order
         # Modules are independent: as many at once as torch has threads (math.threads.thread_map).
         results = track(thread_map(combined, modules), len(modules), "aggregate")
         for module, (left, right, spread) in zip(modules, results, strict=True):
@@ -342,8 +355,8 @@ class Method(Algorithm):
             tensors[left_name] = left  # (d_out, k)
             tensors[right_name] = right  # (k, d_in)
             if spread is not None:
-                reconstructed_sq = [t + e for t, e in zip(reconstructed_sq, spread[0], strict=True)]
-                combined_sq += spread[1]
+                own_sq = [t + e for t, e in zip(own_sq, spread[0], strict=True)]
+                mean_sq += spread[1]
         header = round_header(
             global_state,
             "aggregate",
@@ -377,7 +390,7 @@ class Method(Algorithm):
                 ),
                 **upload_fidelity(uploads, weights),
                 **(
-                    update_spread(uploads, weights, scales, reconstructed_sq, combined_sq, MAX_SERVER_LR)
+                    update_spread(scales, weights, own_sq, mean_sq, MAX_SERVER_LR)
                     if config.update_spread
                     else {}
                 ),

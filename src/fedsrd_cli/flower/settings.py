@@ -181,6 +181,10 @@ class ServerSettings:
             "config 'step-rule' fedexp reads each site's own update: not with 'secure' or"
             " organisation-level DP",
         )
+        _require(
+            self.step_rule == "fixed" or self.algorithm().dense_upload,
+            f"config 'step-rule' fedexp needs the sites' whole updates; method {self.method} sparsifies them",
+        )
         self.sparsify_config()  # the flags' own checks and messages
         self.aggregate_config(sampled=0)
         self.record_dp()

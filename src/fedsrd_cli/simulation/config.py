@@ -155,6 +155,15 @@ class SimulateConfig:
             self.step_rule == "fixed" or (self.organisation_dp is None and not self.secure),
             "--step-rule fedexp reads each site's own update: not with organisation-level DP or --secure",
         )
+        if self.step_rule == "fedexp":
+            from fedsrd_cli.algorithms import dense_upload_methods
+
+            sparse = [name for name in self.algorithms if name not in dense_upload_methods()]
+            _require(
+                not sparse,
+                f"--step-rule fedexp needs the sites' whole updates; {', '.join(sparse)} sparsify"
+                f" theirs (methods with dense uploads: {', '.join(dense_upload_methods())})",
+            )
         if self.download_sparsity is not None:
             for name in self.algorithms:
                 _require(

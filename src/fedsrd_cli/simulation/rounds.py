@@ -339,11 +339,17 @@ def simulate(
                 if upload_figures:
                     fidelity["upload_fidelity"] = {k: upload_figures[k] for k in ("norm_ratio", "cosine")}
                 spread = aggregate_file.header.info.get("update_spread")
-                if spread and "mean_update_fidelity" in fidelity:  # FedExP's eta, estimated and exact
+                if spread and "mean_update_fidelity" in fidelity and upload_figures:
+                    # FedExP's eta from the uploads (the coordinator's) and from the exact updates
                     exact_mean = fidelity["mean_update_fidelity"]["target"]["exact_norm"]
+                    own = upload_figures["clients"]  # each site's exact norm, by client id
+                    exact_sq = sum(
+                        c["weight"] * own[c["client_id"]]["exact_norm"] ** 2
+                        for c in aggregate_file.header.info["clients"]
+                    )
                     fidelity["extrapolation"] = {
-                        "estimated": spread["extrapolation"],
-                        "exact": round(fedexp_step(spread["client_sq"], exact_mean**2, MAX_SERVER_LR), 6),
+                        "coordinator": spread["extrapolation"],
+                        "exact": round(fedexp_step(exact_sq, exact_mean**2, MAX_SERVER_LR), 6),
                     }
                 step_taken = broadcast.header.info.get("server_lr", 1.0)
                 del trained
