@@ -195,9 +195,10 @@ class AggregateConfig:
     (`--rank-padding`, algorithms.site_rank): "global" (the site's untrained components are the
     global ones: exact) or "zeros" (HetLoRA's zero padding, a baseline).
     update_spread: record what FedExP's step reads (`--update-spread`; the aggregate's
-    "update_spread", for `broadcast --step-rule fedexp`): the sites' exact update norms and the
-    estimated norm of their mean. Costs about m^2 (d_out + d_in) r^2 flops per module for m
-    sites; not under organisation-level DP (the step would depend on the sites' data).
+    "update_spread", for `broadcast --step-rule fedexp`): the norms of the sites' uploaded
+    updates and of their mean (methods with dense uploads only). Costs about m^2 (d_out + d_in)
+    r^2 flops per module for m sites; not under organisation-level DP (the step would depend on
+    the sites' data).
     """
 
     method: str = "fedsrd"

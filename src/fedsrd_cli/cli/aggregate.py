@@ -73,9 +73,9 @@ def aggregate_cmd(
         bool,
         typer.Option(
             "--update-spread",
-            help="Record the sites' exact update norms and the estimated norm of their mean, which"
-            " broadcast --step-rule fedexp reads (about m^2 (d_out + d_in) r^2 flops per module for"
-            " m sites).",
+            help="Record the norms of the sites' updates and of their mean, which broadcast --step-rule"
+            " fedexp reads (methods with dense uploads; about m^2 (d_out + d_in) r^2 flops per module"
+            " for m sites).",
         ),
     ] = False,
     max_samples: Annotated[

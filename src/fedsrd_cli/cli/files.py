@@ -244,7 +244,7 @@ def _fidelity_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(
             (
                 "update spread",
-                f"the sites' mean update has {ratio:.3g} of their own squared norm (estimated);"
+                f"the sites' mean update has {ratio:.3g} of their own squared norm;"
                 f" FedExP's extrapolation {spread['extrapolation']:g}",
             )
         )
