@@ -31,15 +31,18 @@ def run(*args: str, code: int = 0):
     return result
 
 
-def run_round(tmp: Path, global_file: Path, n: int = 3, tag: str = "r1") -> dict[str, Path]:
+def run_round(
+    tmp: Path, global_file: Path, n: int = 3, tag: str = "r1", method: str = "fedsrd"
+) -> dict[str, Path]:
     uploads = []
     for i in range(n):
         local = make_local(global_file, tmp / f"local-{tag}-{i}.safetensors", seed=10 * i + 1)
         up = tmp / f"up-{tag}-{i}.safetensors"
-        run("sparsify", "--global", global_file, "--local", local, "--client", f"c{i}", "--out", up)
+        args = ("--method", method, "--global", global_file, "--local", local, "--client", f"c{i}")
+        run("sparsify", *args, "--out", up)
         uploads.append(up)
     agg = tmp / f"agg-{tag}.safetensors"
-    run("aggregate", "--global", global_file, "--out", agg, *uploads)
+    run("aggregate", "--method", method, "--global", global_file, "--out", agg, *uploads)
     bc, nxt = tmp / f"bc-{tag}.safetensors", tmp / f"g-{tag}.safetensors"
     run("broadcast", "--global", global_file, "--aggregate", agg, "--out", bc, "--out-global", nxt)
     return {"uploads": uploads, "aggregate": agg, "broadcast": bc, "next": nxt}

@@ -8,7 +8,7 @@ import pytest
 
 from fedsrd_cli.files.artifacts import read_artifact
 
-from ..conftest import make_global, make_local
+from ..conftest import make_global
 from .test_cli import run, run_round
 
 
@@ -34,27 +34,19 @@ def test_inspect_shows_each_uploads_fidelity_and_the_aggregates_mean(tmp_path):
 
 def test_a_fedexp_round_through_the_cli_records_and_shows_its_step(tmp_path):
     g0 = make_global(tmp_path / "g0.safetensors")
-    uploads = []
-    for i in range(3):
-        local = make_local(g0, tmp_path / f"local-{i}.safetensors", seed=10 * i + 1)
-        up = tmp_path / f"up-{i}.safetensors"
-        run(
-            "sparsify",
-            "--method",
-            "fedavg",
-            "--global",
-            g0,
-            "--local",
-            local,
-            "--client",
-            f"c{i}",
-            "--out",
-            up,
-        )
-        uploads.append(up)
-    agg, spread_agg = tmp_path / "agg.safetensors", tmp_path / "agg-spread.safetensors"
-    run("aggregate", "--method", "fedavg", "--global", g0, "--out", agg, *uploads)
-    run("aggregate", "--method", "fedavg", "--global", g0, "--out", spread_agg, "--update-spread", *uploads)
+    files = run_round(tmp_path, g0, method="fedavg")
+    spread_agg = tmp_path / "agg-spread.safetensors"
+    run(
+        "aggregate",
+        "--method",
+        "fedavg",
+        "--global",
+        g0,
+        "--out",
+        spread_agg,
+        "--update-spread",
+        *files["uploads"],
+    )
     spread = read_artifact(spread_agg).header.info["update_spread"]
     assert "update spread" in run("inspect", spread_agg).stdout
     bc, nxt = tmp_path / "bc.safetensors", tmp_path / "g1.safetensors"
@@ -68,11 +60,11 @@ def test_a_fedexp_round_through_the_cli_records_and_shows_its_step(tmp_path):
     # an aggregate without the spread: refused in one line, nothing written
     bc.unlink()
     nxt.unlink()
-    refused = run("broadcast", *args, "--aggregate", agg, "--step-rule", "fedexp", code=4)
+    refused = run("broadcast", *args, "--aggregate", files["aggregate"], "--step-rule", "fedexp", code=4)
     assert "aggregate --update-spread" in refused.output
     assert not bc.exists() and not nxt.exists()
     # a sparsifying method's aggregate refuses the spread
-    srd = run_round(tmp_path, g0)
-    out = tmp_path / "agg-srd.safetensors"
+    srd = run_round(tmp_path, g0, tag="srd")
+    out = tmp_path / "agg-srd-spread.safetensors"
     refused = run("aggregate", "--global", g0, "--out", out, "--update-spread", *srd["uploads"], code=2)
     assert "uploads are sparsified" in refused.output and not out.exists()
