@@ -135,6 +135,9 @@ class SparsifyConfig:
     upload_drop: Fed-DARE's drop probability p (each element kept with probability 1 - p).
     value_dtype: dtype of the uploaded values, for every method (UPLOAD_VALUE_DTYPES): fp32,
         bf16, fp16, or int8 / int4 block codes with float32 scales (math.quantize).
+    update_sketch: also record a tensor sketch of the site's exact update (`--update-sketch`:
+        UPDATE_SKETCH_WIDTH numbers in info.update_sketch, math.sketch), from which a coordinator
+        of sparsified uploads estimates the sites' mean update (FedExP's step, its target's fidelity).
     """
 
     base_sparsity: float = 0.85
@@ -143,6 +146,7 @@ class SparsifyConfig:
     rescale: bool = True
     value_dtype: str = DEFAULT_VALUE_DTYPE
     upload_drop: float = 0.9
+    update_sketch: bool = False
 
     def __post_init__(self) -> None:
         _require(
@@ -195,10 +199,10 @@ class AggregateConfig:
     (`--rank-padding`, algorithms.site_rank): "global" (the site's untrained components are the
     global ones: exact) or "zeros" (HetLoRA's zero padding, a baseline).
     update_spread: record what FedExP's step reads (`--update-spread`; the aggregate's
-    "update_spread", for `broadcast --step-rule fedexp`): the norms of the sites' uploaded
-    updates and of their mean (methods with dense uploads only). Costs about m^2 (d_out + d_in)
-    r^2 flops per module for m sites; not under organisation-level DP (the step would depend on
-    the sites' data).
+    "update_spread", for `broadcast --step-rule fedexp`): the norms of the sites' updates and
+    of their mean (from dense uploads themselves; for sparsified ones, from the sites' reported
+    norms and update sketches). Costs about m^2 (d_out + d_in) r^2 flops per module for m sites;
+    not under organisation-level DP (the step would depend on the sites' data).
     """
 
     method: str = "fedsrd"

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from fedsrd_cli.algorithms import get_algorithm
+from fedsrd_cli.algorithms.diagnostics import UPDATE_SKETCH_WIDTH
 from fedsrd_cli.algorithms.method import coordinator_step
-from fedsrd_cli.config import AggregateConfig, BroadcastConfig
+from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
 from fedsrd_cli.errors import MismatchError, UsageError
 from fedsrd_cli.files import naming
 from fedsrd_cli.files.artifacts import read_artifact
@@ -106,17 +107,50 @@ def test_fedexp_with_a_calibrated_step_divides_by_the_uploads_gain(tmp_path):
     assert record == {"target": 2.0, "rule": "fedexp", "extrapolation": eta, "upload_gain": gain}
 
 
-@pytest.mark.parametrize("method", ["fedsrd", "fedsrd-e", "fed-dare", "fedsrd-fixed-ratio"])
-def test_methods_that_sparsify_their_uploads_refuse_the_spread(tmp_path, method):
-    # A sparsified upload's reconstruction is not the site's update, and the norm of their mean
-    # is not the mean update's: refused, not estimated (docs/algorithms.md).
+@pytest.mark.parametrize("method", ["fedsrd", "fed-dare"])
+def test_sparsified_uploads_need_their_sketches(tmp_path, method):
     g0 = make_global(tmp_path / "g0.safetensors")
     locals_ = make_locals(tmp_path, g0, 2, "u")
     uploads = [upload(tmp_path, method, g0, p, f"c{i}") for i, p in enumerate(locals_)]
-    with pytest.raises(UsageError, match="uploads are sparsified"):
+    assert all("update_sketch" not in u.header.info for u in uploads)  # off unless asked for
+    with pytest.raises(MismatchError, match="--update-sketch"):
         get_algorithm(method).aggregate(
             read_artifact(g0), uploads, AggregateConfig(method=method, update_spread=True)
         )
+
+
+def test_sketches_estimate_the_mean_update_of_sparsified_uploads(tmp_path):
+    # FedSRD's reconstructions are far from the sites' updates (L1 rescale, a few kept
+    # elements); the sites' sketches of their exact updates give the mean update's norm and the
+    # target's fidelity against it, checked here against the dense computation.
+    g0 = make_global(tmp_path / "g0.safetensors")
+    locals_ = make_locals(tmp_path, g0, 4, "k")
+    sketched = SparsifyConfig(value_dtype="fp32", update_sketch=True)
+    uploads = [upload(tmp_path, "fedsrd", g0, p, f"c{i}", sketched) for i, p in enumerate(locals_)]
+    assert len(uploads[0].header.info["update_sketch"]["values"]) == UPDATE_SKETCH_WIDTH
+    state = read_artifact(g0)
+    config = AggregateConfig(update_spread=True, truncation="exact")
+    agg = read_artifact(write(get_algorithm("fedsrd").aggregate(state, uploads, config), tmp_path / "agg.st"))
+    spread = agg.header.info["update_spread"]
+    assert spread["source"] == "sketches"
+    weights = [c["weight"] for c in agg.header.info["clients"]]
+    updates = _dense_updates(state, locals_)
+    mean = sum(w * d for w, d in zip(weights, updates, strict=True))
+    truth = float(mean.pow(2).sum())
+    client_sq = sum(w * float(d.pow(2).sum()) for w, d in zip(weights, updates, strict=True))
+    assert spread["client_sq"] == pytest.approx(client_sq, rel=1e-5)  # the sites' own exact norms
+    assert spread["mean_sq"] == pytest.approx(truth, rel=0.1)  # the sketches' estimate
+    # the target W - B A (the exact route: the sum of the reconstructions) against the mean
+    target = []
+    for module in state.modules():
+        a, b = (t.double() for t in state.factors(module))
+        left = agg.tensor(naming.aggregate_keys(module)[0]).double()
+        right = agg.tensor(naming.aggregate_keys(module)[1]).double()
+        target.append((left @ right - b @ a).reshape(-1))
+    target_vec = torch.cat(target)
+    cosine = float(target_vec @ mean) / (float(target_vec.norm()) * truth**0.5)
+    assert spread["target"]["cosine"] == pytest.approx(cosine, abs=0.05)
+    assert spread["target"]["norm_ratio"] == pytest.approx(float(target_vec.norm()) / truth**0.5, rel=0.1)
 
 
 def test_fedexp_needs_a_spread_and_no_organisation_dp(tmp_path):

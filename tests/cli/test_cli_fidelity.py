@@ -63,8 +63,32 @@ def test_a_fedexp_round_through_the_cli_records_and_shows_its_step(tmp_path):
     refused = run("broadcast", *args, "--aggregate", files["aggregate"], "--step-rule", "fedexp", code=4)
     assert "aggregate --update-spread" in refused.output
     assert not bc.exists() and not nxt.exists()
-    # a sparsifying method's aggregate refuses the spread
+    # sparsified uploads: refused without their sketches, in one line, nothing written
     srd = run_round(tmp_path, g0, tag="srd")
     out = tmp_path / "agg-srd-spread.safetensors"
-    refused = run("aggregate", "--global", g0, "--out", out, "--update-spread", *srd["uploads"], code=2)
-    assert "uploads are sparsified" in refused.output and not out.exists()
+    refused = run("aggregate", "--global", g0, "--out", out, "--update-spread", *srd["uploads"], code=4)
+    assert "--update-sketch" in refused.output and not out.exists()
+    sketched = []
+    for i in range(3):
+        up = tmp_path / f"up-sketch-{i}.safetensors"
+        local = tmp_path / f"local-srd-{i}.safetensors"
+        run("sparsify", "--global", g0, "--local", local, "--client", f"c{i}", "--update-sketch", "--out", up)
+        sketched.append(up)
+    run("aggregate", "--global", g0, "--out", out, "--update-spread", *sketched)
+    spread = read_artifact(out).header.info["update_spread"]
+    assert spread["source"] == "sketches" and "target fidelity (estimated)" in run("inspect", out).stdout
+
+
+def test_a_secure_upload_takes_no_update_sketch(tmp_path):
+    args = (
+        "--global",
+        tmp_path / "g.st",
+        "--local",
+        tmp_path / "l.st",
+        "--client",
+        "c0",
+        "--out",
+        tmp_path / "u.st",
+    )
+    refused = run("sparsify", *args, "--secure", "--update-sketch", code=2)
+    assert "--update-sketch" in refused.output and not (tmp_path / "u.st").exists()

@@ -51,6 +51,9 @@ def test_run_config_is_checked_with_the_flags_messages() -> None:
     assert fedexp.broadcast_config(0.8, 0).step_rule == "fedexp" and fedexp.aggregate_config(0).update_spread
     assert fedexp.record()["step_rule"] == "fedexp" and "step_rule" not in settings.record()
     assert not settings.aggregate_config(0).update_spread
+    sketched = ServerSettings.from_run_config({**good, "step-rule": "fedexp"})  # fedsrd: sites sketch
+    assert sketched.sparsify_config().update_sketch and not fedexp.sparsify_config().update_sketch
+    assert not settings.sparsify_config().update_sketch
     for bad, message in (
         ({"method": "nope"}, "unknown method"),
         ({"sample-clients": 4}, "at most the 3 clients"),
@@ -61,7 +64,6 @@ def test_run_config_is_checked_with_the_flags_messages() -> None:
         ({"server-lr": 0.0}, "server-lr"),
         ({"server-lr-from": 0}, "server-lr-from"),
         ({"step-rule": "adam"}, "step-rule"),
-        ({"step-rule": "fedexp"}, "method fedsrd sparsifies them"),
     ):
         with pytest.raises(UsageError, match=message):
             ServerSettings.from_run_config({**good, **bad})

@@ -169,7 +169,6 @@ def test_config_is_validated() -> None:
         ({"server_lr": 0.0}, "--server-lr"),
         ({"server_lr": 17.0}, "--server-lr"),
         ({"server_lr_from": 0}, "--server-lr-from"),
-        ({"step_rule": "fedexp"}, "fedsrd sparsify"),
         ({"step_rule": "fedexp", "algorithms": ("fedavg",), "secure": True}, "--secure"),
         ({"step_rule": "adam", "algorithms": ("fedavg",)}, "--step-rule"),
         ({"eval_batch_size": 0}, "--eval-batch-size"),
@@ -496,12 +495,16 @@ def test_every_round_records_upload_and_mean_update_fidelity(
 
 
 def test_a_fedexp_run_records_the_step_and_both_etas(sim_inputs: dict[str, Path], tmp_path: Path) -> None:
-    args = sim_args(sim_inputs, tmp_path / "fedexp", 1)
-    args[args.index("fedsrd,fedavg")] = "fedavg"
-    run_cli(*args, "--step-rule", "fedexp")
+    run_cli(*sim_args(sim_inputs, tmp_path / "fedexp", 1), "--step-rule", "fedexp")
     results = json.loads((tmp_path / "fedexp" / "results.json").read_text())
     assert results["config"]["step_rule"] == "fedexp"
-    extra = results["runs"]["fedavg"]["0"][1]["extra"]
-    # dense uploads in bf16: the coordinator's eta is the exact updates' to bf16 rounding
-    assert extra["extrapolation"]["coordinator"] == pytest.approx(extra["extrapolation"]["exact"], rel=1e-2)
-    assert extra.get("server_lr", 1.0) == extra["extrapolation"]["coordinator"]
+    for name in ("fedavg", "fedsrd"):
+        extra = results["runs"][name]["0"][1]["extra"]
+        # fedavg: bf16 dense uploads; fedsrd: the sites' sketches (an estimate)
+        tolerance = 1e-2 if name == "fedavg" else 0.25
+        assert extra["extrapolation"]["coordinator"] == pytest.approx(
+            extra["extrapolation"]["exact"], rel=tolerance
+        )
+        assert extra.get("server_lr", 1.0) == extra["extrapolation"]["coordinator"]
+    upload = read_artifact(next((tmp_path / "fedexp" / "work" / "fedsrd").rglob("upload-*.safetensors")))
+    assert "update_sketch" in upload.header.info

@@ -49,8 +49,3 @@ def get_algorithm(name: str) -> Algorithm:
         return ALGORITHMS[name]
     except KeyError:
         raise UsageError(f"unknown method {name!r}; choose one of {', '.join(ALGORITHMS)}") from None
-
-
-def dense_upload_methods() -> list[str]:
-    """The methods whose uploads carry whole factor deltas (FedExP's step needs them)."""
-    return [name for name, algorithm in ALGORITHMS.items() if algorithm.dense_upload]

@@ -23,6 +23,7 @@ round 8, one round before its eval loss broke; healthy runs stayed below 1 after
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 
+from fedsrd_cli.errors import MismatchError
 from fedsrd_cli.files import naming
 from fedsrd_cli.files.artifacts import Header
 from fedsrd_cli.math.extrapolation import fedexp_step
@@ -39,6 +41,7 @@ from fedsrd_cli.math.lowrank_products import (
     product_inner,
     update_error_norms,
 )
+from fedsrd_cli.math.sketch import product_sketch, sketch_hashes
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # a thin product's (left (d_out, k), right (k, d_in))
 
@@ -221,13 +224,73 @@ def upload_fidelity(uploads: Sequence[Any], weights: Sequence[float]) -> dict[st
     }
 
 
-def module_spread(clients: Any, weights: Sequence[float]) -> tuple[list[float], float]:
-    """One module's share of the aggregate's "update_spread": each site's update as uploaded,
-    D_i = B'_i A'_i - B A, as ||D_i||^2, and ||sum_i v_i D_i||^2, from thin factors.
+# info.update_sketch's width (`sparsify --update-sketch`): with 4 sites the cross terms of the
+# mean update's norm come out within a few percent (math.sketch's variance, docs/algorithms.md).
+UPDATE_SKETCH_WIDTH = 1024
+
+
+def sketch_seed(state_hash: str) -> int:
+    """The public seed of a round's update sketches: sha256(f"{state_hash}:update_sketch") read
+    as a 60-bit integer (every site and the coordinator draw the same hashes)."""
+    return int(hashlib.sha256(f"{state_hash}:update_sketch".encode()).hexdigest()[:15], 16)
+
+
+def module_sketch(seed: int, module: str, pairs: Sequence[Pair], width: int) -> torch.Tensor:
+    """One module's sketch (width,) of sum_j L_j R_j (math.sketch), rows hashed under
+    f"{module}:out" and columns under f"{module}:in"."""
+    d_out, d_in = pairs[0][0].shape[0], pairs[0][1].shape[1]
+    out_hashes = sketch_hashes(seed, f"{module}:out", d_out, width)
+    in_hashes = sketch_hashes(seed, f"{module}:in", d_in, width)
+    return product_sketch(pairs, out_hashes, in_hashes, width)
+
+
+def sketch_record(sketch: torch.Tensor) -> dict[str, Any]:
+    """An upload's info entry "update_sketch": {"width", "values"} (7 significant digits)."""
+    return {"width": sketch.numel(), "values": [float(f"{v:.7g}") for v in sketch.tolist()]}
+
+
+def uploaded_sketches(uploads: Sequence[Any]) -> torch.Tensor:
+    """(sites, width) float64: every upload's info.update_sketch; MismatchError naming the first
+    upload without one or of another width."""
+    rows = []
+    for upload in uploads:
+        found = upload.header.info.get("update_sketch")
+        if not isinstance(found, dict) or found.get("width") != UPDATE_SKETCH_WIDTH:
+            raise MismatchError(
+                f"{upload.path}: carries no update sketch of width {UPDATE_SKETCH_WIDTH}; the"
+                " coordinator of sparsified uploads estimates the sites' mean update from their"
+                " sketches: sparsify it again with --update-sketch"
+            )
+        values = torch.tensor(found["values"], dtype=torch.float64)
+        if values.shape != (UPDATE_SKETCH_WIDTH,) or not bool(values.isfinite().all()):
+            raise MismatchError(f"{upload.path}: its update sketch is malformed")
+        rows.append(values)
+    return torch.stack(rows)
+
+
+@dataclass(frozen=True)
+class ModuleSpread:
+    """module_spread's figures, for one module or (`plus`) summed over modules: ||E_i||^2 per
+    site, ||T||^2 and T's sketch (None without one)."""
+
+    own: list[float]
+    combined: float
+    sketch: torch.Tensor | None
+
+    def plus(self, other: ModuleSpread) -> ModuleSpread:
+        sketch = other.sketch if self.sketch is None else self.sketch + other.sketch
+        own = [a + b for a, b in zip(self.own, other.own, strict=True)]
+        return ModuleSpread(own, self.combined + other.combined, sketch)
+
+
+def module_spread(clients: Any, weights: Sequence[float], seed: int | None) -> ModuleSpread:
+    """One module's share of the aggregate's "update_spread", from thin factors: each site's
+    update as the coordinator rebuilds it, E_i = B'_i A'_i - B A, as ||E_i||^2; their combination
+    T = sum_i v_i E_i as ||T||^2; and with a seed (sparsified uploads) T's sketch.
 
     clients: steps.ClientFactors (its first len(weights) entries are the sites); weights v_i:
-    each site's weight times its clip scale (steps.clip_clients), so sum_i v_i D_i is the
-    clipped aggregate's update.
+    each site's weight times its clip scale (steps.clip_clients), so T is the clipped aggregate's
+    update (for FedSRD its target W - B A).
     """
     b_prev, a_prev = clients.b_prev, clients.a_prev  # (d_out, r), (r, d_in), float64
     own = []
@@ -236,26 +299,65 @@ def module_spread(clients: Any, weights: Sequence[float]) -> tuple[list[float], 
         own.append(product_inner(pairs, pairs))
     combined = [(v * clients.bs[i], clients.as_[i]) for i, v in enumerate(weights)]
     combined.append((-sum(weights) * b_prev, a_prev))
-    return own, product_inner(combined, combined)
+    sketch = None if seed is None else module_sketch(seed, clients.module, combined, UPDATE_SKETCH_WIDTH)
+    return ModuleSpread(own, product_inner(combined, combined), sketch)
 
 
 def update_spread(
-    scales: Sequence[float], weights: Sequence[float], own_sq: Sequence[float], mean_sq: float, cap: float
+    uploads: Sequence[Any],
+    weights: Sequence[float],
+    scales: Sequence[float],
+    spread: ModuleSpread,
+    dense: bool,
+    cap: float,
 ) -> dict[str, Any]:
-    """The aggregate's info entry "update_spread" (`aggregate --update-spread`): the figures
-    FedExP's step reads (math.extrapolation), all modules together, computed by the coordinator
-    from the dense uploads it received (module_spread):
+    """The aggregate's info entry "update_spread" (`aggregate --update-spread`): what FedExP's
+    step reads (math.extrapolation), all modules together (`spread`: module_spread's figures
+    summed). With v_i = w_i s_i (s_i the clip scale) and D_i site i's exact update:
 
-        client_sq = sum_i w_i s_i^2 ||D_i||^2,   mean_sq = ||sum_i w_i s_i D_i||^2
+        client_sq = sum_i w_i s_i^2 ||D_i||^2,   mean_sq = ||D||^2,   D = sum_i v_i D_i
 
-    s_i the clip scale of site i (1 unless --on-outlier clip scaled it), own_sq ||D_i||^2 summed
-    over modules; extrapolation: FedExP's eta, capped at `cap`."""
-    client_sq = sum(w * s * s * d for w, s, d in zip(weights, scales, own_sq, strict=True))
+    Dense uploads (`dense`): the coordinator's own E_i are the D_i (to the value dtype's
+    rounding): client_sq and mean_sq are computed exactly from them (source "uploads").
+    Sparsified uploads: ||D_i|| as each site reports it (info.fidelity) and the cross terms from
+    the sites' sketches S_i (source "sketches"):
+
+        mean_sq = sum_i v_i^2 ||D_i||^2 + sum_{i != j} v_i v_j <S_i, S_j>
+
+    and how the coordinator's update T = sum_i v_i E_i (FedSRD's target) matches D, estimated:
+    norm_ratio ||T|| / ||D||, cosine <sketch(T), sum_i v_i S_i> / (||T|| ||D||).
+    extrapolation: FedExP's eta, capped at `cap`."""
+    effective = [w * s for w, s in zip(weights, scales, strict=True)]
+    if dense:
+        exact_sq = list(spread.own)
+        mean_sq, extra = spread.combined, {"source": "uploads"}
+    else:
+        reported = [u.header.info.get("fidelity", {}).get("exact_norm", math.nan) for u in uploads]
+        exact_sq = [float(norm) ** 2 for norm in reported]
+        if not all(math.isfinite(d) for d in exact_sq):
+            raise MismatchError("an upload records no exact update norm (info.fidelity): sparsify it again")
+        sketches = uploaded_sketches(uploads)  # (sites, width)
+        v = torch.tensor(effective, dtype=torch.float64)
+        mixed = v @ sketches  # sum_i v_i S_i
+        cross = float(mixed @ mixed) - float(((v**2)[:, None] * sketches**2).sum())
+        mean_sq = max(0.0, sum(x * x * d for x, d in zip(effective, exact_sq, strict=True)) + cross)
+        mean = math.sqrt(mean_sq)
+        target = math.sqrt(max(spread.combined, 0.0))
+        along = float(spread.sketch @ mixed) if spread.sketch is not None else 0.0
+        extra = {
+            "source": "sketches",
+            "target": {
+                "norm_ratio": round(target / mean, 6) if mean > 0 else 0.0,
+                "cosine": round(along / (target * mean), 6) if target * mean > 0 else 0.0,
+            },
+        }
+    client_sq = sum(w * s * s * d for w, s, d in zip(weights, scales, exact_sq, strict=True))
     return {
         "update_spread": {
             "client_sq": client_sq,
             "mean_sq": mean_sq,
             "extrapolation": round(fedexp_step(client_sq, mean_sq, cap), 6),
+            **extra,
         }
     }
 

@@ -15,10 +15,15 @@ import torch
 
 from fedsrd_cli.algorithms.base import Algorithm, Payload, Track, no_progress
 from fedsrd_cli.algorithms.diagnostics import (
+    UPDATE_SKETCH_WIDTH,
     BroadcastDiagnostics,
     Fidelity,
     ModuleMeasure,
+    ModuleSpread,
+    module_sketch,
     module_spread,
+    sketch_record,
+    sketch_seed,
     update_spread,
     upload_fidelity,
 )
@@ -198,6 +203,8 @@ class Method(Algorithm):
         site_rank = check_recorded_rank(local.header, head.lora.rank, str(local.path))
         modules = global_state.modules()
         fidelity = Fidelity()  # the reconstruction the coordinator will make against the exact update
+        sketch = torch.zeros(UPDATE_SKETCH_WIDTH, dtype=torch.float64) if config.update_sketch else None
+        seed_of_sketch = sketch_seed(head.content_hash)
         for module in track(modules, len(modules), "sparsify"):
             a_prev, b_prev = global_state.factors(module)  # (r, d_in), (d_out, r)
             a_new, b_new = (t.float() for t in local.factors(module))
@@ -242,10 +249,10 @@ class Method(Algorithm):
                 decoded = {f: padded(f, d, prevs[f].float(), "global") for f, d in decoded.items()}
             sent_b = prev_b + decoded["B"].double() if "B" in decoded else prev_b
             sent_a = prev_a + decoded["A"].double() if "A" in decoded else prev_a
-            fidelity.add(
-                [(b_new.double(), a_new.double()), (-prev_b, prev_a)],  # D = B' A' - B A
-                [(sent_b, sent_a), (-prev_b, prev_a)],  # E = (B + dB_sent)(A + dA_sent) - B A
-            )
+            exact = [(b_new.double(), a_new.double()), (-prev_b, prev_a)]  # D = B' A' - B A
+            fidelity.add(exact, [(sent_b, sent_a), (-prev_b, prev_a)])  # E = (B + dB)(A + dA) - B A
+            if sketch is not None:
+                sketch += module_sketch(seed_of_sketch, module, exact, UPDATE_SKETCH_WIDTH)
         if not tensors:
             raise MismatchError(f"{local.path}: identical to the global state; nothing to upload")
         used = asdict(config)
@@ -253,6 +260,7 @@ class Method(Algorithm):
             "sparsify": {key: used[key] for key in self.upload_settings},
             "lora_numel": global_state.numel(),
             "fidelity": fidelity.record(),
+            **({} if sketch is None else {"update_sketch": sketch_record(sketch)}),
         }
         if config.value_dtype in QUANTIZED_VALUE_DTYPES:  # read by the layout check, as a broadcast's
             info["value_dtype"] = config.value_dtype
@@ -300,12 +308,6 @@ class Method(Algorithm):
                     f" `aggregate --method {self.name}` needs uploads from"
                     f" `sparsify --method {self.upload_method}`"
                 )
-        if config.update_spread and not self.dense_upload:
-            raise UsageError(
-                f"--update-spread needs the sites' whole updates, and {self.name}'s uploads are"
-                " sparsified: their mean's norm is not the sites' (FedExP's step is for methods with"
-                " dense uploads, such as fedavg; docs/algorithms.md)"
-            )
         privacy = aggregate_privacy(global_state, uploads, config)
         if org is None:
             weights = client_weights(uploads, config.weighting)
@@ -324,12 +326,14 @@ class Method(Algorithm):
         route = truncation_route(config.truncation, terms * rank, rank)  # decided once, recorded below
 
         spread_weights = [w * s for w, s in zip(weights, scales, strict=True)]
+        # Sparsified uploads are not their sites' updates: their sketches stand in (update_spread).
+        spread_seed = None if self.dense_upload else sketch_seed(global_state.header.content_hash)
 
-        def combined(module: str) -> tuple[torch.Tensor, torch.Tensor, tuple[list[float], float] | None]:
+        def combined(module: str) -> tuple[torch.Tensor, torch.Tensor, ModuleSpread | None]:
             """The module's aggregate W = left (d_out, k) @ right (k, d_in), float32, and its
             share of the update spread (with --update-spread; else None)."""
             clients = client_factors(global_state, uploads, module, config.rank_padding)
-            spread = module_spread(clients, spread_weights) if config.update_spread else None
+            spread = module_spread(clients, spread_weights, spread_seed) if config.update_spread else None
             module_weights = weights
             if not (clients.changed_a or clients.changed_b):
                 # No client changed this module: W = B_prev A_prev exactly, for every method.
@@ -347,7 +351,7 @@ class Method(Algorithm):
 
         tensors: dict[str, torch.Tensor] = {}
         modules = global_state.modules()
-        own_sq, mean_sq = [0.0] * len(uploads), 0.0  # summed in module order
+        spread_sum = ModuleSpread([0.0] * len(uploads), 0.0, None)  # summed in module order
         # Modules are independent: as many at once as torch has threads (math.threads.thread_map).
         results = track(thread_map(combined, modules), len(modules), "aggregate")
         for module, (left, right, spread) in zip(modules, results, strict=True):
@@ -355,8 +359,7 @@ class Method(Algorithm):
             tensors[left_name] = left  # (d_out, k)
             tensors[right_name] = right  # (k, d_in)
             if spread is not None:
-                own_sq = [t + e for t, e in zip(own_sq, spread[0], strict=True)]
-                mean_sq += spread[1]
+                spread_sum = spread_sum.plus(spread)
         header = round_header(
             global_state,
             "aggregate",
@@ -390,7 +393,7 @@ class Method(Algorithm):
                 ),
                 **upload_fidelity(uploads, weights),
                 **(
-                    update_spread(scales, weights, own_sq, mean_sq, MAX_SERVER_LR)
+                    update_spread(uploads, weights, scales, spread_sum, self.dense_upload, MAX_SERVER_LR)
                     if config.update_spread
                     else {}
                 ),

@@ -74,8 +74,8 @@ def aggregate_cmd(
         typer.Option(
             "--update-spread",
             help="Record the norms of the sites' updates and of their mean, which broadcast --step-rule"
-            " fedexp reads (methods with dense uploads; about m^2 (d_out + d_in) r^2 flops per module"
-            " for m sites).",
+            " fedexp reads (sparsified uploads: from their --update-sketch; about m^2 (d_out + d_in) r^2"
+            " flops per module for m sites).",
         ),
     ] = False,
     max_samples: Annotated[

@@ -68,6 +68,15 @@ def sparsify_cmd(
     upload_drop: Annotated[
         float, typer.Option("--upload-drop", help="fed-dare: drop probability p of each upload element.")
     ] = 0.9,
+    update_sketch: Annotated[
+        bool,
+        typer.Option(
+            "--update-sketch",
+            help="Also record a 1,024-number sketch of this site's exact update, from which the"
+            " coordinator estimates the sites' mean update (aggregate --update-spread, broadcast"
+            " --step-rule fedexp).",
+        ),
+    ] = False,
     secure: Annotated[
         bool,
         typer.Option(
@@ -116,8 +125,13 @@ def sparsify_cmd(
     if base_sparsity is None:
         base_sparsity = algorithm.default_base_sparsity
     config = SparsifyConfig(
-        base_sparsity, kurtosis_coeff, kurtosis_cap, not no_rescale, value_dtype, upload_drop
+        base_sparsity, kurtosis_coeff, kurtosis_cap, not no_rescale, value_dtype, upload_drop, update_sketch
     )
+    if secure and update_sketch:
+        raise UsageError(
+            "--update-sketch tells the coordinator about this site's own update, which a --secure"
+            " upload hides: leave it out"
+        )
     if secure and value_dtype in QUANTIZED_VALUE_DTYPES:
         raise UsageError(
             f"--value-dtype {value_dtype} quantizes a sparse upload's values; a --secure upload sends"

@@ -244,10 +244,15 @@ def _fidelity_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(
             (
                 "update spread",
-                f"the sites' mean update has {ratio:.3g} of their own squared norm;"
-                f" FedExP's extrapolation {spread['extrapolation']:g}",
+                f"the sites' mean update has {ratio:.3g} of their own squared norm"
+                f" ({spread.get('source', 'uploads')}); FedExP's extrapolation {spread['extrapolation']:g}",
             )
         )
+        if "target" in spread:
+            target = spread["target"]
+            rows.append(
+                ("target fidelity (estimated)", f"{fidelity_line(target)}, against the sites' mean update")
+            )
     return rows
 
 

@@ -305,6 +305,7 @@ class Coordinator:
             "rescale": sparsify.rescale,
             "value-dtype": sparsify.value_dtype,
             "upload-drop": sparsify.upload_drop,
+            "update-sketch": sparsify.update_sketch,
             # DP-SGD (train-local --dp-*); -1: not given, dp-rounds 0: no plan.
             "dp-epsilon": settings.dp_epsilon,
             "dp-delta": settings.dp_delta,

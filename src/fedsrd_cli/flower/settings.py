@@ -181,10 +181,6 @@ class ServerSettings:
             "config 'step-rule' fedexp reads each site's own update: not with 'secure' or"
             " organisation-level DP",
         )
-        _require(
-            self.step_rule == "fixed" or self.algorithm().dense_upload,
-            f"config 'step-rule' fedexp needs the sites' whole updates; method {self.method} sparsifies them",
-        )
         self.sparsify_config()  # the flags' own checks and messages
         self.aggregate_config(sampled=0)
         self.record_dp()
@@ -228,8 +224,17 @@ class ServerSettings:
         base = self._given(self.base_sparsity)
         if base is None:
             base = self.algorithm().default_base_sparsity
+        sketch = (
+            self.step_rule == "fedexp" and not self.algorithm().dense_upload
+        )  # the coordinator's estimate
         return SparsifyConfig(
-            base, self.kurtosis_coeff, self.kurtosis_cap, self.rescale, self.value_dtype, self.upload_drop
+            base,
+            self.kurtosis_coeff,
+            self.kurtosis_cap,
+            self.rescale,
+            self.value_dtype,
+            self.upload_drop,
+            sketch,
         )
 
     @property

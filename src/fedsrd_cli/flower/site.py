@@ -221,6 +221,7 @@ class Site:
             bool(instructions["rescale"]),
             str(instructions["value-dtype"]),
             float(instructions["upload-drop"]),
+            bool(instructions.get("update-sketch", False)),
         )
         if instructions.get("secure"):
             data = self.mask(state, round_index, str(instructions["roster"]))

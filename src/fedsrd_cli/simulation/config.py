@@ -155,15 +155,6 @@ class SimulateConfig:
             self.step_rule == "fixed" or (self.organisation_dp is None and not self.secure),
             "--step-rule fedexp reads each site's own update: not with organisation-level DP or --secure",
         )
-        if self.step_rule == "fedexp":
-            from fedsrd_cli.algorithms import dense_upload_methods
-
-            sparse = [name for name in self.algorithms if name not in dense_upload_methods()]
-            _require(
-                not sparse,
-                f"--step-rule fedexp needs the sites' whole updates; {', '.join(sparse)} sparsify"
-                f" theirs (methods with dense uploads: {', '.join(dense_upload_methods())})",
-            )
         if self.download_sparsity is not None:
             for name in self.algorithms:
                 _require(
@@ -266,13 +257,17 @@ class SimulateConfig:
     def seed_values(self) -> list[int]:
         return [self.seed + k for k in range(self.seeds)]
 
-    def sparsify_config(self, algorithm_base_sparsity: float) -> Any:
-        """The upload settings of every client (base sparsity: this run's, else the method's)."""
+    def sparsify_config(self, algorithm_base_sparsity: float, dense_upload: bool = True) -> Any:
+        """The upload settings of every client (base sparsity: this run's, else the method's);
+        sparsified uploads carry their update sketch under --step-rule fedexp."""
         from fedsrd_cli.config import SparsifyConfig
 
         base_sparsity = algorithm_base_sparsity if self.base_sparsity is None else self.base_sparsity
         given = {} if self.value_dtype is None else {"value_dtype": self.value_dtype}
-        return SparsifyConfig(base_sparsity=base_sparsity, rescale=self.rescale, **given)
+        sketch = self.step_rule == "fedexp" and not dense_upload
+        return SparsifyConfig(
+            base_sparsity=base_sparsity, rescale=self.rescale, update_sketch=sketch, **given
+        )
 
     def broadcast_config(self, download_sparsity: float, seed: int, round_index: int | None = None) -> Any:
         """The coordinator's broadcast settings: this run's where given, else broadcast's defaults

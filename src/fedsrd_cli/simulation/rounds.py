@@ -185,7 +185,7 @@ def simulate(
 
     for name in config.algorithms:
         algorithm = get_algorithm(name)
-        sparsify_config = config.sparsify_config(algorithm.default_base_sparsity)
+        sparsify_config = config.sparsify_config(algorithm.default_base_sparsity, algorithm.dense_upload)
         for seed in seeds:
             records = runs.setdefault(name, {}).setdefault(str(seed), [])
             run_dir = out_dir / "work" / name / f"seed-{seed}"
