@@ -74,6 +74,7 @@ def test_a_fedexp_round_through_the_cli_records_and_shows_its_step(tmp_path):
         local = tmp_path / f"local-srd-{i}.safetensors"
         run("sparsify", "--global", g0, "--local", local, "--client", f"c{i}", "--update-sketch", "--out", up)
         sketched.append(up)
+    assert "update sketch" in run("inspect", sketched[0]).stdout
     run("aggregate", "--global", g0, "--out", out, "--update-spread", *sketched)
     spread = read_artifact(out).header.info["update_spread"]
     assert spread["source"] == "sketches" and "target fidelity (estimated)" in run("inspect", out).stdout

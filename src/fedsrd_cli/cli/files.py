@@ -233,6 +233,11 @@ def _fidelity_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     rows = []
     if "fidelity" in info:
         rows.append(("reconstructs", fidelity_line(info["fidelity"])))
+    if "update_sketch" in info:
+        width = info["update_sketch"].get("width")
+        rows.append(
+            ("update sketch", f"{width} numbers (sparsify --update-sketch, for the coordinator's step)")
+        )
     if "upload_fidelity" in info:
         mean = info["upload_fidelity"]
         rows.append(("uploads carry", f"{fidelity_line(mean)} (weighted mean of the sites' own figures)"))
