@@ -291,6 +291,22 @@ def test_server_lr_from_takes_the_step_from_that_round_on(inputs: dict[str, Path
 
 
 @pytest.mark.slow
+def test_a_fedexp_step_on_flower_reads_the_sites_sketches(inputs: dict[str, Path], tmp_path: Path) -> None:
+    """Run config step-rule fedexp with FedSRD: every site sketches its update, the aggregate
+    estimates the spread from the sketches, and the broadcast takes FedExP's step."""
+    configs = node_configs(inputs, tmp_path, ("alice", "bob"))
+    out = tmp_path / "server"
+    settings = {"clients": "alice,bob", "rounds": 1, "local-steps": 1, "step-rule": "fedexp"}
+    server(out, inputs["model"], **settings).start(LocalGrid(configs))
+    uploads = sorted((out / "round-1").glob("upload-*.safetensors"))
+    assert len(uploads) == 2 and all("update_sketch" in read_artifact(u).header.info for u in uploads)
+    spread = read_artifact(out / "round-1" / "aggregate.safetensors").header.info["update_spread"]
+    assert spread["source"] == "sketches"
+    broadcast = read_artifact(out / "round-1" / "broadcast.safetensors")
+    assert broadcast.header.info.get("server_lr", 1.0) == spread["extrapolation"]
+
+
+@pytest.mark.slow
 def test_dp_rounds_on_flower_record_each_site_s_epsilon(inputs: dict[str, Path], tmp_path: Path) -> None:
     """Every site trains with DP-SGD; the coordinator requires it; bob's own budget (node config
     dp-max-epsilon) is below what the plan's second round costs, so bob refuses that round."""
