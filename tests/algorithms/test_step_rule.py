@@ -3,11 +3,13 @@ against a dense computation from the sites' own local states (methods with dense
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from fedsrd_cli.algorithms import get_algorithm
-from fedsrd_cli.algorithms.diagnostics import UPDATE_SKETCH_WIDTH
+from fedsrd_cli.algorithms.diagnostics import UPDATE_SKETCH_WIDTH, ModuleSpread, update_spread
 from fedsrd_cli.algorithms.method import coordinator_step
 from fedsrd_cli.config import AggregateConfig, BroadcastConfig, SparsifyConfig
 from fedsrd_cli.errors import MismatchError, UsageError
@@ -171,3 +173,22 @@ def test_fedexp_needs_a_spread_and_no_organisation_dp(tmp_path):
         AggregateConfig(method="fedsrd-e", update_spread=True, organisation_dp=org)
     with pytest.raises(UsageError, match="--step-rule must be one of"):
         BroadcastConfig(step_rule="adam")
+
+
+def test_a_sketched_estimate_of_zero_takes_no_extrapolation():
+    # Sites whose sketches say their updates cancel exactly: the estimate is 0, which only the
+    # sketches' noise could make it with real updates, so the step is not extrapolated.
+    sketch = {"width": UPDATE_SKETCH_WIDTH, "values": [1.0] + [0.0] * (UPDATE_SKETCH_WIDTH - 1)}
+    opposite = {"width": UPDATE_SKETCH_WIDTH, "values": [-1.0] + [0.0] * (UPDATE_SKETCH_WIDTH - 1)}
+    uploads = [
+        SimpleNamespace(
+            path=f"u{i}", header=SimpleNamespace(info={"fidelity": {"exact_norm": 1.0}, "update_sketch": s})
+        )
+        for i, s in enumerate((sketch, opposite))
+    ]
+    spread = ModuleSpread([1.0, 1.0], 1.0, torch.zeros(UPDATE_SKETCH_WIDTH, dtype=torch.float64))
+    record = update_spread(uploads, [0.5, 0.5], [1.0, 1.0], spread, dense=False, cap=16.0)["update_spread"]
+    assert record["mean_sq"] == 0.0 and record["extrapolation"] == 1.0
+    # the dense route's exact zero is the sites cancelling: the cap
+    dense = update_spread(uploads, [0.5, 0.5], [1.0, 1.0], ModuleSpread([1.0, 1.0], 0.0, None), True, 16.0)
+    assert dense["update_spread"]["extrapolation"] == 16.0
