@@ -224,9 +224,8 @@ class ServerSettings:
         base = self._given(self.base_sparsity)
         if base is None:
             base = self.algorithm().default_base_sparsity
-        sketch = (
-            self.step_rule == "fedexp" and not self.algorithm().dense_upload
-        )  # the coordinator's estimate
+        # Under FedExP's step the sites of a sparsifying method sketch their updates.
+        sketch = self.step_rule == "fedexp" and not self.algorithm().dense_upload
         return SparsifyConfig(
             base,
             self.kurtosis_coeff,

@@ -7,9 +7,9 @@ FedExP (Jhunjhunwala et al., ICLR 2023) steps X' = X + eta dX with
     eta = max(1, sum_i w_i ||D_i||^2 / (2 ||D||^2))
 
 long when the sites' updates disagree (their mean is short against them), 1 when they agree.
-The coordinator of a method whose uploads are dense (FedAvg and its kin) holds every D_i, to
-the value dtype's rounding, so both norms are its own computation (algorithms.diagnostics,
-from thin factors). Plain arithmetic; no torch, no files.
+A coordinator of dense uploads (FedAvg and its kin) computes both norms from the uploads; one
+of sparsified uploads reads the sites' own norms and estimates ||D||^2 from their update
+sketches (algorithms.diagnostics.update_spread). Plain arithmetic; no torch, no files.
 """
 
 from __future__ import annotations

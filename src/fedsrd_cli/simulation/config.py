@@ -78,7 +78,8 @@ class SimulateConfig:
     server_lr: broadcast --server-lr, every method's coordinator step (1: none), from round
     server_lr_from on (the rounds before it take the whole step); calibrate_step: broadcast
     --calibrate-step (the step divided by the uploads' gain); step_rule: broadcast --step-rule
-    ("fedexp": every round's aggregate is made with --update-spread).
+    ("fedexp": every round's aggregate is made with --update-spread, and the sites of a
+    sparsifying method sparsify with --update-sketch).
     align: aggregate --align-factors for fedsrd and fedsrd-e (the other methods have no
     full-rank aggregate to refactor).
     rescale: the importance-sparsified upload restores the L1 norm of the kept values
