@@ -23,7 +23,6 @@ round 8, one round before its eval loss broke; healthy runs stayed below 1 after
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from fedsrd_cli.math.lowrank_products import (
     product_inner,
     update_error_norms,
 )
+from fedsrd_cli.math.masks import text_seed
 from fedsrd_cli.math.sketch import product_sketch, sketch_hashes
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # a thin product's (left (d_out, k), right (k, d_in))
@@ -232,7 +232,7 @@ UPDATE_SKETCH_WIDTH = 1024
 def sketch_seed(state_hash: str) -> int:
     """The public seed of a round's update sketches: sha256(f"{state_hash}:update_sketch") read
     as a 60-bit integer (every site and the coordinator draw the same hashes)."""
-    return int(hashlib.sha256(f"{state_hash}:update_sketch".encode()).hexdigest()[:15], 16)
+    return text_seed(f"{state_hash}:update_sketch")
 
 
 def module_sketch(seed: int, module: str, pairs: Sequence[Pair], width: int) -> torch.Tensor:

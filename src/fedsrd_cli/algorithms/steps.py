@@ -15,7 +15,6 @@ one module (the math itself lives in fedsrd_cli.math):
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -48,7 +47,7 @@ from fedsrd_cli.math.lowrank import (
     update_b,
 )
 from fedsrd_cli.math.lowrank_products import TargetProducts, one_factor_misses
-from fedsrd_cli.math.masks import seeded_keep_mask
+from fedsrd_cli.math.masks import seeded_keep_mask, text_seed
 
 # --------------------------------------------------------------------------- client: encoders
 
@@ -85,8 +84,7 @@ class Encoded:
 def upload_seed(parent_hash: str, client_id: str) -> int:
     """Seed of a client's random upload mask in a round: sha256(f"{parent_hash}:{client_id}")
     read as a 60-bit integer, so a re-run reproduces the same upload."""
-    digest = hashlib.sha256(f"{parent_hash}:{client_id}".encode()).hexdigest()
-    return int(digest[:15], 16)
+    return text_seed(f"{parent_hash}:{client_id}")
 
 
 def importance_scores(item: FactorDelta) -> torch.Tensor:
@@ -307,7 +305,7 @@ def truncation_route(setting: str, inner: int, rank: int) -> str:
 
 def module_seed(module: str) -> int:
     """Seed of a module's randomized sketch: sha256(module) as a 60-bit integer."""
-    return int(hashlib.sha256(module.encode()).hexdigest()[:15], 16)
+    return text_seed(module)
 
 
 def truncated_svd(

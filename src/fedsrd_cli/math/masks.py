@@ -91,6 +91,12 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return _mix32_(x.clone())
 
 
+def text_seed(text: str) -> int:
+    """sha256(text) read as a 60-bit integer (its first 15 hex digits): every seed derived from
+    public names and hashes (upload masks, randomized sketches, update sketches)."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
+
+
 def stream_key(seed: int, name: str) -> tuple[int, int]:
     """The two 32-bit keys of tensor NAME's mask: sha256(f"{seed}:{name}")[0:8], little-endian."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
