@@ -47,6 +47,7 @@ DTYPE_NAMES = {
     torch.int8: "I8",
     torch.int64: "I64",
     torch.int32: "I32",
+    torch.int16: "I16",
     torch.bool: "BOOL",
 }
 

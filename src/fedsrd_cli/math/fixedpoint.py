@@ -1,61 +1,101 @@
-"""Fixed point modulo 2^32: the arithmetic of secure aggregation's masked uploads.
+"""Fixed point modulo 2^b (b = 16 or 32 bits): the arithmetic of secure aggregation's masked uploads.
 
-A value x in [-X, X] is encoded as the integer round(x * s) modulo 2^32, with the scale
+A value x in [-X, X] from one of n parties is encoded as the integer round(x * s) modulo 2^b,
+with the scale
 
-    s = floor((2^31 - 1) / (n X))
+    L = floor((2^(b-1) - 1) / n)     the largest |integer| one party may add
+    s = floor(L / X)                 so |round(x * s)| <= round(X * s) <= L
 
-for a sum of n such values: the true sum of the integers then lies in [-(2^31 - 1), 2^31 - 1],
-so the sum modulo 2^32, read as a signed 32-bit integer, is the sum itself, and dividing it by s
-gives sum_i x_i within n / (2 s) (each rounding is at most half a step). Masks are uniform words
-added modulo 2^32; pairs of opposite masks cancel in the sum. Integers are held as int64 tensors
-in [0, 2^32) while computing and stored as int32 (the same 32 bits). Pure torch.
+and the true sum of the n integers lies in [-n L, n L], inside [-(2^(b-1) - 1), 2^(b-1) - 1]:
+the sum modulo 2^b, read as a signed b-bit integer, is the sum itself (no wrap, whatever the
+values and their rounding), and dividing it by s gives sum_i x_i within n / (2 s) (each rounding
+is at most half a step). Each party's value then has L levels on either side of 0 (the word's
+precision): a roster allows no more parties than leave MIN_LEVELS (max_parties).
+
+Masks are uniform b-bit words added modulo 2^b; pairs of opposite masks cancel in the sum.
+Integers are held as int64 tensors in [0, 2^b) while computing and stored as int32 or int16
+(the same b bits). Pure torch.
 """
 
 from __future__ import annotations
 
 import torch
 
-MODULUS = 2**32
+WORD_BITS = (16, 32)
+MODULUS = 2**32  # the 32-bit words' modulus (the default width)
 HALF = 2**31
+# Every party's value range gets at least this many levels on either side of 0 (8 bits).
+MIN_LEVELS = 255
+STORED_DTYPES = {16: torch.int16, 32: torch.int32}
 
 
-def scale_for(clip: float, parties: int) -> int:
-    """s = floor((2^31 - 1) / (parties * clip)): the largest scale whose sum cannot wrap."""
-    if not clip > 0 or parties < 1:
-        raise ValueError("the clip must be > 0 and the parties at least one")
-    scale = int((HALF - 1) // (parties * clip))
+def _check_bits(bits: int) -> None:
+    if bits not in WORD_BITS:
+        raise ValueError(f"fixed-point words are 16 or 32 bits, not {bits}")
+
+
+def modulus(bits: int = 32) -> int:
+    """2^b: what the words are taken modulo."""
+    _check_bits(bits)
+    return 2**bits
+
+
+def levels(parties: int, bits: int = 32) -> int:
+    """L = floor((2^(b-1) - 1) / parties): the largest |integer| one of `parties` may add."""
+    _check_bits(bits)
+    if parties < 1:
+        raise ValueError("the parties must be at least one")
+    return (2 ** (bits - 1) - 1) // parties
+
+
+def max_parties(bits: int) -> int:
+    """The most parties whose sum of b-bit words keeps MIN_LEVELS levels each (16 bits: 128)."""
+    _check_bits(bits)
+    return (2 ** (bits - 1) - 1) // MIN_LEVELS
+
+
+def scale_for(clip: float, parties: int, bits: int = 32) -> int:
+    """s = floor(L / X), L = levels(parties, bits): the largest scale whose sum cannot wrap."""
+    if not clip > 0:
+        raise ValueError("the clip must be > 0")
+    scale = int(levels(parties, bits) // clip)
     if scale < 1:
         raise ValueError(f"a clip of {clip:g} over {parties} parties leaves no fixed-point precision")
     return scale
 
 
-def encode(values: torch.Tensor, scale: int) -> torch.Tensor:
-    """float tensor (any shape) -> int64 words in [0, 2^32): round(x * scale) mod 2^32."""
+def encode(values: torch.Tensor, scale: int, bits: int = 32) -> torch.Tensor:
+    """float tensor (any shape) -> int64 words in [0, 2^b): round(x * scale) mod 2^b."""
     integers = torch.round(values.double() * scale).to(torch.int64)
-    return torch.remainder(integers, MODULUS)
+    return torch.remainder(integers, modulus(bits))
 
 
-def add(words: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """(words + other) mod 2^32, both int64 in [0, 2^32)."""
-    return torch.remainder(words + other, MODULUS)
+def add(words: torch.Tensor, other: torch.Tensor, bits: int = 32) -> torch.Tensor:
+    """(words + other) mod 2^b, both int64 in [0, 2^b)."""
+    return torch.remainder(words + other, modulus(bits))
 
 
-def subtract(words: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """(words - other) mod 2^32, both int64 in [0, 2^32)."""
-    return torch.remainder(words - other, MODULUS)
+def subtract(words: torch.Tensor, other: torch.Tensor, bits: int = 32) -> torch.Tensor:
+    """(words - other) mod 2^b, both int64 in [0, 2^b)."""
+    return torch.remainder(words - other, modulus(bits))
 
 
-def decode(words: torch.Tensor, scale: int) -> torch.Tensor:
-    """int64 words in [0, 2^32) -> float64: the word read as a signed 32-bit integer, / scale."""
-    signed = torch.where(words >= HALF, words - MODULUS, words)
-    return signed.double() / scale
+def decode(words: torch.Tensor, scale: int, bits: int = 32) -> torch.Tensor:
+    """int64 words in [0, 2^b) -> float64: the word read as a signed b-bit integer, / scale."""
+    return signed(words, bits).double() / scale
 
 
-def to_stored(words: torch.Tensor) -> torch.Tensor:
-    """int64 words in [0, 2^32) -> int32 with the same 32 bits (what a file stores)."""
-    return torch.where(words >= HALF, words - MODULUS, words).to(torch.int32)
+def signed(words: torch.Tensor, bits: int = 32) -> torch.Tensor:
+    """int64 words in [0, 2^b) -> int64 in [-2^(b-1), 2^(b-1)): the same b bits, signed."""
+    half = modulus(bits) // 2
+    return torch.where(words >= half, words - 2 * half, words)
 
 
-def from_stored(stored: torch.Tensor) -> torch.Tensor:
-    """int32 as stored -> int64 words in [0, 2^32)."""
-    return torch.remainder(stored.to(torch.int64), MODULUS)
+def to_stored(words: torch.Tensor, bits: int = 32) -> torch.Tensor:
+    """int64 words in [0, 2^b) -> int32 or int16 with the same b bits (what a file stores)."""
+    return signed(words, bits).to(STORED_DTYPES[bits])
+
+
+def from_stored(stored: torch.Tensor, bits: int = 32) -> torch.Tensor:
+    """int32 or int16 as stored -> int64 words in [0, 2^b)."""
+    return torch.remainder(stored.to(torch.int64), modulus(bits))

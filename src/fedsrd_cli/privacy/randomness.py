@@ -11,7 +11,7 @@ From the keystream:
   uniform:  u = (x >> 11 + 1) * 2^-53 for each 64-bit word x, so u is in (0, 1] with 53 bits
   normal:   Box-Muller, z = sqrt(-2 ln u1) * cos(2 pi u2), in float64
   Poisson sampling of n items at rate q: item i is taken when u_i < q (independently)
-  32-bit words: the keystream read 4 bytes at a time (little-endian)
+  32-bit words: the keystream read 4 bytes at a time (little-endian); 16-bit words: 2 bytes
 A key derived from a shared secret (trust/agreement.py) gives two parties the same words.
 """
 
@@ -55,11 +55,17 @@ class SecretRandom:
 
     def words32(self, count: int) -> torch.Tensor:
         """(count,) int64 holding uniform 32-bit words, in [0, 2^32) (secure aggregation's masks)."""
+        return self.words(count, 32)
+
+    def words(self, count: int, bits: int) -> torch.Tensor:
+        """(count,) int64 holding uniform `bits`-bit words (16 or 32), in [0, 2^bits): the keystream
+        read bits / 8 bytes at a time, little-endian."""
+        dtype = {16: torch.int16, 32: torch.int32}[bits]
         parts = []
         while count > 0:
             take = min(count, 2 * _MAX_BLOCK_WORDS)
-            raw = self._stream.update(bytes(take * 4))
-            parts.append(torch.frombuffer(bytearray(raw), dtype=torch.int32).to(torch.int64) % 2**32)
+            raw = self._stream.update(bytes(take * bits // 8))
+            parts.append(torch.frombuffer(bytearray(raw), dtype=dtype).to(torch.int64) % 2**bits)
             count -= take
         return torch.cat(parts) if len(parts) != 1 else parts[0]
 

@@ -8,6 +8,11 @@ A roster file is JSON:
      every masked value),
      "signer": "coordinator", "signer_key": "sha256:...", "signature": base64(...)}
 
+Version 2 adds "density" (the share of each projection's positions that every site sends, a
+public mask of the state's hash) and "word_bits" (16 or 32: the fixed-point word of each
+masked value). A roster of density 1 and 32-bit words is written as version 1, without them,
+so it is byte for byte what it was.
+
 Its hash is "sha256:" + hex(sha256(canonical JSON of every field but the three signature
 fields)), canonical = sorted keys, no spaces; the signature is the coordinator's Ed25519
 signature of b"fedsrd-roster-v1\\n" + that sha256 digest. Masks are derived from the hash
@@ -27,6 +32,7 @@ from pathlib import Path
 from fedsrd_cli.errors import ArtifactError, MismatchError, TrustError, UsageError
 from fedsrd_cli.files.atomic import write_bytes_atomic
 from fedsrd_cli.files.safetensors_io import short
+from fedsrd_cli.math import fixedpoint
 from fedsrd_cli.trust.signing import COORDINATOR, SigningKey, Trust, check_party_name, key_id
 
 SIGNATURE_FIELDS = ("signer", "signer_key", "signature")
@@ -34,6 +40,10 @@ MESSAGE_PREFIX = b"fedsrd-roster-v1\n"
 # A roster of one site would hand its update to the coordinator; sites refuse fewer than this.
 MIN_SITES_FLOOR = 2
 MAX_SITES = 100_000
+# The densest public mask below 1 that a roster may ask for, and the sparsest: a site keeps what
+# the mask drops and sends it later (error feedback), so a tiny density only delays its update.
+MIN_DENSITY = 0.01
+DENSE, WIDE = 1.0, 32  # version 1's implicit density and word width
 
 
 @dataclass(frozen=True)
@@ -43,16 +53,24 @@ class Roster:
     sites: tuple[str, ...]
     attempt: int
     clip: float
+    density: float = DENSE
+    word_bits: int = WIDE
+
+    @property
+    def version(self) -> int:
+        return 1 if (self.density, self.word_bits) == (DENSE, WIDE) else 2
 
     def body(self) -> dict:
+        extra = {} if self.version == 1 else {"density": self.density, "word_bits": self.word_bits}
         return {
             "kind": "fedsrd-roster",
-            "version": 1,
+            "version": self.version,
             "round": self.round,
             "state": self.state,
             "sites": list(self.sites),
             "attempt": self.attempt,
             "clip": self.clip,
+            **extra,
         }
 
     @property
@@ -71,7 +89,15 @@ class Roster:
         return 1.0 / len(self.sites)
 
 
-def make_roster(state_hash: str, round_index: int, sites: list[str], attempt: int, clip: float) -> Roster:
+def make_roster(
+    state_hash: str,
+    round_index: int,
+    sites: list[str],
+    attempt: int,
+    clip: float,
+    density: float = DENSE,
+    word_bits: int = WIDE,
+) -> Roster:
     """A roster, its values checked (UsageError)."""
     for site in sites:
         check_party_name(site, "--sites")
@@ -83,7 +109,24 @@ def make_roster(state_hash: str, round_index: int, sites: list[str], attempt: in
         raise UsageError(f"--attempt must be in [1, 1,000], got {attempt}")
     if not (math.isfinite(clip) and 0 < clip <= 1e6):
         raise UsageError(f"--clip must be in (0, 1,000,000], got {clip}")
-    return Roster(round_index, state_hash, tuple(sorted(sites)), attempt, float(clip))
+    if not (math.isfinite(density) and MIN_DENSITY <= density <= 1.0):
+        raise UsageError(f"--secure-density must be in [{MIN_DENSITY}, 1], got {density}")
+    if word_bits not in fixedpoint.WORD_BITS:
+        raise UsageError(f"--word-bits must be 16 or 32, got {word_bits}")
+    if len(sites) > fixedpoint.max_parties(word_bits):
+        raise UsageError(
+            f"{word_bits}-bit words hold the sum of at most {fixedpoint.max_parties(word_bits):,} sites"
+            f" at {fixedpoint.MIN_LEVELS} levels each; {len(sites)} need --word-bits 32"
+        )
+    roster = Roster(
+        round_index, state_hash, tuple(sorted(sites)), attempt, float(clip), float(density), word_bits
+    )
+    if not _has_precision(roster):
+        raise UsageError(
+            f"--clip {clip:g} over {len(sites)} sites leaves no precision in {word_bits}-bit words:"
+            " lower --clip or use --word-bits 32"
+        )
+    return roster
 
 
 def write_roster(path: str | os.PathLike, roster: Roster, signer: SigningKey, force: bool = False) -> None:
@@ -114,6 +157,8 @@ def read_roster(path: str | os.PathLike, trust: Trust) -> Roster:
             tuple(str(s) for s in data["sites"]),
             int(data["attempt"]),
             float(data["clip"]),
+            float(data.get("density", DENSE)),
+            int(data.get("word_bits", WIDE)),
         )
         signed = (data["signer"], data["signer_key"], base64.b64decode(data["signature"], validate=True))
         known = (data["kind"], data["version"])
@@ -121,8 +166,23 @@ def read_roster(path: str | os.PathLike, trust: Trust) -> Roster:
         raise ArtifactError(f"{path}: no such roster file") from None
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ArtifactError(f"{path}: not a readable roster ({type(err).__name__}: {err})") from None
-    if known != ("fedsrd-roster", 1) or set(data) != {*roster.body(), *SIGNATURE_FIELDS}:
-        raise ArtifactError(f"{path}: not a fedsrd roster (version 1)")
+    if known[0] != "fedsrd-roster" or known[1] not in (1, 2):
+        raise ArtifactError(f"{path}: not a fedsrd roster (version 1 or 2)")
+    if known[1] != roster.version or set(data) != {*roster.body(), *SIGNATURE_FIELDS}:
+        raise ArtifactError(
+            f"{path}: not a fedsrd roster of version {known[1]} (its fields or its density and word"
+            " width do not match its version)"
+        )
+    if not (MIN_DENSITY <= roster.density <= 1.0) or roster.word_bits not in fixedpoint.WORD_BITS:
+        raise ArtifactError(
+            f"{path}: density {roster.density} or word width {roster.word_bits} is outside what a"
+            f" roster may ask ([{MIN_DENSITY}, 1]; 16 or 32 bits)"
+        )
+    if len(roster.sites) > fixedpoint.max_parties(roster.word_bits) or not _has_precision(roster):
+        raise ArtifactError(
+            f"{path}: {len(roster.sites)} sites at clip {roster.clip:g} do not fit {roster.word_bits}-bit"
+            " words (the sum could wrap, or no precision is left)"
+        )
     if list(roster.sites) != sorted(set(roster.sites)) or len(roster.sites) < MIN_SITES_FLOOR:
         raise ArtifactError(
             f"{path}: its sites are not a sorted list of at least {MIN_SITES_FLOOR} distinct ids"
@@ -141,6 +201,14 @@ def read_roster(path: str | os.PathLike, trust: Trust) -> Roster:
             f"{path}: the coordinator's signature does not verify (modified after signing)"
         ) from None
     return roster
+
+
+def _has_precision(roster: Roster) -> bool:
+    try:
+        fixedpoint.scale_for(roster.clip, len(roster.sites), roster.word_bits)
+    except ValueError:
+        return False
+    return True
 
 
 def check_roster_for(roster: Roster, state_hash: str, round_index: int, where: str) -> None:

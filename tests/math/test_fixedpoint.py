@@ -1,0 +1,57 @@
+"""Fixed point modulo 2^b (math/fixedpoint.py): the sum of the parties' words never wraps, at the
+most parties a word width allows, and decodes to the plain integer sum."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedsrd_cli.math import fixedpoint
+from fedsrd_cli.trust.roster import MAX_SITES
+
+
+@pytest.mark.parametrize("bits", [16, 32])
+def test_the_sum_at_the_extremes_of_the_most_parties_does_not_wrap(bits):
+    parties = min(fixedpoint.max_parties(bits), MAX_SITES)  # the most a roster of this width allows
+    clip = 0.37  # not a power of two: X * s is not a whole number
+    scale = fixedpoint.scale_for(clip, parties, bits)
+    assert parties * fixedpoint.levels(parties, bits) <= 2 ** (bits - 1) - 1
+    assert fixedpoint.levels(parties, bits) >= fixedpoint.MIN_LEVELS
+    for sign in (1.0, -1.0):
+        values = torch.full((parties, 3), sign * clip, dtype=torch.float64)  # every party at +-X
+        values[:, 1] *= 0.999999  # just inside, rounding up where it can
+        values[:, 2] = sign * (torch.arange(parties) % 7 + 0.5).double() / 7 * clip
+        words = fixedpoint.encode(values, scale, bits)  # (parties, 3)
+        total = words[0]
+        for row in words[1:]:
+            total = fixedpoint.add(total, row, bits)
+        plain = torch.round(values * scale).to(torch.int64).sum(dim=0)  # the integer sum, no modulus
+        assert torch.equal(fixedpoint.signed(total, bits), plain)  # read back without a wrap
+        decoded = fixedpoint.decode(total, scale, bits)
+        assert float((decoded - values.sum(dim=0)).abs().max()) <= parties / (2 * scale) + 1e-12
+
+
+def test_sixteen_bits_hold_128_parties_and_no_more():
+    assert fixedpoint.max_parties(16) == 128
+    assert fixedpoint.levels(128, 16) == 255
+    assert fixedpoint.levels(129, 16) < fixedpoint.MIN_LEVELS
+
+
+@pytest.mark.parametrize("bits", [16, 32])
+def test_stored_words_round_trip_and_masks_cancel(bits):
+    gen = torch.Generator().manual_seed(0)
+    modulus = fixedpoint.modulus(bits)
+    words = torch.randint(0, modulus, (1000,), generator=gen, dtype=torch.int64)
+    stored = fixedpoint.to_stored(words, bits)
+    assert stored.dtype == fixedpoint.STORED_DTYPES[bits]
+    assert torch.equal(fixedpoint.from_stored(stored, bits), words)
+    mask = torch.randint(0, modulus, (1000,), generator=gen, dtype=torch.int64)
+    masked = fixedpoint.add(words, mask, bits)
+    assert torch.equal(fixedpoint.subtract(masked, mask, bits), words)
+
+
+def test_no_precision_is_refused():
+    with pytest.raises(ValueError, match="no fixed-point precision"):
+        fixedpoint.scale_for(1e6, 128, 16)
+    with pytest.raises(ValueError, match="16 or 32"):
+        fixedpoint.levels(4, 24)
