@@ -1,13 +1,15 @@
 """Secure rounds on Llama-3.2-3B shapes: what masking costs a site and summing costs the coordinator.
 
-    python benchmarks/secure.py [--layers 1] [--sites 4 64] [--workdir DIR]
+    python benchmarks/secure.py [--layers 1] [--sites 4 64] [--secure-density 1] [--word-bits 32]
+                                [--workdir DIR]
 
 Shapes and synthetic states as benchmarks/coordinator.py (r = 64 on the 7 linear modules of
 each decoder layer). For each number of sites n it builds n local states, then measures, in this
 run and on the same files:
 
 1. a site's masked upload (algorithms.secure.masked_upload: its projection, fixed point and
-   n - 1 pairwise masks), seconds and bytes, against its plain FedSRD upload (Method.upload);
+   n - 1 pairwise masks, at the roster's public positions and word width), seconds and bytes,
+   against its plain FedSRD upload (Method.upload);
 2. the coordinator's secure aggregate (algorithms.secure.secure_aggregate: read the n masked
    uploads, sum modulo 2^32, decode, lift) against the plain FedSRD-e aggregate of the n plain
    uploads (Method.aggregate), seconds and the ratio.
@@ -54,6 +56,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--sites", type=int, nargs="+", default=[4, 64])
     parser.add_argument("--clip", type=float, default=1.0)
+    parser.add_argument("--secure-density", type=float, default=1.0)
+    parser.add_argument("--word-bits", type=int, default=32)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     root = args.workdir or Path(tempfile.mkdtemp(prefix="fedsrd-secure-bench-"))
@@ -63,20 +67,26 @@ def main() -> None:
     state = read_artifact(global_path)
     fedsrd, fedsrd_e = get_algorithm("fedsrd"), get_algorithm("fedsrd-e")
     print(f"Llama-3.2-3B shapes, {args.layers} decoder layer(s), r = 64 (28 layers: x{28 / args.layers:g})")
+    print(f"rosters: density {args.secure_density:g}, {args.word_bits}-bit words")
     for n in args.sites:
         folder = root / f"sites-{n}"
         folder.mkdir(exist_ok=True)
         names = [f"site-{i:03d}" for i in range(n)]
         keys = {name: AgreementKey(name, X25519PrivateKey.generate()) for name in names}
         published = {name: key.public for name, key in keys.items()}
-        roster = make_roster(state.header.content_hash, state.header.round + 1, names, 1, args.clip)
+        roster = make_roster(
+            state.header.content_hash, state.header.round + 1, names, 1, args.clip,
+            args.secure_density, args.word_bits,
+        )  # fmt: skip
         masked_paths, plain_paths, mask_seconds, plain_seconds = [], [], [], []
         for i, name in enumerate(names):
             local_path = folder / f"local-{name}.safetensors"
             if not local_path.exists():
                 build_local(global_path, local_path, seed=i + 1)
             local = read_local(local_path)
-            seconds, payload = timed(masked_upload, state, local, name, 1, roster, keys[name], published)
+            seconds, (payload, _left) = timed(
+                masked_upload, state, local, name, 1, roster, keys[name], published
+            )
             mask_seconds.append(seconds)
             masked_paths.append(folder / f"masked-{name}.safetensors")
             write_artifact(masked_paths[-1], payload.header, payload.tensors, force=True)

@@ -121,6 +121,11 @@ LIMITS: dict[str, Limit] = {
     "--min-sites": Limit(2, 100_000),
     "--clip": _open_low(1e6),
     "--secure-clip": _open_low(1e6),
+    # the public positions' share, and the fixed-point words (16 or 32: the roster checks which)
+    "--secure-density": Limit(0.01, 1),
+    "--min-density": Limit(0.01, 1),
+    "--word-bits": Limit(16, 32),
+    "--min-word-bits": Limit(16, 32),
     "--attempt": Limit(1, 1_000),
     # differential privacy
     "--dp-epsilon": _open_low(EPSILON_MAX),

@@ -32,6 +32,11 @@ SITES = ("site-a", "site-b", "site-c")
 
 @pytest.fixture
 def world(tmp_path: Path, global_path: Path):
+    return build_world(tmp_path, global_path)
+
+
+def build_world(tmp_path: Path, global_path: Path) -> dict:
+    """Keys and trust for the coordinator and SITES, and a simulated local state per site."""
     keys, trust_dir = tmp_path / "keys", tmp_path / "trust"
     trust_dir.mkdir()
     for party in ("coordinator", *SITES):
@@ -53,18 +58,25 @@ def world(tmp_path: Path, global_path: Path):
     }
 
 
-def signed_roster(world, sites=SITES, attempt=1, clip=1.0):
+def signed_roster(world, sites=SITES, attempt=1, clip=1.0, density=1.0, word_bits=32):
     g = world["g"]
-    roster = make_roster(g.header.content_hash, g.header.round + 1, list(sites), attempt, clip)
+    roster = make_roster(
+        g.header.content_hash, g.header.round + 1, list(sites), attempt, clip, density, word_bits
+    )
     path = world["tmp"] / f"roster-{attempt}.json"
     write_roster(path, roster, SigningKey.load(world["keys"] / "coordinator.key"), force=True)
     return read_roster(path, world["trust"])
 
 
-def masked(world, site, roster):
+def masked(world, site, roster, carried=None, left=None):
+    """The site's masked upload, read back; `left` (a dict) receives what it left behind."""
     key = AgreementKey.load(world["keys"] / f"{site}.agreement.key")
     published = {s: published_key(world["trust"], s) for s in roster.sites}
-    payload = masked_upload(world["g"], read_local(world["locals"][site]), site, 10, roster, key, published)
+    payload, kept = masked_upload(
+        world["g"], read_local(world["locals"][site]), site, 10, roster, key, published, carried
+    )
+    if left is not None:
+        left.update(kept)
     return read_artifact(write(payload, world["tmp"] / f"up-{site}-{roster.attempt}.safetensors"))
 
 

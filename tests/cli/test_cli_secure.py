@@ -35,6 +35,10 @@ def test_the_example_secure_round_with_a_dropout_completes(tiny_model, tmp_path)
 
 @pytest.fixture
 def world(tmp_path: Path) -> dict:
+    return build_world(tmp_path)
+
+
+def build_world(tmp_path: Path) -> dict:
     """Keys of the coordinator and three sites (identity and agreement), a signed round-0
     state, each site's simulated local state, and a signed roster of the three."""
     keys, trust = tmp_path / "keys", tmp_path / "trust"

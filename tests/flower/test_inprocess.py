@@ -23,10 +23,12 @@ from typer.testing import CliRunner  # noqa: E402
 from fedsrd_cli.algorithms import ALGORITHMS  # noqa: E402
 from fedsrd_cli.cli import app  # noqa: E402
 from fedsrd_cli.files.artifacts import read_artifact  # noqa: E402
+from fedsrd_cli.files.residual import read_residual  # noqa: E402
 from fedsrd_cli.flower import wire  # noqa: E402
 from fedsrd_cli.flower.apps import client_app  # noqa: E402
 from fedsrd_cli.flower.coordinator import Coordinator, sample_clients  # noqa: E402
 from fedsrd_cli.flower.settings import ServerSettings  # noqa: E402
+from fedsrd_cli.flower.site import SECURE_RESIDUAL  # noqa: E402
 from fedsrd_cli.flower.strategy import FedSRDStrategy  # noqa: E402
 
 from ..conftest import TINY_RECORDS, write_jsonl  # noqa: E402
@@ -352,7 +354,8 @@ def test_a_secure_round_on_flower_re_issues_the_roster_when_a_site_drops(
 ) -> None:
     """Secure rounds over Flower Messages, with the files of `sparsify --secure`: carol's first
     reply is lost, the coordinator signs a roster of alice and bob, they mask again, and every
-    node follows the broadcast."""
+    node follows the broadcast. The rosters send 16-bit words at half the positions: each site
+    keeps the rest in its state folder, and round 2 sends it."""
     clients = ["alice", "bob", "carol"]
     keys = make_keys(tmp_path, clients, run_cli)
     for client in clients:
@@ -383,8 +386,10 @@ def test_a_secure_round_on_flower_re_issues_the_roster_when_a_site_drops(
     settings = {
         "method": "fedsrd-e",
         "secure": True,
+        "secure-density": 0.5,
+        "word-bits": 16,
         "clients": ",".join(clients),
-        "rounds": 1,
+        "rounds": 2,
         "sign-key": str(keys["keys"] / "coordinator.key"),
         "trust": str(keys["trust-server"]),
     }
@@ -396,8 +401,12 @@ def test_a_secure_round_on_flower_re_issues_the_roster_when_a_site_drops(
     assert (
         out / "round-1" / "attempt-1" / "upload-alice.safetensors"
     ).is_file()  # the first mask, superseded
-    final = read_artifact(out / "global-r1.safetensors", kind="state").header.content_hash
+    upload = read_artifact(out / "round-1" / "upload-alice.safetensors")
+    assert upload.header.info["secure"]["word_bits"] == 16 and upload.header.info["secure"]["density"] == 0.5
+    final = read_artifact(out / "global-r2.safetensors", kind="state").header.content_hash
     for client in clients:
-        assert (
-            read_artifact(tmp_path / f"site-{client}" / "global-r1.safetensors").header.content_hash == final
-        )
+        site = tmp_path / f"site-{client}"
+        assert read_artifact(site / "global-r2.safetensors").header.content_hash == final
+    for client in ("alice", "bob"):  # what round 1 left, which round 2 sent and replaced
+        kept = [read_residual(tmp_path / f"site-{client}" / f"round-{i}" / SECURE_RESIDUAL) for i in (1, 2)]
+        assert [k.round for k in kept] == [1, 2]

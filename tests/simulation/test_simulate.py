@@ -473,6 +473,31 @@ def test_simulate_secure_rounds(sim_inputs: dict[str, Path], tmp_path: Path) -> 
     assert "fedsrd-e alone" in wrong["output"]
 
 
+def test_simulate_sparse_secure_rounds_keep_each_clients_residual(
+    sim_inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    """--secure-density 0.3 --word-bits 16: 16-bit words at the public positions only, and each
+    client keeps a residual every round, which the next round sends (the rule itself is checked
+    in tests/algorithms/test_secure_sparse.py)."""
+    out = tmp_path / "sparse"
+    args = [a if a != "fedsrd,fedavg" else "fedsrd-e" for a in sim_args(sim_inputs, out, 2)]
+    summary = run_cli(*args, "--secure", "--secure-density", "0.3", "--word-bits", "16")
+    rows = json.loads(Path(summary["results"]).read_text())["runs"]["fedsrd-e"]["0"]
+    assert rows[-1]["mean_eval_loss"] < rows[0]["mean_eval_loss"]
+    work = out / "work" / "fedsrd-e" / "seed-0"
+    upload = read_artifact(work / "round-1" / "upload-alice.safetensors")
+    assert upload.header.info["secure"]["density"] == 0.3
+    assert all(upload.dtypes[n] == torch.int16 and len(upload.shapes[n]) == 1 for n in upload.names)
+    words = sum(math.prod(shape) for shape in upload.shapes.values())
+    assert 2 * words < rows[1]["upload_bytes"] < 2 * words + 100_000  # 2 bytes a word, plus the header
+    for index in (1, 2):
+        assert (work / f"round-{index}" / "residual-alice.safetensors").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert (config["secure_density"], config["word_bits"]) == (0.3, 16)
+    wrong = run_cli(*sim_args(sim_inputs, tmp_path / "wrong", 1), "--word-bits", "16", code=2)
+    assert "add --secure" in wrong["output"]
+
+
 def test_every_round_records_upload_and_mean_update_fidelity(
     sim_inputs: dict[str, Path], tmp_path: Path
 ) -> None:

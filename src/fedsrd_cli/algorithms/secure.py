@@ -7,12 +7,21 @@ state depends on the sites' updates through
     S  = sum_i P_i,    P_i = w (B_i A_i - B A) A^T = w (B_i (A_i A^T) - B G)    (d_out, r)
 
 with w = 1 / (sites on the roster). Each site computes its P_i from its own thin factors,
-encodes it in fixed point modulo 2^32 (math.fixedpoint, the roster's range X) and adds a
-pairwise mask for every other site on the roster: + PRG(k_ij) if its name sorts before j's,
-- PRG(k_ij) otherwise (k_ij from X25519 and HKDF, trust/agreement.py). The masks cancel in the sum,
-so the coordinator decodes S to within n / (2 s) per element (s the fixed-point scale) and
-nothing else: one masked upload alone is uniformly distributed (the masks of the honest sites
-it shares are unknown to the coordinator).
+encodes it in fixed point modulo 2^b (math.fixedpoint: the roster's range X and word width b,
+16 or 32 bits) and adds a pairwise mask for every other site on the roster: + PRG(k_ij) if its
+name sorts before j's, - PRG(k_ij) otherwise (k_ij from X25519 and HKDF, trust/agreement.py).
+The masks cancel in the sum, so the coordinator decodes S to within n / (2 s) per element (s the
+fixed-point scale) and nothing else: one masked upload alone is uniformly distributed (the
+masks of the honest sites it shares are unknown to the coordinator).
+
+Below density 1 (a version-2 roster), every site sends the same positions of each module's
+projection: a seeded mask of the global state's hash (`public_positions`), public and
+independent of any site's data, so it tells nothing. The site owes O = P + R, its projection
+plus R, what earlier rounds' positions left out; it sends w O at the positions and keeps
+O at the others as its next R (error feedback; post-processing of its update, so under
+record-level DP it costs no budget). S is then the sum at the positions and 0 elsewhere. R is a
+projection on A's row space, so it carries over while A is unchanged, which secure rounds
+(B updates only) keep.
 
 The coordinator writes S as an ordinary FedSRD-e aggregate whose projection on A's row space
 is exact, W' = B A + S G^-1 A (left [B, S G^-1], right [A; A]): W' A^T = B G + S, so
@@ -24,8 +33,10 @@ updates and the update error, which need all of W, are therefore refused or not 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -40,15 +51,17 @@ from fedsrd_cli.algorithms.protocol import (
     round_header,
 )
 from fedsrd_cli.config import PRIVATE_METHOD, AggregateConfig
-from fedsrd_cli.errors import MismatchError, StaleUploadError
+from fedsrd_cli.errors import MismatchError, StaleUploadError, UsageError
 from fedsrd_cli.files import naming
 from fedsrd_cli.files.adapters import LocalAdapter
 from fedsrd_cli.files.artifacts import Artifact
-from fedsrd_cli.files.safetensors_io import short
+from fedsrd_cli.files.residual import Residual
+from fedsrd_cli.files.safetensors_io import content_hash, short
 from fedsrd_cli.math import fixedpoint
+from fedsrd_cli.math.masks import count_kept, seeded_keep_mask, text_seed
 from fedsrd_cli.privacy.randomness import SecretRandom
 from fedsrd_cli.trust.agreement import AgreementKey
-from fedsrd_cli.trust.roster import Roster, check_roster_for
+from fedsrd_cli.trust.roster import MIN_DENSITY, MIN_SITES_FLOOR, Roster, check_roster_for
 
 SECURE_METHOD = PRIVATE_METHOD  # FedSRD-e: no rank truncation, so the B update is linear in the uploads
 
@@ -61,6 +74,63 @@ def projection(global_state: Artifact, local: LocalAdapter, module: str) -> torc
     return b_new @ (a_new @ a_prev.mT) - b_prev @ (a_prev @ a_prev.mT)
 
 
+@dataclass(frozen=True)
+class SecureFloor:
+    """What a site accepts of a roster: at least `min_sites` sites (2 at the least: one site's
+    sum is its update), a density of at least `min_density` and words of at least
+    `min_word_bits` bits (`sparsify --min-sites --min-density --min-word-bits`)."""
+
+    min_sites: int = MIN_SITES_FLOOR
+    min_density: float = MIN_DENSITY
+    min_word_bits: int = 16
+
+    def __post_init__(self) -> None:
+        if self.min_sites < MIN_SITES_FLOOR:
+            raise UsageError(f"--min-sites must be at least {MIN_SITES_FLOOR}, got {self.min_sites}")
+        if not (math.isfinite(self.min_density) and MIN_DENSITY <= self.min_density <= 1.0):
+            raise UsageError(f"--min-density must be in [{MIN_DENSITY}, 1], got {self.min_density}")
+        if self.min_word_bits not in fixedpoint.WORD_BITS:
+            raise UsageError(f"--min-word-bits must be 16 or 32, got {self.min_word_bits}")
+
+    def check(self, roster: Roster) -> None:
+        """MismatchError, in one line, for a roster below this floor."""
+        if len(roster.sites) < self.min_sites:
+            raise MismatchError(
+                f"the roster lists {len(roster.sites)} sites, fewer than --min-sites {self.min_sites}:"
+                " with so few sites the sum tells too much about each one"
+            )
+        if roster.density < self.min_density:
+            raise MismatchError(
+                f"the roster's density {roster.density:g} is below this site's --min-density"
+                f" {self.min_density:g}: ask the coordinator for a denser roster"
+            )
+        if roster.word_bits < self.min_word_bits:
+            raise MismatchError(
+                f"the roster's {roster.word_bits}-bit words are narrower than this site's"
+                f" --min-word-bits {self.min_word_bits}: ask the coordinator for --word-bits"
+                f" {self.min_word_bits}"
+            )
+
+
+def public_positions(state_hash: str, module: str, shape: torch.Size, density: float) -> torch.Tensor | None:
+    """The positions of `module`'s projection that every site of the round sends: a bool mask of
+    `shape` (d_out, r), each position kept with probability `density`, drawn from a seed of the
+    global state's hash alone (math.masks.seeded_keep_mask), so it is public and depends on no
+    site's data. None at density 1: every position."""
+    if density >= 1.0:
+        return None
+    seed = text_seed(f"{state_hash}:secure_positions")
+    return seeded_keep_mask(seed, naming.masked_key(module), tuple(shape), 1.0 - density)
+
+
+@functools.lru_cache(maxsize=4096)
+def _kept(state_hash: str, module: str, shape: tuple[int, ...], density: float) -> int:
+    """How many of `module`'s positions the round sends (public_positions' count), drawn once per
+    round and module however many uploads are checked."""
+    seed = text_seed(f"{state_hash}:secure_positions")
+    return count_kept(seed, naming.masked_key(module), math.prod(shape), 1.0 - density)
+
+
 def masked_upload(
     global_state: Artifact,
     local: LocalAdapter,
@@ -69,13 +139,19 @@ def masked_upload(
     roster: Roster,
     key: AgreementKey,
     published: Mapping[str, bytes],
-) -> Payload:
-    """A site's masked upload for `roster` (module docstring).
+    carried: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[Payload, dict[str, torch.Tensor]]:
+    """A site's masked upload for `roster` (module docstring), and what it leaves behind.
 
+    The site owes O = P + R per module (d_out, r): its projection P plus R, what earlier rounds'
+    public positions left out (`carried`, unweighted; none in its first round). It sends
+    w O at the roster's public positions (all of them at density 1) and keeps the rest,
+    O * (1 - positions), for its next round (error feedback): the returned {module: (d_out, r)},
+    empty at density 1.
     published: every other roster site's X25519 public key (agreement.published_key).
-    MismatchError when a projected value of any module is outside the roster's range X: the
-    roster does not fit this update (nothing is written; the message names the smallest --clip
-    that holds every module, for the coordinator's next roster).
+    MismatchError when a sent value of any module is outside the roster's range X: the roster
+    does not fit this update (nothing is written; the message names the smallest --clip that
+    holds every module, for the coordinator's next roster).
     """
     check_local(global_state, local)
     head = global_state.header
@@ -84,10 +160,22 @@ def masked_upload(
         raise MismatchError(
             f"the roster of round {roster.round} lists {', '.join(roster.sites)}, not {client!r}"
         )
-    scale = fixedpoint.scale_for(roster.clip, len(roster.sites))
+    bits = roster.word_bits
+    scale = fixedpoint.scale_for(roster.clip, len(roster.sites), bits)
     modules = global_state.modules()
-    values = {module: projection(global_state, local, module) * roster.weight for module in modules}
-    largest = {module: float(v.abs().max()) for module, v in values.items()}  # (d_out, r) each
+    values: dict[str, torch.Tensor] = {}  # what is sent: w O at the public positions
+    left: dict[str, torch.Tensor] = {}
+    for module in modules:
+        owed = projection(global_state, local, module)  # (d_out, r)
+        if carried is not None and module in carried:
+            owed = owed + carried[module].double()
+        positions = public_positions(head.content_hash, module, owed.shape, roster.density)
+        if positions is None:
+            values[module] = owed * roster.weight  # (d_out, r)
+        else:
+            values[module] = owed[positions] * roster.weight  # (kept,)
+            left[module] = owed.masked_fill(positions, 0.0)
+    largest = {module: float(v.abs().max()) if v.numel() else 0.0 for module, v in values.items()}
     worst = max(modules, key=largest.__getitem__)
     if largest[worst] > roster.clip:
         raise MismatchError(
@@ -95,18 +183,18 @@ def masked_upload(
             f" {roster.clip:g}; ask the coordinator for a roster with --clip at least"
             f" {_round_up(largest[worst]):.3g} (it holds every module)"
         )
-    words = {module: fixedpoint.encode(v, scale) for module, v in values.items()}  # int64 in [0, 2^32)
+    words = {module: fixedpoint.encode(v, scale, bits) for module, v in values.items()}  # [0, 2^b)
     count = sum(w.numel() for w in words.values())
     for other in roster.sites:
         if other == client:
             continue
-        stream = SecretRandom(key.mask_key(other, published[other], roster.hash)).words32(count)
+        stream = SecretRandom(key.mask_key(other, published[other], roster.hash)).words(count, bits)
         offset = 0
         for module in modules:
             n = words[module].numel()
             mask = stream[offset : offset + n].reshape(words[module].shape)
             combine = fixedpoint.add if client < other else fixedpoint.subtract
-            words[module] = combine(words[module], mask)
+            words[module] = combine(words[module], mask, bits)
             offset += n
     header = round_header(
         global_state,
@@ -120,8 +208,8 @@ def masked_upload(
         },
         privacy=upload_privacy(local.header),
     )
-    tensors = {naming.masked_key(m): fixedpoint.to_stored(w) for m, w in words.items()}
-    return Payload(header, tensors)
+    tensors = {naming.masked_key(m): fixedpoint.to_stored(w, bits) for m, w in words.items()}
+    return Payload(header, tensors), left
 
 
 def _round_up(value: float, digits: int = 3) -> float:
@@ -131,14 +219,63 @@ def _round_up(value: float, digits: int = 3) -> float:
 
 
 def secure_info(roster: Roster, scale: int) -> dict:
+    """info.secure of a masked upload and a secure aggregate (density and word width from a
+    version-2 roster on)."""
     return {
         "roster": roster.hash,
         "attempt": roster.attempt,
         "sites": list(roster.sites),
         "clip": roster.clip,
         "scale": scale,
-        "modulus": fixedpoint.MODULUS,
+        "modulus": fixedpoint.modulus(roster.word_bits),
+        **({} if roster.version == 1 else {"density": roster.density, "word_bits": roster.word_bits}),
     }
+
+
+def a_factors_hash(global_state: Artifact) -> str:
+    """Content hash of the state's A factors: a residual is kept against them."""
+    return content_hash(
+        {naming.factor_key(m, "A"): global_state.factors(m)[0] for m in global_state.modules()}
+    )
+
+
+def carried_residual(
+    residual: Residual, global_state: Artifact, client: str, where: str
+) -> dict[str, torch.Tensor]:
+    """{module: R (d_out, r)} of the site's residual of an earlier round, checked against this
+    round (MismatchError): the same site, an earlier round, the same A factors and shapes."""
+    head = global_state.header
+    if residual.client != client:
+        raise MismatchError(f"{where}: is {residual.client!r}'s residual, not {client!r}'s")
+    if residual.round > head.round:
+        raise MismatchError(
+            f"{where}: was left by round {residual.round}; round {head.round + 1} sends only a residual"
+            " of an earlier round"
+        )
+    if residual.a_factors != a_factors_hash(global_state):
+        raise MismatchError(
+            f"{where}: was kept against other A factors than {describe_state(global_state)}'s (a round"
+            " that changed A came between), so it no longer adds up; leave --residual-in out to start"
+            " afresh (what it held is dropped)"
+        )
+    modules = set(global_state.modules())
+    if set(residual.modules) != modules:
+        raise MismatchError(f"{where}: holds other modules than the global state's")
+    for module, tensor in residual.modules.items():
+        shape = global_state.shapes[naming.factor_key(module, "B")]
+        if tensor.shape != shape:
+            raise MismatchError(f"{where}: {module}'s residual is {list(tensor.shape)}, not {list(shape)}")
+    return dict(residual.modules)
+
+
+def next_residual(global_state: Artifact, client: str, left: Mapping[str, torch.Tensor]) -> Residual:
+    """What this round's upload left behind, as the site keeps it (zeros at density 1)."""
+    head = global_state.header
+    modules = {
+        m: left[m] if m in left else torch.zeros(global_state.shapes[naming.factor_key(m, "B")])
+        for m in global_state.modules()
+    }
+    return Residual(client, head.round + 1, head.content_hash, a_factors_hash(global_state), modules)
 
 
 def check_masked_upload(global_state: Artifact, upload: Artifact, roster: Roster) -> None:
@@ -163,11 +300,30 @@ def check_masked_upload(global_state: Artifact, upload: Artifact, roster: Roster
         )
     if up.client_id not in roster.sites:
         raise MismatchError(f"{where}: client {up.client_id!r} is not on the roster")
+    scale = fixedpoint.scale_for(roster.clip, len(roster.sites), roster.word_bits)
+    if up.info["secure"] != secure_info(roster, scale):
+        raise MismatchError(
+            f"{where}: its fixed point or density ({_words_of(up.info['secure'])}) is not the roster's"
+            f" ({_words_of(secure_info(roster, scale))}): uploads of different densities or word"
+            " widths cannot be summed; the site must mask again with this fedsrd and roster"
+        )
     for module in global_state.modules():
         name = naming.masked_key(module)
-        expected = global_state.shapes[naming.factor_key(module, "B")]
+        shape = global_state.shapes[naming.factor_key(module, "B")]
+        expected = (
+            tuple(shape)
+            if roster.density >= 1.0
+            else (_kept(head.content_hash, module, shape, roster.density),)
+        )
         if upload.shapes.get(name) != expected:
             raise MismatchError(f"{where}: {name} is missing or not of shape {list(expected)}")
+
+
+def _words_of(secure: Mapping) -> str:
+    return (
+        f"density {secure.get('density', 1.0):g}, {secure.get('word_bits', 32)}-bit words,"
+        f" scale {secure.get('scale')}"
+    )
 
 
 def check_masked_uploads(global_state: Artifact, uploads: Sequence[Artifact], roster: Roster) -> None:
@@ -193,17 +349,27 @@ def check_masked_uploads(global_state: Artifact, uploads: Sequence[Artifact], ro
 def masked_sum(
     global_state: Artifact, uploads: Sequence[Artifact], roster: Roster
 ) -> dict[str, torch.Tensor]:
-    """{module: S (d_out, r) float64}: the uploads summed modulo 2^32 and decoded."""
-    scale = fixedpoint.scale_for(roster.clip, len(roster.sites))
+    """{module: S (d_out, r) float64}: the uploads summed modulo 2^b and decoded, 0 where the
+    round's public positions sent nothing."""
+    bits = roster.word_bits
+    scale = fixedpoint.scale_for(roster.clip, len(roster.sites), bits)
+    state_hash = global_state.header.content_hash
     sums = {}
     for module in global_state.modules():
         name = naming.masked_key(module)
         total = None
         for upload in uploads:
-            words = fixedpoint.from_stored(upload.tensor(name))
-            total = words if total is None else fixedpoint.add(total, words)
-        assert total is not None
-        sums[module] = fixedpoint.decode(total, scale)
+            words = fixedpoint.from_stored(upload.tensor(name), bits)
+            total = words if total is None else fixedpoint.add(total, words, bits)
+        if total is None:
+            raise MismatchError("a secure round sums at least one upload")
+        shape = global_state.shapes[naming.factor_key(module, "B")]
+        positions = public_positions(state_hash, module, shape, roster.density)
+        decoded = fixedpoint.decode(total, scale, bits)
+        if positions is None:
+            sums[module] = decoded  # (d_out, r)
+        else:
+            sums[module] = torch.zeros(shape, dtype=torch.float64).masked_scatter(positions, decoded)
     return sums
 
 
@@ -234,7 +400,9 @@ def secure_aggregate(
         method=SECURE_METHOD,
         info={
             "weighting": "uniform",
-            "secure": secure_info(roster, fixedpoint.scale_for(roster.clip, len(roster.sites))),
+            "secure": secure_info(
+                roster, fixedpoint.scale_for(roster.clip, len(roster.sites), roster.word_bits)
+            ),
             "clients": [
                 {"client_id": u.header.client_id, "upload": u.header.content_hash, "weight": roster.weight}
                 for u in uploads

@@ -96,6 +96,28 @@ def sparsify_cmd(
         int,
         typer.Option("--min-sites", help="Refuse a secure roster of fewer sites (at least 2)."),
     ] = 2,
+    min_density: Annotated[
+        float,
+        typer.Option("--min-density", help="Refuse a secure roster whose public positions are sparser."),
+    ] = 0.01,
+    min_word_bits: Annotated[
+        int,
+        typer.Option("--min-word-bits", help="Refuse a secure roster of narrower words (16 or 32 bits)."),
+    ] = 16,
+    residual_in: Annotated[
+        Path | None,
+        typer.Option(
+            "--residual-in",
+            help="Secure: what this site's last secure upload left out (its --residual-out), sent now.",
+        ),
+    ] = None,
+    residual_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--residual-out",
+            help="Secure: keep what this upload leaves out (a roster below density 1) for the next round.",
+        ),
+    ] = None,
     encrypt_to: EncryptToOpt = None,
     sign_key: SignKeyOpt = None,
     trust_dir: TrustOpt = None,
@@ -139,33 +161,33 @@ def sparsify_cmd(
         )
     if secure and (roster_path is None or agreement_key is None or trust is None):
         raise UsageError("--secure needs --roster, --agreement-key and --trust (the other sites' keys)")
-    if not secure and (roster_path is not None or agreement_key is not None):
-        raise UsageError("--roster and --agreement-key belong to a secure round: add --secure")
+    if not secure and (roster_path is not None or agreement_key is not None or residual_in or residual_out):
+        raise UsageError(
+            "--roster, --agreement-key and --residual-in/-out belong to a secure round: add --secure"
+        )
     if secure and method not in ("fedsrd", "fedsrd-e"):
         raise UsageError(f"a secure round runs FedSRD-e's route; --method {method} has no secure upload")
     seal = seal_for(encrypt_to, trust_dir)
-    ensure_writable(
-        out_path, force, [("--global", global_path), ("--local", local), ("--roster", roster_path)]
-    )
+    inputs = [("--global", global_path), ("--local", local), ("--roster", roster_path)]
+    inputs.append(("--residual-in", residual_in))
+    ensure_writable(out_path, force, inputs)
+    if residual_out is not None:
+        ensure_writable(residual_out, force, [*inputs, ("--out", out_path)])
     global_state = read_verified(global_path, "state", trust, accept=(COORDINATOR, client))
+    also = []
     if secure:
-        from fedsrd_cli.site.uploads import make_masked_upload, roster_keys
-        from fedsrd_cli.trust.agreement import AgreementKey
-        from fedsrd_cli.trust.roster import read_roster
+        from fedsrd_cli.algorithms.secure import SecureFloor
+        from fedsrd_cli.site.uploads import SecureFiles, secure_upload
 
         assert trust is not None and roster_path is not None and agreement_key is not None
-        key = AgreementKey.load(agreement_key)
-        if key.party != client:
-            raise UsageError(f"--agreement-key {agreement_key} is {key.party!r}'s, not {client!r}'s")
-        roster = read_roster(roster_path, trust)
-        published = roster_keys(trust, roster, client, key, f"--agreement-key {agreement_key}")
-        payload, samples = make_masked_upload(
-            global_state, local, client, samples, roster, key, published, max(min_sites, 2)
-        )
+        files = SecureFiles(roster_path, agreement_key, residual_in, residual_out)
+        floor = SecureFloor(max(min_sites, 2), min_density, min_word_bits)
+        payload, samples, kept = secure_upload(global_state, local, client, samples, files, trust, floor)
+        also = [kept] if kept is not None else []
     else:
         payload, samples = make_upload(global_state, local, client, samples, method, config, out.track)
     header = write_artifact(
-        out_path, payload.header, payload.tensors, force, sign=sign_with(signer), seal=seal
+        out_path, payload.header, payload.tensors, force, sign=sign_with(signer), also=also, seal=seal
     )
     if samples == 0:
         out.note("note: no sample count recorded; --weighting samples will refuse this upload")

@@ -98,6 +98,21 @@ def roster_cmd(
         int,
         typer.Option("--attempt", help="1, then 2, 3 ... when a site dropped out and the others mask again."),
     ] = 1,
+    secure_density: Annotated[
+        float,
+        typer.Option(
+            "--secure-density",
+            help="Share of each projection every site sends, at public positions of the state's hash;"
+            " each site keeps the rest and sends it later (sparsify --residual-out / --residual-in).",
+        ),
+    ] = 1.0,
+    word_bits: Annotated[
+        int,
+        typer.Option(
+            "--word-bits",
+            help="Fixed-point word of each masked value: 16 (up to 128 sites) or 32 bits.",
+        ),
+    ] = 32,
     trust_dir: TrustOpt = None,
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
@@ -118,7 +133,7 @@ def roster_cmd(
     ensure_writable(out_path, force, [("--global", global_path)])
     global_state = read_verified(global_path, "state", trust)
     head = global_state.header
-    roster = make_roster(head.content_hash, head.round + 1, names, attempt, clip)
+    roster = make_roster(head.content_hash, head.round + 1, names, attempt, clip, secure_density, word_bits)
     write_roster(out_path, roster, signer, force)
     out.result(
         {"path": str(out_path), "roster": roster.hash, **roster.body()},
@@ -128,6 +143,7 @@ def roster_cmd(
                 ("sites", ", ".join(roster.sites)),
                 ("hash", roster.hash.removeprefix("sha256:")[:12]),
                 ("clip", f"{roster.clip:g}"),
+                ("positions", f"density {roster.density:g}, {roster.word_bits}-bit words"),
             ]
         ),
     )

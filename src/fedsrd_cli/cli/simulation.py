@@ -351,6 +351,16 @@ def simulate_cmd(
     secure_clip: Annotated[
         float, typer.Option("--secure-clip", help="The secure rounds' fixed-point range (roster --clip).")
     ] = 1.0,
+    secure_density: Annotated[
+        float,
+        typer.Option(
+            "--secure-density",
+            help="The secure rounds' public positions (roster --secure-density); each client keeps the rest.",
+        ),
+    ] = 1.0,
+    word_bits: Annotated[
+        int, typer.Option("--word-bits", help="The secure rounds' fixed-point words, 16 or 32 bits.")
+    ] = 32,
     task_metrics: MetricsOpt = False,
     metrics_max_new_tokens: Annotated[
         int | None,
@@ -497,6 +507,8 @@ def simulate_cmd(
         organisation_dp=organisation_dp,
         secure=secure,
         secure_clip=secure_clip,
+        secure_density=secure_density,
+        word_bits=word_bits,
         task_metrics=task_metrics,
         metrics_max_new_tokens=metrics_max_new_tokens,
         base_quantization=base_quantization,

@@ -33,10 +33,14 @@ from fedsrd_cli.privacy.ledger import parse_privacy
 # Version 4 added quantized upload values (int8 / int4 codes with X.scales, info.value_dtype):
 # only such uploads are written as version 4, so an fp32/bf16/fp16 upload is byte for byte what
 # it was, and an older fedsrd refuses a quantized upload with "upgrade" instead of misreading it.
+# Version 5 added sparse and narrow masked uploads (a version-2 roster's density and word width,
+# info.secure.density and word_bits): only those are written as version 5; a masked upload of a
+# version-1 roster is version 3 as before.
 FORMAT_VERSION = 2
 MASKED_UPLOAD_VERSION = 3
 QUANTIZED_UPLOAD_VERSION = 4
-READABLE_FORMAT_VERSIONS = (1, 2, 3, 4)
+SPARSE_MASKED_UPLOAD_VERSION = 5
+READABLE_FORMAT_VERSIONS = (1, 2, 3, 4, 5)
 KINDS = ("state", "upload", "aggregate", "broadcast", "masked_upload")
 MAX_METADATA_CHARS = 16 * 2**20
 # Keeps a broadcast's layout within ~1000x its stored values, so checking its mask stays cheap.
@@ -88,7 +92,9 @@ class Header:
         """The format version this header is written as: 3 for a masked upload, 4 for a quantized
         upload, 2 for everything else."""
         if self.kind == "masked_upload":
-            return MASKED_UPLOAD_VERSION
+            secure = self.info.get("secure") if isinstance(self.info, dict) else None
+            narrow = isinstance(secure, dict) and "word_bits" in secure
+            return SPARSE_MASKED_UPLOAD_VERSION if narrow else MASKED_UPLOAD_VERSION
         if self.kind == "upload" and self.quantized_dtype() is not None:
             return QUANTIZED_UPLOAD_VERSION
         return FORMAT_VERSION
@@ -175,6 +181,14 @@ class Header:
             raise ArtifactError(
                 f"{where}: format version {version}, but only an upload with int8 or int4 values"
                 f" (info.value_dtype) is written as version {QUANTIZED_UPLOAD_VERSION}"
+            )
+        if (
+            SPARSE_MASKED_UPLOAD_VERSION in (version, header.format_version())
+            and version != header.format_version()
+        ):
+            raise ArtifactError(
+                f"{where}: format version {version}, but only a masked upload of a version-2 roster"
+                f" (info.secure.word_bits) is written as version {SPARSE_MASKED_UPLOAD_VERSION}"
             )
         return header
 

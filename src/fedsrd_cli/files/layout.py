@@ -9,7 +9,8 @@ file is written (docs/format.md, "Tensor names" and the sections after it):
                    info.value_dtype int8 / int4, 1-D codes with their X.scales instead
     broadcast      per layout entry X: 1-D X.values, float, or int8 / packed-int4 codes with
                    their X.scales (`Header.quantized_dtype`, `stored_value_count`)
-    masked_upload  X.masked for the lora_B factor X of every module, int32 (d_out, r)
+    masked_upload  X.masked for the lora_B factor X of every module, int32 (d_out, r); from
+                   version 5 int16 or int32, 1-D (kept,) below density 1
     aggregate      the left and right factors of every module, which multiply
 
 What needs the data (the content hash, a mask's count, the codes' decoding) is checked by
@@ -68,14 +69,23 @@ def check_layout(
     elif header.kind in ("upload", "broadcast"):
         _check_delta_layout(header, shapes, dtypes, where)
     elif header.kind == "masked_upload":
+        # Version 5 (a version-2 roster's density and word width): int16 or int32; 1-D (kept,)
+        # at the round's public positions when the density is below 1 (their count is checked
+        # against the global state, algorithms.secure.check_masked_upload).
+        secure = header.info.get("secure", {}) if isinstance(header.info, dict) else {}
+        bits, density = secure.get("word_bits", 32), secure.get("density", 1.0)
+        dtype = {16: torch.int16, 32: torch.int32}.get(bits) if isinstance(bits, int) else None
+        if dtype is None or not isinstance(density, (int, float)) or not 0 < density <= 1:
+            raise ArtifactError(f"{where}: a masked upload of word width {bits} and density {density}")
         for name, shape in shapes.items():
             parsed = naming.parse_factor_key(name.removesuffix(naming.MASKED))
             if not name.endswith(naming.MASKED) or parsed is None or parsed[1] != "B":
                 raise ArtifactError(f"{where}: unexpected tensor {name!r} in a masked upload")
-            if dtypes[name] != torch.int32 or len(shape) != 2 or shape[1] != rank:
+            want = f"(d_out, {rank})" if density == 1 else "(kept,)"
+            fits = len(shape) == 2 and shape[1] == rank if density == 1 else len(shape) == 1
+            if dtypes[name] != dtype or not fits:
                 raise ArtifactError(
-                    f"{where}: {name} should be int32 of shape (d_out, {rank}),"
-                    f" not {dtypes[name]} {list(shape)}"
+                    f"{where}: {name} should be {dtype} of shape {want}, not {dtypes[name]} {list(shape)}"
                 )
     elif header.kind == "aggregate":
         for name, shape in shapes.items():

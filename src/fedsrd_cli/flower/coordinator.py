@@ -232,9 +232,11 @@ class Coordinator:
         round_state = self._round()
         state = self.state
         assert state is not None and self.signer is not None
+        settings = self.settings
         roster = make_roster(
-            state.header.content_hash, round_state.index, sites, attempt, self.settings.secure_clip
-        )
+            state.header.content_hash, round_state.index, sites, attempt, settings.secure_clip,
+            settings.secure_density, settings.word_bits,
+        )  # fmt: skip
         path = round_state.directory / f"roster-{attempt}.json"
         write_roster(path, roster, self.signer, force=True)
         round_state.roster, round_state.roster_text = roster, path.read_text()

@@ -91,9 +91,11 @@ class ServerSettings:
         require_dp is `aggregate --require-dp`; dp_org_clip, dp_org_noise_multiplier,
         dp_org_sampling_rate and dp_org_delta are organisation-level DP (fedsrd-e; the sites
         of a round are then a secret Poisson sample instead of `sample-clients`).
-    secure, secure_clip: secure rounds (`sparsify --secure`, `aggregate --secure`; fedsrd-e):
-        the coordinator signs each round's roster of the sampled sites (range secure_clip) and
-        re-issues it without a site that did not deliver; it needs sign_key and trust.
+    secure, secure_clip, secure_density, word_bits: secure rounds (`sparsify --secure`,
+        `aggregate --secure`; fedsrd-e): the coordinator signs each round's roster of the sampled
+        sites (`roster --clip --secure-density --word-bits`) and re-issues it without a site
+        that did not deliver; it needs sign_key and trust. Below density 1 each site keeps what
+        the public positions leave out in its state folder and sends it in its next round.
     Everything else is the flag of the same name of `train-local`, `sparsify`, `aggregate` or
     `broadcast`; -1 / "" leaves a flag out (the command's default).
     """
@@ -144,6 +146,8 @@ class ServerSettings:
     dp_org_delta: float = -1.0
     secure: bool = False
     secure_clip: float = 1.0
+    secure_density: float = 1.0
+    word_bits: int = 32
     sign_key: str = ""
     trust: str = ""
     round_timeout: float = 3600.0
@@ -193,6 +197,11 @@ class ServerSettings:
             _require(
                 bool(self.sign_key) and bool(self.trust),
                 "config 'secure' needs 'sign-key' (rosters are signed) and 'trust' (masked uploads are)",
+            )
+            _require(
+                0.01 <= self.secure_density <= 1.0 and self.word_bits in (16, 32),
+                "config 'secure-density' must be in [0.01, 1] and 'word-bits' 16 or 32,"
+                f" got {self.secure_density} and {self.word_bits}",
             )
         _require(
             self.organisation_dp is None or self.sample_clients == 0,

@@ -30,6 +30,8 @@ from fedsrd_cli.files.atomic import write_bytes_atomic
 from fedsrd_cli.files.safetensors_io import short
 from fedsrd_cli.flower.settings import SiteSettings
 
+SECURE_RESIDUAL = "secure-residual.safetensors"  # a round's residual, in its round folder
+
 
 @dataclass
 class TrainResult:
@@ -235,9 +237,8 @@ class Site:
     def mask(self, state: Artifact, round_index: int, roster_text: str) -> bytes:
         """A secure round's masked upload of this round's local state, for the signed roster the
         coordinator sent (`sparsify --secure`); its bytes. Called again for a re-issued roster."""
-        from fedsrd_cli.site.uploads import make_masked_upload, roster_keys
-        from fedsrd_cli.trust.agreement import AgreementKey
-        from fedsrd_cli.trust.roster import read_roster
+        from fedsrd_cli.algorithms.secure import SecureFloor
+        from fedsrd_cli.site.uploads import SecureFiles, secure_upload
 
         if not self.settings.agreement_key or self.trust is None:
             raise UsageError(
@@ -246,15 +247,28 @@ class Site:
         round_dir = self.state_dir / f"round-{round_index}"
         roster_path = round_dir / "roster.json"
         write_bytes_atomic(roster_path, roster_text.encode(), force=True)
-        roster = read_roster(roster_path, self.trust)
-        key = AgreementKey.load(self.settings.agreement_key)
-        published = roster_keys(self.trust, roster, self.client_id, key, "node config 'agreement-key'")
-        payload, _samples = make_masked_upload(
-            state, round_dir / "local.safetensors", self.client_id, None, roster, key, published,
-            self.settings.min_sites,
+        # What the last secure round's public positions left out (error feedback): every attempt
+        # of this round starts from it, and this round's attempt leaves the next one's.
+        earlier = {
+            int(p.parent.name.removeprefix("round-")): p
+            for p in self.state_dir.glob(f"round-*/{SECURE_RESIDUAL}")
+            if p.parent.name.removeprefix("round-").isdigit()
+        }
+        before = [index for index in earlier if index < round_index]
+        files = SecureFiles(
+            roster_path,
+            Path(self.settings.agreement_key),
+            earlier[max(before)] if before else None,
+            round_dir / SECURE_RESIDUAL,
+        )
+        payload, _samples, kept = secure_upload(
+            state, round_dir / "local.safetensors", self.client_id, None, files, self.trust,
+            SecureFloor(self.settings.min_sites),
         )  # fmt: skip
-        path = round_dir / f"upload-{self.client_id}-attempt-{roster.attempt}.safetensors"
-        write_artifact(path, payload.header, payload.tensors, force=True, sign=self.sign)
+        attempt = payload.header.info["secure"]["attempt"]
+        path = round_dir / f"upload-{self.client_id}-attempt-{attempt}.safetensors"
+        also = [kept] if kept is not None else []
+        write_artifact(path, payload.header, payload.tensors, force=True, sign=self.sign, also=also)
         return path.read_bytes()
 
     def record_dp(self, instructions: Mapping[str, Any]) -> Any:

@@ -136,6 +136,8 @@ class SimulateConfig:
     organisation_dp: tuple[float, float, float, float] | None = None
     secure: bool = False
     secure_clip: float = 1.0
+    secure_density: float = 1.0
+    word_bits: int = 32
     task_metrics: bool = False
     metrics_max_new_tokens: int | None = None
     base_quantization: str = "none"
@@ -230,6 +232,16 @@ class SimulateConfig:
             _require(
                 math.isfinite(self.secure_clip) and 0 < self.secure_clip <= 1e6,
                 f"--secure-clip must be in (0, 1e6], got {self.secure_clip}",
+            )
+            _require(
+                math.isfinite(self.secure_density) and 0.01 <= self.secure_density <= 1.0,
+                f"--secure-density must be in [0.01, 1], got {self.secure_density}",
+            )
+            _require(self.word_bits in (16, 32), f"--word-bits must be 16 or 32, got {self.word_bits}")
+        else:
+            _require(
+                (self.secure_density, self.word_bits) == (1.0, 32),
+                "--secure-density and --word-bits set a secure round's roster: add --secure",
             )
         if self.organisation_dp is not None:
             self.organisation_settings(len(self.client_data))  # its checks and messages
@@ -340,6 +352,9 @@ class SimulateConfig:
         if not self.secure:  # recorded only when on, so runs from before the flag resume
             data.pop("secure")
             data.pop("secure_clip")
+        if (self.secure_density, self.word_bits) == (1.0, 32):  # likewise
+            data.pop("secure_density")
+            data.pop("word_bits")
         if not self.task_metrics:  # likewise
             data.pop("task_metrics")
             data.pop("metrics_max_new_tokens")

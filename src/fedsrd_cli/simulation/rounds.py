@@ -86,11 +86,13 @@ def simulate(
     from fedsrd_cli.algorithms import get_algorithm
     from fedsrd_cli.algorithms.diagnostics import mean_update_fidelity, update_error_warning
     from fedsrd_cli.algorithms.protocol import apply_broadcast, default_download_seed, initial_state
-    from fedsrd_cli.algorithms.secure import masked_upload, secure_aggregate
+    from fedsrd_cli.algorithms.secure import masked_upload, next_residual, secure_aggregate
     from fedsrd_cli.config import ALIGNABLE_METHODS, AggregateConfig
     from fedsrd_cli.files.adapters import read_local
     from fedsrd_cli.files.artifacts import read_artifact, write_artifact
+    from fedsrd_cli.files.atomic import write_files_atomic
     from fedsrd_cli.files.model_spec import lora_module_shapes
+    from fedsrd_cli.files.residual import residual_write
     from fedsrd_cli.limits import MAX_SERVER_LR
     from fedsrd_cli.math.extrapolation import fedexp_step
     from fedsrd_cli.math.threads import use_threads
@@ -227,7 +229,10 @@ def simulate(
                 if config.secure:  # every chosen client masks for every other one
                     head = global_state.header
                     names = [config.client_ids[i] for i in chosen]
-                    roster = make_roster(head.content_hash, round_index, names, 1, config.secure_clip)
+                    roster = make_roster(
+                        head.content_hash, round_index, names, 1, config.secure_clip,
+                        config.secure_density, config.word_bits,
+                    )  # fmt: skip
                 uploads, upload_sizes, train_losses = [], [], []
                 trained: list[dict[str, Any]] = []  # every chosen client's factors: the exact mean update
                 for index in chosen:
@@ -278,10 +283,16 @@ def simulate(
                             global_state, read_local(local_path), client, stats.samples, sparsify_config
                         )
                     else:  # --secure: the client's masked projection for this round's roster
-                        upload = masked_upload(
+                        carried = _carried(run_dir, client, global_state)
+                        upload, left = masked_upload(
                             global_state, read_local(local_path), client, stats.samples, roster,
-                            agreement[client], published,
+                            agreement[client], published, carried,
                         )  # fmt: skip
+                        if roster.density < 1.0:  # what the public positions left, for later rounds
+                            kept = next_residual(global_state, client, left)
+                            write_files_atomic(
+                                [residual_write(round_dir / f"residual-{client}.safetensors", kept)], True
+                            )
                     upload_path = round_dir / f"upload-{client}.safetensors"
                     write_artifact(upload_path, upload.header, upload.tensors, force=True)
                     local_path.unlink()
@@ -424,3 +435,17 @@ def _finish(
         "rounds_already_done": done_before,
         "summary": table,
     }
+
+
+def _carried(run_dir: Path, client: str, global_state: Any) -> dict | None:
+    """The client's residual from its latest earlier secure round of this run (each round folder
+    keeps the residual its upload left), checked against this round; None before its first."""
+    from fedsrd_cli.algorithms.secure import carried_residual
+    from fedsrd_cli.files.residual import read_residual
+
+    now = global_state.header.round + 1
+    for earlier in range(now - 1, 0, -1):
+        path = run_dir / f"round-{earlier}" / f"residual-{client}.safetensors"
+        if path.exists():
+            return carried_residual(read_residual(path), global_state, client, str(path))
+    return None

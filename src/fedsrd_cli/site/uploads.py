@@ -21,15 +21,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+import torch
 
 from fedsrd_cli.algorithms import get_algorithm
 from fedsrd_cli.algorithms.base import Payload, Track, no_progress
-from fedsrd_cli.algorithms.secure import masked_upload
+from fedsrd_cli.algorithms.secure import SecureFloor, masked_upload
 from fedsrd_cli.config import SparsifyConfig
 from fedsrd_cli.errors import MismatchError, StaleUploadError, TrustError, UsageError
 from fedsrd_cli.files.adapters import LocalAdapter, read_local
 from fedsrd_cli.files.artifacts import Artifact
+from fedsrd_cli.files.atomic import FileWrite
 from fedsrd_cli.files.safetensors_io import short
 from fedsrd_cli.trust.agreement import AgreementKey, published_key
 from fedsrd_cli.trust.roster import Roster
@@ -106,19 +111,68 @@ def make_masked_upload(
     roster: Roster,
     key: AgreementKey,
     published: Mapping[str, bytes],
-    min_sites: int,
-) -> tuple[Payload, int]:
+    accepts: SecureFloor,
+    carried: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[Payload, int, dict[str, torch.Tensor]]:
     """A secure round's masked upload (algorithms.secure), after the same origin checks as a
-    plain upload's; the site refuses a roster of fewer than `min_sites` sites (MismatchError)."""
-    if len(roster.sites) < min_sites:
-        raise MismatchError(
-            f"the roster lists {len(roster.sites)} sites, fewer than --min-sites {min_sites}: with so few"
-            " sites the sum tells too much about each one"
-        )
+    plain upload's, and what it leaves for the next round (empty at density 1). The site refuses
+    (MismatchError) a roster below its own floor: fewer sites, a lower density or narrower words
+    than `accepts` allows."""
+    accepts.check(roster)
     if key.party != client:
         raise UsageError(f"--agreement-key is {key.party!r}'s, not {client!r}'s")
     local = read_local(local_path, like=global_state)
     check_local_origin(global_state, local, client)
     if samples is None:
         samples = local.header.num_samples if local.header else 0
-    return masked_upload(global_state, local, client, samples, roster, key, published), samples
+    payload, left = masked_upload(global_state, local, client, samples, roster, key, published, carried)
+    return payload, samples, left
+
+
+@dataclass(frozen=True)
+class SecureFiles:
+    """A secure upload's inputs beside the states: the signed roster, this site's X25519 key,
+    and its residual files (what the last secure upload left out; where to keep this one's)."""
+
+    roster: Path
+    agreement_key: Path
+    residual_in: Path | None = None
+    residual_out: Path | None = None
+
+
+def secure_upload(
+    global_state: Artifact,
+    local_path: str | os.PathLike,
+    client: str,
+    samples: int | None,
+    files: SecureFiles,
+    trust: Trust,
+    floor: SecureFloor,
+) -> tuple[Payload, int, FileWrite | None]:
+    """`sparsify --secure`: the masked upload, its sample count, and the residual file to write
+    with it (None without --residual-out). A roster below density 1 needs --residual-out:
+    without it, what the public positions leave out would be lost for good (UsageError)."""
+    from fedsrd_cli.algorithms.secure import carried_residual, next_residual
+    from fedsrd_cli.files.residual import read_residual, residual_write
+    from fedsrd_cli.trust.roster import read_roster
+
+    key = AgreementKey.load(files.agreement_key)
+    if key.party != client:
+        raise UsageError(f"--agreement-key {files.agreement_key} is {key.party!r}'s, not {client!r}'s")
+    roster = read_roster(files.roster, trust)
+    if roster.density < 1.0 and files.residual_out is None:
+        raise UsageError(
+            f"the roster sends {roster.density:g} of each projection; keep the rest for your next"
+            " round with --residual-out FILE (and pass it as --residual-in then)"
+        )
+    published = roster_keys(trust, roster, client, key, f"--agreement-key {files.agreement_key}")
+    carried = None
+    if files.residual_in is not None:
+        where = f"--residual-in {files.residual_in}"
+        carried = carried_residual(read_residual(files.residual_in), global_state, client, where)
+    payload, samples, left = make_masked_upload(
+        global_state, local_path, client, samples, roster, key, published, floor, carried
+    )
+    if files.residual_out is None:
+        return payload, samples, None
+    return payload, samples, residual_write(files.residual_out, next_residual(global_state, client, left))
