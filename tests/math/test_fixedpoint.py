@@ -55,3 +55,12 @@ def test_no_precision_is_refused():
         fixedpoint.scale_for(1e6, 128, 16)
     with pytest.raises(ValueError, match="16 or 32"):
         fixedpoint.levels(4, 24)
+
+
+def test_two_sites_at_plus_x_of_one_half_do_not_wrap():
+    """The scale before 2026-12-07, floor((2^31 - 1) / (n X)), gave X s = 2^30 - 0.5 here, which
+    rounds to 2^30: two sites at +X summed to 2^31 and read back as -2^31."""
+    scale = fixedpoint.scale_for(0.5, 2, 32)
+    words = fixedpoint.encode(torch.tensor([0.5, 0.5], dtype=torch.float64), scale, 32)
+    total = fixedpoint.add(words[0], words[1], 32)
+    assert float(fixedpoint.decode(total, scale, 32)) == pytest.approx(1.0, abs=1 / scale)
