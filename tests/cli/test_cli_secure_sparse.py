@@ -76,6 +76,7 @@ def test_two_sparse_secure_rounds_carry_each_sites_residual(world):
     roster2 = sparse_roster(world, g1, tmp / "roster-s2.json")
     g2 = secure_round(world, g1, locals2, roster2, 2, carried)
     assert json.loads(run("inspect", g2, "--json").stdout)["round"] == 2
+    refused(["inspect", tmp / "res-2-site-a.safetensors"], 3, "is a site's secure residual")
     kept = read_residual(tmp / "res-2-site-a.safetensors")
     assert kept.round == 2 and kept.client == "site-a"
     assert all(float(t.abs().sum()) > 0 for t in kept.modules.values())  # 70% left for round 3

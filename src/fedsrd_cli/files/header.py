@@ -43,6 +43,7 @@ SPARSE_MASKED_UPLOAD_VERSION = 5
 READABLE_FORMAT_VERSIONS = (1, 2, 3, 4, 5)
 KINDS = ("state", "upload", "aggregate", "broadcast", "masked_upload")
 MAX_METADATA_CHARS = 16 * 2**20
+SECURE_RESIDUAL = "secure_residual"  # files/residual.py's kind: a site's own file, no artifact
 # Keeps a broadcast's layout within ~1000x its stored values, so checking its mask stays cheap.
 MAX_DOWNLOAD_SPARSITY = 0.999
 
@@ -132,6 +133,12 @@ class Header:
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str], where: str) -> Header:
         """Parse and validate; `where` names the file in error messages."""
+        if meta.get("fedsrd.kind") == SECURE_RESIDUAL:
+            raise ArtifactError(
+                f"{where}: is a site's secure residual (kept by `sparsify --secure --residual-out`, never"
+                " sent), not a round artifact; only that site's next `sparsify --secure --residual-in`"
+                " reads it"
+            )
         if "fedsrd.kind" not in meta:
             raise ArtifactError(
                 f"{where}: not a fedsrd artifact (its safetensors header has no fedsrd metadata)"

@@ -33,6 +33,7 @@ import torch
 from fedsrd_cli.errors import ArtifactError
 from fedsrd_cli.files import naming
 from fedsrd_cli.files.atomic import FileWrite
+from fedsrd_cli.files.header import SECURE_RESIDUAL
 from fedsrd_cli.files.safetensors_io import (
     TensorFile,
     all_finite,
@@ -41,7 +42,7 @@ from fedsrd_cli.files.safetensors_io import (
     tensor_layout,
 )
 
-KIND = "secure_residual"
+KIND = SECURE_RESIDUAL
 VERSION = "1"
 SUFFIX = ".residual"
 
