@@ -181,22 +181,17 @@ class Header:
         except Exception as err:  # any malformed field: KeyError, ValueError, TypeError, ...
             raise ArtifactError(f"{where}: malformed fedsrd metadata ({type(err).__name__}: {err})") from None
         header.check(where)
-        if (
-            QUANTIZED_UPLOAD_VERSION in (version, header.format_version())
-            and version != header.format_version()
-        ):
-            raise ArtifactError(
-                f"{where}: format version {version}, but only an upload with int8 or int4 values"
-                f" (info.value_dtype) is written as version {QUANTIZED_UPLOAD_VERSION}"
-            )
-        if (
-            SPARSE_MASKED_UPLOAD_VERSION in (version, header.format_version())
-            and version != header.format_version()
-        ):
-            raise ArtifactError(
-                f"{where}: format version {version}, but only a masked upload of a version-2 roster"
-                f" (info.secure.word_bits) is written as version {SPARSE_MASKED_UPLOAD_VERSION}"
-            )
+        # Versions 4 and 5 are each one kind of file: a file of that version must be that kind,
+        # and that kind must be written as that version (an older reader then says "upgrade").
+        only = {
+            QUANTIZED_UPLOAD_VERSION: "an upload with int8 or int4 values (info.value_dtype)",
+            SPARSE_MASKED_UPLOAD_VERSION: "a masked upload of a version-2 roster (info.secure.word_bits)",
+        }
+        for special, what in only.items():
+            if special in (version, header.format_version()) and version != header.format_version():
+                raise ArtifactError(
+                    f"{where}: format version {version}, but only {what} is written as version {special}"
+                )
         return header
 
     def check(self, where: str) -> None:
