@@ -33,7 +33,7 @@ from fedsrd_cli.math import fixedpoint
 from fedsrd_cli.trust.roster import make_roster
 
 from .rounds import write
-from .test_secure import SITES, build_world, masked, signed_roster
+from .test_secure import SITES, UNIFORM_ALPHA, build_world, masked, signed_roster
 
 stats = pytest.importorskip("scipy.stats")
 
@@ -56,7 +56,7 @@ def test_a_sparse_16_bit_upload_alone_is_uniform_and_its_size_follows_the_densit
     assert all(up.dtypes[n] == torch.int16 and len(up.shapes[n]) == 1 for n in up.names)
     for cells in (words >> 12, words & 15):  # top and bottom 4 of the 16 bits
         counts = torch.bincount(cells, minlength=16).double()
-        assert stats.chisquare(counts.numpy()).pvalue > 1e-3
+        assert stats.chisquare(counts.numpy()).pvalue > UNIFORM_ALPHA
     dense = sum(math.prod(world["g"].shapes[naming.factor_key(m, "B")]) for m in world["g"].modules())
     assert 0.2 * dense < words.numel() < 0.3 * dense  # a quarter of the positions, 2 bytes each
 
