@@ -40,8 +40,8 @@ MESSAGE_PREFIX = b"fedsrd-roster-v1\n"
 # A roster of one site would hand its update to the coordinator; sites refuse fewer than this.
 MIN_SITES_FLOOR = 2
 MAX_SITES = 100_000
-# The densest public mask below 1 that a roster may ask for, and the sparsest: a site keeps what
-# the mask drops and sends it later (error feedback), so a tiny density only delays its update.
+# The sparsest public positions a roster may ask for: a site keeps what they leave out and sends
+# it later (error feedback), so a low density delays its update; below 1% the delay is the run.
 MIN_DENSITY = 0.01
 DENSE, WIDE = 1.0, 32  # version 1's implicit density and word width
 
