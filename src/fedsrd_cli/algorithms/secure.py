@@ -119,16 +119,21 @@ def public_positions(state_hash: str, module: str, shape: torch.Size, density: f
     site's data. None at density 1: every position."""
     if density >= 1.0:
         return None
-    seed = text_seed(f"{state_hash}:secure_positions")
-    return seeded_keep_mask(seed, naming.masked_key(module), tuple(shape), 1.0 - density)
+    return seeded_keep_mask(
+        _positions_seed(state_hash), naming.masked_key(module), tuple(shape), 1.0 - density
+    )
+
+
+def _positions_seed(state_hash: str) -> int:
+    """The seed of a round's public positions: a function of the global state's hash alone."""
+    return text_seed(f"{state_hash}:secure_positions")
 
 
 @functools.lru_cache(maxsize=4096)
 def _kept(state_hash: str, module: str, shape: tuple[int, ...], density: float) -> int:
     """How many of `module`'s positions the round sends (public_positions' count), drawn once per
     round and module however many uploads are checked."""
-    seed = text_seed(f"{state_hash}:secure_positions")
-    return count_kept(seed, naming.masked_key(module), math.prod(shape), 1.0 - density)
+    return count_kept(_positions_seed(state_hash), naming.masked_key(module), math.prod(shape), 1.0 - density)
 
 
 def masked_upload(

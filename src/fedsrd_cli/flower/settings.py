@@ -18,6 +18,7 @@ from typing import Any
 from fedsrd_cli.config import DEFAULT_VALUE_DTYPE, _require
 from fedsrd_cli.errors import UsageError
 from fedsrd_cli.limits import DEFAULT_DP_MAX_GRAD_NORM
+from fedsrd_cli.trust.roster import MIN_DENSITY
 
 Scalar = bool | int | float | str
 
@@ -199,8 +200,8 @@ class ServerSettings:
                 "config 'secure' needs 'sign-key' (rosters are signed) and 'trust' (masked uploads are)",
             )
             _require(
-                0.01 <= self.secure_density <= 1.0 and self.word_bits in (16, 32),
-                "config 'secure-density' must be in [0.01, 1] and 'word-bits' 16 or 32,"
+                MIN_DENSITY <= self.secure_density <= 1.0 and self.word_bits in (16, 32),
+                f"config 'secure-density' must be in [{MIN_DENSITY}, 1] and 'word-bits' 16 or 32,"
                 f" got {self.secure_density} and {self.word_bits}",
             )
         _require(

@@ -26,6 +26,7 @@ from typing import Any
 from fedsrd_cli.config import _require
 from fedsrd_cli.privacy.budget import RecordDp
 from fedsrd_cli.site.quantization import NONE, QUANTIZATIONS
+from fedsrd_cli.trust.roster import MIN_DENSITY
 
 PROX_MU_DEFAULT = 0.01
 
@@ -234,8 +235,8 @@ class SimulateConfig:
                 f"--secure-clip must be in (0, 1e6], got {self.secure_clip}",
             )
             _require(
-                math.isfinite(self.secure_density) and 0.01 <= self.secure_density <= 1.0,
-                f"--secure-density must be in [0.01, 1], got {self.secure_density}",
+                math.isfinite(self.secure_density) and MIN_DENSITY <= self.secure_density <= 1.0,
+                f"--secure-density must be in [{MIN_DENSITY}, 1], got {self.secure_density}",
             )
             _require(self.word_bits in (16, 32), f"--word-bits must be 16 or 32, got {self.word_bits}")
         else:
