@@ -355,7 +355,8 @@ def test_a_secure_round_on_flower_re_issues_the_roster_when_a_site_drops(
     """Secure rounds over Flower Messages, with the files of `sparsify --secure`: carol's first
     reply is lost, the coordinator signs a roster of alice and bob, they mask again, and every
     node follows the broadcast. The rosters send 16-bit words at half the positions: each site
-    keeps the rest in its state folder, and round 2 sends it."""
+    keeps the rest in its state folder, and round 2 sends it; FedExP's step comes from the
+    sites' masked norms."""
     clients = ["alice", "bob", "carol"]
     keys = make_keys(tmp_path, clients, run_cli)
     for client in clients:
@@ -388,6 +389,7 @@ def test_a_secure_round_on_flower_re_issues_the_roster_when_a_site_drops(
         "secure": True,
         "secure-density": 0.5,
         "word-bits": 16,
+        "step-rule": "fedexp",
         "clients": ",".join(clients),
         "rounds": 2,
         "sign-key": str(keys["keys"] / "coordinator.key"),
@@ -403,6 +405,9 @@ def test_a_secure_round_on_flower_re_issues_the_roster_when_a_site_drops(
     ).is_file()  # the first mask, superseded
     upload = read_artifact(out / "round-1" / "upload-alice.safetensors")
     assert upload.header.info["secure"]["word_bits"] == 16 and upload.header.info["secure"]["density"] == 0.5
+    assert upload.header.info["secure"]["spread"] is True  # step-rule fedexp: the roster asks for it
+    broadcast = read_artifact(out / "round-1" / "broadcast.safetensors", kind="broadcast")
+    assert broadcast.header.info["step_calibration"]["rule"] == "fedexp"
     final = read_artifact(out / "global-r2.safetensors", kind="state").header.content_hash
     for client in clients:
         site = tmp_path / f"site-{client}"

@@ -54,6 +54,8 @@ def test_run_config_is_checked_with_the_flags_messages() -> None:
     sketched = ServerSettings.from_run_config({**good, "step-rule": "fedexp"})  # fedsrd: sites sketch
     assert sketched.sparsify_config().update_sketch and not fedexp.sparsify_config().update_sketch
     assert not settings.sparsify_config().update_sketch
+    secure = {**good, "method": "fedsrd-e", "secure": True, "sign-key": "k", "trust": "t"}
+    assert ServerSettings.from_run_config({**secure, "step-rule": "fedexp"}).aggregate_config(0).update_spread
     for bad, message in (
         ({"method": "nope"}, "unknown method"),
         ({"sample-clients": 4}, "at most the 3 clients"),
@@ -83,6 +85,8 @@ def test_node_config_is_checked() -> None:
         SiteSettings.from_node_config({**node, "client-id": "-bad"})
     with pytest.raises(UsageError, match="state-dir"):
         SiteSettings.from_node_config({**node, "state-dir": ""})
+    assert not settings.refuse_spread
+    assert SiteSettings.from_node_config({**node, "refuse-spread": True}).refuse_spread  # sparsify's flag
 
 
 def test_the_example_app_lists_every_run_config_key() -> None:

@@ -64,3 +64,39 @@ def test_two_sites_at_plus_x_of_one_half_do_not_wrap():
     words = fixedpoint.encode(torch.tensor([0.5, 0.5], dtype=torch.float64), scale, 32)
     total = fixedpoint.add(words[0], words[1], 32)
     assert float(fixedpoint.decode(total, scale, 32)) == pytest.approx(1.0, abs=1 / scale)
+
+
+@pytest.mark.parametrize(("parties", "bits"), [(2, 16), (3, 16), (128, 16), (2, 32), (MAX_SITES, 32)])
+def test_masked_totals_at_their_bound_sum_without_wrapping(parties, bits):
+    """Every party at the bound V: each limb's sum stays below 2^b, so the modular sum is the sum,
+    and the total reads back as n V."""
+    width, count = fixedpoint.limb_bits(parties, bits), fixedpoint.limb_count(parties, bits)
+    assert width * count >= fixedpoint.TOTAL_BITS and parties * 2**width <= 2**bits
+    limbs = fixedpoint.encode_total(2.5, 2.5, parties, bits)
+    assert limbs.shape == (count,) and int(limbs.max()) < 2**width
+    plain = limbs * parties  # the limbs' sums as plain integers
+    assert int(plain.max()) < 2**bits
+    total = torch.remainder(plain, fixedpoint.modulus(bits))  # what summing the words gives
+    assert torch.equal(total, plain)
+    assert fixedpoint.decode_total(total, 2.5, parties, bits) == pytest.approx(parties * 2.5, rel=1e-15)
+
+
+@pytest.mark.parametrize("bits", [16, 32])
+def test_masked_totals_decode_to_the_float_sum_under_masks(bits):
+    gen = torch.Generator().manual_seed(1)
+    parties, bound = 5, 40.0
+    values = (torch.rand(parties, generator=gen, dtype=torch.float64) * bound).tolist()
+    modulus = fixedpoint.modulus(bits)
+    masks = torch.randint(0, modulus, (parties - 1, fixedpoint.limb_count(parties, bits)), generator=gen)
+    total = torch.zeros(fixedpoint.limb_count(parties, bits), dtype=torch.int64)
+    for i, value in enumerate(values):
+        words = fixedpoint.encode_total(value, bound, parties, bits)
+        if i < parties - 1:  # pairwise masks of a chain: party i adds m_i, party i + 1 takes it off
+            words = fixedpoint.add(words, masks[i], bits)
+        if i > 0:
+            words = fixedpoint.subtract(words, masks[i - 1], bits)
+        total = fixedpoint.add(total, words, bits)
+    step = bound / (2**fixedpoint.TOTAL_BITS - 1)
+    assert abs(fixedpoint.decode_total(total, bound, parties, bits) - sum(values)) <= parties * step
+    with pytest.raises(ValueError, match="in \\[0, bound\\]"):
+        fixedpoint.encode_total(-1.0, bound, parties, bits)

@@ -169,7 +169,10 @@ def test_config_is_validated() -> None:
         ({"server_lr": 0.0}, "--server-lr"),
         ({"server_lr": 17.0}, "--server-lr"),
         ({"server_lr_from": 0}, "--server-lr-from"),
-        ({"step_rule": "fedexp", "algorithms": ("fedavg",), "secure": True}, "--secure"),
+        (
+            {"step_rule": "fedexp", "algorithms": ("fedsrd-e",), "organisation_dp": (0.1, 1.0, 1.0, 1e-3)},
+            "not with organisation-level DP",
+        ),
         ({"step_rule": "adam", "algorithms": ("fedavg",)}, "--step-rule"),
         ({"eval_batch_size": 0}, "--eval-batch-size"),
     ]:
@@ -478,12 +481,18 @@ def test_simulate_sparse_secure_rounds_keep_each_clients_residual(
 ) -> None:
     """--secure-density 0.3 --word-bits 16: 16-bit words at the public positions only, and each
     client keeps a residual every round, which the next round sends (the rule itself is checked
-    in tests/algorithms/test_secure_sparse.py)."""
+    in tests/algorithms/test_secure_sparse.py); --step-rule fedexp takes FedExP's step from the
+    sites' masked norms (tests/algorithms/test_secure_spread.py)."""
     out = tmp_path / "sparse"
     args = [a if a != "fedsrd,fedavg" else "fedsrd-e" for a in sim_args(sim_inputs, out, 2)]
-    summary = run_cli(*args, "--secure", "--secure-density", "0.3", "--word-bits", "16")
+    summary = run_cli(
+        *args, "--secure", "--secure-density", "0.3", "--word-bits", "16", "--step-rule", "fedexp"
+    )
     rows = json.loads(Path(summary["results"]).read_text())["runs"]["fedsrd-e"]["0"]
     assert rows[-1]["mean_eval_loss"] < rows[0]["mean_eval_loss"]
+    for row in rows[1:]:  # FedExP's step from the sites' masked norms (algorithms/secure.py)
+        eta = row["extra"]["extrapolation"]["coordinator"]
+        assert eta >= 1.0 and row["extra"].get("server_lr", 1.0) == eta
     work = out / "work" / "fedsrd-e" / "seed-0"
     upload = read_artifact(work / "round-1" / "upload-alice.safetensors")
     assert upload.header.info["secure"]["density"] == 0.3

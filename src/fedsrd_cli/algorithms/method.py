@@ -136,10 +136,10 @@ def coordinator_step(aggregate: Artifact, config: BroadcastConfig, private: bool
             )
         spread = info.get("update_spread")
         if spread is None:
-            why = " (a secure sum has no site's own update)" if "secure" in info else ""
+            how = " (secure: with a roster made with --update-spread)" if "secure" in info else ""
             raise MismatchError(
-                f"{aggregate.path}: records no update spread{why}; --step-rule fedexp needs an"
-                " aggregate made with `aggregate --update-spread`"
+                f"{aggregate.path}: records no update spread; --step-rule fedexp needs an"
+                f" aggregate made with `aggregate --update-spread`{how}"
             )
         step *= spread["extrapolation"]
         record.update(rule="fedexp", extrapolation=spread["extrapolation"])

@@ -23,6 +23,15 @@ record-level DP it costs no budget). S is then the sum at the positions and 0 el
 projection on A's row space, so it carries over while A is unchanged, which secure rounds
 (B updates only) keep.
 
+With a roster of `--update-spread`, each site also adds q_i = ||w O_i||_M^2, the squared
+weight-space norm of what it sends (||x||_M^2 = tr(x G^-1 x^T) = ||x G^-1 A||_F^2, the move of
+the weights B x G^-1 A would make), as a masked total (math.fixedpoint, encode_total: limbs
+that cannot wrap, in [0, V] with the public bound V = sum_modules kept X^2 tr(G^-1)). The
+coordinator then learns sum_i q_i besides S, and takes FedExP's step from them
+(`secure_spread`):
+
+    client_sq = sum_i w ||O_i||_M^2 = (sum_i q_i) / w,    mean_sq = ||S||_M^2
+
 The coordinator writes S as an ordinary FedSRD-e aggregate whose projection on A's row space
 is exact, W' = B A + S G^-1 A (left [B, S G^-1], right [A; A]): W' A^T = B G + S, so
 `broadcast` with the factor fixed to B (`--factor-choice b`, its default for such an
@@ -57,7 +66,9 @@ from fedsrd_cli.files.adapters import LocalAdapter
 from fedsrd_cli.files.artifacts import Artifact
 from fedsrd_cli.files.residual import Residual
 from fedsrd_cli.files.safetensors_io import content_hash, short
+from fedsrd_cli.limits import MAX_SERVER_LR
 from fedsrd_cli.math import fixedpoint
+from fedsrd_cli.math.extrapolation import fedexp_step
 from fedsrd_cli.math.masks import count_kept, seeded_keep_mask, text_seed
 from fedsrd_cli.privacy.randomness import SecretRandom
 from fedsrd_cli.trust.agreement import AgreementKey
@@ -78,11 +89,13 @@ def projection(global_state: Artifact, local: LocalAdapter, module: str) -> torc
 class SecureFloor:
     """What a site accepts of a roster: at least `min_sites` sites (2 at the least: one site's
     sum is its update), a density of at least `min_density` and words of at least
-    `min_word_bits` bits (`sparsify --min-sites --min-density --min-word-bits`)."""
+    `min_word_bits` bits (`sparsify --min-sites --min-density --min-word-bits`); with
+    `allow_spread` False (`--refuse-spread`), no roster that asks for the squared update norm."""
 
     min_sites: int = MIN_SITES_FLOOR
     min_density: float = MIN_DENSITY
     min_word_bits: int = 16
+    allow_spread: bool = True
 
     def __post_init__(self) -> None:
         if self.min_sites < MIN_SITES_FLOOR:
@@ -109,6 +122,12 @@ class SecureFloor:
                 f"the roster's {roster.word_bits}-bit words are narrower than this site's"
                 f" --min-word-bits {self.min_word_bits}: ask the coordinator for --word-bits"
                 f" {self.min_word_bits}"
+            )
+        if roster.spread and not self.allow_spread:
+            raise MismatchError(
+                "the roster asks every site to add its squared update norm to the sum (roster"
+                " --update-spread), which this site refuses (--refuse-spread): ask the coordinator"
+                " for a roster without it"
             )
 
 
@@ -169,17 +188,21 @@ def masked_upload(
     scale = fixedpoint.scale_for(roster.clip, len(roster.sites), bits)
     modules = global_state.modules()
     values: dict[str, torch.Tensor] = {}  # what is sent: w O at the public positions
+    matrices: dict[str, torch.Tensor] = {}  # the same as (d_out, r)
     left: dict[str, torch.Tensor] = {}
     for module in modules:
         owed = projection(global_state, local, module)  # (d_out, r)
         if carried is not None and module in carried:
             owed = owed + carried[module].double()
         positions = public_positions(head.content_hash, module, owed.shape, roster.density)
+        sent = owed * roster.weight  # (d_out, r)
         if positions is None:
-            values[module] = owed * roster.weight  # (d_out, r)
+            values[module] = sent
         else:
-            values[module] = owed[positions] * roster.weight  # (kept,)
+            values[module] = sent[positions]  # (kept,)
             left[module] = owed.masked_fill(positions, 0.0)
+            sent = sent.masked_fill(~positions, 0.0)
+        matrices[module] = sent  # (d_out, r), zeros where nothing is sent
     largest = {module: float(v.abs().max()) if v.numel() else 0.0 for module, v in values.items()}
     worst = max(modules, key=largest.__getitem__)
     if largest[worst] > roster.clip:
@@ -188,18 +211,24 @@ def masked_upload(
             f" {roster.clip:g}; ask the coordinator for a roster with --clip at least"
             f" {_round_up(largest[worst]):.3g} (it holds every module)"
         )
-    words = {module: fixedpoint.encode(v, scale, bits) for module, v in values.items()}  # [0, 2^b)
+    # every masked tensor, in the order the pairwise streams cover them: int64 words in [0, 2^b)
+    words = {naming.masked_key(m): fixedpoint.encode(v, scale, bits) for m, v in values.items()}
+    if roster.spread:
+        inverses = inverse_grams(global_state)
+        sent_sq = sum(weight_norm_sq(matrices[m], inverses[m]) for m in modules)  # q_i
+        bound = spread_bound(global_state, roster, inverses)
+        words[naming.MASKED_SPREAD] = fixedpoint.encode_total(sent_sq, bound, len(roster.sites), bits)
     count = sum(w.numel() for w in words.values())
     for other in roster.sites:
         if other == client:
             continue
         stream = SecretRandom(key.mask_key(other, published[other], roster.hash)).words(count, bits)
         offset = 0
-        for module in modules:
-            n = words[module].numel()
-            mask = stream[offset : offset + n].reshape(words[module].shape)
+        for name, mine in words.items():
+            n = mine.numel()
+            mask = stream[offset : offset + n].reshape(mine.shape)
             combine = fixedpoint.add if client < other else fixedpoint.subtract
-            words[module] = combine(words[module], mask, bits)
+            words[name] = combine(mine, mask, bits)
             offset += n
     header = round_header(
         global_state,
@@ -213,7 +242,7 @@ def masked_upload(
         },
         privacy=upload_privacy(local.header),
     )
-    tensors = {naming.masked_key(m): fixedpoint.to_stored(w, bits) for m, w in words.items()}
+    tensors = {name: fixedpoint.to_stored(w, bits) for name, w in words.items()}
     return Payload(header, tensors), left
 
 
@@ -221,6 +250,42 @@ def _round_up(value: float, digits: int = 3) -> float:
     """`value` rounded up to `digits` significant digits: a --clip of it holds `value`."""
     exponent = math.floor(math.log10(value)) - digits + 1
     return math.ceil(value / 10.0**exponent) * 10.0**exponent
+
+
+def inverse_grams(global_state: Artifact) -> dict[str, torch.Tensor]:
+    """{module: G^-1 (r, r) float64}, G = A A^T of the state's A: the weight-space metric of a
+    projection (module docstring). MismatchError when an A is rank-deficient."""
+    inverses = {}
+    for module in global_state.modules():
+        a_prev = global_state.factors(module)[0].double()  # (r, d_in)
+        try:
+            inverses[module] = torch.linalg.inv(a_prev @ a_prev.mT)
+        except RuntimeError:
+            raise MismatchError(
+                f"{module}: its A factor is rank-deficient, so a secure round cannot lift the sum"
+            ) from None
+    return inverses
+
+
+def weight_norm_sq(x: torch.Tensor, inverse: torch.Tensor) -> float:
+    """||x||_M^2 = tr(x G^-1 x^T) for x (d_out, r), inverse = G^-1 (r, r): ||x G^-1 A||_F^2."""
+    return float(((x.double() @ inverse) * x.double()).sum())
+
+
+def spread_bound(global_state: Artifact, roster: Roster, inverses: Mapping[str, torch.Tensor]) -> float:
+    """V = sum_modules kept X^2 tr(G^-1): no site's q_i can exceed it, since every sent value is
+    within X and tr(x G^-1 x^T) <= ||x||_F^2 tr(G^-1). Public: the state's A and the roster."""
+    head = global_state.header
+    total = 0.0
+    for module, inverse in inverses.items():
+        shape = global_state.shapes[naming.factor_key(module, "B")]
+        kept = (
+            math.prod(shape)
+            if roster.density >= 1.0
+            else _kept(head.content_hash, module, tuple(shape), roster.density)
+        )
+        total += kept * roster.clip**2 * float(inverse.diagonal().sum())
+    return total
 
 
 def secure_info(roster: Roster, scale: int) -> dict:
@@ -234,6 +299,7 @@ def secure_info(roster: Roster, scale: int) -> dict:
         "scale": scale,
         "modulus": fixedpoint.modulus(roster.word_bits),
         **({} if roster.version == 1 else {"density": roster.density, "word_bits": roster.word_bits}),
+        **({"spread": True} if roster.spread else {}),
     }
 
 
@@ -322,6 +388,10 @@ def check_masked_upload(global_state: Artifact, upload: Artifact, roster: Roster
         )
         if upload.shapes.get(name) != expected:
             raise MismatchError(f"{where}: {name} is missing or not of shape {list(expected)}")
+    limbs = (fixedpoint.limb_count(len(roster.sites), roster.word_bits),) if roster.spread else None
+    if upload.shapes.get(naming.MASKED_SPREAD) != limbs:
+        wrong = f"missing or not of shape {list(limbs)}" if limbs else "there, but the roster asks for none"
+        raise MismatchError(f"{where}: {naming.MASKED_SPREAD} is {wrong}")
 
 
 def _words_of(secure: Mapping) -> str:
@@ -351,6 +421,17 @@ def check_masked_uploads(global_state: Artifact, uploads: Sequence[Artifact], ro
         )
 
 
+def _summed_words(uploads: Sequence[Artifact], name: str, bits: int) -> torch.Tensor:
+    """The uploads' masked tensor `name` summed modulo 2^b: int64 words in [0, 2^b)."""
+    total = None
+    for upload in uploads:
+        words = fixedpoint.from_stored(upload.tensor(name), bits)
+        total = words if total is None else fixedpoint.add(total, words, bits)
+    if total is None:
+        raise MismatchError("a secure round sums at least one upload")
+    return total
+
+
 def masked_sum(
     global_state: Artifact, uploads: Sequence[Artifact], roster: Roster
 ) -> dict[str, torch.Tensor]:
@@ -361,13 +442,7 @@ def masked_sum(
     state_hash = global_state.header.content_hash
     sums = {}
     for module in global_state.modules():
-        name = naming.masked_key(module)
-        total = None
-        for upload in uploads:
-            words = fixedpoint.from_stored(upload.tensor(name), bits)
-            total = words if total is None else fixedpoint.add(total, words, bits)
-        if total is None:
-            raise MismatchError("a secure round sums at least one upload")
+        total = _summed_words(uploads, naming.masked_key(module), bits)
         shape = global_state.shapes[naming.factor_key(module, "B")]
         positions = public_positions(state_hash, module, shape, roster.density)
         decoded = fixedpoint.decode(total, scale, bits)
@@ -385,6 +460,13 @@ def secure_aggregate(
     check_masked_uploads(global_state, uploads, roster)
     privacy = aggregate_privacy(global_state, list(uploads), config)
     sums = masked_sum(global_state, uploads, roster)
+    if config.update_spread and not roster.spread:
+        raise MismatchError(
+            f"roster {short(roster.hash)} was made without --update-spread, so its uploads carry no"
+            " squared norms: aggregate without --update-spread (and broadcast with --step-rule fixed),"
+            " or ask the sites to mask again for a roster made with it"
+        )
+    spread = secure_spread(global_state, uploads, roster, sums) if config.update_spread else {}
     tensors: dict[str, torch.Tensor] = {}
     for module in global_state.modules():
         a_prev, b_prev = (t.double() for t in global_state.factors(module))  # (r, d_in), (d_out, r)
@@ -412,7 +494,39 @@ def secure_aggregate(
                 {"client_id": u.header.client_id, "upload": u.header.content_hash, "weight": roster.weight}
                 for u in uploads
             ],
+            **spread,
         },
         privacy=privacy,
     )
     return Payload(header, tensors)
+
+
+def secure_spread(
+    global_state: Artifact,
+    uploads: Sequence[Artifact],
+    roster: Roster,
+    sums: Mapping[str, torch.Tensor],
+) -> dict:
+    """The aggregate's info entry "update_spread" of a secure round (module docstring): the
+    sites' masked totals summed, sum_i q_i, and S, in the weight-space metric M:
+
+        client_sq = sum_i q_i / w,   mean_sq = sum_modules ||S||_M^2,
+        eta = max(1, client_sq / (2 mean_sq)), at most MAX_SERVER_LR (math.extrapolation)
+
+    Both measure what the sites sent (w O_i: projection and carried residual at the public
+    positions), the vectors whose mean S is."""
+    bits, parties = roster.word_bits, len(roster.sites)
+    inverses = inverse_grams(global_state)
+    total = _summed_words(uploads, naming.MASKED_SPREAD, bits)
+    sent_sq = fixedpoint.decode_total(total, spread_bound(global_state, roster, inverses), parties, bits)
+    client_sq = sent_sq / roster.weight
+    mean_sq = sum(weight_norm_sq(sums[m], inverses[m]) for m in global_state.modules())
+    eta = fedexp_step(client_sq, mean_sq, MAX_SERVER_LR)
+    return {
+        "update_spread": {
+            "client_sq": client_sq,
+            "mean_sq": mean_sq,
+            "extrapolation": round(eta, 6),
+            "source": "secure_sum",
+        }
+    }

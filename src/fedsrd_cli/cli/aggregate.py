@@ -75,7 +75,8 @@ def aggregate_cmd(
             "--update-spread",
             help="Record the norms of the sites' updates and of their mean, which broadcast --step-rule"
             " fedexp reads (sparsified uploads: from their --update-sketch; about m^2 (d_out + d_in) r^2"
-            " flops per module for m sites).",
+            " flops per module for m sites; --secure: from the masked totals of a roster made with"
+            " --update-spread).",
         ),
     ] = False,
     max_samples: Annotated[
@@ -210,10 +211,6 @@ def aggregate_cmd(
     if secure and rank_padding != "global":
         raise UsageError(
             "--rank-padding zeros needs each site's factors: not with --secure, whose sum hides them"
-        )
-    if secure and update_spread:
-        raise UsageError(
-            "--update-spread measures each site's own update: not with --secure, whose sum hides them"
         )
     if secure and align_factors:
         raise UsageError(

@@ -104,6 +104,14 @@ def sparsify_cmd(
         int,
         typer.Option("--min-word-bits", help="Refuse a secure roster of narrower words (16 or 32 bits)."),
     ] = 16,
+    refuse_spread: Annotated[
+        bool,
+        typer.Option(
+            "--refuse-spread",
+            help="Refuse a secure roster that asks for this site's squared update norm"
+            " (roster --update-spread).",
+        ),
+    ] = False,
     residual_in: Annotated[
         Path | None,
         typer.Option(
@@ -181,7 +189,7 @@ def sparsify_cmd(
 
         assert trust is not None and roster_path is not None and agreement_key is not None
         files = SecureFiles(roster_path, agreement_key, residual_in, residual_out)
-        floor = SecureFloor(max(min_sites, 2), min_density, min_word_bits)
+        floor = SecureFloor(max(min_sites, 2), min_density, min_word_bits, not refuse_spread)
         payload, samples, kept = secure_upload(global_state, local, client, samples, files, trust, floor)
         also = [kept] if kept is not None else []
     else:

@@ -113,6 +113,14 @@ def roster_cmd(
             help="Fixed-point word of each masked value: 16 (up to 128 sites) or 32 bits.",
         ),
     ] = 32,
+    update_spread: Annotated[
+        bool,
+        typer.Option(
+            "--update-spread",
+            help="Every site also adds its squared update norm to the masked sum, so `aggregate --secure"
+            " --update-spread` can record FedExP's step; the coordinator learns that one total too.",
+        ),
+    ] = False,
     trust_dir: TrustOpt = None,
     force: ForceOpt = False,
     json_mode: JsonOpt = False,
@@ -133,7 +141,9 @@ def roster_cmd(
     ensure_writable(out_path, force, [("--global", global_path)])
     global_state = read_verified(global_path, "state", trust)
     head = global_state.header
-    roster = make_roster(head.content_hash, head.round + 1, names, attempt, clip, secure_density, word_bits)
+    roster = make_roster(
+        head.content_hash, head.round + 1, names, attempt, clip, secure_density, word_bits, update_spread
+    )
     write_roster(out_path, roster, signer, force)
     out.result(
         {"path": str(out_path), "roster": roster.hash, **roster.body()},
@@ -144,6 +154,7 @@ def roster_cmd(
                 ("hash", roster.hash.removeprefix("sha256:")[:12]),
                 ("clip", f"{roster.clip:g}"),
                 ("positions", f"density {roster.density:g}, {roster.word_bits}-bit words"),
+                ("spread", "every site adds its squared update norm" if roster.spread else "none"),
             ]
         ),
     )

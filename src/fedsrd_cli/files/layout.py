@@ -10,7 +10,8 @@ file is written (docs/format.md, "Tensor names" and the sections after it):
     broadcast      per layout entry X: 1-D X.values, float, or int8 / packed-int4 codes with
                    their X.scales (`Header.quantized_dtype`, `stored_value_count`)
     masked_upload  X.masked for the lora_B factor X of every module, int32 (d_out, r); from
-                   version 5 int16 or int32, 1-D (kept,) below density 1
+                   version 5 int16 or int32, 1-D (kept,) below density 1, and with
+                   info.secure.spread the 1-D update_spread.masked in the same words
     aggregate      the left and right factors of every module, which multiply
 
 What needs the data (the content hash, a mask's count, the codes' decoding) is checked by
@@ -78,6 +79,11 @@ def check_layout(
         if dtype is None or not isinstance(density, (int, float)) or not 0 < density <= 1:
             raise ArtifactError(f"{where}: a masked upload of word width {bits} and density {density}")
         for name, shape in shapes.items():
+            if name == naming.MASKED_SPREAD and secure.get("spread") is True:
+                # the limbs of the site's masked squared update norm (their count: check_masked_upload)
+                if dtypes[name] != dtype or len(shape) != 1:
+                    raise ArtifactError(f"{where}: {name} should be {dtype} of shape (limbs,)")
+                continue
             parsed = naming.parse_factor_key(name.removesuffix(naming.MASKED))
             if not name.endswith(naming.MASKED) or parsed is None or parsed[1] != "B":
                 raise ArtifactError(f"{where}: unexpected tensor {name!r} in a masked upload")

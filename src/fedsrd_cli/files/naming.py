@@ -13,6 +13,7 @@ Sparse and factored tensors add a suffix to those names:
     <module>.lora_X.weight.positions  Rice-coded kept positions (uploads), where shorter
     <module>.aggregate.left           (d_out, k) and .right (k, d_in): W_r = left @ right
     <module>.lora_B.weight.masked     (d_out, r) int32: a masked projection (secure uploads)
+    update_spread.masked              (limbs,): a secure upload's masked squared update norm
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ SCALES = ".scales"
 AGG_LEFT = ".aggregate.left"
 AGG_RIGHT = ".aggregate.right"
 MASKED = ".masked"
+MASKED_SPREAD = "update_spread" + MASKED  # not a factor key: no module
 
 _FACTOR_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 

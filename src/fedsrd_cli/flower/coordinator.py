@@ -235,7 +235,7 @@ class Coordinator:
         settings = self.settings
         roster = make_roster(
             state.header.content_hash, round_state.index, sites, attempt, settings.secure_clip,
-            settings.secure_density, settings.word_bits,
+            settings.secure_density, settings.word_bits, settings.step_rule == "fedexp",
         )  # fmt: skip
         path = round_state.directory / f"roster-{attempt}.json"
         write_roster(path, roster, self.signer, force=True)

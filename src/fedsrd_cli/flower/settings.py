@@ -94,9 +94,10 @@ class ServerSettings:
         of a round are then a secret Poisson sample instead of `sample-clients`).
     secure, secure_clip, secure_density, word_bits: secure rounds (`sparsify --secure`,
         `aggregate --secure`; fedsrd-e): the coordinator signs each round's roster of the sampled
-        sites (`roster --clip --secure-density --word-bits`) and re-issues it without a site
-        that did not deliver; it needs sign_key and trust. Below density 1 each site keeps what
-        the public positions leave out in its state folder and sends it in its next round.
+        sites (`roster --clip --secure-density --word-bits`, and `--update-spread` under
+        step_rule fedexp) and re-issues it without a site that did not deliver; it needs
+        sign_key and trust. Below density 1 each site keeps what the public positions leave out
+        in its state folder and sends it in its next round.
     Everything else is the flag of the same name of `train-local`, `sparsify`, `aggregate` or
     `broadcast`; -1 / "" leaves a flag out (the command's default).
     """
@@ -182,9 +183,8 @@ class ServerSettings:
         _require(self.server_lr_from >= 1, f"config 'server-lr-from' must be >= 1, got {self.server_lr_from}")
         self.broadcast_config(0.0, 0)  # the download settings' own checks and messages
         _require(
-            self.step_rule == "fixed" or (not self.secure and self.organisation_dp is None),
-            "config 'step-rule' fedexp reads each site's own update: not with 'secure' or"
-            " organisation-level DP",
+            self.step_rule == "fixed" or self.organisation_dp is None,
+            "config 'step-rule' fedexp reads each site's own update norm: not with organisation-level DP",
         )
         self.sparsify_config()  # the flags' own checks and messages
         self.aggregate_config(sampled=0)
@@ -357,8 +357,9 @@ class SiteSettings:
     coordinator's planned epsilon).
     threads: torch's threads for training and evaluation (0: one per core idle at the time, as
     `train-local --threads` picks them).
-    agreement_key, min_sites: secure rounds' `sparsify --agreement-key` and `--min-sites` (the
-    trust directory must hold the other sites' NAME.pub and NAME.agreement).
+    agreement_key, min_sites, refuse_spread: secure rounds' `sparsify --agreement-key`,
+    `--min-sites` and `--refuse-spread` (the trust directory must hold the other sites' NAME.pub
+    and NAME.agreement).
     """
 
     client_id: str = ""
@@ -375,6 +376,7 @@ class SiteSettings:
     threads: int = 0
     agreement_key: str = ""
     min_sites: int = 2
+    refuse_spread: bool = False
 
     def __post_init__(self) -> None:
         from fedsrd_cli.trust.signing import check_party_name

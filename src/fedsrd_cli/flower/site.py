@@ -263,7 +263,7 @@ class Site:
         )
         payload, _samples, kept = secure_upload(
             state, round_dir / "local.safetensors", self.client_id, None, files, self.trust,
-            SecureFloor(self.settings.min_sites),
+            SecureFloor(self.settings.min_sites, allow_spread=not self.settings.refuse_spread),
         )  # fmt: skip
         attempt = payload.header.info["secure"]["attempt"]
         path = round_dir / f"upload-{self.client_id}-attempt-{attempt}.safetensors"

@@ -99,3 +99,50 @@ def to_stored(words: torch.Tensor, bits: int = 32) -> torch.Tensor:
 def from_stored(stored: torch.Tensor, bits: int = 32) -> torch.Tensor:
     """int32 or int16 as stored -> int64 words in [0, 2^b)."""
     return torch.remainder(stored.to(torch.int64), modulus(bits))
+
+
+# --------------------------------------------------------------------------- a masked total
+#
+# One nonnegative figure per party (its squared update norm, for FedExP's step) summed under the
+# same masks: v in [0, V] is coded as the integer k = round(v / V * K), K = 2^TOTAL_BITS - 1,
+# split into limbs of c = b - ceil(log2 n) bits, k = sum_j k_j 2^(c j), 0 <= k_j < 2^c. The n
+# parties' limbs j sum to less than n 2^c <= 2^b, so each limb's sum modulo 2^b is its sum; the
+# total sum_i k_i = sum_j (sum_i k_ij) 2^(c j) is exact, and sum_i v_i is read back within
+# n V / (2 K) (each rounding is at most half a step).
+
+TOTAL_BITS = 53  # a double's precision: the relative step of one party's figure is 2^-53 of V
+
+
+def limb_bits(parties: int, bits: int = 32) -> int:
+    """c = b - ceil(log2 parties): the most bits a limb may hold so that the sum cannot wrap."""
+    _check_bits(bits)
+    if parties < 1:
+        raise ValueError("the parties must be at least one")
+    return bits - (parties - 1).bit_length()
+
+
+def limb_count(parties: int, bits: int = 32) -> int:
+    """How many limbs carry TOTAL_BITS bits: ceil(TOTAL_BITS / c)."""
+    return -(-TOTAL_BITS // limb_bits(parties, bits))
+
+
+def encode_total(value: float, bound: float, parties: int, bits: int = 32) -> torch.Tensor:
+    """v in [0, bound] -> int64 limbs (limb_count,) in [0, 2^c): k = round(v / bound * K),
+    clamped to [0, K] (K = 2^TOTAL_BITS - 1), least significant limb first."""
+    if not (bound > 0 and value >= 0):
+        raise ValueError(f"a masked total codes a value in [0, bound], got {value} and bound {bound}")
+    top = 2**TOTAL_BITS - 1
+    integer = min(round(value / bound * top), top)
+    width = limb_bits(parties, bits)
+    count = limb_count(parties, bits)
+    return torch.tensor(
+        [(integer >> (width * j)) & ((1 << width) - 1) for j in range(count)], dtype=torch.int64
+    )
+
+
+def decode_total(words: torch.Tensor, bound: float, parties: int, bits: int = 32) -> float:
+    """The limbs of `parties` totals summed modulo 2^b (int64 (limb_count,) in [0, 2^b)) ->
+    sum_i v_i = (sum_j w_j 2^(c j)) / K * bound."""
+    width = limb_bits(parties, bits)
+    integer = sum(int(w) << (width * j) for j, w in enumerate(words.tolist()))
+    return integer / (2**TOTAL_BITS - 1) * bound

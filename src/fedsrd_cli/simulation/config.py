@@ -156,8 +156,8 @@ class SimulateConfig:
         self.broadcast_config(0.0, 0)  # its checks and messages for the download settings
         _require(self.server_lr_from >= 1, f"--server-lr-from must be >= 1, got {self.server_lr_from}")
         _require(
-            self.step_rule == "fixed" or (self.organisation_dp is None and not self.secure),
-            "--step-rule fedexp reads each site's own update: not with organisation-level DP or --secure",
+            self.step_rule == "fixed" or self.organisation_dp is None,
+            "--step-rule fedexp reads each site's own update norm: not with organisation-level DP",
         )
         if self.download_sparsity is not None:
             for name in self.algorithms:

@@ -231,7 +231,7 @@ def simulate(
                     names = [config.client_ids[i] for i in chosen]
                     roster = make_roster(
                         head.content_hash, round_index, names, 1, config.secure_clip,
-                        config.secure_density, config.word_bits,
+                        config.secure_density, config.word_bits, config.step_rule == "fedexp",
                     )  # fmt: skip
                 uploads, upload_sizes, train_losses = [], [], []
                 trained: list[dict[str, Any]] = []  # every chosen client's factors: the exact mean update
@@ -350,6 +350,8 @@ def simulate(
                 if upload_figures:
                     fidelity["upload_fidelity"] = {k: upload_figures[k] for k in ("norm_ratio", "cosine")}
                 spread = aggregate_file.header.info.get("update_spread")
+                if spread:  # a secure sum's: from the sites' masked totals (algorithms/secure.py)
+                    fidelity["extrapolation"] = {"coordinator": spread["extrapolation"]}
                 if spread and "mean_update_fidelity" in fidelity and upload_figures:
                     # FedExP's eta from the uploads (the coordinator's) and from the exact updates
                     exact_mean = fidelity["mean_update_fidelity"]["target"]["exact_norm"]

@@ -11,7 +11,10 @@ A roster file is JSON:
 Version 2 adds "density" (the share of each projection's positions that every site sends, a
 public mask of the state's hash) and "word_bits" (16 or 32: the fixed-point word of each
 masked value). A roster of density 1 and 32-bit words is written as version 1, without them,
-so it is byte for byte what it was.
+so it is byte for byte what it was. A version-2 roster may also carry "spread": true (`roster
+--update-spread`): every site then adds its squared update norm to the masked sum, so the
+coordinator learns that one total besides the sum and can take FedExP's step
+(algorithms/secure.py; docs/security.md says what the total tells).
 
 Its hash is "sha256:" + hex(sha256(canonical JSON of every field but the three signature
 fields)), canonical = sorted keys, no spaces; the signature is the coordinator's Ed25519
@@ -55,13 +58,16 @@ class Roster:
     clip: float
     density: float = DENSE
     word_bits: int = WIDE
+    spread: bool = False
 
     @property
     def version(self) -> int:
-        return 1 if (self.density, self.word_bits) == (DENSE, WIDE) else 2
+        return 1 if (self.density, self.word_bits, self.spread) == (DENSE, WIDE, False) else 2
 
     def body(self) -> dict:
         extra = {} if self.version == 1 else {"density": self.density, "word_bits": self.word_bits}
+        if self.spread:
+            extra["spread"] = True
         return {
             "kind": "fedsrd-roster",
             "version": self.version,
@@ -97,6 +103,7 @@ def make_roster(
     clip: float,
     density: float = DENSE,
     word_bits: int = WIDE,
+    spread: bool = False,
 ) -> Roster:
     """A roster, its values checked (UsageError)."""
     for site in sites:
@@ -119,7 +126,14 @@ def make_roster(
             f" at {fixedpoint.MIN_LEVELS} levels each; {len(sites)} need --word-bits 32"
         )
     roster = Roster(
-        round_index, state_hash, tuple(sorted(sites)), attempt, float(clip), float(density), word_bits
+        round_index,
+        state_hash,
+        tuple(sorted(sites)),
+        attempt,
+        float(clip),
+        float(density),
+        word_bits,
+        bool(spread),
     )
     if not _has_precision(roster):
         raise UsageError(
@@ -159,6 +173,7 @@ def read_roster(path: str | os.PathLike, trust: Trust) -> Roster:
             float(data["clip"]),
             float(data.get("density", DENSE)),
             int(data.get("word_bits", WIDE)),
+            data.get("spread", False),
         )
         signed = (data["signer"], data["signer_key"], base64.b64decode(data["signature"], validate=True))
         known = (data["kind"], data["version"])
@@ -173,6 +188,8 @@ def read_roster(path: str | os.PathLike, trust: Trust) -> Roster:
             f"{path}: not a fedsrd roster of version {known[1]} (its fields or its density and word"
             " width do not match its version)"
         )
+    if not isinstance(roster.spread, bool):
+        raise ArtifactError(f"{path}: its spread is {roster.spread!r}, not true or false")
     if not (MIN_DENSITY <= roster.density <= 1.0) or roster.word_bits not in fixedpoint.WORD_BITS:
         raise ArtifactError(
             f"{path}: density {roster.density} or word width {roster.word_bits} is outside what a"
