@@ -1,7 +1,7 @@
 """Secure rounds on Llama-3.2-3B shapes: what masking costs a site and summing costs the coordinator.
 
     python benchmarks/secure.py [--layers 1] [--sites 4 64] [--secure-density 1] [--word-bits 32]
-                                [--workdir DIR]
+                                [--update-spread] [--workdir DIR]
 
 Shapes and synthetic states as benchmarks/coordinator.py (r = 64 on the 7 linear modules of
 each decoder layer). For each number of sites n it builds n local states, then measures, in this
@@ -9,7 +9,8 @@ run and on the same files:
 
 1. a site's masked upload (algorithms.secure.masked_upload: its projection, fixed point and
    n - 1 pairwise masks, at the roster's public positions and word width), seconds and bytes,
-   against its plain FedSRD upload (Method.upload);
+   against its plain FedSRD upload (Method.upload); with --update-spread the rosters ask every
+   site for its masked squared update norm too (FedExP's step in secure rounds);
 2. the coordinator's secure aggregate (algorithms.secure.secure_aggregate: read the n masked
    uploads, sum modulo 2^32, decode, lift) against the plain FedSRD-e aggregate of the n plain
    uploads (Method.aggregate), seconds and the ratio.
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--secure-density", type=float, default=1.0)
     parser.add_argument("--word-bits", type=int, default=32)
+    parser.add_argument("--update-spread", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     root = args.workdir or Path(tempfile.mkdtemp(prefix="fedsrd-secure-bench-"))
@@ -67,7 +69,8 @@ def main() -> None:
     state = read_artifact(global_path)
     fedsrd, fedsrd_e = get_algorithm("fedsrd"), get_algorithm("fedsrd-e")
     print(f"Llama-3.2-3B shapes, {args.layers} decoder layer(s), r = 64 (28 layers: x{28 / args.layers:g})")
-    print(f"rosters: density {args.secure_density:g}, {args.word_bits}-bit words")
+    spread = ", every site's squared update norm" if args.update_spread else ""
+    print(f"rosters: density {args.secure_density:g}, {args.word_bits}-bit words{spread}")
     for n in args.sites:
         folder = root / f"sites-{n}"
         folder.mkdir(exist_ok=True)
@@ -76,7 +79,7 @@ def main() -> None:
         published = {name: key.public for name, key in keys.items()}
         roster = make_roster(
             state.header.content_hash, state.header.round + 1, names, 1, args.clip,
-            args.secure_density, args.word_bits,
+            args.secure_density, args.word_bits, args.update_spread,
         )  # fmt: skip
         masked_paths, plain_paths, mask_seconds, plain_seconds = [], [], [], []
         for i, name in enumerate(names):
@@ -96,7 +99,8 @@ def main() -> None:
             write_artifact(plain_paths[-1], payload.header, payload.tensors, force=True)
         masked = [read_artifact(p) for p in masked_paths]
         plain = [read_artifact(p) for p in plain_paths]
-        secure_s, _ = timed(secure_aggregate, state, masked, roster, AggregateConfig("fedsrd-e"))
+        config = AggregateConfig("fedsrd-e", update_spread=args.update_spread)
+        secure_s, _ = timed(secure_aggregate, state, masked, roster, config)
         plain_s, _ = timed(fedsrd_e.aggregate, state, plain, AggregateConfig("fedsrd-e"))
         masked_mb = statistics.fmean(p.stat().st_size for p in masked_paths) / MB
         plain_mb = statistics.fmean(p.stat().st_size for p in plain_paths) / MB
