@@ -34,11 +34,6 @@ SITES = ("site-a", "site-b", "site-c")
 UNIFORM_ALPHA = 1e-6
 
 
-@pytest.fixture
-def world(tmp_path: Path, global_path: Path):
-    return build_world(tmp_path, global_path)
-
-
 def build_world(tmp_path: Path, global_path: Path) -> dict:
     """Keys and trust for the coordinator and SITES, and a simulated local state per site."""
     keys, trust_dir = tmp_path / "keys", tmp_path / "trust"
@@ -62,12 +57,12 @@ def build_world(tmp_path: Path, global_path: Path) -> dict:
     }
 
 
-def signed_roster(world, sites=SITES, attempt=1, clip=1.0, density=1.0, word_bits=32):
+def signed_roster(world, sites=SITES, attempt=1, clip=1.0, density=1.0, word_bits=32, spread=False):
     g = world["g"]
     roster = make_roster(
-        g.header.content_hash, g.header.round + 1, list(sites), attempt, clip, density, word_bits
+        g.header.content_hash, g.header.round + 1, list(sites), attempt, clip, density, word_bits, spread
     )
-    path = world["tmp"] / f"roster-{attempt}.json"
+    path = world["tmp"] / f"roster-{attempt}{'-spread' if spread else ''}.json"
     write_roster(path, roster, SigningKey.load(world["keys"] / "coordinator.key"), force=True)
     return read_roster(path, world["trust"])
 

@@ -33,14 +33,9 @@ from fedsrd_cli.math import fixedpoint
 from fedsrd_cli.trust.roster import make_roster
 
 from .rounds import write
-from .test_secure import SITES, UNIFORM_ALPHA, build_world, masked, signed_roster
+from .test_secure import SITES, UNIFORM_ALPHA, masked, signed_roster
 
 stats = pytest.importorskip("scipy.stats")
-
-
-@pytest.fixture
-def world(tmp_path, global_path):
-    return build_world(tmp_path, global_path)
 
 
 def owed(world, site, module):

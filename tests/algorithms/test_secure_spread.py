@@ -27,27 +27,13 @@ from fedsrd_cli.math import fixedpoint
 from fedsrd_cli.math.extrapolation import fedexp_step
 
 from .rounds import write
-from .test_secure import SITES, UNIFORM_ALPHA, build_world, masked, signed_roster
+from .test_secure import SITES, UNIFORM_ALPHA, masked, signed_roster
 
 stats = pytest.importorskip("scipy.stats")
 
 
-@pytest.fixture
-def world(tmp_path, global_path):
-    return build_world(tmp_path, global_path)
-
-
 def spread_roster(world, density=1.0, word_bits=32, attempt=1, sites=SITES):
-    from fedsrd_cli.trust.roster import make_roster, read_roster, write_roster
-    from fedsrd_cli.trust.signing import SigningKey
-
-    g = world["g"]
-    roster = make_roster(
-        g.header.content_hash, g.header.round + 1, list(sites), attempt, 1.0, density, word_bits, True
-    )
-    path = world["tmp"] / f"roster-spread-{attempt}.json"
-    write_roster(path, roster, SigningKey.load(world["keys"] / "coordinator.key"), force=True)
-    return read_roster(path, world["trust"])
+    return signed_roster(world, sites, attempt, 1.0, density, word_bits, spread=True)
 
 
 def dense_sent(world, site, module, density, weight):
