@@ -42,6 +42,8 @@ def test_a_secure_round_takes_fedexps_step_from_the_masked_norms(world):
         uploads.append(out)
         kept.append(residual)
     assert read_artifact(uploads[0]).header.info["secure"]["spread"] is True
+    report = json.loads(run("inspect", uploads[0], "--json", "--trust", world["trust"]).stdout)
+    assert report["kind"] == "masked_upload" and report["info"]["secure"]["spread"] is True
     coordinator = ["--trust", world["trust"], "--sign-key", world["keys"] / "coordinator.key"]
     agg, bc, nxt = tmp / "agg.safetensors", tmp / "bc.safetensors", tmp / "g1.safetensors"
     plain_agg = tmp / "agg-plain.safetensors"
