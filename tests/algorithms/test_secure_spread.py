@@ -4,6 +4,7 @@ sum S, and the step it records matches FedExP's formula on the dense weight-spac
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -19,12 +20,13 @@ from fedsrd_cli.algorithms.secure import (
     spread_bound,
 )
 from fedsrd_cli.config import AggregateConfig, BroadcastConfig
-from fedsrd_cli.errors import MismatchError
+from fedsrd_cli.errors import ArtifactError, MismatchError
 from fedsrd_cli.files import naming
 from fedsrd_cli.files.adapters import read_local
 from fedsrd_cli.files.artifacts import read_artifact
 from fedsrd_cli.math import fixedpoint
 from fedsrd_cli.math.extrapolation import fedexp_step
+from fedsrd_cli.trust.roster import read_roster
 
 from .rounds import write
 from .test_secure import SITES, UNIFORM_ALPHA, masked, signed_roster
@@ -113,6 +115,11 @@ def test_a_roster_without_spread_cannot_give_fedexp_and_a_site_may_refuse_one_wi
     with pytest.raises(MismatchError, match="which this site refuses \\(--refuse-spread\\)"):
         SecureFloor(allow_spread=False).check(spread)
     SecureFloor(allow_spread=False).check(plain)
+    path = world["tmp"] / "roster-1-spread.json"  # signed_roster wrote it for spread_roster above
+    body = json.loads(path.read_text())
+    path.write_text(json.dumps({**body, "spread": "yes"}))
+    with pytest.raises(ArtifactError, match="its spread is 'yes', not true or false"):
+        read_roster(path, world["trust"])
     # an upload of the spread roster without its total, or a plain one given to it, is refused
     with pytest.raises(MismatchError, match="was masked for roster"):
         secure_aggregate(world["g"], uploads, spread, AggregateConfig("fedsrd-e", update_spread=True))

@@ -261,10 +261,13 @@ def inverse_grams(global_state: Artifact) -> dict[str, torch.Tensor]:
         try:
             inverses[module] = torch.linalg.inv(a_prev @ a_prev.mT)
         except RuntimeError:
-            raise MismatchError(
-                f"{module}: its A factor is rank-deficient, so a secure round cannot lift the sum"
-            ) from None
+            raise _rank_deficient(module) from None
     return inverses
+
+
+def _rank_deficient(module: str) -> MismatchError:
+    """The refusal of a module whose G = A A^T cannot be inverted."""
+    return MismatchError(f"{module}: its A factor is rank-deficient, so a secure round cannot lift the sum")
 
 
 def weight_norm_sq(x: torch.Tensor, inverse: torch.Tensor) -> float:
@@ -474,9 +477,7 @@ def secure_aggregate(
         try:
             lifted = torch.linalg.solve(gram, sums[module].mT).mT  # S G^-1 (d_out, r)
         except RuntimeError:
-            raise MismatchError(
-                f"{module}: its A factor is rank-deficient, so a secure round cannot lift the sum"
-            ) from None
+            raise _rank_deficient(module) from None
         left_name, right_name = naming.aggregate_keys(module)
         # float64: the sum keeps its fixed-point precision (the aggregate stays at the coordinator)
         tensors[left_name] = torch.cat([b_prev, lifted], dim=1)  # (d_out, 2r)

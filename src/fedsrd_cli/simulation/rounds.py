@@ -350,7 +350,7 @@ def simulate(
                 if upload_figures:
                     fidelity["upload_fidelity"] = {k: upload_figures[k] for k in ("norm_ratio", "cosine")}
                 spread = aggregate_file.header.info.get("update_spread")
-                if spread:  # a secure sum's: from the sites' masked totals (algorithms/secure.py)
+                if spread:  # the coordinator's eta; a secure sum records only this one
                     fidelity["extrapolation"] = {"coordinator": spread["extrapolation"]}
                 if spread and "mean_update_fidelity" in fidelity and upload_figures:
                     # FedExP's eta from the uploads (the coordinator's) and from the exact updates
