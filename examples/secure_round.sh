@@ -10,6 +10,12 @@
 # (`fedsrd demo-assets --model toy`, pretrained once and cached; about a minute and a half the
 # first time); BASE and DATA (one JSON-lines file) take another model and data instead.
 # At the end every site holds the coordinator's global state byte for byte.
+#
+# The round runs at FedSRD's traffic: the roster sends 30% of each projection, at positions public
+# to all (drawn from the state's hash), in 16-bit words; each site keeps what it did not send in a
+# residual file of its own that never travels (sent in its next round), and the coordinator takes a
+# step of 4, as measured for these settings (docs/results.md, "A secure round's step").
+# DENSITY=1 WORD_BITS=32 STEP=1 give the dense, exact round instead.
 set -euo pipefail
 
 WORK=${1:-$(mktemp -d -t fedsrd-secure-XXXXXX)}
@@ -17,6 +23,9 @@ FEDSRD=${FEDSRD:-fedsrd}
 mkdir -p "$WORK"
 cd "$WORK"
 SITES=(site-a site-b site-c)
+DENSITY=${DENSITY:-0.3}
+WORD_BITS=${WORD_BITS:-16}
+STEP=${STEP:-4}
 echo "working in $WORK"
 mkdir -p coordinator/{keys,trust,inbox} "${SITES[@]/%//keys}" "${SITES[@]/%//trust}"
 
@@ -47,6 +56,7 @@ done
 $FEDSRD init --base "$BASE" --rank 4 --alpha 8 --sign-key coordinator/keys/coordinator.key \
   --out coordinator/global-r0.safetensors > /dev/null
 $FEDSRD roster --global coordinator/global-r0.safetensors --sites site-a,site-b,site-c \
+  --secure-density "$DENSITY" --word-bits "$WORD_BITS" \
   --sign-key coordinator/keys/coordinator.key --out coordinator/roster-r1-1.json > /dev/null
 for site in "${SITES[@]}"; do cp coordinator/global-r0.safetensors coordinator/roster-r1-1.json "$site/"; done
 
@@ -58,9 +68,10 @@ for site in "${SITES[@]}"; do
     --trust "$site/trust" --sign-key "$site/keys/$site.key" --quiet --out "$site/local-r1.safetensors"
   i=$((i + 1))
 done
-mask() {  # SITE ROSTER -> the site's masked upload in the coordinator's inbox
+mask() {  # SITE ROSTER -> the site's masked upload in the coordinator's inbox; its residual stays home
   $FEDSRD sparsify --secure --global "$1/global-r0.safetensors" --local "$1/local-r1.safetensors" \
     --client "$1" --roster "$1/$2" --agreement-key "$1/keys/$1.agreement.key" --trust "$1/trust" \
+    --residual-out "$1/residual-${2%.json}.safetensors" \
     --sign-key "$1/keys/$1.key" --out "coordinator/inbox/$1-${2%.json}.safetensors" > /dev/null
 }
 mask site-a roster-r1-1.json
@@ -75,6 +86,7 @@ set -e
 echo "aggregate of the first roster: exit $code (4: a site did not deliver)"
 [ "$code" -eq 4 ] && [ ! -e coordinator/aggregate-r1.safetensors ]
 $FEDSRD roster --global coordinator/global-r0.safetensors --sites site-a,site-b --attempt 2 \
+  --secure-density "$DENSITY" --word-bits "$WORD_BITS" \
   --sign-key coordinator/keys/coordinator.key --out coordinator/roster-r1-2.json > /dev/null
 for site in site-a site-b; do cp coordinator/roster-r1-2.json "$site/"; mask "$site" roster-r1-2.json; done
 
@@ -82,8 +94,10 @@ for site in site-a site-b; do cp coordinator/roster-r1-2.json "$site/"; mask "$s
 $FEDSRD aggregate --secure --roster coordinator/roster-r1-2.json --global coordinator/global-r0.safetensors \
   --trust coordinator/trust --sign-key coordinator/keys/coordinator.key \
   --out coordinator/aggregate-r1.safetensors coordinator/inbox/*-roster-r1-2.safetensors
+echo "site-a's masked upload: $(wc -c < coordinator/inbox/site-a-roster-r1-2.safetensors) bytes" \
+  "(density $DENSITY, $WORD_BITS-bit words; its residual, kept at home: site-a/residual-roster-r1-2.safetensors)"
 $FEDSRD broadcast --global coordinator/global-r0.safetensors --aggregate coordinator/aggregate-r1.safetensors \
-  --trust coordinator/trust --sign-key coordinator/keys/coordinator.key \
+  --server-lr "$STEP" --trust coordinator/trust --sign-key coordinator/keys/coordinator.key \
   --out coordinator/broadcast-r1.safetensors --out-global coordinator/global-r1.safetensors > /dev/null
 
 # --- 6. Every site, site-c included, applies the broadcast: the coordinator's state, bit for bit -

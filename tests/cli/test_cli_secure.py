@@ -31,6 +31,16 @@ def test_the_example_secure_round_with_a_dropout_completes(tiny_model, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "aggregate of the first roster: exit 4" in done.stdout
     assert "hold the coordinator's global-r1 byte for byte" in done.stdout
+    # At FedSRD's traffic (density 0.3, 16-bit words): every delivering site kept its residual at
+    # home, and nothing but masked uploads reached the coordinator's inbox.
+    work = tmp_path / "run"
+    for site in ("site-a", "site-b"):
+        assert (work / site / "residual-roster-r1-2.safetensors").is_file()
+    assert not list((work / "coordinator").rglob("residual*"))
+    roster = json.loads((work / "coordinator" / "roster-r1-2.json").read_text())
+    assert (roster["density"], roster["word_bits"]) == (0.3, 16)
+    broadcast = run("inspect", work / "coordinator" / "broadcast-r1.safetensors", "--json")
+    assert json.loads(broadcast.output)["info"]["server_lr"] == 4.0
 
 
 @pytest.fixture
