@@ -323,9 +323,10 @@ def test_long_local_training_warns_for_the_one_factor_download_only() -> None:
 
     at_level = long_local_training_warning(20, 5e-4, ("fedsrd",))
     assert at_level and at_level.startswith("20 local steps at lr 0.0005 (steps x lr = 0.01")
-    assert "\n" not in at_level and 'docs/results.md, "Few, long rounds"' in at_level
+    assert "\n" not in at_level and '"Few, long rounds")' in at_level
+    assert "use fedavg with --server-lr 2" in at_level  # the best FedAvg, not its clients' step
     assert long_local_training_warning(19, 5e-4, ("fedsrd",)) is None
-    assert long_local_training_warning(10, 1e-4, ("fedsrd",)) is None  # the default: FedSRD won
+    assert long_local_training_warning(10, 1e-4, ("fedsrd",)) is None  # the default settings
     assert long_local_training_warning(30, 1e-3, ("fedavg", "ffa-lora", "flexlora")) is None
     assert long_local_training_warning(30, 1e-3, ("fedavg", "fedsrd-e")) is not None
     unknown = long_local_training_warning(30, 1e-3, None)

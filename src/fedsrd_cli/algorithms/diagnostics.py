@@ -493,6 +493,7 @@ def long_local_training_warning(steps: int, lr: float, methods: tuple[str, ...] 
     return (
         f"{steps} local steps at lr {lr:g} (steps x lr = {reach:.3g}, at or above {LONG_LOCAL_TRAINING:g})"
         f" is long local training, where {who} lost to FedAvg on SmolLM2-135M (by 6% to 154% in eval"
-        " loss at 20 to 30 steps, lr 5e-4 to 1e-3); use fedavg, or shorter rounds (10 steps at lr 1e-4"
-        ' won by 7%), or with 3 rounds --server-lr 0.25 from round 3 (docs/results.md, "Few, long rounds")'
+        " loss at 20 to 30 steps, lr 5e-4 to 1e-3, against FedAvg taking its clients' step, and by more"
+        " against FedAvg with --server-lr 2); use fedavg with --server-lr 2, or shorter rounds, or with"
+        ' 3 rounds --server-lr 0.25 from round 3 (docs/results.md, "An honest step", "Few, long rounds")'
     )
